@@ -1,0 +1,1 @@
+"""One module per CLI command; agent/cli.py only groups them."""

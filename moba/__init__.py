@@ -1,0 +1,22 @@
+"""MoBA (Mixture of Block Attention): the op, its spec, and its transformers plug-in.
+
+Knows nothing of files, prompts or citations. Layout everywhere in this package:
+[B, H, T, D] (the transformers attention layout); the queries are the last Tq of Tk keys.
+"""
+
+from moba.naive import naive_moba_attention
+from moba.ops import BACKENDS, dense_attention, moba_attention, set_backend
+from moba.portable import portable_moba_attention
+from moba.routing import block_means
+from moba.types import Routing
+
+__all__ = [
+    "BACKENDS",
+    "Routing",
+    "block_means",
+    "dense_attention",
+    "moba_attention",
+    "naive_moba_attention",
+    "portable_moba_attention",
+    "set_backend",
+]

@@ -1,0 +1,103 @@
+"""The public MoBA op: validation, the dense fast path and backend choice.
+
+Layout: q [B, Hq, Tq, D], k and v [B, Hkv, Tk, D], the queries being the last Tq keys.
+Backends: "portable" (plain PyTorch, any device), "triton" (CUDA, imported lazily),
+"naive" (the spec, small sizes only). The default is "triton" for CUDA tensors when Triton
+imports, else "portable"; `set_backend` overrides it (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+from moba.naive import naive_moba_attention
+from moba.portable import portable_moba_attention
+from moba.types import check_inputs
+
+BACKENDS = ("auto", "portable", "triton", "naive")
+_backend = "auto"
+
+
+def set_backend(name: str) -> None:
+    """Force one backend for every later call; "auto" restores the default choice."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown MoBA backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    global _backend
+    _backend = name
+
+
+def moba_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int,
+    top_k: int,
+    sink_blocks: int = 0,
+    scale: float | None = None,
+    return_routing: bool = False,
+    key_means: torch.Tensor | None = None,
+):
+    """Mixture of Block Attention (semantics in moba/README.md).
+
+    Args:
+        q: [B, Hq, Tq, D] queries; absolute positions Tk - Tq .. Tk - 1.
+        k, v: [B, Hkv, Tk, D]; Hq % Hkv == 0 (GQA without repeating K/V).
+        block_size: keys per block; block i holds positions [i*bs, (i+1)*bs).
+        top_k: blocks per query counting its own block; top_k - 1 are routed.
+        sink_blocks: the first blocks, always attended when before the own block. Default 0.
+        scale: softmax scale. Default D ** -0.5.
+        return_routing: also return a `moba.Routing` (blocks and gate scores per query).
+        key_means: optional cached [B, Hkv, Tk // block_size, D] fp32 block means.
+    Returns:
+        out [B, Hq, Tq, D] in q's dtype, or (out, routing) when return_routing.
+    Raises:
+        ValueError: on shapes or parameters outside the contract.
+
+    >>> q = k = v = torch.randn(1, 2, 300, 64)
+    >>> moba_attention(q, k, v, block_size=64, top_k=2).shape
+    torch.Size([1, 2, 300, 64])
+    """
+    check_inputs(q, k, v, block_size, top_k, sink_blocks)
+    kwargs = dict(block_size=block_size, top_k=top_k, sink_blocks=sink_blocks, scale=scale)
+    if not return_routing and _is_dense(k.shape[2], block_size, top_k, sink_blocks):
+        return dense_attention(q, k, v, scale=scale)
+    fn = _resolve(q)
+    return fn(q, k, v, return_routing=return_routing, key_means=key_means, **kwargs)
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None):
+    """Causal SDPA with the queries as the last Tq keys (bottom-right aligned), GQA-native."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def _is_dense(Tk: int, block_size: int, top_k: int, sink_blocks: int) -> bool:
+    """True when even the last query attends every past block, so MoBA is exactly causal SDPA."""
+    return (Tk - 1) // block_size <= top_k - 1 + sink_blocks
+
+
+def _resolve(q: torch.Tensor):
+    name = _backend
+    if name == "auto":
+        name = "triton" if q.is_cuda and _triton_available() else "portable"
+    if name == "naive":
+        return naive_moba_attention
+    if name == "triton":
+        return importlib.import_module("moba.triton").triton_moba_attention
+    return portable_moba_attention
+
+
+def _triton_available() -> bool:
+    try:
+        importlib.import_module("moba.triton")
+    except ImportError:
+        return False
+    return True
