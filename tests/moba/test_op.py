@@ -1,0 +1,121 @@
+"""The portable path and the public op against the spec (moba/naive.py) and dense oracles."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mobatest import block_local_reference, make_qkv, rel_err
+
+import moba
+import moba.portable
+from moba import moba_attention, naive_moba_attention, portable_moba_attention
+
+# B, Hq, Hkv, Tq, Tk, D, block, top_k, sinks
+CASES = [
+    (1, 4, 4, 300, 300, 64, 64, 3, 0),  # ragged last block
+    (2, 4, 2, 257, 257, 64, 32, 4, 1),
+    (1, 8, 2, 100, 1000, 64, 64, 3, 0),  # chunked prefill: Tq < Tk
+    (1, 4, 1, 1, 777, 128, 64, 4, 1),  # decode
+    (1, 7, 1, 63, 500, 64, 50, 2, 2),  # GQA 7, sinks
+    (1, 4, 1, 200, 640, 256, 64, 3, 1),  # D 256
+    (1, 2, 2, 128, 128, 128, 16, 1, 0),  # top_k 1
+    (2, 6, 3, 31, 31, 64, 128, 5, 0),  # a single partial block
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-H{}x{}-T{}of{}-D{}-bs{}-k{}-s{}".format(*c))
+def test_portable_matches_naive_fp32(case):
+    B, Hq, Hkv, Tq, Tk, D, bs, top_k, sinks = case
+    q, k, v = make_qkv(B, Hq, Hkv, Tq, Tk, D)
+    ref = naive_moba_attention(q, k, v, block_size=bs, top_k=top_k, sink_blocks=sinks)
+    out = portable_moba_attention(q, k, v, block_size=bs, top_k=top_k, sink_blocks=sinks)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CASES[:5], ids=lambda c: "T{}of{}-D{}".format(c[3], c[4], c[5]))
+def test_portable_matches_naive_half(case, dtype):
+    B, Hq, Hkv, Tq, Tk, D, bs, top_k, sinks = case
+    q, k, v = make_qkv(B, Hq, Hkv, Tq, Tk, D, dtype=dtype)
+    ref = naive_moba_attention(q, k, v, block_size=bs, top_k=top_k, sink_blocks=sinks)
+    out = portable_moba_attention(q, k, v, block_size=bs, top_k=top_k, sink_blocks=sinks)
+    assert out.dtype == dtype
+    assert rel_err(out, ref) <= 1e-2
+
+
+@pytest.mark.parametrize("budget", [1 << 8, 1 << 30], ids=["grouped", "gathered"])
+def test_both_gather_strategies_match_naive(monkeypatch, budget):
+    monkeypatch.setattr(moba.portable, "_SCORE_BUDGET", budget)
+    q, k, v = make_qkv(1, 4, 2, 180, 400, 64)
+    ref = naive_moba_attention(q, k, v, block_size=32, top_k=3, sink_blocks=1)
+    out = portable_moba_attention(q, k, v, block_size=32, top_k=3, sink_blocks=1)
+    assert rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("Tq,Tk", [(256, 256), (40, 256), (1, 256)])
+@pytest.mark.parametrize("fn", [naive_moba_attention, portable_moba_attention, moba_attention])
+def test_top_k_covering_all_blocks_is_dense_causal(fn, Tq, Tk):
+    q, k, v = make_qkv(1, 4, 2, Tq, Tk, 64)
+    out = fn(q, k, v, block_size=32, top_k=8)
+    mask = torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq)  # bottom-right aligned causal
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask)
+    assert rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("fn", [naive_moba_attention, portable_moba_attention, moba_attention])
+def test_top_k_one_is_block_local(fn):
+    q, k, v = make_qkv(1, 6, 3, 90, 300, 64)
+    out = fn(q, k, v, block_size=40, top_k=1)
+    assert rel_err(out, block_local_reference(q, k, v, 40)) <= 1e-5
+
+
+def test_small_top_k_is_sparse():
+    q, k, v = make_qkv(1, 4, 2, 1024, 1024, 64)
+    out = moba_attention(q, k, v, block_size=64, top_k=2)
+    dense = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+    assert rel_err(out, dense) > 0.05
+
+
+def test_scale_is_honoured():
+    q, k, v = make_qkv(1, 2, 2, 100, 100, 64)
+    ref = naive_moba_attention(q, k, v, block_size=16, top_k=3, scale=0.3)
+    out = portable_moba_attention(q, k, v, block_size=16, top_k=3, scale=0.3)
+    assert rel_err(out, ref) <= 1e-5
+    assert rel_err(out, portable_moba_attention(q, k, v, block_size=16, top_k=3)) > 1e-3
+
+
+def test_cached_key_means_give_the_same_result():
+    q, k, v = make_qkv(1, 4, 2, 1, 500, 64)
+    means = moba.block_means(k, 32)
+    out = portable_moba_attention(q, k, v, block_size=32, top_k=3, key_means=means)
+    assert rel_err(out, portable_moba_attention(q, k, v, block_size=32, top_k=3)) <= 1e-6
+
+
+def test_naive_backend_selectable():
+    q, k, v = make_qkv(1, 2, 1, 64, 256, 64)
+    moba.set_backend("naive")
+    try:
+        a = moba_attention(q, k, v, block_size=16, top_k=2)
+    finally:
+        moba.set_backend("auto")
+    assert rel_err(a, portable_moba_attention(q, k, v, block_size=16, top_k=2)) <= 1e-5
+    with pytest.raises(ValueError, match="unknown MoBA backend"):
+        moba.set_backend("cuda-magic")
+
+
+@pytest.mark.parametrize(
+    "shapes,kwargs,match",
+    [
+        (((1, 3, 8, 16), (1, 2, 8, 16)), {}, "multiple of KV heads"),
+        (((1, 2, 9, 16), (1, 2, 8, 16)), {}, "more queries"),
+        (((1, 2, 8, 16), (1, 2, 8, 32)), {}, "head dim"),
+        (((1, 2, 8, 16), (1, 2, 8, 16)), {"top_k": 0}, "top_k >= 1"),
+        (((2, 8, 16), (1, 2, 8, 16)), {}, "4-D"),
+    ],
+)
+def test_bad_inputs_raise(shapes, kwargs, match):
+    q, k = torch.randn(*shapes[0]), torch.randn(*shapes[1])
+    args = {"block_size": 4, "top_k": 2} | kwargs
+    for fn in (moba_attention, naive_moba_attention, portable_moba_attention):
+        with pytest.raises(ValueError, match=match):
+            fn(q, k, k, **args)
