@@ -12,10 +12,12 @@ import importlib
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from moba.naive import naive_moba_attention
 from moba.portable import portable_moba_attention
-from moba.types import check_inputs
+from moba.routing import block_means, select_blocks
+from moba.types import Routing, check_inputs
 
 BACKENDS = ("auto", "portable", "triton", "naive")
 _backend = "auto"
@@ -75,8 +77,30 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     gqa = q.shape[1] != k.shape[1]
     if Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+    mask = causal_lower_right(Tq, Tk)  # never materialized by the fused SDPA kernels
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def moba_routing(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_size: int,
+    top_k: int,
+    sink_blocks: int = 0,
+    key_means: torch.Tensor | None = None,
+) -> Routing:
+    """The gate's choice alone, without attention: what MoBA would attend (see `moba_attention`).
+
+    Used to show routing for layers that compute dense attention. Shapes as in `moba_attention`.
+    """
+    check_inputs(q, k, k, block_size, top_k, sink_blocks)
+    Tq, Tk = q.shape[2], k.shape[2]
+    means = block_means(k, block_size) if key_means is None else key_means
+    sel, sc = select_blocks(q, means, Tk - Tq, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks)
+    own = (torch.arange(Tk - Tq, Tk, device=q.device) // block_size).expand(*sel.shape[:3])
+    inf = torch.full(own.shape, float("inf"), device=q.device)
+    return Routing(blocks=torch.cat([own[..., None], sel], -1), scores=torch.cat([inf[..., None], sc], -1))
 
 
 def _is_dense(Tk: int, block_size: int, top_k: int, sink_blocks: int) -> bool:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from mobatest import block_local_reference, make_qkv, rel_err
+from tests.moba.mobatest import block_local_reference, make_qkv, rel_err
 
 import moba
 import moba.portable

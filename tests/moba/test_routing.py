@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mobatest import make_qkv, rel_err
+from tests.moba.mobatest import make_qkv, rel_err
 
 from moba import moba_attention, naive_moba_attention, portable_moba_attention
 

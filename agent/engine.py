@@ -1,0 +1,144 @@
+"""The inference engine: chunked prefill into a MobaCache, sparse decode, sampling, streaming.
+
+Works on token ids only; knows nothing of files, prompts or citations. The model is any
+transformers causal LM; with `attn_implementation="moba"` its attention reads MoBA settings
+from the config and block means from the cache. Only the last position's logits are computed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from agent.kvcache import MobaCache, kv_bytes
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings. temperature 0 is greedy; top_p applies when temperature > 0."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 0.95
+    seed: int | None = None
+
+
+def default_chunk_size(device: torch.device | str) -> int:
+    """Prefill chunk: 8192 tokens on CUDA, 1024 on CPU (MLP activations stay bounded)."""
+    return 8192 if torch.device(device).type == "cuda" else 1024
+
+
+class Engine:
+    """Prefill, decode and crop over one preallocated cache.
+
+    Args:
+        model: a transformers causal LM in eval mode.
+        capacity: the most tokens the cache holds (context + question + answer).
+        chunk_size: prefill chunk; None picks `default_chunk_size` for the model's device.
+    """
+
+    def __init__(self, model, capacity: int, chunk_size: int | None = None):
+        self.model = model
+        self.config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.device = next(model.parameters()).device
+        self.chunk_size = chunk_size or default_chunk_size(self.device)
+        block = int(getattr(self.config, "moba_block_size", None) or 256)
+        self.cache = MobaCache(self.config.num_hidden_layers, capacity, block)
+        self._cache_kw = _cache_argument(model)
+        self.last_logits: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """Tokens in the cache."""
+        return self.cache.get_seq_length()
+
+    def kv_bytes(self, tokens: int | None = None) -> int:
+        """KV memory for `tokens` (default: the capacity) in the model's dtype."""
+        c = self.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        n = self.cache.capacity if tokens is None else tokens
+        return kv_bytes(c.num_hidden_layers, c.num_key_value_heads, head_dim, n, next(self.model.parameters()).dtype)
+
+    @torch.inference_mode()
+    def prefill(self, ids: Sequence[int], progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Append `ids` to the cache in chunks; return the fp32 logits [V] after the last one.
+
+        progress(done, total) is called after every chunk.
+        """
+        ids = torch.as_tensor(list(ids), dtype=torch.long)
+        for start in range(0, len(ids), self.chunk_size):
+            self.last_logits = self._forward(ids[start : start + self.chunk_size])
+            if progress:
+                progress(min(start + self.chunk_size, len(ids)), len(ids))
+        return self.last_logits
+
+    def truncate(self, n: int) -> None:
+        """Crop the cache back to its first n tokens (for the next chat turn)."""
+        self.cache.truncate(n)
+        self.last_logits = None
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        logits: torch.Tensor,
+        sampling: Sampling,
+        stop_ids: set[int] = frozenset(),
+        on_token: Callable[[int], bool | None] | None = None,
+    ) -> list[int]:
+        """Decode from `logits` (the prefill's last logits). Stops at a stop id, max_new_tokens,
+        or when on_token(token) returns True. Stop ids are not returned and not fed back."""
+        gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        out: list[int] = []
+        for _ in range(sampling.max_new_tokens):
+            tok = sample(logits, sampling, gen)
+            if tok in stop_ids:
+                break
+            out.append(tok)
+            if on_token and on_token(tok):
+                break
+            logits = self._forward(torch.tensor([tok]))
+        return out
+
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        start = self.length
+        pos = torch.arange(start, start + len(ids), device=self.device)[None]
+        kwargs = {self._cache_kw: self.cache, "use_cache": True, "logits_to_keep": 1}
+        out = self.model(input_ids=ids.to(self.device)[None], position_ids=pos, **kwargs)
+        return out.logits[0, -1].float()
+
+
+def sample(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None = None) -> int:
+    """Greedy at temperature 0, else temperature + nucleus (top_p) sampling on CPU."""
+    if sampling.temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float().cpu() / sampling.temperature, -1)
+    sorted_p, order = probs.sort(descending=True)
+    keep = sorted_p.cumsum(-1) - sorted_p < sampling.top_p
+    sorted_p = sorted_p * keep
+    return int(order[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)])
+
+
+def _cache_argument(model) -> str:
+    """transformers >= 5.24 calls the cache argument `cache`; earlier 5.x `past_key_values`."""
+    params = inspect.signature(model.forward).parameters
+    if "cache" in params:
+        return "cache"
+    inner = getattr(model, "model", None)
+    if inner is not None and "cache" in inspect.signature(inner.forward).parameters:
+        return "cache"
+    return "past_key_values"
+
+
+class Timer:
+    """Wall-clock seconds since creation (`elapsed`)."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0

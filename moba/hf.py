@@ -1,0 +1,167 @@
+"""transformers plug-in: `attn_implementation="moba"` for Llama, Qwen2, Mistral and Gemma3 models.
+
+`import moba` registers an attention function and a mask function under the name "moba".
+MoBA parameters are read from the model config at every call (`moba_params`), so a loaded model
+can be re-tuned without reloading. The attention function sees transformers' [B, H, T, D]
+tensors; the queries are the last Tq of the Tk keys the cache hands over, so it needs a cache
+that passes only its filled part (agent's MobaCache does; DynamicCache does too).
+
+What runs where:
+- a layer with a sliding window (Gemma3 local layers) keeps its window, computed densely;
+- layers in `moba_dense_layers`, and every layer inside `dense_queries()` when the question and
+  answer policy is "dense", use exact causal SDPA;
+- all other layers run `moba.moba_attention`, with cached block means when the cache attaches
+  them to the key tensor (attribute `_moba_block_means`).
+Batches with padding get a real mask from transformers and fall back to dense SDPA.
+Knows nothing of files or prompts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moba.capture import active_recorder, attention_mass
+from moba.ops import dense_attention, moba_attention, moba_routing
+
+NAME = "moba"
+_FORCE_DENSE: ContextVar[bool] = ContextVar("moba_force_dense", default=False)
+
+
+@dataclass(frozen=True)
+class MobaParams:
+    """MoBA settings of one model, read from `config.moba_*` attributes.
+
+    Defaults suit pretrained models never trained with MoBA: small blocks route well, and the
+    first block is kept as an attention sink (see moba/README.md and bench/RESULTS.md).
+    dense_layers: layer indices that stay dense; negative counts from the end (-1 = last).
+    qa_policy: "moba" or "dense" for the tokens run inside `dense_queries()`.
+    """
+
+    block_size: int = 256
+    top_k: int = 6
+    sink_blocks: int = 1
+    dense_layers: tuple[int, ...] = ()
+    qa_policy: str = "moba"
+
+
+def moba_params(config) -> MobaParams:
+    """The MobaParams of a transformers config (missing attributes take the defaults)."""
+    d = MobaParams()
+    return MobaParams(
+        block_size=int(getattr(config, "moba_block_size", None) or d.block_size),
+        top_k=int(getattr(config, "moba_top_k", None) or d.top_k),
+        sink_blocks=int(getattr(config, "moba_sink_blocks", d.sink_blocks)),
+        dense_layers=tuple(getattr(config, "moba_dense_layers", None) or ()),
+        qa_policy=str(getattr(config, "moba_qa_policy", None) or d.qa_policy),
+    )
+
+
+def configure(config, params: MobaParams) -> None:
+    """Write `params` onto a transformers config (and its text sub-config, if any)."""
+    for cfg in {id(config): config, id(_text_config(config)): _text_config(config)}.values():
+        cfg.moba_block_size = params.block_size
+        cfg.moba_top_k = params.top_k
+        cfg.moba_sink_blocks = params.sink_blocks
+        cfg.moba_dense_layers = list(params.dense_layers)
+        cfg.moba_qa_policy = params.qa_policy
+
+
+@contextlib.contextmanager
+def dense_queries(enabled: bool = True):
+    """Inside the block, MoBA layers compute dense attention when enabled (question/answer policy)."""
+    token = _FORCE_DENSE.set(enabled)
+    try:
+        yield
+    finally:
+        _FORCE_DENSE.reset(token)
+
+
+def moba_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The function transformers calls: [B, H, T, D] in, ([B, Tq, Hq, D], None) out."""
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    if attention_mask is not None:
+        out = _masked(query, key, value, attention_mask, scaling)
+    elif window:
+        out = _sliding(query, key, value, int(window), scaling)
+    else:
+        out = _moba_or_dense(module, query, key, value, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _moba_or_dense(module, query, key, value, scaling):
+    p = moba_params(module.config)
+    layer = getattr(module, "layer_idx", 0)
+    n_layers = getattr(module.config, "num_hidden_layers", layer + 1)
+    dense = layer in {i % n_layers for i in p.dense_layers} or (_FORCE_DENSE.get() and p.qa_policy == "dense")
+    rec = active_recorder()
+    q_start = key.shape[2] - query.shape[2]
+    want = rec is not None and rec.wants(layer, q_start, key.shape[2])
+    kw = dict(block_size=p.block_size, top_k=p.top_k, sink_blocks=p.sink_blocks)
+    means = getattr(key, "_moba_block_means", None)
+    if dense:
+        out = dense_attention(query, key, value, scale=scaling)
+        routing = moba_routing(query, key, key_means=means, **kw) if want else None
+    elif want:
+        out, routing = moba_attention(query, key, value, scale=scaling, return_routing=True, key_means=means, **kw)
+    else:
+        return moba_attention(query, key, value, scale=scaling, key_means=means, **kw)
+    if want:
+        _record(rec, layer, q_start, routing, query, key, p.block_size, scaling, dense)
+    return out
+
+
+def _record(rec, layer, q_start, routing, query, key, block_size, scaling, dense) -> None:
+    sl = rec.record(layer, q_start, routing, dense=dense)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    positions = torch.arange(q_start + sl.start, q_start + sl.stop)
+    mass = attention_mass(query[0, :, sl], positions, key[0], routing.blocks[0, :, sl], block_size, scale)
+    rec.add_key_mass(mass)
+
+
+def _sliding(query, key, value, window, scaling):
+    """Causal attention over the last `window` positions (key > p - window), as transformers does."""
+    Tq, Tk = query.shape[2], key.shape[2]
+    lo = max(0, Tk - Tq - window + 1)
+    qp = torch.arange(Tk - Tq, Tk, device=query.device)[:, None]
+    kp = torch.arange(lo, Tk, device=query.device)[None, :]
+    mask = (kp <= qp) & (kp > qp - window)
+    gqa = query.shape[1] != key.shape[1]
+    return F.scaled_dot_product_attention(
+        query, key[:, :, lo:], value[:, :, lo:], attn_mask=mask, scale=scaling, enable_gqa=gqa
+    )
+
+
+def _masked(query, key, value, mask, scaling):
+    if mask.dtype != torch.bool:
+        mask = mask > torch.finfo(mask.dtype).min / 2
+    gqa = query.shape[1] != key.shape[1]
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+
+
+def moba_mask(*args, attention_mask=None, **kwargs):
+    """Mask function for "moba": None without padding (the attention function applies causality
+    and sliding windows itself, so no [Tq, Tk] mask is built), else transformers' SDPA mask."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def register() -> None:
+    """Register "moba" with transformers' attention and mask interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, moba_attention_forward)
+    AttentionMaskInterface.register(NAME, moba_mask)
+
+
+def _text_config(config):
+    getter = getattr(config, "get_text_config", None)
+    return getter() if getter else config

@@ -1,0 +1,128 @@
+"""Key-block-centric MoBA attention in Triton (the prefill and chunked-prefill kernel).
+
+For every (batch, KV head, key block) the (query, head, slot) entries of a query chunk that
+selected that block are gathered (a stable sort by block: a CSR list), cut into tiles of BM rows,
+and each tile runs one dense flash-attention pass over its block, the G query heads of a KV head
+sharing one tile (GQA-native). The own block is one of the slots; a per-row mask `key <= query`
+makes it causal and is a no-op for routed blocks, which lie strictly before the query. Each
+(entry, split) writes a normalised partial output and its base-2 log-sum-exp; moba/triton/merge.py
+combines them. Random routing is the worst case for query-centric tiles (a 128-query tile's union
+of blocks is nearly every past block), which is why the gathering is per key block.
+It knows nothing of routing: it reads the blocks table [B, Hq, C, S] (-1 = unused slot).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile_kernel(
+    Q, K, V, OP, LSEP, PERM, TILE_KEY, TILE_END, KEY_OFF, KEY_CNT,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
+    C, Hq, S, Hkv, NB, n_keys, q_off, pos0, Tk, block_size, split_len, qk_scale,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NSPLIT: tl.constexpr,
+):  # fmt: skip
+    key = tl.load(TILE_KEY + tl.program_id(0))
+    if key < n_keys:
+        sp = tl.program_id(1)
+        cnt = tl.load(KEY_CNT + key)
+        local = tl.program_id(0) - (tl.load(TILE_END + key) - (cnt + BM - 1) // BM)
+        r = local * BM + tl.arange(0, BM)
+        valid = r < cnt
+        e = tl.load(PERM + tl.load(KEY_OFF + key) + r, mask=valid, other=0)
+        c = (e // S) % C
+        h = (e // (S * C)) % Hq
+        b, kvh, j = key // (Hkv * NB), (key // NB) % Hkv, key % NB
+        pos = tl.where(valid, pos0 + c, -1)
+        d = tl.arange(0, D)
+        q_ptr = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + (q_off + c).to(tl.int64) * sqt
+        q = tl.load(q_ptr[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        lo = j * block_size + sp * split_len
+        hi = tl.minimum(tl.minimum(lo + split_len, j * block_size + block_size), tl.max(pos, 0) + 1)
+        pos_min = tl.min(tl.where(valid, pos, Tk), 0)
+        mid = lo + tl.maximum(tl.minimum(pos_min + 1, hi) - lo, 0) // BN * BN
+        k_base = K + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
+        v_base = V + b.to(tl.int64) * svb + kvh.to(tl.int64) * svh
+        m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BM], dtype=tl.float32)
+        acc = tl.zeros([BM, D], dtype=tl.float32)
+        for n0 in range(lo, mid, BN):
+            n = n0 + tl.arange(0, BN)
+            kt = tl.load(k_base + n[None, :].to(tl.int64) * skt + d[:, None])
+            vt = tl.load(v_base + n[:, None].to(tl.int64) * svt + d[None, :])
+            s = tl.dot(q, kt) * qk_scale
+            m_i, l_i, acc = _online_step(s, vt, m_i, l_i, acc)
+        for n0 in range(mid, hi, BN):
+            n = n0 + tl.arange(0, BN)
+            inside = n < hi
+            kt = tl.load(k_base + n[None, :].to(tl.int64) * skt + d[:, None], mask=inside[None, :], other=0.0)
+            vt = tl.load(v_base + n[:, None].to(tl.int64) * svt + d[None, :], mask=inside[:, None], other=0.0)
+            s = tl.dot(q, kt) * qk_scale
+            s = tl.where((n[None, :] <= pos[:, None]) & inside[None, :], s, float("-inf"))
+            m_i, l_i, acc = _online_step(s, vt, m_i, l_i, acc)
+        _store_partial(OP, LSEP, e.to(tl.int64) * NSPLIT + sp, valid, m_i, l_i, acc, D)
+
+
+@triton.jit
+def _online_step(s, vt, m_i, l_i, acc):
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _store_partial(OP, LSEP, idx, valid, m_i, l_i, acc, D: tl.constexpr):
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    d = tl.arange(0, D)
+    tl.store(OP + idx[:, None] * D + d[None, :], o.to(OP.dtype.element_ty), mask=valid[:, None])
+    tl.store(LSEP + idx, lse, mask=valid)
+
+
+def build_tiles(blk: torch.Tensor, Hkv: int, n_blocks: int, bm: int):
+    """CSR of the blocks table by (batch, KV head, block), cut into tiles of bm rows; no host sync.
+
+    Args:
+        blk: int32 [B, Hq, C, S]; entry e = ((b * Hq + h) * C + c) * S + slot; -1 = unused.
+    Returns:
+        dict of device tensors perm (entries sorted by key, stable), tile_key (key of each tile slot,
+        n_keys past the last tile), tile_end (inclusive cumulative tile count per key), key_off,
+        key_cnt, and the host ints n_keys and n_tiles (an upper bound on the tile count).
+    """
+    B, Hq, C, S = blk.shape
+    dev = blk.device
+    n_keys = B * Hkv * n_blocks
+    heads = torch.arange(Hq, device=dev) // (Hq // Hkv)
+    base = ((torch.arange(B, device=dev)[:, None] * Hkv + heads[None, :]) * n_blocks).to(torch.int32)
+    key = torch.where(blk >= 0, blk + base[:, :, None, None], n_keys).reshape(-1)
+    _, perm = torch.sort(key, stable=True)
+    cnt = torch.bincount(key, minlength=n_keys + 1)[:n_keys]
+    off = cnt.cumsum(0) - cnt
+    tile_end = ((cnt + bm - 1) // bm).cumsum(0)
+    n_tiles = triton.cdiv(key.numel(), bm) + n_keys
+    tile_key = torch.searchsorted(tile_end, torch.arange(n_tiles, device=dev), right=True)
+    return dict(perm=perm, tile_key=tile_key, tile_end=tile_end, key_off=off, key_cnt=cnt,
+                n_keys=n_keys, n_tiles=n_tiles)  # fmt: skip
+
+
+def attend_tiles(q, k, v, blk, tiles, op, lsep, *, q_off, pos0, block_size, scale, nsplit, cfg):
+    """Run the tile kernel for one query chunk; fills op [entries * nsplit, D] and lsep."""
+    B, Hq, C, S = blk.shape
+    Hkv, Tk, D = k.shape[1], k.shape[2], k.shape[3]
+    bn = cfg["BN"]
+    split_len = triton.cdiv(triton.cdiv(block_size, nsplit), bn) * bn
+    _tile_kernel[(tiles["n_tiles"], nsplit)](
+        q, k, v, op, lsep, tiles["perm"], tiles["tile_key"], tiles["tile_end"], tiles["key_off"],
+        tiles["key_cnt"], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        C, Hq, S, Hkv, triton.cdiv(Tk, block_size), tiles["n_keys"], q_off, pos0, Tk, block_size,
+        split_len, scale * 1.4426950408889634,
+        D=D, BM=cfg["BM"], BN=bn, NSPLIT=nsplit, num_warps=cfg["warps"], num_stages=cfg["stages"],
+    )  # fmt: skip

@@ -1,0 +1,136 @@
+"""Triton kernels for MoBA routing: block means of the keys, and gate + top-k per query.
+
+The routing kernel streams over the pooled keys of one KV head for a tile of (query, GQA head)
+rows and keeps a running top-k in registers: a score and its block id are packed into one int64
+whose order is the score's order, so Triton's bitonic `topk` sorts both at once. No
+[blocks, heads, Tq] gate is ever written. It knows nothing of attention.
+Layout: q [B, Hq, Tq, D]; means [B, Hkv, n_full, D] fp32; the blocks table it writes is int32
+[B, Hq, C, top_k + sink_blocks] = [own, routed best-first, sinks], -1 for an unused slot.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_NEG_INF_KEY = tl.constexpr(-2139095041 * (1 << 32))  # the packed key of score -inf: sorts below every real score
+
+
+@triton.jit
+def _pool_kernel(K, M, block_size, skb, skh, skt, smb, smh, smn, Hkv, D: tl.constexpr, BT: tl.constexpr):
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // Hkv, bh % Hkv
+    d = tl.arange(0, D)
+    base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh + (j * block_size).to(tl.int64) * skt
+    acc = tl.zeros([BT, D], dtype=tl.float32)
+    for t0 in range(0, block_size, BT):
+        t = t0 + tl.arange(0, BT)
+        acc += tl.load(base + t[:, None].to(tl.int64) * skt + d[None, :], mask=t[:, None] < block_size, other=0.0)
+    mean = tl.sum(acc, 0) / block_size
+    tl.store(M + b.to(tl.int64) * smb + h.to(tl.int64) * smh + j.to(tl.int64) * smn + d, mean)
+
+
+def pool_means(k: torch.Tensor, block_size: int) -> torch.Tensor:
+    """fp32 means of the complete key blocks: [B, Hkv, Tk // block_size, D] (as moba.block_means)."""
+    B, Hkv, Tk, D = k.shape
+    n_full = Tk // block_size
+    means = torch.empty(B, Hkv, n_full, D, device=k.device, dtype=torch.float32)
+    if n_full:
+        _pool_kernel[(n_full, B * Hkv)](
+            k, means, block_size, *k.stride()[:3], *means.stride()[:3], Hkv, D=D, BT=32, num_warps=4
+        )
+    return means
+
+
+@triton.jit
+def _pack(s, n, IDX_CAP: tl.constexpr):
+    bits = s.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (IDX_CAP - n).to(tl.int64)
+
+
+@triton.jit
+def _unpack(key, IDX_CAP: tl.constexpr):
+    hi = (key >> 32).to(tl.int32)
+    bits = hi ^ ((hi >> 31) & 0x7FFFFFFF)
+    idx = IDX_CAP - (key & 0xFFFFFFFF).to(tl.int32)
+    return bits.to(tl.float32, bitcast=True), idx
+
+
+@triton.jit
+def _route_kernel(
+    Q, M, BLK, SCR,
+    sqb, sqh, sqt, smb, smh, smn,
+    C, Hq, Hkv, G, q_off, pos0, n_full, block_size, sink_blocks,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr,
+    N_ROUTE: tl.constexpr, SINKS: tl.constexpr, WRITE_SCORES: tl.constexpr,
+):  # fmt: skip
+    S: tl.constexpr = 1 + N_ROUTE + SINKS
+    IDX_CAP: tl.constexpr = 2**30
+    bk = tl.program_id(1)
+    b, kvh = bk // Hkv, bk % Hkv
+    r = tl.program_id(0) * BM + tl.arange(0, BM)
+    valid = r < C * G
+    c, h = r // G, kvh * G + r % G
+    own = tl.where(valid, (pos0 + c) // block_size, 0)
+    d = tl.arange(0, D)
+    q_ptr = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + (q_off + c).to(tl.int64) * sqt
+    q = tl.load(q_ptr[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    m_base = M + b.to(tl.int64) * smb + kvh.to(tl.int64) * smh
+    row = ((b * Hq + h).to(tl.int64) * C + c) * S
+    out_mask = valid[:, None]
+    if N_ROUTE > 0:
+        best = tl.full([BM, KP], _NEG_INF_KEY, dtype=tl.int64)
+        n_hi = tl.minimum(tl.max(own, 0), n_full)
+        for n0 in range(sink_blocks, n_hi, BN):
+            n = n0 + tl.arange(0, BN)
+            mt = tl.load(m_base + n[None, :] * smn + d[:, None], mask=n[None, :] < n_full, other=0.0)
+            s = tl.dot(q, mt, input_precision="ieee")
+            key = tl.where(n[None, :] < own[:, None], _pack(s, n[None, :], IDX_CAP), _NEG_INF_KEY)
+            both = tl.reshape(tl.join(best, tl.topk(key, KP, dim=1)), [BM, 2 * KP])
+            best = tl.topk(both, KP, dim=1)
+        score, idx = _unpack(best, IDX_CAP)
+        gone = score == float("-inf")
+        slot = tl.arange(0, KP)[None, :]
+        m_route = out_mask & (slot < N_ROUTE)
+        tl.store(BLK + row[:, None] + 1 + slot, tl.where(gone, -1, idx), mask=m_route)
+        if WRITE_SCORES:
+            tl.store(SCR + row[:, None] + 1 + slot, score, mask=m_route)
+    tl.store(BLK + row, own, mask=valid)
+    if WRITE_SCORES:
+        tl.store(SCR + row, float("inf"), mask=valid)
+    for si in tl.static_range(SINKS):
+        on = si < own
+        tl.store(BLK + row + 1 + N_ROUTE + si, tl.where(on, si, -1), mask=valid)
+        if WRITE_SCORES:
+            ms = tl.load(m_base + si * smn + d, mask=(d < D) & (si < n_full), other=0.0)
+            sc = tl.sum(q * ms[None, :], 1)
+            tl.store(SCR + row + 1 + N_ROUTE + si, tl.where(on, sc, float("-inf")), mask=valid)
+
+
+def route_chunk(q, means, q_off, C, pos0, *, block_size, top_k, sink_blocks, scores=False):
+    """Blocks (and optionally scores) for queries q[:, :, q_off : q_off + C] at positions pos0 ...
+
+    Args:
+        q: [B, Hq, Tq, D] fp16/bf16, last dim contiguous. means: [B, Hkv, n_full, D] fp32.
+    Returns:
+        (blocks int32 [B, Hq, C, top_k + sink_blocks], scores fp32 of that shape or None).
+    """
+    B, Hq, _, D = q.shape
+    Hkv, n_full = means.shape[1], means.shape[2]
+    G = Hq // Hkv
+    S = top_k + sink_blocks
+    blk = torch.empty(B, Hq, C, S, device=q.device, dtype=torch.int32)
+    scr = torch.empty(B, Hq, C, S, device=q.device, dtype=torch.float32) if scores else blk
+    kp = triton.next_power_of_2(max(top_k - 1, 1))
+    bm = 32 if D <= 128 else 16
+    grid = (triton.cdiv(C * G, bm), B * Hkv)
+    _route_kernel[grid](
+        q, means, blk, scr, *q.stride()[:3], *means.stride()[:3],
+        C, Hq, Hkv, G, q_off, pos0, n_full, block_size, sink_blocks,
+        D=D, BM=bm, BN=max(32, kp), KP=kp, N_ROUTE=top_k - 1, SINKS=sink_blocks,
+        WRITE_SCORES=scores, num_warps=4,
+    )  # fmt: skip
+    return blk, (scr if scores else None)

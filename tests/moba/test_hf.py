@@ -1,0 +1,114 @@
+"""attn_implementation="moba" inside tiny random Llama, Qwen2 and Gemma3 models."""
+
+import pytest
+import torch
+from tests.tinymodels import tiny_model
+from transformers import DynamicCache
+
+import moba
+from moba.hf import MobaParams, configure, dense_queries, moba_params
+
+ARCHS = ["llama", "qwen2", "gemma3"]
+
+
+def logits(model, ids):
+    with torch.inference_mode():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_moba_covering_all_blocks_equals_sdpa(arch):
+    ids = torch.randint(0, 97, (1, 180))
+    ref = tiny_model(arch, "sdpa")
+    m = tiny_model(arch, "moba", block_size=16, top_k=64)
+    assert torch.allclose(logits(m, ids), logits(ref, ids), atol=1e-5)
+    with moba.capture_routing(moba.RoutingRecorder()):  # forces the sparse code path
+        assert torch.allclose(logits(m, ids), logits(ref, ids), atol=1e-4)
+    gen_ref = ref.generate(ids, max_new_tokens=8, do_sample=False)
+    gen = m.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(gen, gen_ref)
+
+
+def test_gemma_sliding_window_is_kept():
+    ids = torch.randint(0, 97, (1, 120))
+    m = tiny_model("gemma3", "moba", block_size=16, top_k=64)
+    windowless = tiny_model("gemma3", "moba", block_size=16, top_k=64)
+    windowless.config.sliding_window = 10_000
+    for layer in windowless.model.layers:
+        if layer.self_attn.sliding_window:
+            layer.self_attn.sliding_window = 10_000
+    assert (logits(m, ids) - logits(windowless, ids)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparse_model_matches_spec_backend(arch):
+    ids = torch.randint(0, 97, (1, 150))
+    m = tiny_model(arch, "moba", block_size=8, top_k=3, sink_blocks=1)
+    out = logits(m, ids)
+    moba.set_backend("naive")
+    try:
+        ref = logits(m, ids)
+    finally:
+        moba.set_backend("auto")
+    assert torch.allclose(out, ref, atol=1e-4)
+    dense = tiny_model(arch, "sdpa")
+    assert (out - logits(dense, ids)).abs().max() > 1e-3  # sparsity guard
+
+
+def test_decode_with_dynamic_cache_is_sparse_and_matches_full_forward():
+    ids = torch.randint(0, 97, (1, 130))
+    m = tiny_model("llama", "moba", block_size=8, top_k=3)
+    cache = DynamicCache(config=m.config)
+    with torch.inference_mode():
+        m(ids[:, :129], past_key_values=cache, use_cache=True)
+        step = m(ids[:, 129:], past_key_values=cache, use_cache=True).logits[0, -1]
+    assert torch.allclose(step, logits(m, ids)[0, -1], atol=1e-4)
+
+
+def test_params_come_from_config_with_defaults():
+    m = tiny_model("llama", "moba")
+    assert moba_params(m.config) == MobaParams()
+    configure(m.config, MobaParams(block_size=32, top_k=4, sink_blocks=0, dense_layers=(-1,), qa_policy="dense"))
+    p = moba_params(m.config)
+    assert (p.block_size, p.top_k, p.sink_blocks, p.dense_layers, p.qa_policy) == (32, 4, 0, (-1,), "dense")
+
+
+def test_dense_layers_and_qa_policy():
+    ids = torch.randint(0, 97, (1, 150))
+    sparse = tiny_model("qwen2", "moba", block_size=8, top_k=2)
+    dense_last = tiny_model("qwen2", "moba", block_size=8, top_k=2, dense_layers=[-1])
+    all_dense = tiny_model("qwen2", "moba", block_size=8, top_k=2, dense_layers=[0, 1, 2])
+    ref = logits(tiny_model("qwen2", "sdpa"), ids)
+    assert torch.allclose(logits(all_dense, ids), ref, atol=1e-5)
+    assert not torch.allclose(logits(dense_last, ids), logits(sparse, ids), atol=1e-4)
+    policy = tiny_model("qwen2", "moba", block_size=8, top_k=2, qa_policy="dense")
+    with dense_queries():
+        assert torch.allclose(logits(policy, ids), ref, atol=1e-5)
+    with dense_queries():
+        assert torch.allclose(logits(sparse, ids), logits(tiny_model("qwen2", "moba", block_size=8, top_k=2), ids))
+
+
+def test_recorder_shapes_and_ranges():
+    ids = torch.randint(0, 97, (1, 100))
+    m = tiny_model("llama", "moba", block_size=8, top_k=3, sink_blocks=1, dense_layers=[2])
+    rec = moba.RoutingRecorder(start=90, layers={0, 2})
+    with moba.capture_routing(rec):
+        logits(m, ids)
+    assert set(rec.records) == {0, 2}
+    r0, r2 = rec.records[0][0], rec.records[2][0]
+    assert not r0.dense and r2.dense
+    assert r0.blocks.shape == (4, 10, 4) and r0.scores.shape == (4, 10, 4)
+    assert torch.equal(r0.positions, torch.arange(90, 100))
+    assert torch.equal(r0.blocks[..., 0], (r0.positions // 8).expand(4, 10).int())
+    assert ((r0.blocks[..., 1:] >= -1) & (r0.blocks[..., 1:] < (r0.positions // 8)[None, :, None])).all()
+    assert rec.key_mass.shape == (100,)
+    assert torch.isclose(rec.key_mass.sum(), torch.tensor(2 * 4 * 10.0), atol=1e-3)  # 2 layers x 4 heads x 10 queries
+    assert rec.key_mass[:8].sum() > 0  # the sink block
+    assert rec.block_hits()
+
+
+def test_no_recorder_records_nothing():
+    m = tiny_model("llama", "moba", block_size=8, top_k=3)
+    rec = moba.RoutingRecorder()
+    logits(m, torch.randint(0, 97, (1, 60)))
+    assert rec.records == {} and moba.capture.active_recorder() is None
