@@ -63,7 +63,7 @@ class Engine:
         n = self.cache.capacity if tokens is None else tokens
         return kv_bytes(c.num_hidden_layers, c.num_key_value_heads, head_dim, n, next(self.model.parameters()).dtype)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def prefill(self, ids: Sequence[int], progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Append `ids` to the cache in chunks; return the fp32 logits [V] after the last one.
 
@@ -81,7 +81,7 @@ class Engine:
         self.cache.truncate(n)
         self.last_logits = None
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def generate(
         self,
         logits: torch.Tensor,
