@@ -83,7 +83,7 @@ def _route_kernel(
     out_mask = valid[:, None]
     if N_ROUTE > 0:
         best = tl.full([BM, KP], _NEG_INF_KEY, dtype=tl.int64)
-        n_hi = tl.minimum(tl.max(own, 0), n_full)
+        n_hi = tl.max(tl.minimum(own, n_full), 0)
         for n0 in range(sink_blocks, n_hi, BN):
             n = n0 + tl.arange(0, BN)
             mt = tl.load(m_base + n[None, :] * smn + d[:, None], mask=n[None, :] < n_full, other=0.0)

@@ -1,0 +1,142 @@
+"""`triton_moba_attention`: chunking, path choice and buffers around the Triton MoBA kernels.
+
+Queries go in chunks sized so that the partial results of a chunk fit in PARTIAL_BUDGET bytes.
+Per chunk: the routing kernel writes the blocks table, then either the split-K decode kernel (few
+query rows per KV head) or the key-block tile kernel (a CSR of the table, built by a stable sort)
+writes partials, and the merge kernel writes the output rows. Nothing waits on the host.
+Inputs outside the kernels' range (fp32, head dims other than 64/128/256, CPU tensors without the
+Triton interpreter) go to the portable path. It knows nothing of files or models.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from moba.portable import portable_moba_attention
+from moba.routing import block_means
+from moba.triton.attention import attend_tiles, build_tiles
+from moba.triton.decode import attend_decode, merge_partials
+from moba.triton.routing import pool_means, route_chunk
+from moba.types import Routing, check_inputs
+
+PARTIAL_BUDGET = 1 << 30
+DECODE_ROWS = 16  # at most this many query rows per KV head in a chunk: the split-K decode kernel
+HEAD_DIMS = (64, 128, 256)
+TILE_CONFIGS = {
+    64: dict(BM=128, BN=64, warps=4, stages=3),
+    128: dict(BM=128, BN=64, warps=8, stages=3),
+    256: dict(BM=64, BN=32, warps=8, stages=2),
+}
+
+
+def triton_moba_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int,
+    top_k: int,
+    sink_blocks: int = 0,
+    scale: float | None = None,
+    return_routing: bool = False,
+    key_means: torch.Tensor | None = None,
+):
+    """MoBA attention with the Triton kernels; same contract as `moba.moba_attention`.
+
+    q: [B, Hq, Tq, D], k and v: [B, Hkv, Tk, D], fp16 or bf16, D in {64, 128, 256}; anything else
+    is computed by `moba.portable_moba_attention`. key_means: optional cached fp32 block means
+    [B, Hkv, Tk // block_size, D]. Returns out (and a `moba.Routing` when return_routing).
+    Raises ValueError on inputs outside the op's contract.
+    """
+    check_inputs(q, k, v, block_size, top_k, sink_blocks)
+    if not _supported(q, k, v):
+        return portable_moba_attention(
+            q, k, v, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks, scale=scale,
+            return_routing=return_routing, key_means=key_means,
+        )  # fmt: skip
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    means = _means(k, block_size, key_means)
+    out = torch.empty_like(q)
+    S = top_k + sink_blocks
+    routing = _routing_buffers(q, S) if return_routing else None
+    step = chunk_queries(B, Hq, Tq, S, D, q.element_size())
+    for c0 in range(0, Tq, step):
+        C = min(step, Tq - c0)
+        blk, scr = route_chunk(
+            q, means, c0, C, Tk - Tq + c0, block_size=block_size, top_k=top_k,
+            sink_blocks=sink_blocks, scores=return_routing,
+        )  # fmt: skip
+        _attend_chunk(q, k, v, out, blk, c0, Tk - Tq + c0, block_size, scale)
+        if return_routing:
+            routing.blocks[:, :, c0 : c0 + C] = blk
+            routing.scores[:, :, c0 : c0 + C] = scr
+    return (out, routing) if return_routing else out
+
+
+def chunk_queries(B: int, Hq: int, Tq: int, S: int, D: int, esize: int) -> int:
+    """Queries per chunk so that the chunk's partials (output rows + log-sum-exps) fit the budget."""
+    per_query = B * Hq * S * (D * esize + 4)
+    return max(1, min(Tq, PARTIAL_BUDGET // per_query))
+
+
+def _supported(q, k, v) -> bool:
+    on_device = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    same = q.dtype == k.dtype == v.dtype and q.device == k.device == v.device
+    return on_device and same and q.dtype in (torch.float16, torch.bfloat16) and q.shape[3] in HEAD_DIMS
+
+
+def _means(k, block_size, key_means):
+    if key_means is not None:
+        return key_means.float().contiguous()
+    if k.is_cuda:
+        return pool_means(k, block_size)
+    return block_means(k, block_size)
+
+
+def _routing_buffers(q, S):
+    B, Hq, Tq, _ = q.shape
+    blocks = torch.empty(B, Hq, Tq, S, dtype=torch.long, device=q.device)
+    return Routing(blocks=blocks, scores=torch.empty(B, Hq, Tq, S, device=q.device))
+
+
+def _attend_chunk(q, k, v, out, blk, c0, pos0, block_size, scale) -> None:
+    B, Hq, C, S = blk.shape
+    Hkv, D = k.shape[1], q.shape[3]
+    n_sm = _sm_count(q.device)
+    rows_per_kv = C * Hq // Hkv
+    if rows_per_kv <= DECODE_ROWS:
+        nsplit = _splits(B * Hq * C * S, n_sm, block_size, 64)
+        op, lsep = _partials(blk, nsplit, D, q.dtype)
+        attend_decode(q, k, v, blk, op, lsep, q_off=c0, pos0=pos0, block_size=block_size, scale=scale,
+                      nsplit=nsplit)  # fmt: skip
+    else:
+        cfg = TILE_CONFIGS[D]
+        tiles = build_tiles(blk, Hkv, triton.cdiv(k.shape[2], block_size), cfg["BM"])
+        nsplit = _splits(triton.cdiv(blk.numel(), cfg["BM"]), n_sm, block_size, cfg["BN"])
+        op, lsep = _partials(blk, nsplit, D, q.dtype)
+        attend_tiles(q, k, v, blk, tiles, op, lsep, q_off=c0, pos0=pos0, block_size=block_size,
+                     scale=scale, nsplit=nsplit, cfg=cfg)  # fmt: skip
+    merge_partials(op, lsep, blk, out, q_off=c0, nsplit=nsplit)
+
+
+def _splits(programs: int, n_sm: int, block_size: int, bn: int) -> int:
+    """Key splits per block so that at least ~4 programs per SM run; 1 when there are enough."""
+    want = triton.cdiv(4 * n_sm, max(programs, 1))
+    return max(1, min(want, triton.cdiv(block_size, bn), 16))
+
+
+def _partials(blk, nsplit, D, dtype):
+    n = blk.numel() * nsplit
+    return torch.empty(n, D, device=blk.device, dtype=dtype), torch.empty(n, device=blk.device)
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
