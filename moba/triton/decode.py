@@ -10,7 +10,6 @@ Layout: blocks table int32 [B, Hq, C, S]; partials op [B*Hq*C*S*nsplit, D], lsep
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 

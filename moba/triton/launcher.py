@@ -59,7 +59,7 @@ def triton_moba_attention(
         )  # fmt: skip
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     B, Hq, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
+    Tk = k.shape[2]
     scale = D**-0.5 if scale is None else scale
     means = _means(k, block_size, key_means)
     out = torch.empty_like(q)

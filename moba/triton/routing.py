@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-_NEG_INF_KEY = tl.constexpr(-2139095041 * (1 << 32))  # the packed key of score -inf: sorts below every real score
+# the packed key of score -inf: sorts below every real score
+_NEG_INF_KEY = tl.constexpr(-2139095041 * (1 << 32))
 
 
 @triton.jit
@@ -27,7 +28,8 @@ def _pool_kernel(K, M, block_size, skb, skh, skt, smb, smh, smn, Hkv, D: tl.cons
     acc = tl.zeros([BT, D], dtype=tl.float32)
     for t0 in range(0, block_size, BT):
         t = t0 + tl.arange(0, BT)
-        acc += tl.load(base + t[:, None].to(tl.int64) * skt + d[None, :], mask=t[:, None] < block_size, other=0.0)
+        rows = base + t[:, None].to(tl.int64) * skt
+        acc += tl.load(rows + d[None, :], mask=t[:, None] < block_size, other=0.0)
     mean = tl.sum(acc, 0) / block_size
     tl.store(M + b.to(tl.int64) * smb + h.to(tl.int64) * smh + j.to(tl.int64) * smn + d, mean)
 
