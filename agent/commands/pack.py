@@ -1,0 +1,193 @@
+"""`moba-ask pack`: pack paths into one context and report files, tokens, skipped and dropped files.
+
+Only CLI plumbing: packing lives in `ingest`, tokenizer loading in `agent.models` (imported
+lazily; local tokenizer files load without it). Summary and progress go to stderr; the packed text
+(`-o -`) or the JSON report (`--json`) go to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+import ingest
+from ingest.records import DEFAULT_MAX_FILE_BYTES
+from ingest.walk import resolve_paths
+
+DEFAULT_MODEL = "qwen2.5-coder-1.5b"
+SHOW = 10
+
+
+@click.command("pack")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("-m", "--model", default=lambda: os.environ.get("MOBA_ASK_MODEL") or DEFAULT_MODEL,
+              show_default="$MOBA_ASK_MODEL or " + DEFAULT_MODEL,
+              help="Model whose tokenizer counts tokens: catalog name, HF dir, .gguf, or a tokenizer.json.")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Token budget; whole files are dropped to fit.")
+@click.option("--include", multiple=True, metavar="GLOB", help="Only pack files matching GLOB (repeatable).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out files matching GLOB (repeatable).")
+@click.option("--no-line-numbers", is_flag=True, help="Do not prefix lines with their numbers.")
+@click.option("--max-file-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_FILE_BYTES, show_default=True,
+              help="Skip files larger than this (for .ipynb/.pdf: extracted text).")
+@click.option("--no-drop", is_flag=True, help="Fail instead of dropping files when over --max-tokens.")
+@click.option("--allow-secrets", is_flag=True, help="Pack files that look like secrets (.env, keys, ...).")
+@click.option("--no-default-excludes", is_flag=True, help="Keep lockfiles, vendored and build dirs, ...")
+@click.option("--notebook-outputs", is_flag=True, help="Include text outputs of notebook cells.")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the token cache.")
+@click.option("-o", "--output", metavar="FILE", help="Write the packed text to FILE ('-' for stdout).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary on stderr.")
+def pack(paths, model, max_tokens, include, exclude, no_line_numbers, max_file_bytes, no_drop, allow_secrets,
+         no_default_excludes, notebook_outputs, no_cache, output, as_json, quiet):
+    """Pack PATH... (directories, files) into one context and count its tokens.
+
+    Git work trees use git's file list (.gitignore honoured); .mobaignore files and the globs
+    adjust it. Without -o nothing is written: the summary on stderr is the answer.
+
+    \b
+    Examples:
+      moba-ask pack .                              # summary: files, tokens, largest, skipped
+      moba-ask pack src/ README.md -o context.txt
+      moba-ask pack . --max-tokens 100000 --json | jq '.dropped'
+      moba-ask pack . --exclude 'tests/' -o - | less
+      moba-ask pack . -m ./tokenizer.json
+    """
+    if as_json and output == "-":
+        raise click.UsageError("-o - and --json both write to stdout; pick one")
+    options = ingest.PackOptions(
+        max_tokens=max_tokens, include=include, exclude=(*exclude, *_self_exclude(paths, output)),
+        line_numbers=not no_line_numbers, max_file_bytes=max_file_bytes, drop=not no_drop,
+        allow_secrets=allow_secrets, default_excludes=not no_default_excludes,
+        notebook_outputs=notebook_outputs, cache=not no_cache)
+    tokenizer = load_tokenizer(model)
+    start = time.perf_counter()
+    result = _run(paths, tokenizer, options, quiet)
+    if output:
+        _write(output, result.text)
+    if as_json:
+        click.echo(json.dumps(report(result), indent=1))
+    if not quiet:
+        _summary(result, max_tokens, time.perf_counter() - start)
+
+
+def load_tokenizer(name: str):
+    """A tokenizer for `name`: a tokenizer.json file or a dir holding one loads directly (no
+    transformers); anything else goes through agent.models.load_tokenizer. Raises ClickException."""
+    path = Path(name).expanduser()
+    direct = path / "tokenizer.json" if path.is_dir() else path
+    if direct.is_file() and direct.suffix == ".json":
+        from tokenizers import Tokenizer
+
+        try:
+            return Tokenizer.from_file(str(direct))
+        except Exception as e:
+            raise click.ClickException(f"cannot read tokenizer {direct}: {_one_line(e)}") from None
+    try:
+        from agent.models import load_tokenizer as load
+    except ImportError:
+        raise click.ClickException(f"cannot load a tokenizer for '{name}': pass a tokenizer.json file or a "
+                                   "directory holding one with --model") from None
+    try:
+        return load(name)
+    except Exception as e:
+        raise click.ClickException(f"cannot load the tokenizer of '{name}': {_one_line(e)}") from None
+
+
+def _one_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _self_exclude(paths, output) -> tuple[str, ...]:
+    if not output or output == "-":
+        return ()
+    try:
+        root = resolve_paths(list(paths))[0]
+    except ingest.PackError:
+        return ()
+    out = os.path.abspath(output)
+    if os.path.commonpath([root, out]) != root:
+        return ()
+    return ("/" + Path(os.path.relpath(out, root)).as_posix(),)
+
+
+def _run(paths, tokenizer, options, quiet: bool) -> ingest.Pack:
+    bar = None
+    if not quiet and sys.stderr.isatty():
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        bar = Progress(TextColumn("packing"), BarColumn(), MofNCompleteColumn(), TextColumn("files"),
+                       console=Console(stderr=True), transient=True)
+    try:
+        if bar is None:
+            return ingest.pack(list(paths), tokenizer, options)
+        with bar:
+            task = bar.add_task("pack", total=None)
+            return ingest.pack(list(paths), tokenizer, options,
+                               progress=lambda done, total: bar.update(task, completed=done, total=total))
+    except (ingest.PackError, TypeError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _write(output: str, text: str) -> None:
+    if output == "-":
+        click.echo(text, nl=False)
+        return
+    target = os.path.abspath(output)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".moba-pack-")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except OSError as e:
+        raise click.ClickException(f"cannot write {output}: {e.strerror or e}") from None
+
+
+def report(p: ingest.Pack) -> dict:
+    """The `--json` report of a pack."""
+    return {
+        "total_tokens": p.total_tokens,
+        "root": p.root,
+        "content_hash": p.content_hash,
+        "files": [{"path": f.path, "tokens": f.tokens, "token_start": f.token_start, "token_end": f.token_end,
+                   "lines": f.lines, "flags": list(f.flags)} for f in p.files],
+        "skipped": [{"path": path, "reason": reason} for path, reason in p.skipped],
+        "dropped": [{"path": path, "tokens": n, "reason": reason} for path, n, reason in p.dropped],
+    }
+
+
+def _summary(p: ingest.Pack, max_tokens: int | None, seconds: float) -> None:
+    budget = f" of {max_tokens:,} allowed" if max_tokens else ""
+    lines = [f"packed {len(p.files):,} files, {p.total_tokens:,} tokens{budget} from {p.root} "
+             f"in {seconds:.2f} s (tree {p.tree_tokens:,} tokens)", "largest files:"]
+    lines += [f"  {f.tokens:>9,}  {f.path}" for f in sorted(p.files, key=lambda f: -f.tokens)[:5]]
+    flagged = [f for f in p.files if "non_utf8" in f.flags]
+    if flagged:
+        lines.append(f"decoded with replacement characters (not UTF-8): {', '.join(f.path for f in flagged[:SHOW])}")
+    lines += _skipped(p.skipped)
+    lines += _listing("dropped", [f"  {n:>9,}  {path}: {reason}" for path, n, reason in p.dropped])
+    click.echo("\n".join(lines), err=True)
+
+
+def _skipped(skipped) -> list[str]:
+    by_reason: dict[str, list[str]] = {}
+    for path, reason in skipped:
+        by_reason.setdefault(reason, []).append(path)
+    rows = []
+    for reason, paths in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+        more = f" (+{len(paths) - 3} more)" if len(paths) > 3 else ""
+        rows.append(f"  {reason}: {', '.join(paths[:3])}{more}")
+    return [f"skipped {len(skipped)}:", *rows] if rows else []
+
+
+def _listing(title: str, rows: list[str]) -> list[str]:
+    if not rows:
+        return []
+    more = [f"  ... and {len(rows) - SHOW} more (see --json)"] if len(rows) > SHOW else []
+    return [f"{title} {len(rows)}:", *rows[:SHOW], *more]

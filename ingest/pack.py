@@ -1,0 +1,199 @@
+"""`pack()`: paths -> one packed context (text, token ids, token -> file:line map).
+
+Pipeline: walk.collect (file set) -> readers.read (text or skip reason) -> render (order, sections)
+-> tokens (batch encode with exact marks, disk cache) -> budget (drop whole files) -> assemble
+the ids, the text and the SourceMap. Writes only to the token cache, never inside the packed tree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ingest import budget, readers, render, rules, walk
+from ingest.records import FileRecord, Pack, PackError, PackOptions
+from ingest.sourcemap import SourceMap
+from ingest.tokens import Encoder, TokenCache, cache_dir, section_key
+
+BATCH_CHARS = 1 << 20
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class _Doc:
+    rel: str
+    text: str
+    flags: tuple[str, ...]
+    size: int
+
+
+@dataclass
+class _Section:
+    doc: _Doc
+    text: str
+    ids: np.ndarray
+    marks: np.ndarray
+    lines: int
+
+
+def pack(paths: str | os.PathLike | Sequence[str | os.PathLike], tokenizer,
+         options: PackOptions | None = None, progress: Progress | None = None) -> Pack:
+    """Pack files under paths into one context for `tokenizer`.
+
+    Args:
+        paths: a directory, a file, or several of either. The pack root is the single directory
+            given, else the common parent of all paths; file paths in the pack are relative to it.
+        tokenizer: a transformers fast tokenizer or a `tokenizers.Tokenizer`.
+        options: `PackOptions`. Default: PackOptions().
+        progress: called as progress(files_done, files_total) while encoding. Default: None.
+
+    Returns:
+        `Pack` (ids, text, files, skipped, dropped, source_map, content_hash, root).
+
+    Raises:
+        PackError: a path does not exist, nothing is left to pack, or the budget cannot be met
+            (always when `options.drop` is False and the pack is over `max_tokens`).
+        TypeError: tokenizer is not a supported fast tokenizer.
+
+    >>> p = pack("repo/", tokenizer, PackOptions(max_tokens=100_000))
+    >>> p.source_map.locate(p.files[0].token_start + 5)
+    ('README.md', 1)
+    """
+    options = options or PackOptions()
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    encoder = Encoder(tokenizer)
+    root, cands, skipped = walk.collect([os.fspath(p) for p in paths], options)
+    docs = _read_all(cands, options, skipped)
+    if not docs:
+        raise PackError(f"no files to pack under {root} ({len(skipped)} skipped); "
+                        "check the path, --include/--exclude and .gitignore")
+    docs.sort(key=lambda d: render.order_key(d.rel))
+    cache = _cache(options, root, encoder.identity)
+    sections = _encode_files(docs, encoder, cache, options.line_numbers, progress)
+    tree, kept, dropped = _fit(sections, encoder, cache, options, Path(root).name)
+    return _assemble(root, tree, kept, dropped, sorted(skipped), encoder.identity)
+
+
+def _read_all(cands: list[walk.Candidate], options: PackOptions, skipped: list) -> list[_Doc]:
+    docs = []
+    for c in cands:
+        try:
+            text, flags, size = readers.read(c.abs, c.rel, options)
+        except readers.Skip as e:
+            skipped.append((c.rel, str(e)))
+        except OSError as e:
+            skipped.append((c.rel, f"unreadable ({e.strerror or type(e).__name__})"))
+        else:
+            docs.append(_Doc(c.rel, text, flags, size))
+    return docs
+
+
+def _cache(options: PackOptions, root: str, tokenizer_id: str) -> TokenCache:
+    if not options.cache:
+        return TokenCache(None, tokenizer_id)
+    directory = cache_dir()
+    resolved = str(directory.resolve())
+    inside = os.path.commonpath([root, resolved]) == root
+    return TokenCache(directory, tokenizer_id, writable=not inside)
+
+
+def _encode_files(docs: list[_Doc], encoder: Encoder, cache: TokenCache, line_numbers: bool,
+                  progress: Progress | None) -> list[_Section]:
+    out: list[_Section | None] = []
+    todo = []
+    for i, d in enumerate(docs):
+        text, starts, footer = render.file_section(d.rel, d.text, line_numbers)
+        cuts = [0, *starts, footer]
+        key = section_key(text, f"{render.RENDER_VERSION}|{len(cuts)}|{footer}")
+        hit = cache.get(key)
+        out.append(_Section(d, text, *hit, len(starts)) if hit else None)
+        if hit is None:
+            todo.append((i, text, cuts, key, len(starts)))
+    done = len(docs) - len(todo)
+    _report(progress, done, len(docs))
+    for batch in _batches(todo):
+        encoded = encoder.encode([t[1] for t in batch], [t[2] for t in batch])
+        for (i, text, _, key, n), (ids, marks) in zip(batch, encoded, strict=True):
+            cache.put(key, ids, marks)
+            out[i] = _Section(docs[i], text, ids, marks, n)
+        done += len(batch)
+        _report(progress, done, len(docs))
+    return out
+
+
+def _report(progress: Progress | None, done: int, total: int) -> None:
+    if progress is not None:
+        progress(done, total)
+
+
+def _batches(todo: list) -> list[list]:
+    batches, cur, size = [], [], 0
+    for item in todo:
+        cur.append(item)
+        size += len(item[1])
+        if size >= BATCH_CHARS:
+            batches.append(cur)
+            cur, size = [], 0
+    return batches + ([cur] if cur else [])
+
+
+def _encode_tree(rels: list[str], name: str, encoder: Encoder, cache: TokenCache, line_numbers: bool):
+    text = render.tree_section(name, rels, line_numbers)
+    key = section_key(text, f"{render.RENDER_VERSION}|tree")
+    hit = cache.get(key)
+    if hit is None:
+        hit = encoder.encode([text], [[0]])[0]
+        cache.put(key, *hit)
+    return text, hit[0]
+
+
+def _fit(sections: list[_Section], encoder: Encoder, cache: TokenCache, options: PackOptions, name: str):
+    def tree_of(secs):
+        return _encode_tree([s.doc.rel for s in secs], name, encoder, cache, options.line_numbers)
+
+    tree = tree_of(sections)
+    limit = options.max_tokens
+    total = len(tree[1]) + sum(len(s.ids) for s in sections)
+    if limit is None or total <= limit:
+        return tree, sections, []
+    if not options.drop:
+        raise PackError(f"the pack is {total:,} tokens, over --max-tokens {limit:,}; allow dropping "
+                        "files (remove --no-drop), raise --max-tokens, or narrow with --exclude")
+    items = {s.doc.rel: budget.Item(s.doc.rel, rules.file_kind(s.doc.rel, s.doc.text[:400]), len(s.ids),
+                                    s.doc.text) for s in sections}
+    for _ in range(8):
+        drops = budget.choose(list(items.values()), limit - len(tree[1]))
+        gone = {it.path for it, _ in drops}
+        kept = [s for s in sections if s.doc.rel not in gone]
+        if not kept:
+            need = len(tree[1]) // max(len(sections), 1) + min(len(s.ids) for s in sections)
+            raise PackError(f"--max-tokens {limit:,} is too small for any file here (the smallest needs "
+                            f"about {need:,} tokens with the tree); raise it or narrow the paths")
+        tree = tree_of(kept)
+        if len(tree[1]) + sum(len(s.ids) for s in kept) <= limit:
+            return tree, kept, [(it.path, it.tokens, reason) for it, reason in drops]
+    raise PackError(f"could not fit the pack into --max-tokens {limit:,}; raise it or narrow the paths")
+
+
+def _assemble(root: str, tree, kept: list[_Section], dropped: list, skipped: list, tokenizer_id: str) -> Pack:
+    tree_text, tree_ids = tree
+    parts = [(None, 0, np.zeros(1, np.int64), 0)]
+    records, pos = [], len(tree_ids)
+    for s in kept:
+        n = len(s.ids)
+        parts.append((s.doc.rel, pos, s.marks, s.lines))
+        records.append(FileRecord(s.doc.rel, n, pos, pos + n, s.lines, s.doc.size, s.doc.flags))
+        pos += n
+    ids = np.concatenate([tree_ids, *(s.ids for s in kept)]).astype(np.int64)
+    digest = hashlib.blake2b(tokenizer_id.encode(), digest_size=16)
+    digest.update(ids.astype("<i8").tobytes())
+    return Pack(ids=ids, text=tree_text + "".join(s.text for s in kept), files=tuple(records),
+                skipped=tuple(skipped), dropped=tuple(dropped),
+                source_map=SourceMap.from_sections(parts, pos), content_hash=digest.hexdigest(),
+                root=root, tree_tokens=len(tree_ids))

@@ -1,0 +1,128 @@
+"""Render the packed text: pack order, the tree section, and one section per file.
+
+Layout of a pack:
+
+    Packed repository NAME: N files. Each file is in <file path="..." lines="N"> ... </file>, ...
+    <tree>
+    README.md
+    src/
+      app.py
+    </tree>
+
+    <file path="README.md" lines="2">
+    1| # Title
+    2| text
+    </file>
+
+Line numbers are right-aligned to the file's widest number and followed by "| ". Large trees
+collapse to directories with file counts. Order (deterministic): READMEs (shallowest first), then
+other docs, then everything else; within a group, files of a directory come before its
+subdirectories, names compared case-insensitively. It knows nothing about tokens or files on disk.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from itertools import accumulate
+
+from ingest import rules
+
+RENDER_VERSION = 1
+TREE_MAX_ENTRIES = 256
+
+
+def order_key(rel: str) -> tuple:
+    """Sort key implementing the documented pack order."""
+    parts = rel.split("/")
+    dirs, name = tuple(p.casefold() for p in parts[:-1]), parts[-1]
+    if name.lower().startswith("readme"):
+        group = 0
+    elif rules.is_doc(rel):
+        group = 1
+    else:
+        group = 2
+    if group == 0:
+        return (0, len(dirs), dirs, name.casefold(), rel)
+    return (group, 0, dirs, name.casefold(), rel)
+
+
+def file_section(rel: str, text: str, line_numbers: bool) -> tuple[str, list[int], int]:
+    """(section text, char offset where each line starts, footer start offset).
+
+    The section is header + numbered lines + footer. Line count = number of "\\n"-separated lines
+    (a final newline does not start a new line; an empty file has 0 lines).
+    """
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    n = len(lines)
+    header = f'<file path="{_attr(rel)}" lines="{n}">\n'
+    if line_numbers:
+        w = len(str(n))
+        body = [f"{i:>{w}}| {line}\n" if line else f"{i:>{w}}|\n" for i, line in enumerate(lines, 1)]
+    else:
+        body = [line + "\n" for line in lines]
+    starts = list(accumulate(map(len, body), initial=len(header)))
+    footer = starts.pop()
+    return header + "".join(body) + "</file>\n\n", starts, footer
+
+
+def _attr(rel: str) -> str:
+    return rel.replace("&", "&amp;").replace('"', "&quot;")
+
+
+def tree_section(root_name: str, rels: list[str], line_numbers: bool) -> str:
+    """The preamble and <tree> of the included files (collapsed to directories when large)."""
+    numbered = ", each line prefixed with its number" if line_numbers else ""
+    head = (f"Packed repository {root_name}: {len(rels)} files. Each file is in "
+            f'<file path="..." lines="N"> ... </file>{numbered}.\n<tree>\n')
+    return head + "".join(_tree_lines(rels)) + "</tree>\n\n"
+
+
+def _tree_lines(rels: list[str]) -> list[str]:
+    paths = sorted(rels, key=lambda r: (tuple(p.casefold() for p in r.split("/")[:-1]), r.casefold()))
+    if len(paths) <= TREE_MAX_ENTRIES:
+        return _full_tree(paths)
+    return _dir_tree(paths)
+
+
+def _full_tree(paths: list[str]) -> list[str]:
+    out, shown = [], ()
+    for p in paths:
+        parts = p.split("/")
+        dirs = tuple(parts[:-1])
+        common = 0
+        while common < min(len(dirs), len(shown)) and dirs[common] == shown[common]:
+            common += 1
+        out += [f"{'  ' * d}{dirs[d]}/\n" for d in range(common, len(dirs))]
+        out.append(f"{'  ' * len(dirs)}{parts[-1]}\n")
+        shown = dirs
+    return out
+
+
+def _dir_tree(paths: list[str]) -> list[str]:
+    direct: dict[tuple, int] = defaultdict(int)
+    total: dict[tuple, int] = defaultdict(int)
+    children: dict[tuple, int] = defaultdict(int)
+    for p in paths:
+        dirs = tuple(p.split("/")[:-1])
+        direct[dirs] += 1
+        for d in range(len(dirs) + 1):
+            if dirs[:d] not in total and d:
+                children[dirs[:d - 1]] += 1
+            total[dirs[:d]] += 1
+    per_depth = defaultdict(int)
+    for k in total:
+        per_depth[len(k)] += 1
+    depth, shown = 1, per_depth[1]
+    while per_depth[depth + 1] and shown + per_depth[depth + 1] <= TREE_MAX_ENTRIES:
+        depth += 1
+        shown += per_depth[depth]
+    out = [f"({direct[()]} files at the top level)\n"] if direct[()] else []
+    for key in sorted((k for k in total if 0 < len(k) <= depth), key=lambda k: [s.casefold() for s in k]):
+        if children[key] and len(key) == depth:
+            note = f"{total[key]} files in subtree"
+        else:
+            note = f"{direct[key]} file" + ("" if direct[key] == 1 else "s")
+        out.append(f"{'  ' * (len(key) - 1)}{key[-1]}/ ({note})\n")
+    return out

@@ -1,0 +1,152 @@
+"""Tokenizer adapter and the on-disk token cache.
+
+`Encoder` wraps a Hugging Face fast tokenizer (transformers `PreTrainedTokenizerFast` /
+`TokenizersBackend`) or a `tokenizers.Tokenizer`. It encodes sections in batches on a private copy
+of the backend with no post-processor, padding or truncation, and with `encode_special_tokens` on,
+so that text such as "<|im_end|>" inside a file is encoded as plain text, never as a control
+token. Each section's ids are returned with *marks*: the index of the first token starting at or
+after each given character offset (from the tokenizer's own offsets; no re-tokenizing).
+
+`TokenCache` stores (ids, marks) per section under `$MOBA_ASK_CACHE_DIR/tokens/<tokenizer id>/`
+(default `~/.cache/moba-ask/tokens`), keyed by a hash of the section text. Files are a small binary
+format with a checksum (never pickle), written atomically (temp file + rename); a corrupt entry is
+ignored and rewritten. It knows nothing about files on disk or the pack layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"MBTK"
+VERSION = 1
+_HEAD = struct.Struct("<4sHII")
+_IDENTITIES: dict[int, tuple[object, str]] = {}
+
+
+def backend_of(tokenizer):
+    """The `tokenizers.Tokenizer` behind tokenizer. Raises TypeError for anything else."""
+    import tokenizers
+
+    if isinstance(tokenizer, tokenizers.Tokenizer):
+        return tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if isinstance(backend, tokenizers.Tokenizer):
+        return backend
+    raise TypeError(f"tokenizer must be a tokenizers.Tokenizer or a transformers fast tokenizer, got "
+                    f"{type(tokenizer).__name__}; load it with use_fast=True")
+
+
+def identity(tokenizer) -> str:
+    """Stable hex id of the tokenizer's full definition (vocab, merges, normalizers, ...)."""
+    hit = _IDENTITIES.get(id(tokenizer))
+    if hit is not None and hit[0] is tokenizer:
+        return hit[1]
+    digest = hashlib.blake2b(backend_of(tokenizer).to_str().encode(), digest_size=16).hexdigest()
+    if len(_IDENTITIES) > 8:
+        _IDENTITIES.clear()
+    _IDENTITIES[id(tokenizer)] = (tokenizer, digest)
+    return digest
+
+
+class Encoder:
+    """Batch encoder with exact per-character marks. See module doc."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.identity = identity(tokenizer)
+        self._plain = None
+
+    def _backend(self):
+        if self._plain is None:
+            import tokenizers
+
+            plain = tokenizers.Tokenizer.from_str(backend_of(self.tokenizer).to_str())
+            plain.post_processor = None
+            plain.no_padding()
+            plain.no_truncation()
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return self._plain
+
+    def encode(self, texts: list[str], cuts: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Encode texts in one batch. Returns (ids uint32 [n], marks uint32 [len(cuts[i])]) per text.
+
+        marks[j] is the index of the first token whose start offset is >= cuts[i][j].
+        """
+        encs = self._backend().encode_batch(texts, add_special_tokens=False)
+        out = []
+        for enc, cut in zip(encs, cuts, strict=True):
+            ids = np.array(enc.ids, dtype=np.uint32)
+            starts = np.fromiter((s for s, _ in enc.offsets), dtype=np.int64, count=len(ids))
+            if len(starts) > 1:
+                np.maximum.accumulate(starts, out=starts)
+            out.append((ids, np.searchsorted(starts, np.asarray(cut, np.int64)).astype(np.uint32)))
+        return out
+
+
+def cache_dir() -> Path:
+    """$MOBA_ASK_CACHE_DIR/tokens, default ~/.cache/moba-ask/tokens."""
+    base = os.environ.get("MOBA_ASK_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "moba-ask")
+    return Path(base) / "tokens"
+
+
+def section_key(text: str, extra: str) -> str:
+    """Cache key of a section: hash of its text plus layout facts (`extra`)."""
+    h = hashlib.blake2b(extra.encode(), digest_size=20)
+    h.update(text.encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+class TokenCache:
+    """(ids, marks) per section key on disk; `directory=None` disables it. See module doc."""
+
+    def __init__(self, directory: Path | None, tokenizer_id: str, writable: bool = True):
+        self.dir = None if directory is None else Path(directory) / tokenizer_id[:24]
+        self.writable = writable
+
+    def _path(self, key: str) -> Path:
+        return self.dir / key[:2] / f"{key}.bin"
+
+    def get(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """Cached (ids, marks), or None when absent or corrupt."""
+        if self.dir is None:
+            return None
+        try:
+            data = self._path(key).read_bytes()
+        except OSError:
+            return None
+        return _decode(data)
+
+    def put(self, key: str, ids: np.ndarray, marks: np.ndarray) -> None:
+        """Store atomically; I/O errors are ignored (the cache is an optimisation)."""
+        if self.dir is None or not self.writable:
+            return
+        path = self._path(key)
+        body = _HEAD.pack(MAGIC, VERSION, len(ids), len(marks)) + ids.astype("<u4").tobytes() \
+            + marks.astype("<u4").tobytes()
+        body += hashlib.blake2b(body, digest_size=16).digest()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+            os.replace(tmp, path)
+        except OSError:
+            return
+
+
+def _decode(data: bytes) -> tuple[np.ndarray, np.ndarray] | None:
+    if len(data) < _HEAD.size + 16 or hashlib.blake2b(data[:-16], digest_size=16).digest() != data[-16:]:
+        return None
+    magic, version, n_ids, n_marks = _HEAD.unpack_from(data)
+    if magic != MAGIC or version != VERSION or len(data) != _HEAD.size + 4 * (n_ids + n_marks) + 16:
+        return None
+    ids = np.frombuffer(data, "<u4", n_ids, _HEAD.size)
+    marks = np.frombuffer(data, "<u4", n_marks, _HEAD.size + 4 * n_ids)
+    return ids, marks
