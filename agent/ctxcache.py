@@ -231,7 +231,7 @@ class ContextCache:
         tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{key[:12]}-", dir=self.root))
         try:
             kv = tmp / KV_FILE
-            save_file({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}, str(kv))
+            save_file({name: t.detach().contiguous().to("cpu") for name, t in tensors.items()}, str(kv))
             _fsync(kv)
             now = self._clock()
             manifest = {"format": FORMAT_VERSION, "key": key, "created": now, "last_used": now,
