@@ -132,7 +132,7 @@ def route_chunk(q, means, q_off, C, pos0, *, block_size, top_k, sink_blocks, sco
     _route_kernel[grid](
         q, means, blk, scr, *q.stride()[:3], *means.stride()[:3],
         C, Hq, Hkv, G, q_off, pos0, n_full, block_size, sink_blocks,
-        D=D, BM=bm, BN=max(32, kp), KP=kp, N_ROUTE=top_k - 1, SINKS=sink_blocks,
+        D=D, BM=bm, BN=max(64, kp), KP=kp, N_ROUTE=top_k - 1, SINKS=sink_blocks,
         WRITE_SCORES=scores, num_warps=4,
     )  # fmt: skip
     return blk, (scr if scores else None)
