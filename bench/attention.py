@@ -237,7 +237,7 @@ def tune(N: int) -> list[dict]:
     flops = 4 * D * attended_keys(q, k)
     res = []
     default = dict(launcher.TILE_CONFIGS[D])
-    for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4)]:
+    for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4)]:
         launcher.TILE_CONFIGS[D] = dict(BM=bm, BN=bn, warps=w, stages=s)
         try:
             ms = time_ms(lambda: moba_call(q, k, v), 2)

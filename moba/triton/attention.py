@@ -53,24 +53,23 @@ def _tile_kernel(
             n = n0 + tl.arange(0, BN)
             kt = tl.load(k_base + n[None, :].to(tl.int64) * skt + d[:, None])
             vt = tl.load(v_base + n[:, None].to(tl.int64) * svt + d[None, :])
-            s = tl.dot(q, kt) * qk_scale
-            m_i, l_i, acc = _online_step(s, vt, m_i, l_i, acc)
+            s = tl.dot(q, kt)
+            m_i, l_i, acc = _online_step(s, vt, m_i, l_i, acc, qk_scale)
         for n0 in range(mid, hi, BN):
             n = n0 + tl.arange(0, BN)
             inside = n < hi
             kt = tl.load(k_base + n[None, :].to(tl.int64) * skt + d[:, None], mask=inside[None, :], other=0.0)
             vt = tl.load(v_base + n[:, None].to(tl.int64) * svt + d[None, :], mask=inside[:, None], other=0.0)
-            s = tl.dot(q, kt) * qk_scale
-            s = tl.where((n[None, :] <= pos[:, None]) & inside[None, :], s, float("-inf"))
-            m_i, l_i, acc = _online_step(s, vt, m_i, l_i, acc)
+            s = tl.where((n[None, :] <= pos[:, None]) & inside[None, :], tl.dot(q, kt), float("-inf"))
+            m_i, l_i, acc = _online_step(s, vt, m_i, l_i, acc, qk_scale)
         _store_partial(OP, LSEP, e.to(tl.int64) * NSPLIT + sp, valid, m_i, l_i, acc, D)
 
 
 @triton.jit
-def _online_step(s, vt, m_i, l_i, acc):
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+def _online_step(s, vt, m_i, l_i, acc, qk_scale):
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_use[:, None])
+    p = tl.math.exp2(s * qk_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)

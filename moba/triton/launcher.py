@@ -47,12 +47,12 @@ def triton_moba_attention(
     """MoBA attention with the Triton kernels; same contract as `moba.moba_attention`.
 
     q: [B, Hq, Tq, D], k and v: [B, Hkv, Tk, D], fp16 or bf16, D in {64, 128, 256}; anything else
-    is computed by `moba.portable_moba_attention`. key_means: optional cached fp32 block means
+    (or a scale <= 0) is computed by `moba.portable_moba_attention`. key_means: optional cached fp32 block means
     [B, Hkv, Tk // block_size, D]. Returns out (and a `moba.Routing` when return_routing).
     Raises ValueError on inputs outside the op's contract.
     """
     check_inputs(q, k, v, block_size, top_k, sink_blocks)
-    if not _supported(q, k, v):
+    if not _supported(q, k, v) or (scale is not None and scale <= 0):
         return portable_moba_attention(
             q, k, v, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks, scale=scale,
             return_routing=return_routing, key_means=key_means,
