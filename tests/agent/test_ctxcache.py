@@ -159,7 +159,7 @@ def _flip_header_byte(entry):
 
 def _stale_checksum(entry):
     m = json.loads((entry / "manifest.json").read_text())
-    m["sha256"] = "0" * 64
+    m["checksum"]["chunks"][0] = "0" * 64
     (entry / "manifest.json").write_text(json.dumps(m))
 
 
@@ -360,9 +360,35 @@ def test_files_are_safetensors_and_json_never_pickle(root):
     manifest = json.loads((entry / "manifest.json").read_text())
     assert manifest["format"] == ctxcache.FORMAT_VERSION and manifest["key"] == key
     assert manifest["size"] == len(raw)
-    assert manifest["sha256"] == hashlib.sha256(raw).hexdigest()
+    assert manifest["checksum"] == {"algorithm": "sha256", "chunk_bytes": ctxcache.HASH_CHUNK,
+                                    "chunks": [hashlib.sha256(raw).hexdigest()]}
     assert manifest["meta"] == meta_for() and manifest["tensors"] == sorted(tensors)
     assert manifest["created"] == manifest["last_used"]
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 4096 + 17])
+def test_chunk_sha256_matches_hashlib_on_pieces(tmp_path, size):
+    data = os.urandom(size)
+    (tmp_path / "f").write_bytes(data)
+    expected = [hashlib.sha256(data[i : i + 4096]).hexdigest() for i in range(0, max(size, 1), 4096)]
+    assert ctxcache.chunk_sha256(tmp_path / "f", 4096) == expected
+
+
+def test_a_flip_in_any_piece_is_caught(root, monkeypatch, capsys):
+    monkeypatch.setattr(ctxcache, "HASH_CHUNK", 4096)
+    store, key, tensors = ContextCache(), key_for("repo"), kv_tensors()
+    entry = store.save(key, tensors, meta_for())
+    raw = (entry / "kv.safetensors").read_bytes()
+    chunks = json.loads((entry / "manifest.json").read_text())["checksum"]["chunks"]
+    assert chunks == [hashlib.sha256(raw[i : i + 4096]).hexdigest() for i in range(0, len(raw), 4096)]
+    assert len(chunks) >= 3
+    assert_same(store.load(key)[0], tensors)
+    data = bytearray(raw)
+    data[len(raw) // 2] ^= 0x01
+    (entry / "kv.safetensors").write_bytes(bytes(data))
+    capsys.readouterr()
+    assert store.load(key) is None
+    assert "is corrupt; rebuilding (checksum mismatch)" in capsys.readouterr().err
 
 
 def test_entries_report_meta_size_and_broken_dirs(root, clock):
