@@ -2,11 +2,12 @@
 
 Each entry is a directory `<root>/<key>/` with `kv.safetensors` (the tensors; never pickle) and
 `manifest.json` (format version, key, the caller's meta, created/last_used times, file size and the
-sha256 of every 64 MiB piece of the safetensors file, hashed on several threads). A save writes into a temp directory inside the root, fsyncs and
-renames it into place, so no reader ever sees half an entry. A load verifies size and checksum; a
-corrupt entry is deleted with a one-line warning and reported as a miss, so the caller rebuilds it.
-The total size is capped by least-recently-used eviction. An unwritable root turns saving off with
-one warning: I/O trouble never raises out of `save` or `load`.
+sha256 of every 64 MiB piece of the safetensors file, hashed on several threads). A save writes into
+a temp directory inside the root, fsyncs and renames it into place, so no reader ever sees half an
+entry. A load verifies size and checksum; a corrupt entry is deleted with a one-line warning and
+reported as a miss, so the caller rebuilds it. The total size is capped by least-recently-used
+eviction. An unwritable root turns saving off with one warning: I/O trouble never raises out of
+`save` or `load`.
 
 Knows nothing of models, engines or cache layouts: it stores named tensors plus a JSON dict.
 """
@@ -68,7 +69,9 @@ def default_max_bytes() -> int:
     except ValueError:
         gb = math.nan
     if not (math.isfinite(gb) and gb >= 0):
-        raise ValueError(f"MOBA_ASK_CACHE_MAX_GB must be a size in GiB >= 0, got {raw!r}; e.g. MOBA_ASK_CACHE_MAX_GB=50")
+        raise ValueError(
+            f"MOBA_ASK_CACHE_MAX_GB must be a size in GiB >= 0, got {raw!r}; e.g. MOBA_ASK_CACHE_MAX_GB=50"
+        )
     return int(gb * GIB)
 
 
@@ -140,8 +143,9 @@ class ContextCache:
         are sorted; torch dtypes, devices and paths become their str(). Raises TypeError on other
         values JSON cannot hold.
         """
-        payload = {"format": FORMAT_VERSION, "model": model, "attention": dict(attention), "content": content_hash}
-        text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=_canonical)
+        payload = {"format": FORMAT_VERSION, "model": model, "attention": dict(attention),
+                   "content": content_hash}
+        text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=_canonical)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def path(self, key: str) -> Path:
@@ -179,12 +183,15 @@ class ContextCache:
             return None
         return path
 
-    def load(self, key: str, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict] | None:
+    def load(
+        self, key: str, device: str | torch.device = "cpu"
+    ) -> tuple[dict[str, torch.Tensor], dict] | None:
         """The (tensors, meta) saved under `key`, tensors loaded onto `device`; None on a miss.
 
         The file size and the sha256 of each piece are checked against the manifest (hashing runs
-        on several threads, alongside the load). A corrupt, partial or mismatched entry prints "context cache entry <key> is corrupt;
-        rebuilding" on stderr, is deleted, and counts as a miss. A hit updates last_used.
+        on several threads, alongside the load). A corrupt, partial or mismatched entry prints
+        "context cache entry <key> is corrupt; rebuilding" on stderr, is deleted, and counts as a
+        miss. A hit updates last_used. On CPU the tensors are memory-mapped from the file.
         """
         path = self.path(key)
         if not path.is_dir():
@@ -309,7 +316,9 @@ class ContextCache:
 
 def _check_key(key: str) -> None:
     if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
-        raise ValueError(f"context cache keys are 64 lowercase hex digits from ContextCache.make_key, got {key!r}")
+        raise ValueError(
+            f"context cache keys are 64 lowercase hex digits from ContextCache.make_key, got {key!r}"
+        )
 
 
 def _canonical(value: Any) -> Any:

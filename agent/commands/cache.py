@@ -74,13 +74,16 @@ def clear_cmd(key_prefix: str | None, yes: bool):
     if not targets:
         click.echo(f"the context cache in {store.root} is empty; nothing to clear", err=True)
         return
-    what = f"{len(targets)} cached context{'s' * (len(targets) != 1)} ({format_bytes(sum(e.size for e in targets))})"
+    size = format_bytes(sum(e.size for e in targets))
+    what = f"{len(targets)} cached context{'s' * (len(targets) != 1)} ({size})"
     if not yes:
         click.confirm(f"Delete {what} from {store.root}?", abort=True, err=True)
     try:
         removed = store.clear() if key_prefix is None else store.clear(targets[0].key)
     except OSError as e:
-        raise click.ClickException(f"cannot delete from {store.root}: {e.strerror or e}; check its permissions") from None
+        raise click.ClickException(
+            f"cannot delete from {store.root}: {e.strerror or e}; check its permissions"
+        ) from None
     freed = sum(e.size for e in targets if not e.path.exists())
     click.echo(f"freed {removed} cached context{'s' * (removed != 1)}, {format_bytes(freed)} ({freed} bytes)")
 
@@ -125,7 +128,8 @@ def _print_table(store: ContextCache, entries: list[Entry]) -> None:
     from rich.table import Table
 
     total = sum(e.size for e in entries)
-    table = Table(title=f"context cache in {store.root}: {format_bytes(total)} of {format_bytes(store.max_bytes)}")
+    limit = format_bytes(store.max_bytes)
+    table = Table(title=f"context cache in {store.root}: {format_bytes(total)} of {limit}")
     for col, justify in (("key", "left"), ("model", "left"), ("root", "left"), ("tokens", "right"),
                          ("size", "right"), ("last used", "right")):
         table.add_column(col, justify=justify, overflow="fold")
@@ -133,7 +137,8 @@ def _print_table(store: ContextCache, entries: list[Entry]) -> None:
     for e in entries:
         model = e.model or ("-" if e.ok else "corrupt (rebuilt on next use)")
         tokens = f"{e.tokens:,}" if isinstance(e.tokens, int) else "-"
-        table.add_row(e.key[:12], model, e.source or "-", tokens, format_bytes(e.size), _ago(e.last_used, now))
+        size = format_bytes(e.size)
+        table.add_row(e.key[:12], model, e.source or "-", tokens, size, _ago(e.last_used, now))
     Console(soft_wrap=False).print(table)
 
 
@@ -145,7 +150,8 @@ def _ago(t: float | None, now: float) -> str:
     if t is None:
         return "-"
     s = max(0.0, now - t)
-    for limit, unit, div in ((60, "s", 1), (3600, "min", 60), (86400, "h", 3600), (86400 * 30, "days", 86400)):
+    day = 86400
+    for limit, unit, div in ((60, "s", 1), (3600, "min", 60), (day, "h", 3600), (30 * day, "days", day)):
         if s < limit:
             return "just now" if unit == "s" and s < 5 else f"{s // div:.0f} {unit} ago"
     return datetime.fromtimestamp(t).strftime("%Y-%m-%d")

@@ -28,7 +28,7 @@ def run(*args, input=None):
     return result
 
 
-def add(store: ContextCache, name: str, tokens: int = 40, model: str = "smollm2-135m", ago: float = 0.0) -> str:
+def add(store: ContextCache, name: str, tokens: int = 40, model: str = "smollm2-135m", ago: float = 0) -> str:
     key = ContextCache.make_key(model, {"attention": "moba"}, name)
     store._clock = lambda: time.time() - ago
     store.save(key, kv_tensors(tokens=tokens), {"model": model, "root": f"/src/{name}", "tokens": tokens})
@@ -75,7 +75,8 @@ def test_list_json(store):
     by_key = {e.key: e for e in store.entries()}
     for r in rows:
         e = by_key[r["key"]]
-        assert r == {"key": e.key, "model": "smollm2-135m", "root": e.source, "tokens": 40, "size_bytes": e.size,
+        assert r == {"key": e.key, "model": "smollm2-135m", "root": e.source, "tokens": 40,
+                     "size_bytes": e.size,
                      "created": r["created"], "last_used": r["last_used"], "ok": True, "path": str(e.path)}
         assert r["created"].endswith("+00:00")
 
@@ -147,13 +148,17 @@ def test_clear_ambiguous_prefix(store):
         if k[0] in keys:
             break
         keys[k[0]] = k
-    one_line_error(run("clear", k[0], "--yes"), 1, "2 cached contexts have keys starting with", "more characters")
+    one_line_error(run("clear", k[0], "--yes"), 1, "2 cached contexts have keys starting with",
+                   "more characters")
     assert len(store.entries()) == len(keys) + 1
 
 
 def test_clear_unwritable_is_one_line(store, monkeypatch):
     add(store, "repo")
-    monkeypatch.setattr(ctxcache.os, "replace", lambda s, d: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    def refuse(src, dst):
+        raise PermissionError(13, "denied")
+
+    monkeypatch.setattr(ctxcache.os, "replace", refuse)
     one_line_error(run("clear", "--yes"), 1, "cannot delete from", "denied")
 
 

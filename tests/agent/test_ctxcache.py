@@ -41,7 +41,7 @@ def root(tmp_path, monkeypatch):
     return tmp_path / "cache" / "contexts"
 
 
-def kv_tensors(tokens: int = 40, seed: int = 0, layers: int = 2, capacity: int = 96) -> dict[str, torch.Tensor]:
+def kv_tensors(tokens: int = 40, seed: int = 0, layers: int = 2, capacity: int = 96) -> dict:
     """Filled views of MobaLayer-like buffers [B, Hkv, capacity, D] (non-contiguous), several dtypes."""
     g = torch.Generator().manual_seed(seed)
     out = {}
@@ -309,7 +309,10 @@ def test_read_only_cache_still_serves_hits(root, monkeypatch, capsys, clock):
     store = ContextCache(clock=clock)
     key, tensors = key_for("repo"), kv_tensors()
     store.save(key, tensors, meta_for())
-    monkeypatch.setattr(ctxcache.os, "replace", lambda src, dst: (_ for _ in ()).throw(PermissionError(13, "no")))
+    def refuse(src, dst):
+        raise PermissionError(13, "no")
+
+    monkeypatch.setattr(ctxcache.os, "replace", refuse)
     clock.t = 5000.0
     assert_same(store.load(key)[0], tensors)
     assert store.entries()[0].last_used == 1000.0  # could not record the use; no harm, no noise
