@@ -88,6 +88,8 @@ def load_tokenizer(name: str):
             return Tokenizer.from_file(str(direct))
         except Exception as e:
             raise click.ClickException(f"cannot read tokenizer {direct}: {_one_line(e)}") from None
+    if path.suffix == ".json":
+        raise click.ClickException(f"tokenizer file not found: {name}")
     try:
         from agent.models import load_tokenizer as load
     except ImportError:
@@ -96,7 +98,8 @@ def load_tokenizer(name: str):
     try:
         return load(name)
     except Exception as e:
-        raise click.ClickException(f"cannot load the tokenizer of '{name}': {_one_line(e)}") from None
+        msg = _one_line(e)
+        raise click.ClickException(msg if name in msg else f"cannot load the tokenizer of '{name}': {msg}") from None
 
 
 def _one_line(e: Exception) -> str:

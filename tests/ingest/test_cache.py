@@ -1,0 +1,63 @@
+"""The on-disk token cache: warm packs skip the tokenizer, corrupt entries are rewritten, no pickle."""
+
+from __future__ import annotations
+
+import pytest
+
+from ingest import tokens
+from tests.ingest.fixtures import write_tree
+
+FILES = {"README.md": "# R\n", "a.py": "def f():\n    return 1\n", "b/c.py": "x = [1, 2, 3]\n"}
+
+
+def entries(cache_dir):
+    return sorted(p for p in cache_dir.rglob("*.bin"))
+
+
+def test_warm_pack_does_not_tokenize(tmp_path, run_pack, cache_dir, monkeypatch):
+    write_tree(tmp_path, FILES)
+    cold = run_pack(tmp_path)
+    assert len(entries(cache_dir)) == len(FILES) + 1
+
+    def boom(*a, **k):
+        raise AssertionError("tokenizer called on a warm pack")
+
+    monkeypatch.setattr(tokens.Encoder, "encode", boom)
+    warm = run_pack(tmp_path)
+    assert (warm.ids == cold.ids).all() and warm.files == cold.files and warm.content_hash == cold.content_hash
+    (tmp_path / "a.py").write_text("def f():\n    return 2\n")
+    with pytest.raises(AssertionError, match="warm pack"):
+        run_pack(tmp_path)
+
+
+def test_corrupt_entries_are_ignored_and_rewritten(tmp_path, run_pack, cache_dir):
+    write_tree(tmp_path, FILES)
+    good = run_pack(tmp_path)
+    files = entries(cache_dir)
+    originals = {p: p.read_bytes() for p in files}
+    files[0].write_bytes(b"garbage")
+    files[1].write_bytes(originals[files[1]][:-1] + bytes([originals[files[1]][-1] ^ 1]))
+    files[2].write_bytes(b"")
+    again = run_pack(tmp_path)
+    assert (again.ids == good.ids).all() and again.files == good.files
+    assert {p: p.read_bytes() for p in entries(cache_dir)} == originals
+    assert all(p.read_bytes()[:4] == b"MBTK" for p in files)
+
+
+def test_no_cache_writes_nothing(tmp_path, run_pack, cache_dir):
+    write_tree(tmp_path, FILES)
+    run_pack(tmp_path, cache=False)
+    assert not cache_dir.exists()
+
+
+def test_entry_format_roundtrip(tmp_path):
+    import numpy as np
+
+    cache = tokens.TokenCache(tmp_path, "abc")
+    ids, marks = np.array([5, 1, 70000], np.uint32), np.array([0, 2, 3], np.uint32)
+    cache.put("k" * 40, ids, marks)
+    got = cache.get("k" * 40)
+    assert got is not None and (got[0] == ids).all() and (got[1] == marks).all()
+    assert cache.get("z" * 40) is None
+    assert not list(tmp_path.rglob(".tmp-*"))
+    assert tokens.TokenCache(None, "abc").get("k" * 40) is None
