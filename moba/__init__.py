@@ -4,8 +4,8 @@ Knows nothing of files, prompts or citations. Layout everywhere in this package:
 [B, H, T, D] (the transformers attention layout); the queries are the last Tq of Tk keys.
 """
 
-from moba.naive import naive_moba_attention
 from moba.capture import RoutingRecorder, capture_routing
+from moba.naive import naive_moba_attention
 from moba.ops import BACKENDS, dense_attention, moba_attention, moba_routing, set_backend
 from moba.portable import portable_moba_attention
 from moba.routing import block_means

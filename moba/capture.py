@@ -106,20 +106,20 @@ def attention_mass(q, positions, k, blocks, block_size: int, scale: float) -> to
     """fp32 [Tk] attention probability mass that queries q [Hq, n, D] at absolute `positions` [n]
     put on each key of k [Hkv, Tk, D], over the keys their `blocks` [Hq, n, S] attend (own block
     causal, routed, sinks), summed over heads and queries."""
-    Hq, n, _ = q.shape
+    Hq, n, D = q.shape
     Tk = k.shape[1]
-    group = Hq // k.shape[0]
+    group, S = Hq // k.shape[0], blocks.shape[-1]
+    offs = torch.arange(block_size, device=q.device)
+    positions = positions.to(q.device)
     mass = torch.zeros(Tk, device=q.device)
+    step = max(1, (1 << 22) // (S * block_size * D))
     for h in range(Hq):
-        kh = k[h // group].float()  # [Tk, D]
-        for i in range(n):
-            keys = _attended_keys(blocks[h, i], int(positions[i]), block_size, Tk)
-            p = ((kh[keys] @ q[h, i].float()) * scale).softmax(-1)
-            mass.index_add_(0, keys, p)
+        for i0 in range(0, n, step):
+            b = blocks[h, i0 : i0 + step].to(q.device)  # [c, S]
+            idx = b.clamp(min=0)[..., None] * block_size + offs  # [c, S, bs]
+            valid = (b[..., None] >= 0) & (idx <= positions[i0 : i0 + step, None, None])
+            idx = idx.clamp(max=Tk - 1).flatten(1)  # [c, S*bs]
+            s = torch.einsum("cd,ckd->ck", q[h, i0 : i0 + step].float(), k[h // group][idx].float()) * scale
+            p = s.masked_fill(~valid.flatten(1), float("-inf")).softmax(-1)
+            mass.index_add_(0, idx.flatten(), p.flatten())
     return mass
-
-
-def _attended_keys(blocks: torch.Tensor, p: int, block_size: int, Tk: int) -> torch.Tensor:
-    ids = blocks[blocks >= 0].tolist()
-    ranges = [torch.arange(b * block_size, min((b + 1) * block_size, p + 1, Tk)) for b in ids]
-    return torch.cat(ranges).to(blocks.device)

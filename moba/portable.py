@@ -69,12 +69,16 @@ def _fill_routing(blocks, scores, sel, sc, pos0, block_size) -> None:
 
 def _attend_chunk(qc, k, v, sel, pos0, block_size, scale) -> torch.Tensor:
     """fp32 [B, Hq, C, D] output for one chunk: own block plus selected blocks."""
-    m, l, acc = _own_block(qc, k, v, pos0, block_size, scale)
     B, Hq, C, S = sel.shape
-    if C * Hq * S * block_size <= _SCORE_BUDGET // 4:
+    if C * Hq * S * block_size * k.shape[3] <= _SCORE_BUDGET:
+        m, l, acc = _own_block(qc, k, v, pos0, block_size, scale)
         _gathered_blocks(qc, k, v, sel, block_size, scale, m, l, acc)
     else:
-        _grouped_blocks(qc, k, v, sel, block_size, scale, m, l, acc)
+        own = (torch.arange(pos0, pos0 + C, device=qc.device) // block_size).expand(B, Hq, C)
+        m = torch.full((B, Hq, C), float("-inf"), device=qc.device)
+        l = torch.zeros(B, Hq, C, device=qc.device)
+        acc = torch.zeros(B, Hq, C, qc.shape[3], device=qc.device)
+        _grouped_blocks(qc, k, v, torch.cat([own[..., None], sel], -1), pos0, block_size, scale, m, l, acc)
     return acc / l.unsqueeze(-1)
 
 
@@ -123,30 +127,31 @@ def _gathered_blocks(qc, k, v, sel, block_size, scale, m, l, acc) -> None:
     _merge(m, l, acc, s, vs.reshape(B, Hq, C, S * block_size, D), batched=True)
 
 
-def _grouped_blocks(qc, k, v, sel, block_size, scale, m, l, acc) -> None:
-    """Many queries: for each (batch, KV head, key block), attend every query that picked it."""
+def _grouped_blocks(qc, k, v, sel, pos0, block_size, scale, m, l, acc) -> None:
+    """Many queries: for each (batch, KV head, key block), attend every query that picked it.
+    A query's own block (slot 0) is masked causally."""
     B, Hq, C, S = sel.shape
-    Hkv, n_full = k.shape[1], max(1, k.shape[2] // block_size)
+    Hkv, Tk = k.shape[1], k.shape[2]
+    n_blocks = -(-Tk // block_size)
     hit = (sel >= 0).nonzero()  # [n, 4]: b, h, c, slot
-    if hit.numel() == 0:
-        return
     b, h, c = hit[:, 0], hit[:, 1], hit[:, 2]
-    key = (b * Hkv + h // (Hq // Hkv)) * n_full + sel[sel >= 0]
+    key = (b * Hkv + h // (Hq // Hkv)) * n_blocks + sel[sel >= 0]
     key, order = key.sort(stable=True)
-    row = ((b * Hq + h) * C + c)[order]
+    row, pos = ((b * Hq + h) * C + c)[order], (pos0 + c)[order]
     uniq, counts = torch.unique_consecutive(key, return_counts=True)
     qf = qc.reshape(B * Hq * C, -1)
     mf, lf, af = m.view(-1), l.view(-1), acc.view(B * Hq * C, -1)
     start = 0
     for kid, cnt in zip(uniq.tolist(), counts.tolist()):
-        r = row[start : start + cnt]
+        r, p = row[start : start + cnt], pos[start : start + cnt]
         start += cnt
-        bg, j = divmod(kid, n_full)
+        bg, j = divmod(kid, n_blocks)
         bb, g = divmod(bg, Hkv)
-        ks = k[bb, g, j * block_size : (j + 1) * block_size].float()
-        vs = v[bb, g, j * block_size : (j + 1) * block_size].float()
-        s = qf[r].float() @ ks.T * scale  # [cnt, bs]
-        _merge_rows(mf, lf, af, r, s, vs)
+        lo, hi = j * block_size, min((j + 1) * block_size, Tk)
+        s = qf[r].float() @ k[bb, g, lo:hi].float().T * scale  # [cnt, <= bs]
+        if hi - 1 > int(p.min()):
+            s = s.masked_fill(torch.arange(lo, hi, device=s.device)[None, :] > p[:, None], float("-inf"))
+        _merge_rows(mf, lf, af, r, s, v[bb, g, lo:hi].float())
 
 
 def _merge(m, l, acc, s, vs, batched) -> None:

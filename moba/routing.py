@@ -42,7 +42,7 @@ def select_blocks(
         best first, then sinks in id order; -1 with score -inf marks an unused slot.
     """
     B, Hq, C, D = q.shape
-    Hkv, n_full = means.shape[1], means.shape[2]
+    n_full = means.shape[2]
     n_route = top_k - 1
     blocks = torch.full((B, Hq, C, n_route + sink_blocks), -1, dtype=torch.long, device=q.device)
     scores = torch.full(blocks.shape, float("-inf"), device=q.device)

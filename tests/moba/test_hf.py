@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from tests.tinymodels import tiny_model
 from transformers import DynamicCache
 
 import moba
 from moba.hf import MobaParams, configure, dense_queries, moba_params
+from tests.tinymodels import tiny_model
 
 ARCHS = ["llama", "qwen2", "gemma3"]
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.moba.mobatest import block_local_reference, make_qkv, rel_err
 
 import moba
 import moba.portable
 from moba import moba_attention, naive_moba_attention, portable_moba_attention
+from tests.moba.mobatest import block_local_reference, make_qkv, rel_err
 
 # B, Hq, Hkv, Tq, Tk, D, block, top_k, sinks
 CASES = [
@@ -33,7 +33,7 @@ def test_portable_matches_naive_fp32(case):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", CASES[:5], ids=lambda c: "T{}of{}-D{}".format(c[3], c[4], c[5]))
+@pytest.mark.parametrize("case", CASES[:5], ids=lambda c: f"T{c[3]}of{c[4]}-D{c[5]}")
 def test_portable_matches_naive_half(case, dtype):
     B, Hq, Hkv, Tq, Tk, D, bs, top_k, sinks = case
     q, k, v = make_qkv(B, Hq, Hkv, Tq, Tk, D, dtype=dtype)

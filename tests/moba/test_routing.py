@@ -4,9 +4,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.moba.mobatest import make_qkv, rel_err
 
 from moba import moba_attention, naive_moba_attention, portable_moba_attention
+from tests.moba.mobatest import make_qkv, rel_err
 
 
 @pytest.mark.parametrize("fn", [naive_moba_attention, portable_moba_attention, moba_attention])
