@@ -25,7 +25,7 @@ class DefaultGroup(click.Group):
     """A group that runs `ask` when the first argument is not a command name."""
 
     def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+        if args and args[0] not in COMMANDS and args[0] not in ("--help", "-h", "--version"):
             args = ["ask", *args]
         return super().parse_args(ctx, args)
 

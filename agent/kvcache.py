@@ -69,6 +69,14 @@ class MobaLayer(CacheLayerMixin):
         self.sums[:, :, b] = self.keys[:, :, start:n].float().sum(2)
         self.filled = n
 
+    def restore(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Replace the content with keys/values [B, Hkv, n, D] (a saved prefix) and re-pool them."""
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+        self.filled = 0
+        self.sums.zero_()
+        self.update(keys.to(self.device, self.dtype), values.to(self.device, self.dtype))
+
     def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
         return self.filled + query_length, 0
 
@@ -99,6 +107,19 @@ class MobaCache(Cache):
         """Crop every layer back to its first n positions. Copies nothing but one partial block."""
         for layer in self.layers:
             layer.truncate(n)
+
+    def export(self, n: int) -> dict[str, torch.Tensor]:
+        """The first n positions of every layer as {"k.<i>", "v.<i>": [B, Hkv, n, D]} (views)."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            out[f"k.{i}"], out[f"v.{i}"] = layer.keys[:, :, :n], layer.values[:, :, :n]
+        return out
+
+    def restore(self, tensors: dict[str, torch.Tensor]) -> int:
+        """Load what `export` produced; returns the restored length. Raises KeyError on a mismatch."""
+        for i, layer in enumerate(self.layers):
+            layer.restore(tensors[f"k.{i}"], tensors[f"v.{i}"])
+        return self.get_seq_length()
 
 
 def kv_bytes(num_layers: int, num_kv_heads: int, head_dim: int, tokens: int, dtype: torch.dtype) -> int:
