@@ -1,0 +1,154 @@
+"""Citations as data: from MoBA routing and from path:line references in an answer.
+
+Routing citations: the blocks the gate routed the question and answer tokens to (sink and own
+blocks excluded) are weighted by the attention mass the recorded queries put on them, mapped to
+token spans of the pack, narrowed to the lines that carry most of that mass, merged and ranked.
+Text citations: path:line references the model wrote, kept only when the source map resolves
+them. Nothing here renders; the CLI does. Knows no model, only a recorder and a source map.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from moba.capture import RoutingRecorder
+
+ROUTING, TEXT, BOTH = "routing", "text", "both"
+_REF = re.compile(
+    r"(?<![\w/.-])(?P<path>[\w][\w./-]*\.[A-Za-z0-9_]+|[\w][\w./-]*/[\w.-]+)"
+    r"(?::|#L)(?P<start>\d+)(?:\s*[-–]\s*L?(?P<end>\d+))?"
+)
+
+
+@dataclass(frozen=True)
+class Citation:
+    """A cited line range. score: routing strength (share of routed attention), or 0 for text-only."""
+
+    path: str
+    start_line: int
+    end_line: int
+    score: float
+    source: str
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "start_line": self.start_line, "end_line": self.end_line,
+                "score": round(self.score, 4), "source": self.source}
+
+
+def from_routing(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: int,
+                 top_n: int = 8, coverage: float = 0.6, max_lines: int = 6) -> list[Citation]:
+    """Ranked citations from a recorder's routing over a source map in absolute token positions.
+
+    With the recorder's key mass, every attended block (routed, sink, own) is weighed by the
+    attention mass the recorded queries put on its packed lines; the prompt frame and the
+    question take the attention-sink mass and are never cited. Without mass, routed blocks are
+    weighed by how often they were picked. Each block keeps its heaviest lines covering `coverage` of its mass (at most
+    `max_lines`), so a citation is a few lines, not a whole block.
+    """
+    mass = rec.key_mass.numpy() if rec.key_mass.numel() else None
+    blocks = attended_blocks(rec) if mass is not None else routed_blocks(rec, sink_blocks)
+    ranges: list[Citation] = []
+    for b, count in blocks.items():
+        lo, hi = b * block_size, (b + 1) * block_size
+        weight = float(mass[lo:hi].sum()) if mass is not None else float(count)
+        ranges += _narrow(smap, lo, hi, mass, weight, coverage, max_lines)
+    total = sum(c.score for c in ranges) or 1.0
+    ranges = [replace(c, score=c.score / total) for c in ranges]
+    return sorted(merge(ranges), key=lambda c: -c.score)[:top_n]
+
+
+def routed_blocks(rec: RoutingRecorder, sink_blocks: int) -> dict[int, int]:
+    """Block id -> times it was routed to (own block and sink slots excluded) over all records."""
+    counts: dict[int, int] = {}
+    for records in rec.records.values():
+        for r in records:
+            ids = r.blocks[..., 1 : r.blocks.shape[-1] - sink_blocks]
+            ids = ids[ids >= sink_blocks]
+            for b, n in zip(*np.unique(ids.numpy(), return_counts=True)):
+                counts[int(b)] = counts.get(int(b), 0) + int(n)
+    return counts
+
+
+def attended_blocks(rec: RoutingRecorder) -> dict[int, int]:
+    """Block id -> times it was attended (own, routed and sink slots) over all records."""
+    counts: dict[int, int] = {}
+    for records in rec.records.values():
+        for r in records:
+            ids = r.blocks[r.blocks >= 0]
+            for b, n in zip(*np.unique(ids.numpy(), return_counts=True)):
+                counts[int(b)] = counts.get(int(b), 0) + int(n)
+    return counts
+
+
+def _narrow(smap, lo, hi, mass, weight, coverage, max_lines) -> list[Citation]:
+    toks = np.arange(lo, hi)
+    files, lines = smap.locate_array(toks)
+    keep = (files >= 0) & (lines > 0)
+    if not keep.any():
+        return []
+    w = mass[lo:hi][keep[: len(mass[lo:hi])]] if mass is not None and len(mass) >= hi else np.ones(keep.sum())
+    key = files[keep].astype(np.int64) * (1 << 32) + lines[keep]
+    uniq, inv = np.unique(key, return_inverse=True)
+    line_mass = np.bincount(inv, weights=w, minlength=len(uniq))
+    order = np.argsort(-line_mass, kind="stable")
+    csum = np.cumsum(line_mass[order]) / max(line_mass.sum(), 1e-12)
+    n = min(max_lines, int(np.searchsorted(csum, coverage)) + 1)
+    share = weight / max(line_mass.sum(), 1e-12)
+    picked = [(int(uniq[i] >> 32), int(uniq[i] & 0xFFFFFFFF), float(line_mass[i]) * share) for i in order[:n]]
+    return merge([Citation(smap.paths[f], ln, ln, s, ROUTING) for f, ln, s in picked], gap=2)
+
+
+def from_text(answer: str, smap) -> list[Citation]:
+    """path:line, path:a-b and path#La-Lb references in `answer` that the source map resolves.
+
+    A path may be written as a unique suffix of a packed path ("engine.py" for "agent/engine.py").
+    References to unknown files or lines are dropped.
+    """
+    out = []
+    for m in _REF.finditer(answer):
+        path = _resolve_path(m.group("path"), smap.paths)
+        start = int(m.group("start"))
+        end = int(m.group("end") or start)
+        if path and start <= end and smap.has(path, start) and smap.has(path, end):
+            out.append(Citation(path, start, end, 0.0, TEXT))
+    return merge(out)
+
+
+def _resolve_path(written: str, paths: tuple[str, ...]) -> str | None:
+    written = written.removeprefix("./")
+    if written in paths:
+        return written
+    hits = [p for p in paths if p.endswith("/" + written)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def merge(cits: list[Citation], gap: int = 1) -> list[Citation]:
+    """Merge ranges of the same file that overlap or lie within `gap` lines; scores add up and the
+    source becomes "both" when routing meets text."""
+    out: list[Citation] = []
+    for c in sorted(cits, key=lambda c: (c.path, c.start_line, c.end_line)):
+        last = out[-1] if out else None
+        if last and last.path == c.path and c.start_line <= last.end_line + gap:
+            src = last.source if last.source == c.source else BOTH
+            out[-1] = Citation(c.path, last.start_line, max(last.end_line, c.end_line), last.score + c.score, src)
+        else:
+            out.append(c)
+    return out
+
+
+def combine(routing: list[Citation], text: list[Citation]) -> list[Citation]:
+    """Text citations first (the model's own), then routing; overlaps merge into "both"."""
+    merged = merge(routing + text, gap=0)
+    return sorted(merged, key=lambda c: (c.source == ROUTING, -c.score))
+
+
+def file_strengths(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: int) -> dict[str, float]:
+    """Share of routed attention mass per file (sums to 1 over files that got any)."""
+    out: dict[str, float] = {}
+    for c in from_routing(rec, smap, block_size=block_size, sink_blocks=sink_blocks, top_n=10**9,
+                          coverage=1.0, max_lines=10**9):
+        out[c.path] = out.get(c.path, 0.0) + c.score
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))

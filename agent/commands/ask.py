@@ -1,0 +1,69 @@
+"""`moba-ask ask` (the default command): one question about PATH..., answered with citations."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from agent.commands.common import check_paths, common_options, make_config, open_session
+from agent.render import AnswerStream, sources_block
+
+
+@click.command("ask")
+@click.argument("args", nargs=-1, required=True, metavar="PATH... QUESTION")
+@common_options
+@click.option("--json", "as_json", is_flag=True, help="Print {answer, citations, stats} as JSON.")
+@click.option("--routing-map", type=click.Path(dir_okay=False, writable=True),
+              help="Write a heat map of the routing (.html or .png).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or notes on stderr.")
+def ask(args, as_json, routing_map, quiet, **kw):
+    """Answer QUESTION about the files under PATH... (ask is the default command).
+
+    The whole repository is packed into one context and prefilled once (cached on disk for the
+    next question). The answer streams to stdout, then the citations: the lines the attention
+    was routed to, and the path:line references the model wrote.
+
+    \b
+    Examples:
+      moba-ask . "Where is the config file parsed?"
+      moba-ask src/ docs/ "How does retry work?" --model smollm2-135m
+      moba-ask . "What does pack() return?" --json | jq .citations
+      moba-ask . "Which module talks to the database?" --routing-map routing.html
+    """
+    if len(args) < 2:
+        raise click.UsageError('give PATH... and then a QUESTION, e.g. moba-ask . "where is X parsed?"')
+    *paths, question = args
+    if not question.strip():
+        raise click.UsageError('the question is empty: moba-ask PATH "your question"')
+    check_paths(paths)
+    cfg, opts = make_config(kw)
+    session = open_session(paths, cfg, opts, "ask", quiet or as_json)
+    if as_json:
+        answer = session.ask(question)
+    else:
+        with AnswerStream() as out:
+            answer = session.ask(question, on_token=out.write)
+        click.echo(sources_block(answer.citations), nl=False)
+    if routing_map:
+        from agent.routingmap import write_routing_map
+
+        write_routing_map(routing_map, answer.recorder, session)
+    if as_json:
+        click.echo(json.dumps(answer_json(answer, session), indent=1))
+    elif not quiet:
+        click.echo(stats_line(answer.stats), err=True)
+
+
+def answer_json(answer, session) -> dict:
+    """The --json document: answer, citations and stats."""
+    c = session.config
+    stats = dict(context_tokens=session.context_len, prefill_s=answer.stats["prefill_s"],
+                 decode_tok_s=answer.stats["decode_tok_s"], cache_hit=answer.stats["cache_hit"],
+                 model=session.runtime.name, attention=c.attention, block_size=c.block_size, top_k=c.top_k)
+    return {"answer": answer.text, "citations": [x.to_dict() for x in answer.citations], "stats": stats}
+
+
+def stats_line(stats: dict) -> str:
+    how = "cache hit" if stats["cache_hit"] else f"prefill {stats['prefill_s']:.1f}s"
+    return f"[{stats['context_tokens']:,} tokens, {how}, {stats['decode_tok_s']:.1f} tok/s decode]"

@@ -1,0 +1,179 @@
+"""Plumbing shared by ask, chat and summarize: the common flags (one-to-one with AskConfig),
+opening a session with progress on stderr, and turning known errors into one-line messages.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+
+import click
+
+import ingest
+from agent.config import AskConfig, parse_layers
+
+RESERVE = 512  # tokens kept free beside the pack for the prompt frame and the question
+
+
+def common_options(fn: Callable) -> Callable:
+    """Decorate a command with the flags of AskConfig plus --include/--exclude."""
+    opts = [
+        click.option("-m", "--model", envvar="MOBA_ASK_MODEL",
+                     help="Catalog name, hub id, local dir or .gguf. [default: $MOBA_ASK_MODEL, else "
+                          "qwen2.5-7b-1m on CUDA, qwen2.5-coder-1.5b on CPU]"),
+        click.option("--attention", type=click.Choice(["moba", "dense"]), default="moba", show_default=True,
+                     help="moba: sparse block attention; dense: exact attention (routing still scored)."),
+        click.option("--block-size", type=click.IntRange(min=1), default=AskConfig.block_size, show_default=True,
+                     help="MoBA key block size."),
+        click.option("--top-k", type=click.IntRange(min=1), default=AskConfig.top_k, show_default=True,
+                     help="Blocks per query, own block included."),
+        click.option("--sink-blocks", type=click.IntRange(min=0), default=AskConfig.sink_blocks,
+                     show_default=True, help="Leading blocks every query attends."),
+        click.option("--dense-layers", default="", metavar="LIST",
+                     help="Layers kept dense: '-1,-2' or 'last3'. [default: none]"),
+        click.option("--qa-policy", type=click.Choice(["moba", "dense"]), default="moba", show_default=True,
+                     help="Attention for the question and answer tokens."),
+        click.option("--max-tokens", type=click.IntRange(min=0), default=0,
+                     help="Context budget in tokens; files are dropped by priority to fit. [default: the "
+                          "model's limit]"),
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=AskConfig.max_new_tokens,
+                     show_default=True, help="Longest answer."),
+        click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="0 is greedy."),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=AskConfig.top_p,
+                     show_default=True, help="Nucleus sampling when temperature > 0."),
+        click.option("--no-cache", is_flag=True, help="Neither read nor write the context cache."),
+        click.option("--device", help="cpu, cuda, cuda:1 ... [default: cuda when available]"),
+        click.option("--chunk-size", type=click.IntRange(min=1), help="Prefill chunk (1024 CPU, 8192 CUDA)."),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+                     help="[default: float32 on CPU, bfloat16 on CUDA]"),
+        click.option("--include", multiple=True, metavar="GLOB", help="Only pack files matching GLOB."),
+        click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out files matching GLOB."),
+        click.option("--no-drop", is_flag=True, help="Fail instead of dropping files over the budget."),
+    ]
+    return functools.reduce(lambda f, opt: opt(f), reversed(opts), fn)
+
+
+def make_config(kw: dict) -> tuple[AskConfig, ingest.PackOptions]:
+    """Split the common flags into an AskConfig and PackOptions (pops them from kw)."""
+    try:
+        cfg = AskConfig(
+            model=kw.pop("model"), attention=kw.pop("attention"), block_size=kw.pop("block_size"),
+            top_k=kw.pop("top_k"), sink_blocks=kw.pop("sink_blocks"),
+            dense_layers=parse_layers(kw.pop("dense_layers")), qa_policy=kw.pop("qa_policy"),
+            max_tokens=kw.pop("max_tokens"), max_new_tokens=kw.pop("max_new_tokens"),
+            temperature=kw.pop("temperature"), top_p=kw.pop("top_p"), no_cache=kw.pop("no_cache"),
+            device=kw.pop("device"), chunk_size=kw.pop("chunk_size"), dtype=kw.pop("dtype"),
+        )
+        opts = ingest.PackOptions(include=kw.pop("include"), exclude=kw.pop("exclude"), drop=not kw.pop("no_drop"))
+    except (ValueError, ingest.PackError) as e:
+        raise click.UsageError(str(e)) from None
+    return cfg, opts
+
+
+def check_paths(paths) -> None:
+    """Fail early, before any model loads, on a path that does not exist."""
+    if not paths:
+        raise click.UsageError("give at least one PATH (a directory or files) to read")
+    for p in paths:
+        if not os.path.exists(p):
+            raise click.ClickException(f"path not found: {p} (check the spelling, or cd to the repository)")
+
+
+def load_runtime(cfg: AskConfig):
+    """The Runtime for cfg (tests replace this function with a fake)."""
+    from agent.runtime import load_runtime as load
+
+    return load(cfg)
+
+
+def open_session(paths, cfg: AskConfig, opts: ingest.PackOptions, mode: str, quiet: bool = False):
+    """Load the model, pack the paths to fit, prefill (or hit the context cache); return the Session."""
+    from agent.ctxcache import ContextCache
+    from agent.models import ModelError
+    from agent.session import Session
+
+    ui = Progress(quiet)
+    try:
+        with ui.status("loading model"):
+            rt = load_runtime(cfg)
+        budget = cfg.max_tokens or max(256, rt.max_positions - cfg.max_new_tokens - RESERVE)
+        options = ingest.PackOptions(**{**opts.__dict__, "max_tokens": budget})
+        pk = ui.pack(paths, rt.tokenizer, options)
+        session = Session(rt, pk, cfg, mode, None if cfg.no_cache else ContextCache())
+        ui.report_pack(pk, budget, session)
+        ui.prefill(session)
+    except (ModelError, ingest.PackError) as e:
+        raise click.ClickException(str(e)) from None
+    return session
+
+
+class Progress:
+    """Progress bars and notes on stderr (rich); silent when quiet. NO_COLOR is honoured by rich."""
+
+    def __init__(self, quiet: bool):
+        from rich.console import Console
+
+        self.quiet = quiet
+        self.console = Console(stderr=True, quiet=quiet)
+
+    def status(self, text: str):
+        return self.console.status(text)
+
+    def pack(self, paths, tokenizer, options):
+        with self._bar("packing", "files") as (bar, task):
+            return ingest.pack(list(paths), tokenizer, options,
+                               progress=lambda d, t: bar.update(task, completed=d, total=t))
+
+    def report_pack(self, pk, budget: int, session) -> None:
+        self.console.print(f"packed {len(pk.files)} files, {pk.total_tokens:,} tokens (budget {budget:,}); "
+                           f"{len(pk.skipped)} skipped, {len(pk.dropped)} dropped to fit", highlight=False)
+        for path, tokens, reason in pk.dropped[:5]:
+            self.console.print(f"  dropped {path} ({tokens:,} tokens): {reason}", highlight=False)
+
+    def prefill(self, session) -> None:
+        with self._bar("prefill", "tokens") as (bar, task):
+            session.open(progress=lambda d, t: bar.update(task, completed=d, total=t))
+        s = session.stats
+        how = "context cache hit" if s["cache_hit"] else f"prefilled in {s['prefill_s']:.1f}s"
+        mem = getattr(session.engine, "kv_bytes", None)
+        kv = f", KV cache {mem() / 2**20:,.0f} MiB" if callable(mem) else ""
+        self.console.print(f"{session.context_len:,} context tokens: {how}{kv}", highlight=False)
+
+    def _bar(self, label: str, unit: str):
+        from rich.progress import BarColumn, MofNCompleteColumn, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+        cols = [TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TaskProgressColumn(),
+                TimeRemainingColumn()]
+        if unit == "tokens":
+            cols.insert(4, TextColumn("{task.fields[rate]}"))
+        bar = _RichBar(cols, self.console, disable=self.quiet or not sys.stderr.isatty())
+        return bar
+
+
+class _RichBar:
+    def __init__(self, cols, console, disable: bool):
+        from rich.progress import Progress as RichProgress
+
+        self.p = RichProgress(*cols, console=console, transient=True, disable=disable)
+
+    def __enter__(self):
+        self.p.__enter__()
+        return _Updater(self.p), self.p.add_task("", total=None, rate="")
+
+    def __exit__(self, *exc):
+        return self.p.__exit__(*exc)
+
+
+class _Updater:
+    """Forwards update() to rich and adds a tokens/s field computed from rich's speed estimate."""
+
+    def __init__(self, progress):
+        self.p = progress
+
+    def update(self, task, **kw):
+        self.p.update(task, **kw)
+        speed = self.p.tasks[0].speed if self.p.tasks else None
+        self.p.update(task, rate=f"{speed:,.0f} tok/s" if speed else "")

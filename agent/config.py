@@ -1,0 +1,71 @@
+"""The run configuration of moba-ask: one frozen dataclass whose fields map one-to-one onto the
+common CLI flags. Knows nothing of models or files beyond names and numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ATTENTION = ("moba", "dense")
+QA_POLICIES = ("moba", "dense")
+
+
+@dataclass(frozen=True)
+class AskConfig:
+    """Settings shared by ask, chat, summarize and eval.
+
+    model: catalog name, hub id, directory or .gguf (None: $MOBA_ASK_MODEL or the device default).
+    attention: "moba" (sparse) or "dense" (exact SDPA; routing is still scored for citations).
+    block_size, top_k, sink_blocks: MoBA parameters (see moba/README.md).
+    dense_layers: layers that stay dense; negative indices count from the end.
+    qa_policy: attention for question and answer tokens: "moba" or "dense".
+    max_tokens: context budget; files are dropped by priority to fit (0: the model's limit).
+    max_new_tokens, temperature, top_p: decoding.
+    no_cache: do not read or write the context cache.
+    device: "cpu", "cuda", "cuda:1"... (None: cuda when available).
+    chunk_size: prefill chunk (None: 1024 on CPU, 8192 on CUDA).
+    dtype: "float32", "bfloat16", "float16" (None: fp32 on CPU, bf16 on CUDA).
+    """
+
+    model: str | None = None
+    attention: str = "moba"
+    block_size: int = 256
+    top_k: int = 6
+    sink_blocks: int = 1
+    dense_layers: tuple[int, ...] = field(default=())
+    qa_policy: str = "moba"
+    max_tokens: int = 0
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 0.95
+    no_cache: bool = False
+    device: str | None = None
+    chunk_size: int | None = None
+    dtype: str | None = None
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
+        if self.qa_policy not in QA_POLICIES:
+            raise ValueError(f"qa_policy must be one of {', '.join(QA_POLICIES)}, got {self.qa_policy!r}")
+        if self.block_size < 1 or self.top_k < 1 or self.sink_blocks < 0:
+            raise ValueError("block size and top-k must be >= 1 and sink blocks >= 0")
+        if self.max_tokens < 0 or self.max_new_tokens < 1:
+            raise ValueError("max tokens must be >= 0 and max new tokens >= 1")
+
+
+def parse_layers(text: str | None) -> tuple[int, ...]:
+    """"-3,-2,-1" or "last3" -> layer indices; "" or None -> ().
+
+    Raises:
+        ValueError: naming the bad item.
+    """
+    if not text:
+        return ()
+    if text.startswith("last"):
+        n = int(text[4:] or 1)
+        return tuple(range(-n, 0))
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"dense layers must be comma-separated integers or lastN, got {text!r}") from None

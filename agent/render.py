@@ -1,0 +1,67 @@
+"""Terminal rendering of answers and citations: markdown on a TTY, plain text otherwise.
+
+Citations arrive as data (agent.citations.Citation); only this module and the CLI format them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+class AnswerStream:
+    """Streams answer text to stdout: live-rendered markdown on a colour TTY, raw text otherwise."""
+
+    def __init__(self, markdown: bool | None = None):
+        tty = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        self.markdown = tty if markdown is None else markdown
+        self.text = ""
+        self.live = None
+
+    def __enter__(self):
+        if self.markdown:
+            from rich.console import Console
+            from rich.live import Live
+            from rich.markdown import Markdown
+
+            self._md = Markdown
+            self.live = Live(Markdown(""), console=Console(), refresh_per_second=8, vertical_overflow="visible")
+            self.live.__enter__()
+        return self
+
+    def write(self, piece: str) -> None:
+        self.text += piece
+        if self.live is not None:
+            self.live.update(self._md(self.text))
+        else:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    def __exit__(self, *exc):
+        if self.live is not None:
+            self.live.__exit__(*exc)
+        elif self.text and not self.text.endswith("\n"):
+            sys.stdout.write("\n")
+        return False
+
+
+def citation_lines(cites) -> list[str]:
+    """One line per citation: path:start-end  score  source."""
+    out = []
+    for c in cites:
+        where = f"{c.path}:{c.start_line}" + (f"-{c.end_line}" if c.end_line != c.start_line else "")
+        score = f"{c.score:5.1%}" if c.score else "    -"
+        out.append(f"  {where:<48} {score}  {c.source}")
+    return out
+
+
+def sources_block(cites) -> str:
+    """The "Sources" block printed after an answer (empty when there are no citations)."""
+    if not cites:
+        return ""
+    return "\nSources (routing strength, origin):\n" + "\n".join(citation_lines(cites)) + "\n"
+
+
+def strength_lines(strengths: dict[str, float], width: int = 24) -> list[str]:
+    """Per-file routing strength as bars: `path  ████  12.3%`."""
+    return [f"  {p:<48} {'█' * max(1, round(s * width)):<{width}} {s:6.1%}" for p, s in strengths.items()]

@@ -1,0 +1,220 @@
+"""A question-answering session over one packed context: prompt layout, prefill (or a context
+cache hit), turns that reuse the prefilled context, routing capture and citations.
+
+It composes a runtime (tokenizer + engine), an `ingest.Pack` and the prompts. It knows nothing of
+terminals: callbacks report progress and stream tokens; the CLI renders.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+import prompts
+from agent import citations as cit
+from agent.config import AskConfig
+from agent.engine import Sampling
+from moba.capture import RoutingRecorder, capture_routing
+from moba.hf import dense_queries
+
+DOCS_MARK = "\u0000MOBA_ASK_DOCUMENTS\u0000"
+
+
+@dataclass
+class Runtime:
+    """What a session needs from a loaded model.
+
+    tokenizer: a transformers fast tokenizer. make_engine(capacity) -> an `agent.engine.Engine`
+    (or a test double with prefill/generate/truncate/length/cache). name: the model name.
+    chat: the tokenizer has a chat template. max_positions: the model's context limit.
+    """
+
+    tokenizer: object
+    make_engine: Callable[[int], object]
+    name: str
+    chat: bool
+    max_positions: int
+    stop_ids: frozenset[int] = frozenset()
+
+
+@dataclass
+class Answer:
+    """One answer: text, generated token ids, citations (data) and stats."""
+
+    text: str
+    tokens: list[int]
+    citations: list[cit.Citation]
+    stats: dict
+    recorder: RoutingRecorder | None = None
+    interrupted: bool = False
+
+
+@dataclass
+class Turn:
+    question: str
+    answer: str
+
+
+@dataclass
+class Session:
+    """One packed context, prefilled once, asked many questions.
+
+    mode: "ask" (the ask template), "chat" (plain turns) or "summarize".
+    """
+
+    runtime: Runtime
+    pack: object
+    config: AskConfig
+    mode: str = "ask"
+    ctx_cache: object | None = None
+    history: list[Turn] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.prefix_ids = self._encode(self._split(self._render([], ""))[0])
+        self.context_len = len(self.prefix_ids) + len(self.pack.ids)
+        self.smap = self.pack.source_map.shifted(len(self.prefix_ids))
+        self.engine = None
+        self.turn_ids: list[int] = []
+        self.stats: dict = {"context_tokens": self.context_len, "cache_hit": False, "prefill_s": 0.0}
+
+    def capacity(self) -> int:
+        reserve = self.config.max_new_tokens + (4096 if self.mode == "chat" else 1024)
+        return self.context_len + reserve
+
+    def open(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Prefill the context, or load it from the context cache when the key matches."""
+        self.engine = self.runtime.make_engine(self.capacity())
+        t0 = time.perf_counter()
+        key = self._cache_key()
+        hit = self._load_cached(key)
+        if not hit:
+            ids = list(self.prefix_ids) + [int(i) for i in self.pack.ids]
+            self.engine.prefill(ids, progress)
+            self._save_cached(key)
+        self.stats.update(cache_hit=hit, prefill_s=round(time.perf_counter() - t0, 3))
+
+    def ask(self, question: str, on_token: Callable[[str], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> Answer:
+        """Answer one question (a chat turn in chat mode). on_token gets text pieces as they come;
+        should_stop() returning True ends the answer early (Ctrl-C)."""
+        if not question.strip() and self.mode != "summarize":
+            raise ValueError("the question is empty: type a question")
+        turn = self._encode(self._split(self._render(self.history, question))[1])
+        start = self._reuse(turn)
+        rec = RoutingRecorder(start=self.context_len + start)
+        t0 = time.perf_counter()
+        with capture_routing(rec), dense_queries():
+            logits = self.engine.prefill(turn[start:])
+            tokens, text, stopped = self._decode(logits, on_token, should_stop)
+        decode_s = time.perf_counter() - t0
+        self.turn_ids = (turn + tokens)[: self.engine.length - self.context_len]
+        self.history.append(Turn(question, text))
+        cites = self._citations(rec, text)
+        stats = dict(self.stats, decode_tok_s=round(len(tokens) / max(decode_s, 1e-9), 2),
+                     answer_tokens=len(tokens))
+        return Answer(text, tokens, cites, stats, rec, stopped)
+
+    def reset(self) -> None:
+        """Forget the chat history; the context stays prefilled."""
+        self.history.clear()
+        self.engine.truncate(self.context_len)
+        self.turn_ids = []
+
+    def _decode(self, logits, on_token, should_stop):
+        tok = self.runtime.tokenizer
+        tokens: list[int] = []
+        shown = ""
+
+        def step(t: int) -> bool:
+            nonlocal shown
+            tokens.append(t)
+            text = tok.decode(tokens, skip_special_tokens=True)
+            if on_token and len(text) > len(shown) and not text.endswith("\ufffd"):
+                on_token(text[len(shown):])
+                shown = text
+            return bool(should_stop and should_stop())
+
+        sampling = Sampling(self.config.max_new_tokens, self.config.temperature, self.config.top_p)
+        self.engine.generate(logits, sampling, self.runtime.stop_ids, step)
+        text = tok.decode(tokens, skip_special_tokens=True)
+        if on_token and len(text) > len(shown):
+            on_token(text[len(shown):])
+        return tokens, text, bool(should_stop and should_stop())
+
+    def _reuse(self, turn: list[int]) -> int:
+        """Crop the cache to the context plus the longest reusable part of the previous turns."""
+        common = 0
+        limit = min(len(self.turn_ids), len(turn) - 1)
+        while common < limit and self.turn_ids[common] == turn[common]:
+            common += 1
+        self.engine.truncate(self.context_len + common)
+        return common
+
+    def _citations(self, rec: RoutingRecorder, text: str) -> list[cit.Citation]:
+        kw = dict(block_size=self.config.block_size, sink_blocks=self.config.sink_blocks)
+        return cit.combine(cit.from_routing(rec, self.smap, **kw), cit.from_text(text, self.smap))
+
+    def _render(self, history: list[Turn], question: str) -> str:
+        template = {"ask": "ask", "chat": "chat", "summarize": "summarize"}[self.mode]
+        first = history[0].question if history else question
+        first_text = self._user_text(template, first)
+        if not self.runtime.chat:
+            return self._completion(history, question, first_text)
+        messages = [{"role": "system", "content": prompts.load("system")}]
+        turns = [*history, Turn(question, "")]
+        for i, t in enumerate(turns):
+            user = DOCS_MARK + "\n\n" + first_text if i == 0 else self._user_text("chat", t.question)
+            messages.append({"role": "user", "content": user})
+            if i < len(history):
+                messages.append({"role": "assistant", "content": t.answer})
+        return self.runtime.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _user_text(self, template: str, question: str) -> str:
+        if template == "summarize":
+            return prompts.load("summarize").format(focus=question).rstrip()
+        return prompts.load(template).format(question=question)
+
+    def _completion(self, history: list[Turn], question: str, first_text: str) -> str:
+        cue = "\nSummary:" if self.mode == "summarize" else "\nAnswer:"
+        parts = [DOCS_MARK + "\n\n" + first_text + cue]
+        for i, t in enumerate(history):
+            nxt = history[i + 1].question if i + 1 < len(history) else question
+            parts.append(f" {t.answer}\n\nQuestion: {nxt}\nAnswer:")
+        return "".join(parts)
+
+    def _split(self, rendered: str) -> tuple[str, str]:
+        before, _, after = rendered.partition(DOCS_MARK)
+        return before, after
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.runtime.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _cache_key(self) -> str | None:
+        if self.ctx_cache is None or self.config.no_cache:
+            return None
+        c = self.config
+        attention = dict(kind=c.attention, block_size=c.block_size, top_k=c.top_k, sink_blocks=c.sink_blocks,
+                         dense_layers=list(c.dense_layers), dtype=c.dtype, prefix=self.prefix_ids)
+        return self.ctx_cache.make_key(self.runtime.name, attention, self.pack.content_hash)
+
+    def _load_cached(self, key: str | None) -> bool:
+        if key is None:
+            return False
+        got = self.ctx_cache.load(key)
+        if got is None:
+            return False
+        tensors, _ = got
+        try:
+            return self.engine.cache.restore(tensors) == self.context_len
+        except (KeyError, RuntimeError, ValueError):
+            self.engine.truncate(0)
+            return False
+
+    def _save_cached(self, key: str | None) -> None:
+        if key is None:
+            return
+        tensors = {k: v.contiguous() for k, v in self.engine.cache.export(self.context_len).items()}
+        meta = dict(model=self.runtime.name, root=self.pack.root, tokens=self.context_len)
+        self.ctx_cache.save(key, tensors, meta)
