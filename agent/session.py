@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-
 import prompts
 from agent import citations as cit
 from agent.config import AskConfig

@@ -143,7 +143,13 @@ class Progress:
         self.console.print(f"{session.context_len:,} context tokens: {how}{kv}", highlight=False)
 
     def _bar(self, label: str, unit: str):
-        from rich.progress import BarColumn, MofNCompleteColumn, TaskProgressColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TaskProgressColumn,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         cols = [TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TaskProgressColumn(),
                 TimeRemainingColumn()]

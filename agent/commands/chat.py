@@ -1,0 +1,132 @@
+"""`moba-ask chat`: a terminal chat over one prefilled context (each turn reuses the KV cache)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+
+import click
+
+from agent import citations
+from agent.commands.common import check_paths, common_options, make_config, open_session
+from agent.render import AnswerStream, citation_lines, sources_block, strength_lines
+
+HELP = """commands:
+  /help       this help
+  /files      the packed files and their tokens
+  /tokens     context, history and free tokens
+  /citations  the last answer's citations and routing strength per file
+  /reset      forget the conversation (the context stays prefilled)
+  /exit       leave (also Ctrl-D)
+Ctrl-C stops the current answer, not the chat."""
+
+
+@click.command("chat")
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@common_options
+@click.option("-q", "--quiet", is_flag=True, help="No progress or notes on stderr.")
+def chat(paths, quiet, **kw):
+    """Chat about the files under PATH...: the context is prefilled once, every turn reuses it.
+
+    \b
+    Examples:
+      moba-ask chat .
+      moba-ask chat src/ --model smollm2-135m --max-new-tokens 200
+    Type /help inside the chat for its commands.
+    """
+    check_paths(paths)
+    cfg, opts = make_config(kw)
+    session = open_session(paths, cfg, opts, "chat", quiet)
+    _readline_history()
+    click.echo("Ask about the files; /help for commands, /exit to leave.", err=True)
+    last = None
+    while True:
+        try:
+            line = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            click.echo("", err=True)
+            return
+        if not line:
+            continue
+        if line.startswith("/"):
+            if _command(line, session, last) == "exit":
+                return
+            continue
+        last = _answer(session, line)
+
+
+def _answer(session, question: str):
+    with _StopOnCtrlC() as stop, AnswerStream() as out:
+        answer = session.ask(question, on_token=out.write, should_stop=stop.is_set)
+    if answer.interrupted:
+        click.echo("[stopped]", err=True)
+    click.echo(sources_block(answer.citations), nl=False)
+    return answer
+
+
+def _command(line: str, session, last) -> str | None:
+    cmd = line.split()[0].lower()
+    if cmd in ("/exit", "/quit"):
+        return "exit"
+    if cmd == "/help":
+        click.echo(HELP)
+    elif cmd == "/files":
+        for f in session.pack.files:
+            click.echo(f"  {f.path:<60} {f.tokens:>8,} tokens  {f.lines:>6,} lines")
+    elif cmd == "/tokens":
+        used = session.engine.length
+        click.echo(f"  context {session.context_len:,}  history {used - session.context_len:,}  "
+                   f"free {session.capacity() - used:,} of {session.capacity():,}")
+    elif cmd == "/citations":
+        _show_citations(session, last)
+    elif cmd == "/reset":
+        session.reset()
+        click.echo("  conversation cleared; the context stays prefilled")
+    else:
+        click.echo(f"unknown command {cmd}; /help lists the commands", err=True)
+    return None
+
+
+def _show_citations(session, last) -> None:
+    if last is None:
+        click.echo("  no answer yet")
+        return
+    click.echo("\n".join(citation_lines(last.citations)) or "  no citations")
+    c = session.config
+    strengths = citations.file_strengths(last.recorder, session.smap, block_size=c.block_size,
+                                         sink_blocks=c.sink_blocks)
+    click.echo("routing strength per file:")
+    click.echo("\n".join(strength_lines(strengths)) or "  none")
+
+
+class _StopOnCtrlC:
+    """While active, Ctrl-C sets a flag (checked between tokens) instead of raising."""
+
+    def __enter__(self):
+        self.flag = threading.Event()
+        self.is_set = self.flag.is_set
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, lambda *_: self.flag.set())
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+        return False
+
+
+def _readline_history() -> None:
+    with contextlib.suppress(ImportError, OSError):
+        import atexit
+        import readline
+
+        from agent.models import cache_dir
+
+        path = os.path.join(str(cache_dir()), "chat_history")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            readline.read_history_file(path)
+        atexit.register(readline.write_history_file, path)

@@ -1,0 +1,111 @@
+"""A fake runtime for CLI and session tests: a real tiny tokenizer, an engine that replays canned
+answers and canned routing, so that packing, prompts, sessions, citations and the CLI run for
+real without a model.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+import moba
+from agent.session import Runtime
+from moba.types import Routing
+from tests.ingest.fixtures import SPECIAL, make_tokenizer
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def fake_tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:
+    tok = PreTrainedTokenizerFast(tokenizer_object=make_tokenizer(), eos_token=SPECIAL)
+    if chat:
+        tok.chat_template = CHATML
+    return tok
+
+
+class FakeEngine:
+    """Engine double: tracks the token ids in its 'cache', replays canned answers, and records
+    routing that points at the first token whose text contains `target` (the evidence)."""
+
+    def __init__(self, runtime: FakeRuntime, capacity: int):
+        self.rt, self.capacity, self.ids = runtime, capacity, []
+        self.prefills: list[int] = []
+        self.cache = self
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    def prefill(self, ids, progress=None):
+        self.prefills.append(len(ids))
+        self.ids += [int(i) for i in ids]
+        if progress:
+            progress(len(ids), len(ids))
+        self._record(len(self.ids) - len(ids), len(self.ids))
+        return torch.zeros(4)
+
+    def generate(self, logits, sampling, stop_ids=frozenset(), on_token=None):
+        text = self.rt.answers.pop(0) if self.rt.answers else "no more canned answers"
+        out = []
+        for tok in self.rt.tokenizer(text, add_special_tokens=False)["input_ids"][: sampling.max_new_tokens]:
+            out.append(tok)
+            self.ids.append(tok)
+            self._record(len(self.ids) - 1, len(self.ids))
+            if self.rt.on_token_hook:
+                self.rt.on_token_hook(len(out))
+            if on_token and on_token(tok):
+                break
+        return out
+
+    def truncate(self, n):
+        del self.ids[n:]
+
+    def kv_bytes(self, tokens=None):
+        return 1 << 20
+
+    def export(self, n):
+        return {f"k.{i}": torch.tensor(self.ids[:n]) for i in range(2)} | {f"v.{i}": torch.zeros(n) for i in range(2)}
+
+    def restore(self, tensors):
+        self.ids = tensors["k.0"].tolist()
+        return len(self.ids)
+
+    def _record(self, start: int, end: int) -> None:
+        rec = moba.capture.active_recorder()
+        target = self._target()
+        if rec is None or target is None or not rec.wants(0, start, end):
+            return
+        bs, n = self.rt.block_size, end - start
+        blocks = torch.full((1, 2, n, 3), -1, dtype=torch.long)
+        blocks[..., 0] = torch.arange(start, end) // bs
+        blocks[..., 1] = target // bs
+        scores = torch.where(blocks >= 0, 1.0, float("-inf"))
+        sl = rec.record(0, start, Routing(blocks, scores), dense=False)
+        mass = torch.zeros(end)
+        mass[target] = float(sl.stop - sl.start)
+        rec.add_key_mass(mass)
+
+    def _target(self) -> int | None:
+        tok = self.rt.tokenizer
+        for i in range(len(self.ids)):
+            if self.rt.target in tok.decode(self.ids[: i + 1]):
+                return i
+        return None
+
+
+class FakeRuntime(Runtime):
+    """Runtime with canned answers. `target`: text whose first token the routing points at."""
+
+    def __init__(self, answers=(), target="7391046", chat=True, block_size=256, max_positions=4096):
+        tok = fake_tokenizer(chat)
+        super().__init__(tok, self._make, "fake-model", chat, max_positions, frozenset({tok.eos_token_id}))
+        self.answers, self.target, self.block_size = list(answers), target, block_size
+        self.engines: list[FakeEngine] = []
+        self.on_token_hook = None
+
+    def _make(self, capacity: int) -> FakeEngine:
+        self.engines.append(FakeEngine(self, capacity))
+        return self.engines[-1]

@@ -1,0 +1,156 @@
+"""ask, chat and summarize through the real CLI with a fake runtime (canned tokens and routing)."""
+
+import json
+import os
+import signal
+
+import pytest
+from click.testing import CliRunner
+
+from agent.cli import cli
+from tests.agent.fakes import FakeRuntime
+from tests.ingest.fixtures import write_tree
+
+SETTINGS = '"""Settings."""\n\nRETRY = 5\nMAGIC_NUMBER = 7391046\n\n\ndef load():\n    return RETRY\n'
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return write_tree(tmp_path / "repo", {
+        "README.md": "# Demo\n\nA demo service.\n",
+        "src/settings.py": SETTINGS,
+        "src/app.py": "from settings import load\n\n\ndef main():\n    return load()\n" * 3,
+    })
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(tmp_path / "cache"))
+    rt = FakeRuntime(block_size=64)
+    monkeypatch.setattr("agent.commands.common.load_runtime", lambda cfg: rt)
+    return rt
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], input=input, catch_exceptions=False)
+
+
+def test_ask_is_the_default_command_and_streams_answer_then_citations(repo, fake):
+    fake.answers = ["The value is 7391046, set in src/settings.py:4."]
+    r = run(repo, "What is MAGIC_NUMBER?", "--block-size", "64")
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.startswith("The value is 7391046, set in src/settings.py:4.\n")
+    assert "Sources (routing strength, origin):" in r.stdout
+    assert "src/settings.py:4" in r.stdout and "both" in r.stdout
+    assert "packed 3 files" in r.stderr and "context tokens: prefilled" in r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+
+
+def test_json_schema_and_cache_hit_on_second_question(repo, fake):
+    fake.answers = ["It is 7391046.", "Still 7391046."]
+    first = json.loads(run("ask", repo, "What is MAGIC_NUMBER?", "--json", "--block-size", "64").stdout)
+    assert set(first) == {"answer", "citations", "stats"}
+    assert set(first["stats"]) == {"context_tokens", "prefill_s", "decode_tok_s", "cache_hit", "model",
+                                   "attention", "block_size", "top_k"}
+    assert first["stats"]["cache_hit"] is False and first["stats"]["block_size"] == 64
+    cite = first["citations"][0]
+    assert set(cite) == {"path", "start_line", "end_line", "score", "source"}
+    assert (cite["path"], cite["start_line"], cite["source"]) == ("src/settings.py", 4, "routing")
+    second = json.loads(run("ask", repo, "Again?", "--json", "--block-size", "64").stdout)
+    assert second["stats"]["cache_hit"] is True
+    context = second["stats"]["context_tokens"]
+    assert context == first["stats"]["context_tokens"]
+    assert fake.engines[0].prefills[0] == context  # first run: the whole context
+    assert len(fake.engines[1].prefills) == 1 and fake.engines[1].prefills[0] < context / 2  # only the question
+
+
+def test_text_citations_are_kept_only_when_the_source_map_resolves_them(repo, fake):
+    fake.answers = ["See settings.py:3 and src/app.py:2-4, not src/nope.py:1 or src/app.py:999."]
+    r = json.loads(run("ask", repo, "where?", "--json", "--no-cache").stdout)
+    text = {(c["path"], c["start_line"], c["end_line"]) for c in r["citations"] if c["source"] == "text"}
+    assert text == {("src/settings.py", 3, 3), ("src/app.py", 2, 4)}
+    assert all(c["path"] != "src/nope.py" and c["end_line"] < 999 for c in r["citations"])
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["ask", "missing-dir", "q?"], "path not found: missing-dir"),
+        (["ask", "{repo}", "  "], "the question is empty"),
+        (["ask", "{repo}"], "give PATH... and then a QUESTION"),
+        (["ask", "{repo}", "q?", "--top-k", "0"], "--top-k"),
+        (["ask", "{repo}", "q?", "--dense-layers", "a,b"], "dense layers must be"),
+        (["ask", "{repo}", "q?", "--max-tokens", "20", "--no-drop"], "max_tokens"),
+    ],
+)
+def test_bad_inputs_fail_with_one_line_and_no_traceback(repo, fake, args, message):
+    r = CliRunner().invoke(cli, [a.format(repo=repo) for a in args])
+    assert r.exit_code != 0
+    err = r.stderr.strip().splitlines()
+    assert message in r.stderr and "Traceback" not in r.stderr and r.exception is None or isinstance(
+        r.exception, SystemExit)
+    assert len([line for line in err if line.startswith("Error")]) == 1
+
+
+def test_unknown_model_is_a_one_line_error(repo, monkeypatch, tmp_path):
+    monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(tmp_path))
+    r = CliRunner().invoke(cli, ["ask", str(repo), "q?", "-m", "no-such-model"])
+    assert r.exit_code == 1 and "unknown model 'no-such-model'" in r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_routing_map_html(repo, fake, tmp_path):
+    fake.answers = ["7391046"]
+    out = tmp_path / "map.html"
+    r = run(repo, "q?", "--block-size", "64", "--routing-map", out, "--no-cache")
+    assert r.exit_code == 0
+    page = out.read_text()
+    assert "src/settings.py:" in page and "layer 0" in page
+    bad = CliRunner().invoke(cli, [str(repo), "q?", "--routing-map", str(tmp_path / "m.txt"), "--no-cache"])
+    assert bad.exit_code == 1 and ".html or .png" in bad.stderr
+
+
+def test_chat_transcript_reuses_the_context(repo, fake):
+    fake.answers = ["It is 7391046.", "RETRY is 5."]
+    script = "What is MAGIC_NUMBER?\n/citations\n/files\n/tokens\n/bogus\nAnd RETRY?\n/reset\n/tokens\n/exit\n"
+    r = run("chat", repo, "--block-size", "64", "--no-cache", input=script)
+    assert r.exit_code == 0, r.stderr
+    out = r.stdout
+    assert out.index("It is 7391046.") < out.index("routing strength per file:") < out.index("RETRY is 5.")
+    assert "src/settings.py" in out and "src/app.py" in out and "tokens" in out
+    assert "unknown command /bogus" in r.stderr
+    assert "conversation cleared" in out and out.rstrip().endswith("free " + out.rstrip().split("free ")[-1])
+    engine = fake.engines[0]
+    context = engine.prefills[0]
+    assert len(engine.prefills) == 3 and max(engine.prefills[1:]) < context  # never re-prefilled
+
+
+def test_chat_ctrl_c_stops_the_answer_not_the_chat(repo, fake):
+    fake.answers = ["one two three four five six seven eight nine ten", "after"]
+    sent = []
+
+    def ctrl_c_once(n):
+        if n == 2 and not sent:
+            sent.append(n)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    fake.on_token_hook = ctrl_c_once
+    r = run("chat", repo, "--no-cache", input="first?\nsecond?\n/exit\n")
+    assert r.exit_code == 0
+    assert r.stderr.count("[stopped]") == 1 and "after" in r.stdout
+    assert "ten" not in r.stdout
+
+
+def test_summarize_json_and_strengths(repo, fake):
+    fake.answers = ["Overview: a demo (src/settings.py:1-4).", "Overview again."]
+    r = json.loads(run("summarize", repo, "--json", "--no-cache", "--block-size", "64").stdout)
+    assert r["answer"].startswith("Overview") and r["citations"]
+    plain = run("summarize", repo, "--no-cache", "--block-size", "64", "--focus", "settings")
+    assert "Files by routing strength:" in plain.stdout and "src/settings.py" in plain.stdout
+
+
+def test_help_lists_commands_with_examples():
+    r = run("--help")
+    for name in ("ask", "chat", "summarize", "pack", "models", "cache"):
+        assert name in r.stdout
+    assert "Examples" in run("ask", "--help").stdout
