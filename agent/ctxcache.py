@@ -156,8 +156,9 @@ class ContextCache:
     def save(self, key: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path | None:
         """Store `tensors` (any device/dtype; written contiguous from CPU) and `meta` under `key`.
 
-        meta must be JSON-serialisable; by convention it holds "model", "root" (the packed path or
-        paths) and "tokens", which `entries()` shows. An existing entry is replaced. Then evicts the
+        meta must be JSON-serialisable (paths, sets and torch dtypes are converted as in make_key);
+        by convention it holds "model", "root" (the packed path or paths) and "tokens", which
+        `entries()` shows. An existing entry is replaced. Then evicts the
         least recently used other entries until the total fits `max_bytes`.
 
         Returns the entry directory, or None when nothing was stored: the entry alone exceeds
@@ -165,7 +166,7 @@ class ContextCache:
         per ContextCache). Raises TypeError/ValueError only for a bad key, meta or tensor.
         """
         _check_key(key)
-        manifest_meta = json.loads(json.dumps(dict(meta)))
+        manifest_meta = json.loads(json.dumps(dict(meta), default=_canonical))
         need = sum(t.numel() * t.element_size() for t in tensors.values())
         if need > self.max_bytes:
             self._warn_oversized(key, need)

@@ -167,6 +167,19 @@ def test_bad_size_limit_env(store, monkeypatch):
     one_line_error(run("list"), 1, "MOBA_ASK_CACHE_MAX_GB must be a size in GiB")
 
 
+def test_through_the_moba_ask_group(store):
+    from agent.cli import cli
+
+    key = add(store, "repo")
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["cache", "list", "--json"], prog_name="moba-ask")
+    assert listed.exit_code == 0, listed.output
+    assert [r["key"] for r in json.loads(listed.stdout)] == [key]
+    cleared = runner.invoke(cli, ["cache", "clear", key[:10], "--yes"], prog_name="moba-ask")
+    assert cleared.exit_code == 0 and cleared.stdout.startswith("freed 1 cached context")
+    assert store.entries() == []
+
+
 @pytest.mark.parametrize("args", [["--help"], ["list", "--help"], ["clear", "--help"]])
 def test_help_has_examples(args):
     result = run(*args)

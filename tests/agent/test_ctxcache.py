@@ -432,10 +432,14 @@ def test_bad_keys_are_rejected(root, bad):
         store.save(bad, kv_tensors(), meta_for())
 
 
-def test_meta_must_be_json(root):
+def test_meta_must_be_json(root, tmp_path):
     with pytest.raises(TypeError):
         ContextCache().save(key_for("x"), kv_tensors(), {"model": object()})
     assert not root.exists() or list(root.iterdir()) == []
+    store = ContextCache()
+    store.save(key_for("x"), kv_tensors(), {"root": tmp_path, "dtype": torch.bfloat16, "layers": {2, 1}})
+    assert store.load(key_for("x"))[1] == {"root": str(tmp_path), "dtype": "torch.bfloat16", "layers": [1, 2]}
+    assert store.entries()[0].source == str(tmp_path)
 
 
 def test_key_is_stable_and_ignores_dict_order():
