@@ -98,7 +98,9 @@ def _open() -> ContextCache:
 def _match(store: ContextCache, prefix: str) -> Entry:
     prefix = prefix.lower()
     if not _HEX.fullmatch(prefix):
-        raise click.UsageError(f"KEY_PREFIX must be hex digits from `moba-ask cache list`, got {prefix!r}")
+        raise click.ClickException(
+            f"KEY_PREFIX must be hex digits from `moba-ask cache list`, got {prefix!r}"
+        )
     hits = [e for e in store.entries() if e.key.startswith(prefix)]
     if not hits:
         raise click.ClickException(f"no cached context has a key starting with {prefix!r}; "

@@ -38,7 +38,7 @@ def add(store: ContextCache, name: str, tokens: int = 40, model: str = "smollm2-
 def one_line_error(result, code: int, *fragments: str) -> None:
     assert result.exit_code == code, result.output
     assert result.stdout == ""
-    (line,) = result.stderr.strip().splitlines()[-1:]
+    (line,) = result.stderr.strip().splitlines()
     assert line.startswith("Error:")
     for f in fragments:
         assert f in line
@@ -129,7 +129,7 @@ def test_clear_empty_cache(store):
 @pytest.mark.parametrize("prefix", ["xyz!", "", "12 34"])
 def test_clear_rejects_a_non_hex_prefix(store, prefix):
     add(store, "repo")
-    one_line_error(run("clear", prefix, "--yes"), 2, "KEY_PREFIX must be hex digits", repr(prefix))
+    one_line_error(run("clear", prefix, "--yes"), 1, "KEY_PREFIX must be hex digits", repr(prefix))
     assert len(store.entries()) == 1
 
 
