@@ -219,6 +219,8 @@ def breakdown(N: int) -> dict:
             _mark(marks, acc, "attend")
             merge_partials(op, lsep, blk, out, q_off=c0, nsplit=1)
             _mark(marks, acc, "merge")
+    acc["route_sort"] = time_ms(lambda: [route_chunk(q, means, c0, min(step, N - c0), c0, block_size=BS, top_k=TOPK,
+                                                     sink_blocks=0, method="sort") for c0 in range(0, N, step)], 1)  # fmt: skip
     log(f"breakdown N={N} chunk={step}: " + ", ".join(f"{k_} {v_:.1f} ms" for k_, v_ in acc.items()))
     return dict(N=N, chunk=step, **acc)
 

@@ -26,8 +26,8 @@ PARTIAL_BUDGET = 1 << 30
 DECODE_ROWS = 16  # at most this many query rows per KV head in a chunk: the split-K decode kernel
 HEAD_DIMS = (64, 128, 256)
 TILE_CONFIGS = {
-    64: dict(BM=128, BN=64, warps=4, stages=3),
-    128: dict(BM=128, BN=64, warps=8, stages=3),
+    64: dict(BM=128, BN=128, warps=8, stages=3),
+    128: dict(BM=128, BN=128, warps=8, stages=3),  # best of 6 configs at 256K on an H200 (bench/RESULTS.md)
     256: dict(BM=64, BN=32, warps=8, stages=2),
 }
 
@@ -111,7 +111,7 @@ def _attend_chunk(q, k, v, out, blk, c0, pos0, block_size, scale) -> None:
     n_sm = _sm_count(q.device)
     rows_per_kv = C * Hq // Hkv
     if rows_per_kv <= DECODE_ROWS:
-        nsplit = _splits(B * Hq * C * S, n_sm, block_size, 64)
+        nsplit = _splits(B * Hq * C * S, n_sm, block_size, 64, per_sm=16)
         op, lsep = _partials(blk, nsplit, D, q.dtype)
         attend_decode(q, k, v, blk, op, lsep, q_off=c0, pos0=pos0, block_size=block_size, scale=scale,
                       nsplit=nsplit)  # fmt: skip
@@ -125,9 +125,9 @@ def _attend_chunk(q, k, v, out, blk, c0, pos0, block_size, scale) -> None:
     merge_partials(op, lsep, blk, out, q_off=c0, nsplit=nsplit)
 
 
-def _splits(programs: int, n_sm: int, block_size: int, bn: int) -> int:
-    """Key splits per block so that at least ~4 programs per SM run; 1 when there are enough."""
-    want = triton.cdiv(4 * n_sm, max(programs, 1))
+def _splits(programs: int, n_sm: int, block_size: int, bn: int, per_sm: int = 4) -> int:
+    """Key splits per block so that at least per_sm programs per SM run; 1 when there are enough."""
+    want = triton.cdiv(per_sm * n_sm, max(programs, 1))
     return max(1, min(want, triton.cdiv(block_size, bn), 16))
 
 

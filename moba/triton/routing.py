@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+TOPK_METHOD = "extract"
 # the packed key of score -inf: sorts below every real score
 _NEG_INF_KEY = tl.constexpr(-2139095041 * (1 << 32))
 
@@ -62,15 +63,75 @@ def _unpack(key, IDX_CAP: tl.constexpr):
 
 
 @triton.jit
+def _gate_tile(q, m_base, smn, own, n_full, n0, D: tl.constexpr, BN: tl.constexpr):
+    n = n0 + tl.arange(0, BN)
+    d = tl.arange(0, D)
+    mt = tl.load(m_base + n[None, :] * smn + d[:, None], mask=n[None, :] < n_full, other=0.0)
+    s = tl.dot(q, mt, input_precision="ieee")
+    return tl.where(n[None, :] < own[:, None], s, float("-inf")), n
+
+
+@triton.jit
+def _top_by_sort(q, m_base, smn, own, n_full, sink_blocks, n_hi, D: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, KP: tl.constexpr):  # fmt: skip
+    IDX_CAP: tl.constexpr = 2**30
+    best = tl.full([BM, KP], _NEG_INF_KEY, dtype=tl.int64)
+    for n0 in range(sink_blocks, n_hi, BN):
+        s, n = _gate_tile(q, m_base, smn, own, n_full, n0, D, BN)
+        key = tl.where(s > float("-inf"), _pack(s, n[None, :], IDX_CAP), _NEG_INF_KEY)
+        both = tl.reshape(tl.join(best, tl.topk(key, KP, dim=1)), [BM, 2 * KP])
+        best = tl.topk(both, KP, dim=1)
+    return _unpack(best, IDX_CAP)
+
+
+@triton.jit
+def _top_by_extraction(q, m_base, smn, own, n_full, sink_blocks, n_hi, D: tl.constexpr, BM: tl.constexpr,
+                       BN: tl.constexpr, KP: tl.constexpr, N_ROUTE: tl.constexpr):  # fmt: skip
+    slot = tl.arange(0, KP)[None, :]
+    best_v = tl.where(slot < N_ROUTE, float("-inf"), float("inf")) + tl.zeros([BM, KP], dtype=tl.float32)
+    best_i = tl.full([BM, KP], -1, dtype=tl.int32)
+    thr = tl.full([BM], float("-inf"), dtype=tl.float32)
+    for n0 in range(sink_blocks, n_hi, BN):
+        s, n = _gate_tile(q, m_base, smn, own, n_full, n0, D, BN)
+        s = tl.where(s > thr[:, None], s, float("-inf"))
+        go = tl.max(tl.max(s, 1), 0) > float("-inf")
+        while go:
+            mx = tl.max(s, 1)
+            pick = n0 + tl.argmax(s, 1, tie_break_left=True)
+            put = (slot == tl.argmin(best_v, 1, tie_break_left=True)[:, None]) & (mx > thr)[:, None]
+            best_v = tl.where(put, mx[:, None], best_v)
+            best_i = tl.where(put, pick[:, None], best_i)
+            thr = tl.min(best_v, 1)
+            s = tl.where((n[None, :] == pick[:, None]) | (s <= thr[:, None]), float("-inf"), s)
+            go = tl.max(tl.max(s, 1), 0) > float("-inf")
+    return _best_first(best_v, best_i, BM, KP, N_ROUTE)
+
+
+@triton.jit
+def _best_first(best_v, best_i, BM: tl.constexpr, KP: tl.constexpr, N_ROUTE: tl.constexpr):
+    slot = tl.arange(0, KP)[None, :]
+    v = tl.where(slot < N_ROUTE, best_v, float("-inf"))
+    score = tl.full([BM, KP], float("-inf"), dtype=tl.float32)
+    idx = tl.full([BM, KP], -1, dtype=tl.int32)
+    for i in range(N_ROUTE):
+        mx = tl.max(v, 1)
+        at = tl.argmax(v, 1, tie_break_left=True)
+        got = tl.sum(tl.where(slot == at[:, None], best_i, 0), 1)
+        score = tl.where(slot == i, mx[:, None], score)
+        idx = tl.where(slot == i, got[:, None], idx)
+        v = tl.where(slot == at[:, None], float("-inf"), v)
+    return score, idx
+
+
+@triton.jit
 def _route_kernel(
     Q, M, BLK, SCR,
     sqb, sqh, sqt, smb, smh, smn,
     C, Hq, Hkv, G, q_off, pos0, n_full, block_size, sink_blocks,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr,
-    N_ROUTE: tl.constexpr, SINKS: tl.constexpr, WRITE_SCORES: tl.constexpr,
+    N_ROUTE: tl.constexpr, SINKS: tl.constexpr, WRITE_SCORES: tl.constexpr, SORT: tl.constexpr,
 ):  # fmt: skip
     S: tl.constexpr = 1 + N_ROUTE + SINKS
-    IDX_CAP: tl.constexpr = 2**30
     bk = tl.program_id(1)
     b, kvh = bk // Hkv, bk % Hkv
     r = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -84,20 +145,14 @@ def _route_kernel(
     row = ((b * Hq + h).to(tl.int64) * C + c) * S
     out_mask = valid[:, None]
     if N_ROUTE > 0:
-        best = tl.full([BM, KP], _NEG_INF_KEY, dtype=tl.int64)
         n_hi = tl.max(tl.minimum(own, n_full), 0)
-        for n0 in range(sink_blocks, n_hi, BN):
-            n = n0 + tl.arange(0, BN)
-            mt = tl.load(m_base + n[None, :] * smn + d[:, None], mask=n[None, :] < n_full, other=0.0)
-            s = tl.dot(q, mt, input_precision="ieee")
-            key = tl.where(n[None, :] < own[:, None], _pack(s, n[None, :], IDX_CAP), _NEG_INF_KEY)
-            both = tl.reshape(tl.join(best, tl.topk(key, KP, dim=1)), [BM, 2 * KP])
-            best = tl.topk(both, KP, dim=1)
-        score, idx = _unpack(best, IDX_CAP)
-        gone = score == float("-inf")
+        if SORT:
+            score, idx = _top_by_sort(q, m_base, smn, own, n_full, sink_blocks, n_hi, D, BM, BN, KP)
+        else:
+            score, idx = _top_by_extraction(q, m_base, smn, own, n_full, sink_blocks, n_hi, D, BM, BN, KP, N_ROUTE)
         slot = tl.arange(0, KP)[None, :]
         m_route = out_mask & (slot < N_ROUTE)
-        tl.store(BLK + row[:, None] + 1 + slot, tl.where(gone, -1, idx), mask=m_route)
+        tl.store(BLK + row[:, None] + 1 + slot, tl.where(score == float("-inf"), -1, idx), mask=m_route)
         if WRITE_SCORES:
             tl.store(SCR + row[:, None] + 1 + slot, score, mask=m_route)
     tl.store(BLK + row, own, mask=valid)
@@ -112,11 +167,13 @@ def _route_kernel(
             tl.store(SCR + row + 1 + N_ROUTE + si, tl.where(on, sc, float("-inf")), mask=valid)
 
 
-def route_chunk(q, means, q_off, C, pos0, *, block_size, top_k, sink_blocks, scores=False):
+def route_chunk(q, means, q_off, C, pos0, *, block_size, top_k, sink_blocks, scores=False, method=None):
     """Blocks (and optionally scores) for queries q[:, :, q_off : q_off + C] at positions pos0 ...
 
     Args:
         q: [B, Hq, Tq, D] fp16/bf16, last dim contiguous. means: [B, Hkv, n_full, D] fp32.
+        method: "extract" (default, TOPK_METHOD) keeps the top-k by repeated max extraction with a
+            running threshold; "sort" packs (score, id) into int64 keys and merges with tl.topk.
     Returns:
         (blocks int32 [B, Hq, C, top_k + sink_blocks], scores fp32 of that shape or None).
     """
@@ -133,6 +190,6 @@ def route_chunk(q, means, q_off, C, pos0, *, block_size, top_k, sink_blocks, sco
         q, means, blk, scr, *q.stride()[:3], *means.stride()[:3],
         C, Hq, Hkv, G, q_off, pos0, n_full, block_size, sink_blocks,
         D=D, BM=bm, BN=max(64, kp), KP=kp, N_ROUTE=top_k - 1, SINKS=sink_blocks,
-        WRITE_SCORES=scores, num_warps=4,
+        WRITE_SCORES=scores, SORT=(method or TOPK_METHOD) == "sort", num_warps=4,
     )  # fmt: skip
     return blk, (scr if scores else None)

@@ -86,16 +86,21 @@ def test_pool_kernel_matches_block_means(case):
     assert torch.allclose(pool_means(k, bs), block_means(k, bs), rtol=1e-5, atol=1e-6)
 
 
+ROUTE_CASES = [(c, "extract") for c in CASES] + [(c, "sort") for c in CASES[1:4]]
+
+
 @gpu
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_routing_kernel_matches_select_blocks(case):
+@pytest.mark.parametrize("case,method", ROUTE_CASES, ids=[f"{IDS[CASES.index(c)]}-{m}" for c, m in ROUTE_CASES])
+def test_routing_kernel_matches_select_blocks(case, method):
     from moba.triton.routing import route_chunk
 
     B, Hq, Hkv, Tq, Tk, D, bs, top_k, sinks = case
     q, k, _ = make_qkv(B, Hq, Hkv, Tq, Tk, D, dtype=torch.bfloat16, device="cuda")
     means = block_means(k, bs)
     c0, C = Tq // 3, Tq - Tq // 3
-    blk, scr = route_chunk(q, means, c0, C, Tk - Tq + c0, block_size=bs, top_k=top_k, sink_blocks=sinks, scores=True)
+    blk, scr = route_chunk(
+        q, means, c0, C, Tk - Tq + c0, block_size=bs, top_k=top_k, sink_blocks=sinks, scores=True, method=method
+    )
     sel, sc = select_blocks(q[:, :, c0:], means, Tk - Tq + c0, block_size=bs, top_k=top_k, sink_blocks=sinks)
     own = torch.arange(Tk - Tq + c0, Tk, device="cuda") // bs
     assert torch.equal(blk[..., 0].long(), own.expand(B, Hq, C))
