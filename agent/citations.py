@@ -39,25 +39,26 @@ class Citation:
 
 
 def from_routing(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: int,
-                 top_n: int = 8, coverage: float = 0.6, max_lines: int = 6) -> list[Citation]:
+                 top_n: int = 8, max_lines: int = 24) -> list[Citation]:
     """Ranked citations from a recorder's routing over a source map in absolute token positions.
 
-    With the recorder's key mass, every attended block (routed, sink, own) is weighed by the
-    attention mass the recorded queries put on its packed lines; the prompt frame and the
-    question take the attention-sink mass and are never cited. Without mass, routed blocks are
-    weighed by how often they were picked. Each block keeps its heaviest lines covering `coverage` of its mass (at most
-    `max_lines`), so a citation is a few lines, not a whole block.
+    Candidates are the blocks the recorded queries attended (routed and own), sink blocks
+    excluded: they are attended by rule, not chosen. Each candidate block is narrowed to its lines
+    whose attention mass stands out from the block's typical line (mass minus the block's median
+    line mass), which removes the recency and sink baselines. The best `max_lines` lines are
+    merged into ranges and ranked. Without recorded mass, routed blocks are cited whole, weighed
+    by how often the gate picked them.
     """
-    mass = rec.key_mass.numpy() if rec.key_mass.numel() else None
-    blocks = attended_blocks(rec) if mass is not None else routed_blocks(rec, sink_blocks)
-    ranges: list[Citation] = []
-    for b, count in blocks.items():
-        lo, hi = b * block_size, (b + 1) * block_size
-        weight = float(mass[lo:hi].sum()) if mass is not None else float(count)
-        ranges += _narrow(smap, lo, hi, mass, weight, coverage, max_lines)
-    total = sum(c.score for c in ranges) or 1.0
-    ranges = [replace(c, score=c.score / total) for c in ranges]
-    return sorted(merge(ranges), key=lambda c: -c.score)[:top_n]
+    if not rec.key_mass.numel():
+        return _whole_blocks(rec, smap, block_size, sink_blocks, top_n)
+    blocks = [b for b in attended_blocks(rec) if b >= sink_blocks]
+    mass = rec.key_mass.numpy()
+    lines = [x for b in blocks for x in _line_excess(smap, mass, b * block_size, (b + 1) * block_size)]
+    lines.sort(key=lambda x: -x[2])
+    picked = [Citation(smap.paths[f], ln, ln, s, ROUTING) for f, ln, s in lines[:max_lines] if s > 0]
+    total = sum(c.score for c in picked) or 1.0
+    ranges = merge([replace(c, score=c.score / total) for c in picked], gap=2)
+    return sorted(ranges, key=lambda c: -c.score)[:top_n]
 
 
 def routed_blocks(rec: RoutingRecorder, sink_blocks: int) -> dict[int, int]:
@@ -83,22 +84,28 @@ def attended_blocks(rec: RoutingRecorder) -> dict[int, int]:
     return counts
 
 
-def _narrow(smap, lo, hi, mass, weight, coverage, max_lines) -> list[Citation]:
-    toks = np.arange(lo, hi)
+def _line_excess(smap, mass: np.ndarray, lo: int, hi: int) -> list[tuple[int, int, float]]:
+    """(file index, line, mass above the block's median line mass) for packed lines in [lo, hi)."""
+    toks = np.arange(lo, min(hi, len(mass)))
     files, lines = smap.locate_array(toks)
     keep = (files >= 0) & (lines > 0)
     if not keep.any():
         return []
-    w = mass[lo:hi][keep[: len(mass[lo:hi])]] if mass is not None and len(mass) >= hi else np.ones(keep.sum())
     key = files[keep].astype(np.int64) * (1 << 32) + lines[keep]
     uniq, inv = np.unique(key, return_inverse=True)
-    line_mass = np.bincount(inv, weights=w, minlength=len(uniq))
-    order = np.argsort(-line_mass, kind="stable")
-    csum = np.cumsum(line_mass[order]) / max(line_mass.sum(), 1e-12)
-    n = min(max_lines, int(np.searchsorted(csum, coverage)) + 1)
-    share = weight / max(line_mass.sum(), 1e-12)
-    picked = [(int(uniq[i] >> 32), int(uniq[i] & 0xFFFFFFFF), float(line_mass[i]) * share) for i in order[:n]]
-    return merge([Citation(smap.paths[f], ln, ln, s, ROUTING) for f, ln, s in picked], gap=2)
+    line_mass = np.bincount(inv, weights=mass[toks[keep]], minlength=len(uniq))
+    excess = line_mass - np.median(line_mass)
+    return [(int(k >> 32), int(k & 0xFFFFFFFF), float(e)) for k, e in zip(uniq, excess)]
+
+
+def _whole_blocks(rec, smap, block_size, sink_blocks, top_n) -> list[Citation]:
+    counts = routed_blocks(rec, sink_blocks)
+    total = sum(counts.values()) or 1
+    out = []
+    for b, n in counts.items():
+        for path, first, last in smap.span_lines(b * block_size, (b + 1) * block_size):
+            out.append(Citation(path, first, last, n / total, ROUTING))
+    return sorted(merge(out), key=lambda c: -c.score)[:top_n]
 
 
 def from_text(answer: str, smap) -> list[Citation]:
@@ -146,9 +153,9 @@ def combine(routing: list[Citation], text: list[Citation]) -> list[Citation]:
 
 
 def file_strengths(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: int) -> dict[str, float]:
-    """Share of routed attention mass per file (sums to 1 over files that got any)."""
+    """Share of the stand-out routed attention per file (sums to 1 over files that got any)."""
     out: dict[str, float] = {}
     for c in from_routing(rec, smap, block_size=block_size, sink_blocks=sink_blocks, top_n=10**9,
-                          coverage=1.0, max_lines=10**9):
+                          max_lines=10**9):
         out[c.path] = out.get(c.path, 0.0) + c.score
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))

@@ -45,6 +45,7 @@ class Engine:
         self.model = model
         self.config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
         self.chunk_size = chunk_size or default_chunk_size(self.device)
         block = int(getattr(self.config, "moba_block_size", None) or 256)
         self.cache = MobaCache(self.config.num_hidden_layers, capacity, block)

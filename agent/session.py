@@ -75,6 +75,7 @@ class Session:
         self.context_len = len(self.prefix_ids) + len(self.pack.ids)
         self.smap = self.pack.source_map.shifted(len(self.prefix_ids))
         self.engine = None
+        self._pending_save: str | None = None
         self.turn_ids: list[int] = []
         self.stats: dict = {"context_tokens": self.context_len, "cache_hit": False, "prefill_s": 0.0}
 
@@ -91,7 +92,7 @@ class Session:
         if not hit:
             ids = list(self.prefix_ids) + [int(i) for i in self.pack.ids]
             self.engine.prefill(ids, progress)
-            self._save_cached(key)
+            self._pending_save = key
         self.stats.update(cache_hit=hit, prefill_s=round(time.perf_counter() - t0, 3))
 
     def ask(self, question: str, on_token: Callable[[str], None] | None = None,
@@ -110,6 +111,8 @@ class Session:
         decode_s = time.perf_counter() - t0
         self.turn_ids = (turn + tokens)[: self.engine.length - self.context_len]
         self.history.append(Turn(question, text))
+        self._save_cached(self._pending_save)  # after the first answer, so it never delays one
+        self._pending_save = None
         cites = self._citations(rec, text)
         stats = dict(self.stats, decode_tok_s=round(len(tokens) / max(decode_s, 1e-9), 2),
                      answer_tokens=len(tokens))
@@ -195,13 +198,14 @@ class Session:
             return None
         c = self.config
         attention = dict(kind=c.attention, block_size=c.block_size, top_k=c.top_k, sink_blocks=c.sink_blocks,
-                         dense_layers=list(c.dense_layers), dtype=c.dtype, prefix=self.prefix_ids)
+                         dense_layers=list(c.dense_layers), qa_policy=c.qa_policy,
+                         dtype=str(getattr(self.engine, "dtype", c.dtype)), prefix=self.prefix_ids)
         return self.ctx_cache.make_key(self.runtime.name, attention, self.pack.content_hash)
 
     def _load_cached(self, key: str | None) -> bool:
         if key is None:
             return False
-        got = self.ctx_cache.load(key)
+        got = self.ctx_cache.load(key, device=str(getattr(self.engine, "device", "cpu")))
         if got is None:
             return False
         tensors, _ = got

@@ -107,6 +107,8 @@ def open_session(paths, cfg: AskConfig, opts: ingest.PackOptions, mode: str, qui
         ui.prefill(session)
     except (ModelError, ingest.PackError) as e:
         raise click.ClickException(str(e)) from None
+    except ValueError as e:  # e.g. a bad MOBA_ASK_CACHE_MAX_GB
+        raise click.ClickException(str(e).splitlines()[0]) from None
     return session
 
 
