@@ -1,0 +1,87 @@
+"""Full-model prefill and decode on one GPU: a Qwen2.5-7B-Instruct-1M-shaped model with random bf16
+weights, through the moba-ask engine (chunked prefill into a preallocated MobaCache, sparse decode).
+
+Rows: MoBA prefill at each --tokens length (time, tok/s, peak GPU memory), dense SDPA prefill at each
+--dense-tokens length, and MoBA decode after the longest prefill.
+Run (on the GPU machine): python bench/model_gpu.py --tokens 131072 262144 524288 1048576 --dense-tokens 131072 262144
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+import moba  # noqa: F401  (registers attn_implementation="moba")
+from agent.engine import Engine, Sampling
+from moba.hf import MobaParams, configure
+
+QWEN7B_1M = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                 num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=1_010_000,
+                 rope_theta=10_000_000.0, tie_word_embeddings=False)
+
+
+def build(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(**QWEN7B_1M)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="moba")
+    return model.eval()
+
+
+def prefill(model, n: int, chunk: int, decode: int = 0) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    engine = Engine(model, capacity=n + decode + 8, chunk_size=chunk)
+    ids = torch.randint(0, 150000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    logits = engine.prefill(ids)
+    torch.cuda.synchronize()
+    row = dict(tokens=n, seconds=time.perf_counter() - t0, kv_gib=engine.kv_bytes() / 2**30)
+    row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if decode:
+        t0 = time.perf_counter()
+        out = engine.generate(logits, Sampling(max_new_tokens=decode))
+        torch.cuda.synchronize()
+        row["decode_tok_s"] = len(out) / (time.perf_counter() - t0)
+    del engine
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--tokens", type=int, nargs="+", default=[131072, 262144, 524288, 1048576])
+    p.add_argument("--dense-tokens", type=int, nargs="*", default=[131072, 262144])
+    p.add_argument("--block-size", type=int, default=4096)
+    p.add_argument("--top-k", type=int, default=12)
+    p.add_argument("--sink-blocks", type=int, default=1)
+    p.add_argument("--chunk", type=int, default=16384)
+    p.add_argument("--decode", type=int, default=32)
+    a = p.parse_args()
+    model = build()
+    layers = model.config.num_hidden_layers
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; weights "
+          f"{sum(x.numel() for x in model.parameters()) * 2 / 2**30:.1f} GiB bf16; chunk {a.chunk}", flush=True)
+    print("| attention | tokens | prefill s | tok/s | KV GiB | peak GiB | decode tok/s |\n|---|---|---|---|---|---|---|")
+    sparse = MobaParams(a.block_size, a.top_k, a.sink_blocks)
+    configure(model.config, sparse)
+    prefill(model, 2 * a.block_size + 100, a.chunk)  # warm-up: kernels compile
+    for n in a.tokens:
+        r = prefill(model, n, a.chunk, a.decode if n == max(a.tokens) else 0)
+        _row(f"moba {a.block_size}/{a.top_k}/sink{a.sink_blocks}", r)
+    configure(model.config, MobaParams(a.block_size, a.top_k, a.sink_blocks, tuple(range(layers))))
+    for n in a.dense_tokens:
+        _row("dense SDPA", prefill(model, n, a.chunk))
+
+
+def _row(label: str, r: dict) -> None:
+    dec = f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else "-"
+    print(f"| {label} | {r['tokens']:,} | {r['seconds']:.1f} | {r['tokens'] / r['seconds']:,.0f} | "
+          f"{r['kv_gib']:.1f} | {r['peak_gib']:.1f} | {dec} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
