@@ -53,6 +53,7 @@ def run(path: str, model: str, repeat: int) -> dict:
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(model)
     load_s = time.perf_counter() - t0
+    local = local_model(model)
     cold, warm, cold_cpu, warm_cpu = [], [], [], []
     for _ in range(repeat):
         with tempfile.TemporaryDirectory() as cache:
@@ -64,7 +65,7 @@ def run(path: str, model: str, repeat: int) -> dict:
             warm.append(w)
             warm_cpu.append(c)
             assert (p.ids == p2.ids).all()
-            cli = cli_warm(path, model, cache)
+            cli = cli_warm(path, local, cache)
     size = sum(f.bytes for f in p.files)
     return {
         "path": path, "model": model, "files": len(p.files), "tokens": p.total_tokens, "bytes": size,
@@ -82,8 +83,17 @@ def run(path: str, model: str, repeat: int) -> dict:
     }
 
 
+def local_model(model: str) -> str:
+    """A local path for model, resolved before the cache dir is redirected (never pulls)."""
+    if Path(model).exists():
+        return model
+    from agent.models import ensure
+
+    return str(ensure(model, pull=False))
+
+
 def cli_warm(path: str, model: str, cache: str) -> float:
-    """Wall seconds of `moba-ask pack PATH -q` in a fresh process with a warm cache."""
+    """Wall seconds of `moba-ask pack PATH -m MODEL_DIR -q` in a fresh process with a warm token cache."""
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-c", "from agent.commands.pack import pack; pack()", path, "-m", model, "-q"]
     env = {**os.environ, "MOBA_ASK_CACHE_DIR": cache, "PYTHONPATH": str(root)}

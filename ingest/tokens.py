@@ -131,6 +131,7 @@ class TokenCache:
         body = _HEAD.pack(MAGIC, VERSION, len(ids), len(marks)) + ids.astype("<u4").tobytes() \
             + marks.astype("<u4").tobytes()
         body += hashlib.blake2b(body, digest_size=16).digest()
+        tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
@@ -138,7 +139,8 @@ class TokenCache:
                 f.write(body)
             os.replace(tmp, path)
         except OSError:
-            return
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
 
 
 def _decode(data: bytes) -> tuple[np.ndarray, np.ndarray] | None:

@@ -97,7 +97,7 @@ def collect(paths: list[str], options: PackOptions) -> tuple[str, list[Candidate
     skipped: list[tuple[str, str]] = []
     for path in resolved:
         if path.is_dir():
-            for c in _list_dir(root, str(path), skipped):
+            for c in _list_dir(root, str(path), skipped, options.default_excludes):
                 found.setdefault(c.rel, c)
         else:
             rel = _rel(root, str(path))
@@ -110,10 +110,10 @@ def _rel(root: str, path: str) -> str:
     return Path(os.path.relpath(path, root)).as_posix()
 
 
-def _list_dir(root: str, top: str, skipped: list) -> list[Candidate]:
+def _list_dir(root: str, top: str, skipped: list, prune_defaults: bool) -> list[Candidate]:
     files = _git_files(top)
     if files is None:
-        return _walk(root, top, skipped)
+        return _walk(root, top, skipped, prune_defaults)
     out = []
     for abs_path in files:
         if os.path.isdir(abs_path) and not os.path.islink(abs_path):
@@ -143,7 +143,7 @@ def _git_files(top: str) -> list[str] | None:
     return [os.path.join(work, p) for p in dict.fromkeys(out.split("\0")) if p]
 
 
-def _walk(root: str, top: str, skipped: list) -> list[Candidate]:
+def _walk(root: str, top: str, skipped: list, prune_defaults: bool) -> list[Candidate]:
     ignores = IgnoreTree(root, (".gitignore",))
     out = []
     for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
@@ -156,6 +156,10 @@ def _walk(root: str, top: str, skipped: list) -> list[Candidate]:
                 continue
             if os.path.islink(os.path.join(dirpath, d)):
                 skipped.append((rel + "/", _dir_link_reason(root, os.path.join(dirpath, d))))
+                continue
+            reason = rules.default_exclude_reason(rel, is_dir=True) if prune_defaults else None
+            if reason:
+                skipped.append((rel + "/", f"excluded by default ({reason})"))
                 continue
             keep.append(d)
         dirnames[:] = keep

@@ -77,29 +77,50 @@ def pack(paths, model, max_tokens, include, exclude, no_line_numbers, max_file_b
 
 
 def load_tokenizer(name: str):
-    """A tokenizer for `name`: a tokenizer.json file or a dir holding one loads directly (no
-    transformers); anything else goes through agent.models.load_tokenizer. Raises ClickException."""
-    path = Path(name).expanduser()
-    direct = path / "tokenizer.json" if path.is_dir() else path
-    if direct.is_file() and direct.suffix == ".json":
-        from tokenizers import Tokenizer
+    """A tokenizer for `name`, loaded as the agent loads it. Raises ClickException.
 
-        try:
-            return Tokenizer.from_file(str(direct))
-        except Exception as e:
-            raise click.ClickException(f"cannot read tokenizer {direct}: {_one_line(e)}") from None
+    Model names, model directories (config.json or a .gguf) and .gguf files go through
+    agent.models.load_tokenizer (transformers; e.g. Qwen2 adds an NFC normalizer there), or
+    transformers' AutoTokenizer when agent.models is missing. A bare tokenizer.json file, or a
+    directory holding only one, is loaded as is with `tokenizers`.
+    """
+    path = Path(name).expanduser()
+    model_dir = path.is_dir() and ((path / "config.json").is_file() or any(path.glob("*.gguf")))
+    bare = path / "tokenizer.json" if path.is_dir() else path
+    if not model_dir and bare.suffix == ".json" and bare.is_file():
+        return _bare(bare)
     if path.suffix == ".json":
         raise click.ClickException(f"tokenizer file not found: {name}")
     try:
         from agent.models import load_tokenizer as load
     except ImportError:
-        raise click.ClickException(f"cannot load a tokenizer for '{name}': pass a tokenizer.json file or a "
-                                   "directory holding one with --model") from None
+        load = _transformers_tokenizer
     try:
         return load(name)
     except Exception as e:
         msg = _one_line(e)
         raise click.ClickException(msg if name in msg else f"cannot load the tokenizer of '{name}': {msg}") from None
+
+
+def _bare(path: Path):
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise click.ClickException(f"cannot read tokenizer {path}: {_one_line(e)}") from None
+
+
+def _transformers_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if path.is_dir():
+        return AutoTokenizer.from_pretrained(str(path))
+    raise ValueError(f"cannot load a tokenizer for '{name}' without agent.models: pass a model directory, "
+                     "a .gguf file or a tokenizer.json")
 
 
 def _one_line(e: Exception) -> str:

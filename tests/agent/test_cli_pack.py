@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -126,3 +127,20 @@ def test_bad_inputs_exit_with_one_line(env, tmp_path):
 def test_help_has_examples():
     result = run("--help")
     assert result.exit_code == 0 and "Examples:" in result.stdout and "--max-tokens" in result.stdout
+
+
+def test_model_dirs_load_as_the_agent_loads_them(env, tmp_path, monkeypatch):
+    repo, tok_path = env
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "tokenizer.json").write_text(tok_path.read_text())
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    calls = []
+    monkeypatch.setattr("agent.models.load_tokenizer", lambda name: calls.append(name) or make_tokenizer())
+    assert run(repo, "-m", model, "-q").exit_code == 0 and calls == [str(model)]
+    monkeypatch.setitem(sys.modules, "agent.models", None)
+    bare = json.loads(run(repo, "--json", "-q", "-m", tok_path).stdout)
+    via_transformers = json.loads(run(repo, "--json", "-q", "-m", model).stdout)
+    assert via_transformers["total_tokens"] == bare["total_tokens"]
+    one_line_error(run(repo, "-m", "some-catalog-name"), "without agent.models")

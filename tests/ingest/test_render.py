@@ -108,3 +108,14 @@ def test_ingest_never_imports_torch(tmp_path):
     repo = Path(__file__).resolve().parents[2]
     res = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_progress_reports_files(tmp_path, tok):
+    write_tree(tmp_path, {f"m{i}.py": f"v = {i}\n" for i in range(5)})
+    calls = []
+    ingest.pack(tmp_path, tok, progress=lambda done, total: calls.append((done, total)))
+    assert calls[0] == (0, 5) and calls[-1] == (5, 5)
+    assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
+    calls.clear()
+    ingest.pack(tmp_path, tok, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(5, 5)]
