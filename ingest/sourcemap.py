@@ -108,11 +108,11 @@ class SourceMap:
         f, ln = self.file_idx[i0:i1 + 1], self.line[i0:i1 + 1]
         keep = (f >= 0) & (ln > 0)
         f, ln = f[keep], ln[keep]
-        out = []
-        for fi in dict.fromkeys(f.tolist()):
-            sel = ln[f == fi]
-            out.append((self.paths[fi], int(sel.min()), int(sel.max())))
-        return out
+        if len(f) == 0:
+            return []
+        runs = np.concatenate([[0], np.flatnonzero(np.diff(f)) + 1])
+        lo, hi = np.minimum.reduceat(ln, runs), np.maximum.reduceat(ln, runs)
+        return [(self.paths[f[r]], int(a), int(b)) for r, a, b in zip(runs, lo, hi)]
 
     def line_tokens(self, path: str, line: int) -> tuple[int, int]:
         """Token range [start, end) of one line (possibly empty). Raises KeyError for an unknown path:line."""

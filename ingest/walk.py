@@ -124,23 +124,25 @@ def _list_dir(root: str, top: str, skipped: list, prune_defaults: bool) -> list[
 
 
 def _git_files(top: str) -> list[str] | None:
+    """Files git lists under top, or None to walk instead (no git, not a work tree, git refuses, or
+    an empty listing, e.g. for a directory the enclosing repository ignores)."""
     try:
         import git
     except ImportError:
         return None
     try:
         repo = git.Repo(top, search_parent_directories=True)
-        work = repo.working_tree_dir
-    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        if repo.working_tree_dir is None:
+            return None
+        work = str(Path(repo.working_tree_dir).resolve())
+        if os.path.relpath(top, work).startswith(".."):
+            return None
+        out = repo.git.ls_files("-z", "--cached", "--others", "--exclude-standard", "--",
+                                os.path.relpath(top, work))
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError, git.GitCommandError):
         return None
-    if work is None:
-        return None
-    work = str(Path(work).resolve())
-    spec = os.path.relpath(top, work)
-    if spec.startswith(".."):
-        return None
-    out = repo.git.ls_files("-z", "--cached", "--others", "--exclude-standard", "--", spec)
-    return [os.path.join(work, p) for p in dict.fromkeys(out.split("\0")) if p]
+    files = [os.path.join(work, p) for p in dict.fromkeys(out.split("\0")) if p]
+    return files or None
 
 
 def _walk(root: str, top: str, skipped: list, prune_defaults: bool) -> list[Candidate]:

@@ -137,3 +137,9 @@ def test_transformers_fast_tokenizer_gives_the_same_pack(tmp_path, tok):
     assert (a.ids == b.ids).all() and a.text == b.text and a.files == b.files
     with pytest.raises(TypeError, match="fast tokenizer"):
         ingest.pack(tmp_path, object())
+
+
+def test_span_lines_over_the_whole_pack(packed):
+    spans = packed.source_map.span_lines(0, packed.total_tokens)
+    expected = [(f.path, 1, f.lines) for f in packed.files if f.lines]
+    assert spans == expected
