@@ -44,7 +44,7 @@ def portable_moba_attention(
     n_slots = top_k + sink_blocks
     blocks = torch.empty(B, Hq, Tq, n_slots, dtype=torch.long, device=q.device) if return_routing else None
     scores = torch.empty(B, Hq, Tq, n_slots, device=q.device) if return_routing else None
-    step = _query_chunk(Hq // k.shape[1], block_size)
+    step = _query_chunk(Hq, D, n_slots)
     for c0 in range(0, Tq, step):
         pos0 = k.shape[2] - Tq + c0
         qc = q[:, :, c0 : c0 + step]
@@ -55,8 +55,9 @@ def portable_moba_attention(
     return (out, Routing(blocks=blocks, scores=scores)) if return_routing else out
 
 
-def _query_chunk(group: int, block_size: int) -> int:
-    return max(16, min(16384, _SCORE_BUDGET // (group * block_size)))
+def _query_chunk(Hq: int, D: int, n_slots: int) -> int:
+    """Queries per chunk: the per-(query, slot) partial outputs [C * Hq * slots, D] fit the budget."""
+    return max(16, min(16384, _SCORE_BUDGET // (Hq * n_slots * D)))
 
 
 def _fill_routing(blocks, scores, sel, sc, pos0, block_size) -> None:
@@ -73,13 +74,9 @@ def _attend_chunk(qc, k, v, sel, pos0, block_size, scale) -> torch.Tensor:
     if C * Hq * S * block_size * k.shape[3] <= _SCORE_BUDGET:
         m, l, acc = _own_block(qc, k, v, pos0, block_size, scale)
         _gathered_blocks(qc, k, v, sel, block_size, scale, m, l, acc)
-    else:
-        own = (torch.arange(pos0, pos0 + C, device=qc.device) // block_size).expand(B, Hq, C)
-        m = torch.full((B, Hq, C), float("-inf"), device=qc.device)
-        l = torch.zeros(B, Hq, C, device=qc.device)
-        acc = torch.zeros(B, Hq, C, qc.shape[3], device=qc.device)
-        _grouped_blocks(qc, k, v, torch.cat([own[..., None], sel], -1), pos0, block_size, scale, m, l, acc)
-    return acc / l.unsqueeze(-1)
+        return acc / l.unsqueeze(-1)
+    own = (torch.arange(pos0, pos0 + C, device=qc.device) // block_size).expand(B, Hq, C)
+    return _grouped_blocks(qc, k, v, torch.cat([own[..., None], sel], -1), pos0, block_size, scale)
 
 
 def _own_block(qc, k, v, pos0, block_size, scale):
@@ -127,11 +124,12 @@ def _gathered_blocks(qc, k, v, sel, block_size, scale, m, l, acc) -> None:
     _merge(m, l, acc, s, vs.reshape(B, Hq, C, S * block_size, D), batched=True)
 
 
-def _grouped_blocks(qc, k, v, sel, pos0, block_size, scale, m, l, acc) -> None:
-    """Many queries: for each (batch, KV head, key block), attend every query that picked it.
-    A query's own block (slot 0) is masked causally."""
+def _grouped_blocks(qc, k, v, sel, pos0, block_size, scale) -> torch.Tensor:
+    """Many queries: group the (query, slot) entries by (batch, KV head, key block), attend each
+    group as one dense tile (groups batched by size), then merge each query's partials by LSE.
+    Slot 0 is the own block, masked causally; a ragged last block is masked the same way."""
     B, Hq, C, S = sel.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
+    Hkv, Tk, D = k.shape[1], k.shape[2], k.shape[3]
     n_blocks = -(-Tk // block_size)
     hit = (sel >= 0).nonzero()  # [n, 4]: b, h, c, slot
     b, h, c = hit[:, 0], hit[:, 1], hit[:, 2]
@@ -139,19 +137,51 @@ def _grouped_blocks(qc, k, v, sel, pos0, block_size, scale, m, l, acc) -> None:
     key, order = key.sort(stable=True)
     row, pos = ((b * Hq + h) * C + c)[order], (pos0 + c)[order]
     uniq, counts = torch.unique_consecutive(key, return_counts=True)
-    qf = qc.reshape(B * Hq * C, -1)
-    mf, lf, af = m.view(-1), l.view(-1), acc.view(B * Hq * C, -1)
-    start = 0
-    for kid, cnt in zip(uniq.tolist(), counts.tolist()):
-        r, p = row[start : start + cnt], pos[start : start + cnt]
-        start += cnt
-        bg, j = divmod(kid, n_blocks)
-        bb, g = divmod(bg, Hkv)
-        lo, hi = j * block_size, min((j + 1) * block_size, Tk)
-        s = qf[r].float() @ k[bb, g, lo:hi].float().T * scale  # [cnt, <= bs]
-        if hi - 1 > int(p.min()):
-            s = s.masked_fill(torch.arange(lo, hi, device=s.device)[None, :] > p[:, None], float("-inf"))
-        _merge_rows(mf, lf, af, r, s, v[bb, g, lo:hi].float())
+    starts = torch.cumsum(counts, 0) - counts
+    e_m = torch.empty(len(key) + 1, device=qc.device)  # the last entry absorbs padding
+    e_l, e_o = torch.empty_like(e_m), torch.empty(len(key) + 1, D, device=qc.device)
+    qf = qc.reshape(B * Hq * C, D)
+    by_size = counts.argsort(descending=True)
+    i = 0
+    while i < len(by_size):
+        width = int(counts[by_size[i]])
+        n = max(1, min(len(by_size) - i, _SCORE_BUDGET // (width * block_size)))
+        segs = by_size[i : i + n]
+        i += n
+        slot = starts[segs, None] + torch.arange(width, device=qc.device)  # [n, width] entry ids
+        ok = torch.arange(width, device=qc.device) < counts[segs, None]
+        slot = torch.where(ok, slot, len(key))
+        src = torch.where(ok, slot, starts[segs, None])  # padding reads a real entry, writes the spare
+        _tile(qf, k, v, uniq[segs], row[src], pos[src], slot, n_blocks, block_size, scale, e_m, e_l, e_o)
+    return _combine(row, e_m[:-1], e_l[:-1], e_o[:-1], B * Hq * C).reshape(B, Hq, C, D)
+
+
+def _tile(qf, k, v, seg_key, rows, qpos, slot, n_blocks, block_size, scale, e_m, e_l, e_o) -> None:
+    """Dense tiles for n segments: queries rows [n, width] against their key block; writes the
+    per-entry (max, sum, output) partials at `slot` [n, width]."""
+    Hkv, Tk = k.shape[1], k.shape[2]
+    bg, j = seg_key // n_blocks, seg_key % n_blocks
+    bb, g = bg // Hkv, bg % Hkv
+    kpos = j[:, None] * block_size + torch.arange(block_size, device=qf.device)  # [n, bs]
+    kidx = kpos.clamp(max=Tk - 1)
+    ks = k[bb[:, None], g[:, None], kidx].float()  # [n, bs, D]
+    vs = v[bb[:, None], g[:, None], kidx].float()
+    s = torch.bmm(qf[rows].float(), ks.transpose(1, 2)) * scale  # [n, width, bs]
+    s = s.masked_fill(kpos[:, None, :] > qpos[:, :, None], float("-inf"))
+    m = s.amax(-1)
+    p = torch.exp(s - m.unsqueeze(-1))
+    e_m[slot] = m
+    e_l[slot] = p.sum(-1)
+    e_o[slot] = torch.bmm(p, vs)
+
+
+def _combine(row, e_m, e_l, e_o, n_rows) -> torch.Tensor:
+    """LSE-merge per-entry partials into per-row outputs [n_rows, D]."""
+    m = torch.full((n_rows,), float("-inf"), device=e_m.device).scatter_reduce(0, row, e_m, "amax")
+    w = torch.exp(e_m - m[row])
+    l = torch.zeros(n_rows, device=e_m.device).index_add_(0, row, e_l * w)
+    o = torch.zeros(n_rows, e_o.shape[1], device=e_m.device).index_add_(0, row, e_o * w[:, None])
+    return o / l[:, None]
 
 
 def _merge(m, l, acc, s, vs, batched) -> None:
@@ -163,11 +193,3 @@ def _merge(m, l, acc, s, vs, batched) -> None:
     pv = (p.unsqueeze(-2) @ vs).squeeze(-2) if batched else p @ vs
     acc.mul_(alpha.unsqueeze(-1)).add_(pv)
     m.copy_(m_new)
-
-
-def _merge_rows(mf, lf, af, r, s, vs) -> None:
-    m, l, acc = mf[r], lf[r], af[r]
-    _merge(m, l, acc, s, vs, batched=False)
-    mf[r], lf[r], af[r] = m, l, acc
-
-
