@@ -38,6 +38,7 @@ def load_runtime(config: AskConfig) -> Runtime:
         chat=info.has_chat_template,
         max_positions=info.max_position_embeddings,
         stop_ids=stop_ids(tok, model),
+        retune=lambda c: configure(model.config, moba_params(c, info.num_layers)),
     )
 
 

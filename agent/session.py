@@ -28,6 +28,8 @@ class Runtime:
     tokenizer: a transformers fast tokenizer. make_engine(capacity) -> an `agent.engine.Engine`
     (or a test double with prefill/generate/truncate/length/cache). name: the model name.
     chat: the tokenizer has a chat template. max_positions: the model's context limit.
+    retune(config): writes config's MoBA settings onto the loaded model (engines made after it
+    use them), or None when the runtime cannot be re-tuned.
     """
 
     tokenizer: object
@@ -36,6 +38,7 @@ class Runtime:
     chat: bool
     max_positions: int
     stop_ids: frozenset[int] = frozenset()
+    retune: Callable[[AskConfig], None] | None = None
 
 
 @dataclass

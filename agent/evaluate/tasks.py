@@ -1,0 +1,289 @@
+"""The task builder: RepoQA-style "find the function" needles and "where is X defined" tasks from a
+Python repository, spread evenly through one packed context.
+
+How a workspace is built (`build_workspace`):
+1. the repository is packed with the budget (`ingest.pack`, which drops whole files by priority);
+2. needle functions are chosen among the packed Python files (ast): a unique name, a docstring of
+   at least `MIN_DOC_WORDS` words on lines of its own whose first line occurs nowhere else in the
+   pack, a body beyond the docstring, at most `MAX_FN_CHARS` characters of code; one per equal
+   slice of the token range the candidates span (seeded choice inside a slice);
+3. the packed files are copied to a temp directory (the user's tree is never written), the needle
+   docstrings are deleted there, and the copy is packed: that pack is the context;
+4. the second family (a class or a module-level UPPER_CASE constant with a unique name, gold = the
+   definition line) is chosen on the copy the same way.
+Gold lines and depths refer to the packed copy. Knows nothing of models or attention.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import ingest
+
+FUNCTION, CLASS, CONSTANT = "function", "class", "constant"
+MIN_DOC_WORDS = 6
+MAX_DOC_WORDS = 120
+MAX_FN_CHARS = 2000
+FN_QUESTION = ("Which function does this, and in which file? {doc}\n"
+               "Name the function and its file as path:line, then repeat the function in a ``` code block.")
+DEF_QUESTION = "In which file and line is the {kind} {name} defined?"
+_CONSTANT = re.compile(r"^_*[A-Z][A-Z0-9_]{2,}$")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One question with its gold answer in the packed copy.
+
+    kind: "function", "class" or "constant". start_line/end_line: 1-based, inclusive (a definition
+    task has one line). depth: token position of the gold's first line / pack tokens, in [0, 1].
+    code: the gold source (the function without its docstring, or the definition line).
+    """
+
+    id: str
+    kind: str
+    name: str
+    path: str
+    start_line: int
+    end_line: int
+    question: str
+    depth: float
+    code: str
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """The packed copy, its tasks, and the text of every packed file (path -> text)."""
+
+    pack: ingest.Pack
+    tasks: tuple[Task, ...]
+    texts: dict[str, str]
+    source_root: str
+
+
+@dataclass(frozen=True)
+class _Cand:
+    kind: str
+    name: str
+    path: str
+    line: int
+    end_line: int
+    doc: str = ""
+    doc_lines: tuple[int, int] = (0, 0)
+
+
+class TaskError(ValueError):
+    """No tasks can be built (no Python files, no docstrings...); the message names the fix."""
+
+
+def build_workspace(root: str, tokenizer, *, context_tokens: int, n_tasks: int, seed: int,
+                    include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> Workspace:
+    """Pack `root` within `context_tokens`, choose `n_tasks` tasks (seeded), return the workspace.
+
+    About two thirds of the tasks are function needles, the rest class/constant definitions
+    (n_tasks=1: one needle). Fewer are returned when the repository has fewer candidates.
+
+    Raises:
+        TaskError: nothing to ask about. ingest.PackError: the path cannot be packed.
+    """
+    options = ingest.PackOptions(max_tokens=context_tokens, include=include, exclude=exclude)
+    original = ingest.pack(root, tokenizer, options)
+    texts = _python_texts(original.root, original)
+    n_def = n_tasks // 3
+    needles = _spread(_function_cands(texts, original), n_tasks - n_def, original, random.Random(f"{seed}:fn"))
+    with tempfile.TemporaryDirectory(prefix="moba-ask-eval-") as tmp:
+        copy_root = os.path.join(tmp, os.path.basename(original.root.rstrip(os.sep)) or "repo")
+        _copy(original, copy_root, needles)
+        pack = ingest.pack(copy_root, tokenizer, ingest.PackOptions())
+        copy_texts = {f.path: Path(copy_root, f.path).read_text("utf-8", errors="replace").replace("\r\n", "\n")
+                      for f in pack.files}
+    defs = _spread(_definition_cands(_parseable(copy_texts)), n_def, pack, random.Random(f"{seed}:def"))
+    tasks = [t for t in (_function_task(c, copy_texts, pack) for c in needles) if t]
+    tasks += [_definition_task(c, copy_texts, pack) for c in defs if c.path in copy_texts]
+    if not tasks:
+        raise TaskError(f"no Python functions with docstrings or unique classes/constants under {root}; "
+                        "eval needs a Python repository (check --include/--exclude and --context-tokens)")
+    tasks.sort(key=lambda t: t.depth)
+    return Workspace(pack, tuple(_numbered(tasks)), copy_texts, original.root)
+
+
+def _python_texts(root: str, pack: ingest.Pack) -> dict[str, str]:
+    out = {}
+    for f in pack.files:
+        if f.path.endswith(".py") and not f.flags:
+            out[f.path] = Path(root, f.path).read_text("utf-8", errors="replace").replace("\r\n", "\n")
+    return _parseable(out)
+
+
+def _parseable(texts: dict[str, str]) -> dict[str, tuple[str, ast.Module]]:
+    out = {}
+    for path, text in texts.items():
+        if not path.endswith(".py"):
+            continue
+        try:
+            out[path] = (text, ast.parse(text))
+        except (SyntaxError, ValueError):
+            continue
+    return out
+
+
+def _function_cands(texts: dict[str, tuple[str, ast.Module]], pack: ingest.Pack) -> list[_Cand]:
+    names = Counter(n.name for _, tree in texts.values() for n in ast.walk(tree) if _is_def(n))
+    out = []
+    for path, (text, tree) in texts.items():
+        lines = text.split("\n")
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and names[node.name] == 1:
+                cand = _needle(path, node, lines)
+                if cand and pack.text.count(cand.doc_first) <= 1:
+                    out.append(cand.cand)
+    return out
+
+
+@dataclass(frozen=True)
+class _Needle:
+    cand: _Cand
+    doc_first: str
+
+
+def _needle(path: str, node, lines: list[str]) -> _Needle | None:
+    """A needle candidate when the function's docstring can be cut out cleanly, else None."""
+    if node.name.startswith("__") or len(node.body) < 2 or not _is_docstring(node.body[0]):
+        return None
+    doc_node, nxt = node.body[0], node.body[1]
+    first, last = doc_node.lineno, doc_node.end_lineno
+    own_lines = (first > node.lineno and nxt.lineno > last
+                 and not lines[first - 1][: doc_node.col_offset].strip()
+                 and not lines[last - 1][doc_node.end_col_offset:].strip())
+    doc = ast.get_docstring(node) or ""
+    code = "\n".join(lines[node.lineno - 1: first - 1] + lines[last: node.end_lineno])
+    first_line = next((ln.strip() for ln in doc.split("\n") if ln.strip()), "")
+    if not own_lines or len(doc.split()) < MIN_DOC_WORDS or len(code) > MAX_FN_CHARS or len(first_line) < 8:
+        return None
+    return _Needle(_Cand(FUNCTION, node.name, path, node.lineno, node.end_lineno, doc, (first, last)), first_line)
+
+
+def _is_docstring(stmt) -> bool:
+    return isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str)
+
+
+def _is_def(node) -> bool:
+    return isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+
+
+def _definition_cands(texts: dict[str, tuple[str, ast.Module]]) -> list[_Cand]:
+    names = Counter(n.name for _, tree in texts.values() for n in ast.walk(tree) if _is_def(n))
+    consts = Counter(name for _, tree in texts.values() for name, _ in _module_constants(tree))
+    out = []
+    for path, (_, tree) in texts.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and names[node.name] == 1 and node.name not in consts:
+                out.append(_Cand(CLASS, node.name, path, node.lineno, node.lineno))
+        for name, line in _module_constants(tree):
+            if consts[name] == 1 and names[name] == 0:
+                out.append(_Cand(CONSTANT, name, path, line, line))
+    return out
+
+
+def _module_constants(tree: ast.Module) -> list[tuple[str, int]]:
+    out = []
+    for stmt in tree.body:
+        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
+            target = stmt.targets[0]
+        elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
+            target = stmt.target
+        else:
+            continue
+        if isinstance(target, ast.Name) and _CONSTANT.match(target.id):
+            out.append((target.id, stmt.lineno))
+    return out
+
+
+def _spread(cands: list[_Cand], n: int, pack: ingest.Pack, rng: random.Random) -> list[_Cand]:
+    """n candidates, one per equal slice of the token range they span (seeded pick inside a slice;
+    an empty slice takes the unused candidate nearest its centre)."""
+    placed = sorted(((_token_pos(pack, c.path, c.line), c) for c in cands), key=lambda x: (x[0], x[1].path))
+    if n <= 0 or not placed:
+        return []
+    lo, hi = placed[0][0], placed[-1][0] + 1
+    used: set[int] = set()
+    for i in range(min(n, len(placed))):
+        a, b = lo + (hi - lo) * i / n, lo + (hi - lo) * (i + 1) / n
+        inside = [j for j, (p, _) in enumerate(placed) if a <= p < b and j not in used]
+        if inside:
+            used.add(rng.choice(inside))
+        else:
+            centre = (a + b) / 2
+            used.add(min((j for j in range(len(placed)) if j not in used), key=lambda j: abs(placed[j][0] - centre)))
+    return [placed[j][1] for j in sorted(used)]
+
+
+def _token_pos(pack: ingest.Pack, path: str, line: int) -> int:
+    return pack.source_map.line_tokens(path, line)[0]
+
+
+def _copy(original: ingest.Pack, dest: str, needles: list[_Cand]) -> None:
+    """Copy the packed files to dest, deleting the needle docstrings."""
+    cut: dict[str, list[tuple[int, int]]] = {}
+    for c in needles:
+        cut.setdefault(c.path, []).append(c.doc_lines)
+    for f in original.files:
+        target = Path(dest, f.path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if f.path not in cut:
+            shutil.copyfile(Path(original.root, f.path), target)
+            continue
+        lines = Path(original.root, f.path).read_text("utf-8").replace("\r\n", "\n").split("\n")
+        for first, last in sorted(cut[f.path], reverse=True):
+            del lines[first - 1: last]
+        target.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _function_task(c: _Cand, texts: dict[str, str], pack: ingest.Pack) -> Task | None:
+    if c.path not in texts:
+        return None
+    text = texts[c.path]
+    node = next((n for n in ast.walk(ast.parse(text))
+                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == c.name), None)
+    if node is None:
+        return None
+    code = "\n".join(text.split("\n")[node.lineno - 1: node.end_lineno])
+    question = FN_QUESTION.format(doc=question_text(c.doc, c.name))
+    return Task("", FUNCTION, c.name, c.path, node.lineno, node.end_lineno, question,
+                _depth(pack, c.path, node.lineno), code)
+
+
+def _definition_task(c: _Cand, texts: dict[str, str], pack: ingest.Pack) -> Task:
+    code = texts[c.path].split("\n")[c.line - 1]
+    question = DEF_QUESTION.format(kind=c.kind, name=c.name)
+    return Task("", c.kind, c.name, c.path, c.line, c.line, question, _depth(pack, c.path, c.line), code)
+
+
+def question_text(doc: str, name: str) -> str:
+    """The docstring as a question: the function's own name masked, at most MAX_DOC_WORDS words,
+    paragraphs kept whole where possible, whitespace inside a paragraph collapsed."""
+    doc = re.sub(rf"(?<!\w){re.escape(name)}(?!\w)", "this function", doc)
+    out, words = [], 0
+    for para in re.split(r"\n\s*\n", doc.strip()):
+        tokens = para.split()
+        if words and words + len(tokens) > MAX_DOC_WORDS:
+            break
+        out.append(" ".join(tokens[: MAX_DOC_WORDS - words]))
+        words += len(tokens)
+    return "\n".join(out)
+
+
+def _depth(pack: ingest.Pack, path: str, line: int) -> float:
+    return round(_token_pos(pack, path, line) / max(pack.total_tokens, 1), 4)
+
+
+def _numbered(tasks: list[Task]) -> list[Task]:
+    prefix = {FUNCTION: "fn", CLASS: "cls", CONSTANT: "const"}
+    return [replace(t, id=f"{i + 1:02d}-{prefix[t.kind]}") for i, t in enumerate(tasks)]
