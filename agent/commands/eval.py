@@ -44,7 +44,8 @@ from agent.evaluate.tasks import TaskError, build_workspace
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
               help="[default: float32 on CPU, bfloat16 on CUDA]")
 @click.option("--chunk-size", type=click.IntRange(min=1), help="Prefill chunk (1024 CPU, 8192 CUDA).")
-@click.option("--include", multiple=True, metavar="GLOB", help="Only pack files matching GLOB.")
+@click.option("--include", multiple=True, metavar="GLOB",
+              help="Only pack files matching GLOB. [default: *.py, so that the context is code]")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out files matching GLOB.")
 @click.option("--json", "as_json", is_flag=True, help="Print {configs, tasks} as JSON instead of tables.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
@@ -112,7 +113,7 @@ def _workspace(path, rt, ui, context_tokens, n_tasks, seed, include, exclude):
     try:
         with ui.status("building tasks (packing PATH, stripping docstrings in a temp copy)"):
             ws = build_workspace(path, rt.tokenizer, context_tokens=context_tokens, n_tasks=n_tasks, seed=seed,
-                                 include=include, exclude=exclude)
+                                 include=include or ("*.py",), exclude=exclude)
     except (TaskError, ingest.PackError) as e:
         raise click.ClickException(str(e)) from None
     kinds = ", ".join(f"{sum(t.kind == k for t in ws.tasks)} {k}" for k in ("function", "class", "constant"))

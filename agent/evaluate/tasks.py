@@ -2,12 +2,14 @@
 Python repository, spread evenly through one packed context.
 
 How a workspace is built (`build_workspace`):
-1. the repository is packed with the budget (`ingest.pack`, which drops whole files by priority);
-2. needle functions are chosen among the packed Python files (ast): a unique name, a docstring of
+1. the repository is packed whole (`ingest.pack`), and files are taken in pack order while they
+   fit the budget (a file that does not fit is skipped, later smaller ones may still go in), so
+   that the context is a run of neighbouring files, as a reader of the repository sees them;
+2. needle functions are chosen among the chosen Python files (ast): a unique name, a docstring of
    at least `MIN_DOC_WORDS` words on lines of its own whose first line occurs nowhere else in the
-   pack, a body beyond the docstring, at most `MAX_FN_CHARS` characters of code; one per equal
-   slice of the token range the candidates span (seeded choice inside a slice);
-3. the packed files are copied to a temp directory (the user's tree is never written), the needle
+   repository, a body beyond the docstring, at most `MAX_FN_CHARS` characters of code; one per
+   equal slice of the token range the candidates span (seeded choice inside a slice);
+3. the chosen files are copied to a temp directory (the user's tree is never written), the needle
    docstrings are deleted there, and the copy is packed: that pack is the context;
 4. the second family (a class or a module-level UPPER_CASE constant with a unique name, gold = the
    definition line) is chosen on the copy the same way.
@@ -85,38 +87,60 @@ class TaskError(ValueError):
 
 def build_workspace(root: str, tokenizer, *, context_tokens: int, n_tasks: int, seed: int,
                     include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> Workspace:
-    """Pack `root` within `context_tokens`, choose `n_tasks` tasks (seeded), return the workspace.
+    """Pack files of `root` within about `context_tokens`, choose `n_tasks` tasks (seeded), return the workspace.
 
     About two thirds of the tasks are function needles, the rest class/constant definitions
     (n_tasks=1: one needle). Fewer are returned when the repository has fewer candidates.
 
     Raises:
-        TaskError: nothing to ask about. ingest.PackError: the path cannot be packed.
+        TaskError: nothing to ask about, or no file fits. ingest.PackError: the path cannot be packed.
     """
-    options = ingest.PackOptions(max_tokens=context_tokens, include=include, exclude=exclude)
-    original = ingest.pack(root, tokenizer, options)
-    texts = _python_texts(original.root, original)
+    full = ingest.pack(root, tokenizer, ingest.PackOptions(include=include, exclude=exclude))
+    chosen = _fit_in_order(full, context_tokens)
+    if not chosen:
+        raise TaskError(f"--context-tokens {context_tokens:,} is too small for any file under {root}; raise it")
     n_def = n_tasks // 3
-    needles = _spread(_function_cands(texts, original), n_tasks - n_def, original, random.Random(f"{seed}:fn"))
+    cands = _function_cands(_python_texts(full.root, chosen), full.text)
+    needles = _spread(cands, n_tasks - n_def, _positions(full, chosen), random.Random(f"{seed}:fn"))
     with tempfile.TemporaryDirectory(prefix="moba-ask-eval-") as tmp:
-        copy_root = os.path.join(tmp, os.path.basename(original.root.rstrip(os.sep)) or "repo")
-        _copy(original, copy_root, needles)
+        copy_root = os.path.join(tmp, os.path.basename(full.root.rstrip(os.sep)) or "repo")
+        _copy(full.root, chosen, copy_root, needles)
         pack = ingest.pack(copy_root, tokenizer, ingest.PackOptions())
         copy_texts = {f.path: Path(copy_root, f.path).read_text("utf-8", errors="replace").replace("\r\n", "\n")
                       for f in pack.files}
-    defs = _spread(_definition_cands(_parseable(copy_texts)), n_def, pack, random.Random(f"{seed}:def"))
+    defs = _spread(_definition_cands(_parseable(copy_texts)), n_def, lambda p, ln: _token_pos(pack, p, ln),
+                   random.Random(f"{seed}:def"))
     tasks = [t for t in (_function_task(c, copy_texts, pack) for c in needles) if t]
     tasks += [_definition_task(c, copy_texts, pack) for c in defs if c.path in copy_texts]
     if not tasks:
         raise TaskError(f"no Python functions with docstrings or unique classes/constants under {root}; "
                         "eval needs a Python repository (check --include/--exclude and --context-tokens)")
     tasks.sort(key=lambda t: t.depth)
-    return Workspace(pack, tuple(_numbered(tasks)), copy_texts, original.root)
+    return Workspace(pack, tuple(_numbered(tasks)), copy_texts, full.root)
 
 
-def _python_texts(root: str, pack: ingest.Pack) -> dict[str, str]:
+def _fit_in_order(full: ingest.Pack, budget: int) -> list[ingest.FileRecord]:
+    """Files in pack order, each kept when it still fits the budget (the full tree's tokens reserved)."""
+    room, used, out = budget - full.tree_tokens, 0, []
+    for f in full.files:
+        if used + f.tokens <= room:
+            out.append(f)
+            used += f.tokens
+    return out
+
+
+def _positions(full: ingest.Pack, chosen: list[ingest.FileRecord]):
+    """pos(path, line): the line's token offset in the chosen files laid end to end."""
+    offset, at = {}, 0
+    for f in chosen:
+        offset[f.path] = at - f.token_start
+        at += f.tokens
+    return lambda path, line: offset[path] + _token_pos(full, path, line)
+
+
+def _python_texts(root: str, files: list[ingest.FileRecord]) -> dict[str, tuple[str, ast.Module]]:
     out = {}
-    for f in pack.files:
+    for f in files:
         if f.path.endswith(".py") and not f.flags:
             out[f.path] = Path(root, f.path).read_text("utf-8", errors="replace").replace("\r\n", "\n")
     return _parseable(out)
@@ -134,7 +158,7 @@ def _parseable(texts: dict[str, str]) -> dict[str, tuple[str, ast.Module]]:
     return out
 
 
-def _function_cands(texts: dict[str, tuple[str, ast.Module]], pack: ingest.Pack) -> list[_Cand]:
+def _function_cands(texts: dict[str, tuple[str, ast.Module]], pack_text: str) -> list[_Cand]:
     names = Counter(n.name for _, tree in texts.values() for n in ast.walk(tree) if _is_def(n))
     out = []
     for path, (text, tree) in texts.items():
@@ -142,7 +166,7 @@ def _function_cands(texts: dict[str, tuple[str, ast.Module]], pack: ingest.Pack)
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and names[node.name] == 1:
                 cand = _needle(path, node, lines)
-                if cand and pack.text.count(cand.doc_first) <= 1:
+                if cand and pack_text.count(cand.doc_first) <= 1:
                     out.append(cand.cand)
     return out
 
@@ -206,10 +230,10 @@ def _module_constants(tree: ast.Module) -> list[tuple[str, int]]:
     return out
 
 
-def _spread(cands: list[_Cand], n: int, pack: ingest.Pack, rng: random.Random) -> list[_Cand]:
+def _spread(cands: list[_Cand], n: int, pos, rng: random.Random) -> list[_Cand]:
     """n candidates, one per equal slice of the token range they span (seeded pick inside a slice;
     an empty slice takes the unused candidate nearest its centre)."""
-    placed = sorted(((_token_pos(pack, c.path, c.line), c) for c in cands), key=lambda x: (x[0], x[1].path))
+    placed = sorted(((pos(c.path, c.line), c) for c in cands), key=lambda x: (x[0], x[1].path))
     if n <= 0 or not placed:
         return []
     lo, hi = placed[0][0], placed[-1][0] + 1
@@ -229,18 +253,18 @@ def _token_pos(pack: ingest.Pack, path: str, line: int) -> int:
     return pack.source_map.line_tokens(path, line)[0]
 
 
-def _copy(original: ingest.Pack, dest: str, needles: list[_Cand]) -> None:
-    """Copy the packed files to dest, deleting the needle docstrings."""
+def _copy(root: str, files: list[ingest.FileRecord], dest: str, needles: list[_Cand]) -> None:
+    """Copy the chosen files to dest, deleting the needle docstrings."""
     cut: dict[str, list[tuple[int, int]]] = {}
     for c in needles:
         cut.setdefault(c.path, []).append(c.doc_lines)
-    for f in original.files:
+    for f in files:
         target = Path(dest, f.path)
         target.parent.mkdir(parents=True, exist_ok=True)
         if f.path not in cut:
-            shutil.copyfile(Path(original.root, f.path), target)
+            shutil.copyfile(Path(root, f.path), target)
             continue
-        lines = Path(original.root, f.path).read_text("utf-8").replace("\r\n", "\n").split("\n")
+        lines = Path(root, f.path).read_text("utf-8").replace("\r\n", "\n").split("\n")
         for first, last in sorted(cut[f.path], reverse=True):
             del lines[first - 1: last]
         target.write_text("\n".join(lines), encoding="utf-8")

@@ -138,7 +138,7 @@ def test_markdown_table_progress_notes_and_output_file(repo, oracle, tmp_path):
     assert "moba-hybrid" not in r.stdout and sum(ln.startswith("| 0") for ln in lines) == 9
     assert "9 tasks (6 function" in r.stderr and "dense: 9 questions in" in r.stderr
     saved = json.loads(out.read_text())
-    assert [c["name"] for c in saved["configs"]] == ["dense", "moba"] and saved["meta"]["files"] == 7
+    assert [c["name"] for c in saved["configs"]] == ["dense", "moba"] and saved["meta"]["files"] == 6  # *.py only
     assert snapshot(repo) == before
 
 
@@ -161,4 +161,6 @@ def test_bad_paths_are_one_line_errors(tmp_path, oracle):
     assert r.exit_code == 2 and "PATH must be a directory" in r.stderr
     docs = write_tree(tmp_path / "docs", {"README.md": "# words\n"})
     r = run("eval", docs)
+    assert r.exit_code == 1 and "no files to pack" in r.stderr
+    r = run("eval", tmp_path / "t")
     assert r.exit_code == 1 and "no Python functions with docstrings" in r.stderr

@@ -4,6 +4,7 @@ import re
 
 import pytest
 
+import ingest
 from agent.evaluate.tasks import CLASS, CONSTANT, FUNCTION, TaskError, build_workspace, question_text
 from tests.agent.fakes import fake_tokenizer
 from tests.ingest.fixtures import git_repo, snapshot, write_tree
@@ -147,3 +148,15 @@ def test_question_text_masks_the_name_and_caps_words():
     q = question_text(doc, "parse_config")
     assert q.startswith("Run this function on the file.\nLike self.this function(x), not reparse_config.")
     assert "parse_config(" not in q and len(q.split()) <= 120
+
+
+def test_files_are_taken_in_pack_order_and_a_file_too_big_is_skipped(tmp_path, tok, monkeypatch):
+    monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(tmp_path / "cache"))
+    big = "\n".join(f"VALUE_{i} = {i}" for i in range(400)) + "\n"
+    root = write_tree(tmp_path / "r", {"a.py": module(0), "b.py": big, "c.py": module(1), "d.py": module(2)})
+    full = ingest.pack(root, tok)
+    sizes = {f.path: f.tokens for f in full.files}
+    ws = build(root, tok, context=full.tree_tokens + sizes["a.py"] + sizes["c.py"] + 20)
+    assert [f.path for f in ws.pack.files] == ["a.py", "c.py"]
+    with pytest.raises(TaskError, match="--context-tokens 50 is too small for any file"):
+        build(root, tok, context=50)
