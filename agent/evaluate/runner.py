@@ -71,30 +71,38 @@ def run(runtime, ws: Workspace, base: AskConfig, names: list[str], *, seed: int,
     reports progress. A runtime without `retune` (a test double) keeps its own settings.
     """
     baselines = _baselines(ws, seed)
-    needles = [t.code for t in ws.tasks if t.kind == FUNCTION]
     results: dict[str, dict[str, dict]] = {t.id: {} for t in ws.tasks}
     configs, extra = [], {}
     for name in names:
         cfg = config_for(name, base, hybrid_layers)
-        if getattr(runtime, "retune", None):
-            runtime.retune(cfg)
-        session = Session(runtime, ws.pack, cfg, "ask", None)
-        (open_session or (lambda s: s.open()))(session)
-        for i, task in enumerate(ws.tasks):
-            if on_task:
-                on_task(name, i, len(ws.tasks))
-            results[task.id][name] = _ask(session, task, ws, needles)
-        if on_task:
-            on_task(name, len(ws.tasks), len(ws.tasks))
-        rows = [results[t.id][name] for t in ws.tasks]
+        rows, extra[name] = _run_config(runtime, ws, cfg, name, open_session, on_task)
+        for t, row in zip(ws.tasks, rows):
+            results[t.id][name] = row
         configs.append(_config_entry(name, cfg, rows, baselines))
-        extra[name] = dict(sink_blocks=cfg.sink_blocks, dense_layers=_layers_label(name, cfg),
-                           prefill_s=session.stats["prefill_s"], context_tokens=session.context_len)
-        session = None
     tasks = [_task_entry(t, baselines[t.id], results[t.id]) for t in ws.tasks]
     meta = dict(model=runtime.name, files=len(ws.pack.files), pack_tokens=ws.pack.total_tokens,
                 chance=round(1 / len(ws.pack.files), 4), seed=seed, root=ws.source_root, configs=extra)
     return Report({"configs": configs, "tasks": tasks}, meta)
+
+
+def _run_config(runtime, ws: Workspace, cfg: AskConfig, name: str, open_session, on_task) -> tuple[list, dict]:
+    """Re-tune, prefill once, ask every task; (result rows in task order, notes for the table)."""
+    if getattr(runtime, "retune", None):
+        runtime.retune(cfg)
+    session = Session(runtime, ws.pack, cfg, "ask", None)
+    (open_session or (lambda s: s.open()))(session)
+    needles = [t.code for t in ws.tasks if t.kind == FUNCTION]
+    rows, t0 = [], time.perf_counter()
+    for i, task in enumerate(ws.tasks):
+        if on_task:
+            on_task(name, i, len(ws.tasks))
+        rows.append(_ask(session, task, ws, needles))
+    if on_task:
+        on_task(name, len(ws.tasks), len(ws.tasks))
+    notes = dict(sink_blocks=cfg.sink_blocks, dense_layers=_layers_label(name, cfg),
+                 prefill_s=session.stats["prefill_s"], questions_s=round(time.perf_counter() - t0, 1),
+                 context_tokens=session.context_len)
+    return rows, notes
 
 
 def _ask(session: Session, task: Task, ws: Workspace, needles: list[str]) -> dict:
@@ -110,7 +118,8 @@ def _ask(session: Session, task: Task, ws: Workspace, needles: list[str]) -> dic
 
 def score_answer(task: Task, text: str, citations, ws: Workspace, needles: list[str]) -> dict:
     """Scores of one answer: answer_exact, repoqa_pass and bleu (functions only, else None), rank of
-    the gold file among the citations, line precision/recall, bogus citation count.
+    the gold file among the citations (and among the routing citations alone: routing_rank), line
+    precision/recall, bogus citation count.
 
     answer_exact: for a function, its name appears as an identifier in the answer; for a class or
     constant, the answer has a path:line reference (resolved by the source map) covering the gold line.
@@ -123,9 +132,10 @@ def score_answer(task: Task, text: str, citations, ws: Workspace, needles: list[
         exact = any(c.path == task.path and c.start_line <= task.start_line <= c.end_line for c in refs)
         passed, bleu = None, None
     rank = scoring.gold_rank(citations, task.path)
+    routed = scoring.gold_rank([c for c in citations if c.source != cit.TEXT], task.path)
     precision, recall = scoring.line_scores(citations, task.path, task.start_line, task.end_line)
     return dict(answer_exact=exact, repoqa_pass=passed, bleu=None if bleu is None else round(bleu, 4),
-                rank=rank, line_precision=round(precision, 4), line_recall=round(recall, 4),
+                rank=rank, routing_rank=routed, line_precision=round(precision, 4), line_recall=round(recall, 4),
                 bogus=scoring.bogus_count(citations, ws.pack.source_map))
 
 
@@ -179,31 +189,36 @@ def _layers_label(name: str, cfg: AskConfig) -> str:
 
 
 def to_markdown(report: Report) -> str:
-    """The summary table, a line of context, and one row per task (exact match and gold-file rank)."""
-    m, configs = report.meta, report.doc["configs"]
-    tasks = report.doc["tasks"]
+    """A line of context, the summary table, and one row per task (exact match, gold-file rank)."""
+    m, tasks = report.meta, report.doc["tasks"]
     kinds = {k: sum(t["kind"] == k for t in tasks) for k in ("function", "class", "constant")}
-    lines = [f"moba-ask eval: {m['root']}, model {m['model']}, {m['pack_tokens']:,} pack tokens, "
-             f"{m['files']} files, {len(tasks)} tasks ({kinds['function']} function, {kinds['class']} class, "
-             f"{kinds['constant']} constant), seed {m['seed']}", "",
-             "| config | attention | block | top-k | sinks | dense layers | prefill s | answer exact | RepoQA pass "
-             "| hit@1 | hit@3 | MRR | line P | line R | bogus | BM25 hit@1 | random hit@1 |",
-             "|" + "---|" * 17]
-    for c in configs:
-        x, mt = m["configs"][c["name"]], c["metrics"]
+    head = (f"moba-ask eval: {m['root']}, model {m['model']}, {m['pack_tokens']:,} pack tokens, {m['files']} files, "
+            f"{len(tasks)} tasks ({kinds['function']} function, {kinds['class']} class, {kinds['constant']} "
+            f"constant), seed {m['seed']}")
+    note = (f"Chance hit@1 (1/#files): {m['chance']}. Per task, each config shows answer exact (Y/n) and the gold "
+            "file's rank among the citations (- when not cited):")
+    return "\n".join([head, "", *_summary_table(report), "", note, "", *_task_table(report)]) + "\n"
+
+
+def _summary_table(report: Report) -> list[str]:
+    lines = ["| config | attention | block | top-k | sinks | dense layers | prefill s | answer exact | RepoQA pass "
+             "| hit@1 | hit@3 | MRR | line P | line R | bogus | BM25 hit@1 | random hit@1 |", "|" + "---|" * 17]
+    for c in report.doc["configs"]:
+        x, mt = report.meta["configs"][c["name"]], c["metrics"]
         cells = [c["name"], c["attention"], c["block_size"], c["top_k"], x["sink_blocks"], x["dense_layers"],
                  f"{x['prefill_s']:.1f}", *(_fmt(mt[k]) for k in METRICS)]
         lines.append("| " + " | ".join(str(v) for v in cells) + " |")
-    lines += ["", f"Chance hit@1 (1/#files): {m['chance']}. Per task, each config shows answer exact (Y/n) "
-              "and the gold file's rank among the citations (- when not cited):", ""]
-    names = [c["name"] for c in configs]
-    lines += ["| task | gold | depth | BM25 rank | " + " | ".join(names) + " |", "|" + "---|" * (4 + len(names))]
-    for t in tasks:
+    return lines
+
+
+def _task_table(report: Report) -> list[str]:
+    names = [c["name"] for c in report.doc["configs"]]
+    lines = ["| task | gold | depth | BM25 rank | " + " | ".join(names) + " |", "|" + "---|" * (4 + len(names))]
+    for t in report.doc["tasks"]:
         cells = [f"{t['id']} `{t['name']}`", f"{t['path']}:{t['start_line']}-{t['end_line']}", t["depth"],
-                 t["bm25_rank"] or "-"]
-        cells += [_task_cell(t["results"][n]) for n in names]
+                 t["bm25_rank"] or "-", *(_task_cell(t["results"][n]) for n in names)]
         lines.append("| " + " | ".join(str(v) for v in cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _task_cell(r: dict) -> str:

@@ -102,12 +102,7 @@ def build_workspace(root: str, tokenizer, *, context_tokens: int, n_tasks: int, 
     n_def = n_tasks // 3
     cands = _function_cands(_python_texts(full.root, chosen), full.text)
     needles = _spread(cands, n_tasks - n_def, _positions(full, chosen), random.Random(f"{seed}:fn"))
-    with tempfile.TemporaryDirectory(prefix="moba-ask-eval-") as tmp:
-        copy_root = os.path.join(tmp, os.path.basename(full.root.rstrip(os.sep)) or "repo")
-        _copy(full.root, chosen, copy_root, needles)
-        pack = ingest.pack(copy_root, tokenizer, ingest.PackOptions())
-        copy_texts = {f.path: Path(copy_root, f.path).read_text("utf-8", errors="replace").replace("\r\n", "\n")
-                      for f in pack.files}
+    pack, copy_texts = _repack(full.root, chosen, needles, tokenizer)
     defs = _spread(_definition_cands(_parseable(copy_texts)), n_def, lambda p, ln: _token_pos(pack, p, ln),
                    random.Random(f"{seed}:def"))
     tasks = [t for t in (_function_task(c, copy_texts, pack) for c in needles) if t]
@@ -117,6 +112,17 @@ def build_workspace(root: str, tokenizer, *, context_tokens: int, n_tasks: int, 
                         "eval needs a Python repository (check --include/--exclude and --context-tokens)")
     tasks.sort(key=lambda t: t.depth)
     return Workspace(pack, tuple(_numbered(tasks)), copy_texts, full.root)
+
+
+def _repack(root: str, chosen: list[ingest.FileRecord], needles: list[_Cand], tokenizer):
+    """(pack, path -> text) of a temp copy of the chosen files without the needle docstrings."""
+    with tempfile.TemporaryDirectory(prefix="moba-ask-eval-") as tmp:
+        copy_root = os.path.join(tmp, os.path.basename(root.rstrip(os.sep)) or "repo")
+        _copy(root, chosen, copy_root, needles)
+        pack = ingest.pack(copy_root, tokenizer, ingest.PackOptions())
+        texts = {f.path: Path(copy_root, f.path).read_text("utf-8", errors="replace").replace("\r\n", "\n")
+                 for f in pack.files}
+    return pack, texts
 
 
 def _fit_in_order(full: ingest.Pack, budget: int) -> list[ingest.FileRecord]:

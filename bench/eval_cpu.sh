@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# moba-ask eval on CPU: two real repositories (PyPI sdists made git repos), smollm2-135m at 4K and
+# ~8K context tokens, qwen2.5-coder-1.5b at 8K and 16K, plus MoBA block-size/top-k/sink variants.
+#
+# Usage: bench/eval_cpu.sh STAGE [OUT]   STAGE: repos | smollm | qwen8k | qwen16k | variants
+#   repos:    fetch itsdangerous 2.2.0 and packaging 24.2 sdists into $REPOS and git-commit them
+#   others:   run the evals; each run writes OUT/<name>.md (table), .json (-o) and .err (progress)
+# Env: REPOS (default /work/evalrepos), MOBA (default moba-ask).
+set -euo pipefail
+STAGE=${1:?stage: repos, smollm, qwen8k, qwen16k or variants}
+OUT=${2:-/work/evalruns}
+REPOS=${REPOS:-/work/evalrepos}
+MOBA=${MOBA:-moba-ask}
+mkdir -p "$OUT"
+
+fetch() {  # fetch NAME VERSION: sdist -> $REPOS/NAME-VERSION as a git repository
+  mkdir -p "$REPOS/sdists"
+  pip download --no-deps --no-binary=:all: "$1==$2" -d "$REPOS/sdists"
+  tar xzf "$REPOS/sdists/$1-$2.tar.gz" -C "$REPOS"
+  (cd "$REPOS/$1-$2" && git init -q && git add -A && git -c user.name=eval -c user.email=eval@localhost commit -qm sdist)
+}
+
+run() {  # run NAME REPO MODEL CONTEXT TASKS [extra flags...]
+  local name=$1 repo=$2 model=$3 ctx=$4 tasks=$5
+  shift 5
+  echo "$(date -u +%FT%TZ) start $name" >&2
+  local t0=$SECONDS
+  $MOBA eval "$REPOS/$repo" --model "$model" --context-tokens "$ctx" --tasks "$tasks" --seed 0 \
+    --max-new-tokens 48 -o "$OUT/$name.json" "$@" > "$OUT/$name.md" 2> "$OUT/$name.err"
+  echo "$(date -u +%FT%TZ) done $name in $((SECONDS - t0)) s" >&2
+}
+
+ITS=itsdangerous-2.2.0
+PKG=packaging-24.2
+case $STAGE in
+  repos)
+    fetch itsdangerous 2.2.0
+    fetch packaging 24.2 ;;
+  smollm)
+    run smollm-its-4k $ITS smollm2-135m 4096 12
+    run smollm-pkg-4k $PKG smollm2-135m 4096 12
+    run smollm-its-8k $ITS smollm2-135m 7600 12
+    run smollm-pkg-8k $PKG smollm2-135m 7600 12 ;;
+  qwen8k)
+    run qwen-its-8k $ITS qwen2.5-coder-1.5b 8192 8
+    run qwen-pkg-8k $PKG qwen2.5-coder-1.5b 8192 8 ;;
+  qwen16k)
+    run qwen-its-16k $ITS qwen2.5-coder-1.5b 16384 6
+    run qwen-pkg-16k $PKG qwen2.5-coder-1.5b 16384 6 ;;
+  variants)
+    for repo in its:$ITS pkg:$PKG; do
+      run "smollm-${repo%%:*}-8k-b512k3" "${repo#*:}" smollm2-135m 7600 12 --attention moba-hybrid,moba \
+        --block-size 512 --top-k 3
+      run "smollm-${repo%%:*}-8k-b128k12" "${repo#*:}" smollm2-135m 7600 12 --attention moba-hybrid,moba \
+        --block-size 128 --top-k 12
+      run "smollm-${repo%%:*}-8k-sink0" "${repo#*:}" smollm2-135m 7600 12 --attention moba-hybrid,moba \
+        --sink-blocks 0
+    done ;;
+  *) echo "unknown stage $STAGE" >&2; exit 2 ;;
+esac
