@@ -90,7 +90,8 @@ def build_workspace(root: str, tokenizer, *, context_tokens: int, n_tasks: int, 
     """Pack files of `root` within about `context_tokens`, choose `n_tasks` tasks (seeded), return the workspace.
 
     About two thirds of the tasks are function needles, the rest class/constant definitions
-    (n_tasks=1: one needle). Fewer are returned when the repository has fewer candidates.
+    (n_tasks=1: one needle); definitions make up for missing needles. Fewer are returned when the
+    repository has fewer candidates.
 
     Raises:
         TaskError: nothing to ask about, or no file fits. ingest.PackError: the path cannot be packed.
@@ -99,9 +100,9 @@ def build_workspace(root: str, tokenizer, *, context_tokens: int, n_tasks: int, 
     chosen = _fit_in_order(full, context_tokens)
     if not chosen:
         raise TaskError(f"--context-tokens {context_tokens:,} is too small for any file under {root}; raise it")
-    n_def = n_tasks // 3
     cands = _function_cands(_python_texts(full.root, chosen), full.text)
-    needles = _spread(cands, n_tasks - n_def, _positions(full, chosen), random.Random(f"{seed}:fn"))
+    needles = _spread(cands, n_tasks - n_tasks // 3, _positions(full, chosen), random.Random(f"{seed}:fn"))
+    n_def = n_tasks - len(needles)
     pack, copy_texts = _repack(full.root, chosen, needles, tokenizer)
     defs = _spread(_definition_cands(_parseable(copy_texts)), n_def, lambda p, ln: _token_pos(pack, p, ln),
                    random.Random(f"{seed}:def"))

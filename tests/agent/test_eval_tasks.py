@@ -158,5 +158,7 @@ def test_files_are_taken_in_pack_order_and_a_file_too_big_is_skipped(tmp_path, t
     sizes = {f.path: f.tokens for f in full.files}
     ws = build(root, tok, context=full.tree_tokens + sizes["a.py"] + sizes["c.py"] + 20)
     assert [f.path for f in ws.pack.files] == ["a.py", "c.py"]
+    few = build(root, tok, n=12, context=full.tree_tokens + sizes["a.py"] + 20)
+    assert [t.kind for t in few.tasks].count(FUNCTION) == 5 and len(few.tasks) == 7  # definitions fill in
     with pytest.raises(TaskError, match="--context-tokens 50 is too small for any file"):
         build(root, tok, context=50)
