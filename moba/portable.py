@@ -1,12 +1,13 @@
 """MoBA attention in plain PyTorch, for CPU and CUDA. The reference is moba/naive.py.
 
 Layout: q [B, Hq, Tq, D], k and v [B, Hkv, Tk, D]; the queries are the last Tq keys.
-Queries are processed in chunks. For each chunk the gate picks blocks (moba/routing.py),
-the own block is attended causally, and the picked blocks are attended either by gathering
-them per query (few queries: decode) or by grouping the queries that picked each key block
-(prefill). Partial results merge through a running log-sum-exp, so neither a [Tq, Tk] score
-matrix nor a whole-sequence gate is ever held, and GQA never repeats K or V. Math runs in
-fp32 whatever the input dtype.
+Queries are processed in chunks. For each chunk the gate picks blocks (moba/routing.py).
+Few queries (decode): the own block is attended causally, then each query's picked blocks are
+gathered and merged. Many queries (prefill): every (query, slot) pair, the own block being slot 0
+with a causal mask, is grouped by (batch, KV head, key block); the groups run as batched dense
+tiles and each query's partials merge by log-sum-exp. Neither a [Tq, Tk] score matrix nor a
+whole-sequence gate is ever held, and GQA never repeats K or V. Math runs in fp32 whatever the
+input dtype.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def _gathered_blocks(qc, k, v, sel, block_size, scale, m, l, acc) -> None:
     ks, vs = kb[bi, gi, idx].float(), vb[bi, gi, idx].float()  # [B, Hq, C, S, bs, D]
     s = torch.einsum("bhcd,bhcsjd->bhcsj", qc.float(), ks) * scale
     s = s.masked_fill((sel < 0)[..., None], float("-inf")).reshape(B, Hq, C, S * block_size)
-    _merge(m, l, acc, s, vs.reshape(B, Hq, C, S * block_size, D), batched=True)
+    _merge(m, l, acc, s, vs.reshape(B, Hq, C, S * block_size, D))
 
 
 def _grouped_blocks(qc, k, v, sel, pos0, block_size, scale) -> torch.Tensor:
@@ -184,12 +185,11 @@ def _combine(row, e_m, e_l, e_o, n_rows) -> torch.Tensor:
     return o / l[:, None]
 
 
-def _merge(m, l, acc, s, vs, batched) -> None:
-    """Fold scores s [..., n] over values vs into the running (m, l, acc) in place."""
+def _merge(m, l, acc, s, vs) -> None:
+    """Fold scores s [..., n] over values vs [..., n, D] into the running (m, l, acc) in place."""
     m_new = torch.maximum(m, s.amax(-1))
     alpha = torch.exp(m - m_new)
     p = torch.exp(s - m_new.unsqueeze(-1))
     l.mul_(alpha).add_(p.sum(-1))
-    pv = (p.unsqueeze(-2) @ vs).squeeze(-2) if batched else p @ vs
-    acc.mul_(alpha.unsqueeze(-1)).add_(pv)
+    acc.mul_(alpha.unsqueeze(-1)).add_((p.unsqueeze(-2) @ vs).squeeze(-2))
     m.copy_(m_new)
