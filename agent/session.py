@@ -86,9 +86,15 @@ class Session:
         reserve = self.config.max_new_tokens + (4096 if self.mode == "chat" else 1024)
         return self.context_len + reserve
 
-    def open(self, progress: Callable[[int, int], None] | None = None) -> None:
-        """Prefill the context, or load it from the context cache when the key matches."""
+    def open(self, progress: Callable[[int, int], None] | None = None,
+             on_engine: Callable[[object], None] | None = None) -> None:
+        """Prefill the context, or load it from the context cache when the key matches.
+
+        on_engine(engine) runs once the engine (and its KV cache size) exists, before any prefill.
+        """
         self.engine = self.runtime.make_engine(self.capacity())
+        if on_engine:
+            on_engine(self.engine)
         t0 = time.perf_counter()
         key = self._cache_key()
         hit = self._load_cached(key)

@@ -137,12 +137,18 @@ class Progress:
 
     def prefill(self, session) -> None:
         with self._bar("prefill", "tokens") as (bar, task):
-            session.open(progress=lambda d, t: bar.update(task, completed=d, total=t))
+            session.open(progress=lambda d, t: bar.update(task, completed=d, total=t), on_engine=self.kv_note)
         s = session.stats
         how = "context cache hit" if s["cache_hit"] else f"prefilled in {s['prefill_s']:.1f}s"
-        mem = getattr(session.engine, "kv_bytes", None)
-        kv = f", KV cache {mem() / 2**20:,.0f} MiB" if callable(mem) else ""
-        self.console.print(f"{session.context_len:,} context tokens: {how}{kv}", highlight=False)
+        self.console.print(f"{session.context_len:,} context tokens: {how}", highlight=False)
+
+    def kv_note(self, engine) -> None:
+        """State the KV cache's memory before prefill starts."""
+        c, n = engine.config, engine.cache.capacity
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.console.print(f"KV cache: {engine.kv_bytes() / 2**20:,.0f} MiB = 2 x {c.num_hidden_layers} layers x "
+                           f"{c.num_key_value_heads} KV heads x {head_dim} x {n:,} tokens x "
+                           f"{engine.dtype.itemsize} B", highlight=False)
 
     def _bar(self, label: str, unit: str):
         from rich.progress import (

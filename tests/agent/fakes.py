@@ -32,8 +32,8 @@ class FakeEngine:
 
     def __init__(self, runtime: FakeRuntime, capacity: int):
         self.rt, self.capacity, self.ids = runtime, capacity, []
-        self.prefills: list[int] = []
         self.cache = self
+        self.prefills: list[int] = []
 
     @property
     def length(self) -> int:
@@ -63,8 +63,11 @@ class FakeEngine:
     def truncate(self, n):
         del self.ids[n:]
 
+    config = type("Cfg", (), dict(num_hidden_layers=2, num_key_value_heads=1, head_dim=4))
+    dtype = torch.float32
+
     def kv_bytes(self, tokens=None):
-        return 1 << 20
+        return 2 * 2 * 1 * 4 * self.capacity * 4
 
     def export(self, n):
         return {f"k.{i}": torch.tensor(self.ids[:n]) for i in range(2)} | {f"v.{i}": torch.zeros(n) for i in range(2)}

@@ -43,6 +43,7 @@ def test_ask_is_the_default_command_and_streams_answer_then_citations(repo, fake
     assert "Sources (routing strength, origin):" in r.stdout
     assert "src/settings.py:4" in r.stdout and "both" in r.stdout
     assert "packed 3 files" in r.stderr and "context tokens: prefilled" in r.stderr
+    assert r.stderr.index("KV cache:") < r.stderr.index("context tokens: prefilled")
     assert "Traceback" not in r.stdout + r.stderr
 
 
