@@ -4,7 +4,17 @@ import pytest
 import torch
 
 import ingest
-from agent.citations import BOTH, ROUTING, TEXT, Citation, combine, file_strengths, from_routing, from_text, merge
+from agent.citations import (
+    BOTH,
+    ROUTING,
+    TEXT,
+    Citation,
+    combine,
+    file_strengths,
+    from_routing,
+    from_text,
+    merge,
+)
 from moba.capture import RoutingRecorder
 from moba.types import Routing
 from tests.ingest.fixtures import make_tokenizer, write_tree
