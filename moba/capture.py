@@ -108,18 +108,18 @@ def attention_mass(q, positions, k, blocks, block_size: int, scale: float) -> to
     causal, routed, sinks), summed over heads and queries."""
     Hq, n, D = q.shape
     Tk = k.shape[1]
-    group, S = Hq // k.shape[0], blocks.shape[-1]
+    S = blocks.shape[-1]
+    kv_head = (torch.arange(Hq, device=q.device) // (Hq // k.shape[0]))[:, None, None]
     offs = torch.arange(block_size, device=q.device)
-    positions = positions.to(q.device)
+    positions, blocks = positions.to(q.device), blocks.to(q.device)
     mass = torch.zeros(Tk, device=q.device)
-    step = max(1, (1 << 22) // (S * block_size * D))
-    for h in range(Hq):
-        for i0 in range(0, n, step):
-            b = blocks[h, i0 : i0 + step].to(q.device)  # [c, S]
-            idx = b.clamp(min=0)[..., None] * block_size + offs  # [c, S, bs]
-            valid = (b[..., None] >= 0) & (idx <= positions[i0 : i0 + step, None, None])
-            idx = idx.clamp(max=Tk - 1).flatten(1)  # [c, S*bs]
-            s = torch.einsum("cd,ckd->ck", q[h, i0 : i0 + step].float(), k[h // group][idx].float()) * scale
-            p = s.masked_fill(~valid.flatten(1), float("-inf")).softmax(-1)
-            mass.index_add_(0, idx.flatten(), p.flatten())
+    step = max(1, (1 << 22) // (Hq * S * block_size * D))
+    for i0 in range(0, n, step):
+        b = blocks[:, i0 : i0 + step]  # [Hq, c, S]
+        idx = b.clamp(min=0)[..., None] * block_size + offs  # [Hq, c, S, bs]
+        valid = (b[..., None] >= 0) & (idx <= positions[i0 : i0 + step, None, None])
+        idx = idx.clamp(max=Tk - 1).flatten(2)  # [Hq, c, S*bs]
+        s = torch.einsum("hcd,hckd->hck", q[:, i0 : i0 + step].float(), k[kv_head, idx].float()) * scale
+        p = s.masked_fill(~valid.flatten(2), float("-inf")).softmax(-1)
+        mass.index_add_(0, idx.flatten(), p.flatten())
     return mass
