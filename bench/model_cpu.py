@@ -39,7 +39,10 @@ def main() -> None:
     p.add_argument("--dtype", nargs="+", default=["float32"])
     p.add_argument("--attention", nargs="+", default=["moba", "dense"])
     p.add_argument("--decode", type=int, default=32)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print("| model | dtype | tokens | attention | prefill tok/s | decode tok/s |\n|---|---|---|---|---|---|")
     for dtype in a.dtype:

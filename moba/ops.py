@@ -11,9 +11,8 @@ from __future__ import annotations
 import importlib
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
+from moba.dense import covers_all_blocks, dense_attention
 from moba.naive import naive_moba_attention
 from moba.portable import portable_moba_attention
 from moba.routing import block_means, select_blocks
@@ -65,23 +64,10 @@ def moba_attention(
     """
     check_inputs(q, k, v, block_size, top_k, sink_blocks)
     kwargs = dict(block_size=block_size, top_k=top_k, sink_blocks=sink_blocks, scale=scale)
-    if not return_routing and _is_dense(k.shape[2], block_size, top_k, sink_blocks):
+    if not return_routing and covers_all_blocks(k.shape[2], block_size, top_k, sink_blocks):
         return dense_attention(q, k, v, scale=scale)
     fn = _resolve(q)
     return fn(q, k, v, return_routing=return_routing, key_means=key_means, **kwargs)
-
-
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None):
-    """Causal SDPA with the queries as the last Tq keys (bottom-right aligned), GQA-native."""
-    Tq, Tk = q.shape[2], k.shape[2]
-    gqa = q.shape[1] != k.shape[1]
-    if Tq == Tk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    mask = causal_lower_right(Tq, Tk)  # never materialized by the fused SDPA kernels
-    if gqa and q.is_cuda:  # the fused lower-right kernel takes no GQA: expand K/V instead of falling back to math
-        group = q.shape[1] // k.shape[1]
-        k, v, gqa = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), False
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 def moba_routing(
@@ -104,11 +90,6 @@ def moba_routing(
     own = (torch.arange(Tk - Tq, Tk, device=q.device) // block_size).expand(*sel.shape[:3])
     inf = torch.full(own.shape, float("inf"), device=q.device)
     return Routing(blocks=torch.cat([own[..., None], sel], -1), scores=torch.cat([inf[..., None], sc], -1))
-
-
-def _is_dense(Tk: int, block_size: int, top_k: int, sink_blocks: int) -> bool:
-    """True when even the last query attends every past block, so MoBA is exactly causal SDPA."""
-    return (Tk - 1) // block_size <= top_k - 1 + sink_blocks
 
 
 def _resolve(q: torch.Tensor):
