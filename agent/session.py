@@ -113,18 +113,20 @@ class Session:
         turn = self._encode(self._split(self._render(self.history, question))[1])
         start = self._reuse(turn)
         rec = RoutingRecorder(start=self.context_len + start)
-        t0 = time.perf_counter()
         with capture_routing(rec), dense_queries():
+            t0 = time.perf_counter()
             logits = self.engine.prefill(turn[start:])
+            t1 = time.perf_counter()
             tokens, text, stopped = self._decode(logits, on_token, should_stop)
-        decode_s = time.perf_counter() - t0
+        decode_s = time.perf_counter() - t1
         self.turn_ids = (turn + tokens)[: self.engine.length - self.context_len]
         self.history.append(Turn(question, text))
         self._save_cached(self._pending_save)  # after the first answer, so it never delays one
         self._pending_save = None
         cites = self._citations(rec, text)
         stats = dict(self.stats, decode_tok_s=round(len(tokens) / max(decode_s, 1e-9), 2),
-                     answer_tokens=len(tokens))
+                     answer_tokens=len(tokens), question_tokens=len(turn) - start,
+                     question_s=round(t1 - t0, 3))
         return Answer(text, tokens, cites, stats, rec, stopped)
 
     def reset(self) -> None:
