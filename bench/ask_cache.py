@@ -25,7 +25,7 @@ from tests.agent.repogen import planted_repo  # noqa: E402
 
 def ask(repo: Path, model: str, cache: str) -> tuple[float, dict]:
     env = dict(os.environ, MOBA_ASK_CACHE_DIR=cache)
-    cmd = ["moba-ask", str(repo), "What is the value of MAGIC_NUMBER?", "-m", model, "--json", "--max-new-tokens", "16"]
+    cmd = [str(Path(sys.executable).parent / "moba-ask"), str(repo), "What is the value of MAGIC_NUMBER?", "-m", model, "--json", "--max-new-tokens", "16"]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     return time.perf_counter() - t0, json.loads(out)
