@@ -74,7 +74,7 @@ class Session:
     history: list[Turn] = field(default_factory=list)
 
     def __post_init__(self):
-        self.prefix_ids = self._encode(self._split(self._render([], ""))[0])
+        self.prefix_ids = self._bos() + self._encode(self._split(self._render([], ""))[0])
         self.context_len = len(self.prefix_ids) + len(self.pack.ids)
         self.smap = self.pack.source_map.shifted(len(self.prefix_ids))
         self.engine = None
@@ -137,21 +137,23 @@ class Session:
 
     def _decode(self, logits, on_token, should_stop):
         tok = self.runtime.tokenizer
+        stop_text = None if self.runtime.chat else "\nQuestion:"  # a base model starts the next turn
         tokens: list[int] = []
-        shown = ""
+        shown, ended = "", False
 
         def step(t: int) -> bool:
-            nonlocal shown
+            nonlocal shown, ended
             tokens.append(t)
-            text = tok.decode(tokens, skip_special_tokens=True)
-            if on_token and len(text) > len(shown) and not text.endswith("\ufffd"):
-                on_token(text[len(shown):])
-                shown = text
-            return bool(should_stop and should_stop())
+            text, ended = _cut(tok.decode(tokens, skip_special_tokens=True), stop_text)
+            visible = text if ended else _hold_back(text, stop_text)
+            if on_token and len(visible) > len(shown) and not visible.endswith("\ufffd"):
+                on_token(visible[len(shown):])
+                shown = visible
+            return ended or bool(should_stop and should_stop())
 
         sampling = Sampling(self.config.max_new_tokens, self.config.temperature, self.config.top_p)
         self.engine.generate(logits, sampling, self.runtime.stop_ids, step)
-        text = tok.decode(tokens, skip_special_tokens=True)
+        text = _cut(tok.decode(tokens, skip_special_tokens=True), stop_text)[0].rstrip()
         if on_token and len(text) > len(shown):
             on_token(text[len(shown):])
         return tokens, text, bool(should_stop and should_stop())
@@ -172,9 +174,9 @@ class Session:
     def _render(self, history: list[Turn], question: str) -> str:
         template = {"ask": "ask", "chat": "chat", "summarize": "summarize"}[self.mode]
         first = history[0].question if history else question
+        if not self.runtime.chat:  # a base model: plain completion, no instructions to echo
+            return self._completion(history, question, first)
         first_text = self._user_text(template, first)
-        if not self.runtime.chat:
-            return self._completion(history, question, first_text)
         messages = [{"role": "system", "content": prompts.load("system")}]
         turns = [*history, Turn(question, "")]
         for i, t in enumerate(turns):
@@ -189,13 +191,21 @@ class Session:
             return prompts.load("summarize").format(focus=question).rstrip()
         return prompts.load(template).format(question=question)
 
-    def _completion(self, history: list[Turn], question: str, first_text: str) -> str:
-        cue = "\nSummary:" if self.mode == "summarize" else "\nAnswer:"
-        parts = [DOCS_MARK + "\n\n" + first_text + cue]
+    def _completion(self, history: list[Turn], question: str, first: str) -> str:
+        if self.mode == "summarize":
+            head = "Summary" + (f" ({first})" if first else "") + " of the files above:"
+        else:
+            head = f"Question: {first}\nAnswer:"
+        parts = [DOCS_MARK + "\n\n" + head]
         for i, t in enumerate(history):
             nxt = history[i + 1].question if i + 1 < len(history) else question
             parts.append(f" {t.answer}\n\nQuestion: {nxt}\nAnswer:")
         return "".join(parts)
+
+    def _bos(self) -> list[int]:
+        """A base model's BOS token (chat templates write their own)."""
+        bos = getattr(self.runtime.tokenizer, "bos_token_id", None)
+        return [bos] if bos is not None and not self.runtime.chat else []
 
     def _split(self, rendered: str) -> tuple[str, str]:
         before, _, after = rendered.partition(DOCS_MARK)
@@ -232,3 +242,18 @@ class Session:
         tensors = {k: v.contiguous() for k, v in self.engine.cache.export(self.context_len).items()}
         meta = dict(model=self.runtime.name, root=self.pack.root, tokens=self.context_len)
         self.ctx_cache.save(key, tensors, meta)
+
+
+def _cut(text: str, stop: str | None) -> tuple[str, bool]:
+    """text up to `stop` (exclusive) and whether stop was found."""
+    i = text.find(stop) if stop else -1
+    return (text, False) if i < 0 else (text[:i], True)
+
+
+def _hold_back(text: str, stop: str | None) -> str:
+    """text without a tail that could be the start of `stop` (so it is never streamed)."""
+    if stop:
+        for n in range(min(len(stop), len(text)), 0, -1):
+            if stop.startswith(text[-n:]):
+                return text[:-n]
+    return text

@@ -155,3 +155,14 @@ def test_help_lists_commands_with_examples():
     for name in ("ask", "chat", "summarize", "pack", "models", "cache"):
         assert name in r.stdout
     assert "Examples" in run("ask", "--help").stdout
+
+
+def test_base_model_gets_plain_completion_and_stops_at_the_next_question(repo, monkeypatch, tmp_path):
+    monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(tmp_path / "cache"))
+    rt = FakeRuntime(answers=[" 7391046\n\nQuestion: and RETRY?\nAnswer: 5"], chat=False, block_size=64)
+    monkeypatch.setattr("agent.commands.common.load_runtime", lambda cfg: rt)
+    r = run(repo, "What is MAGIC_NUMBER?", "--no-cache")
+    assert r.exit_code == 0
+    assert r.stdout.startswith(" 7391046\n") and "Question" not in r.stdout
+    prompt = rt.tokenizer.decode(rt.engines[0].ids)
+    assert "<|im_start|>" not in prompt and "</file>\n\n\n\nQuestion: What is MAGIC_NUMBER?\nAnswer:" in prompt
