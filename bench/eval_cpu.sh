@@ -52,12 +52,14 @@ case $STAGE in
     run qwen-pkg-16k $PKG qwen2.5-coder-1.5b 16384 6 ;;
   variants)
     for repo in its:$ITS pkg:$PKG; do
-      run "smollm-${repo%%:*}-8k-b512k3" "${repo#*:}" smollm2-135m 7600 12 --attention moba-hybrid,moba \
+      run "qwen-${repo%%:*}-8k-b512k3" "${repo#*:}" qwen2.5-coder-1.5b 8192 8 --attention moba-hybrid,moba \
         --block-size 512 --top-k 3
-      run "smollm-${repo%%:*}-8k-b128k12" "${repo#*:}" smollm2-135m 7600 12 --attention moba-hybrid,moba \
-        --block-size 128 --top-k 12
-      run "smollm-${repo%%:*}-8k-sink0" "${repo#*:}" smollm2-135m 7600 12 --attention moba-hybrid,moba \
-        --sink-blocks 0
+    done
+    for repo in its:$ITS pkg:$PKG; do
+      for v in "b512k3 --block-size 512 --top-k 3" "b128k12 --block-size 128 --top-k 12" "sink0 --sink-blocks 0"; do
+        # shellcheck disable=SC2086
+        run "smollm-${repo%%:*}-8k-${v%% *}" "${repo#*:}" smollm2-135m 7600 12 --attention moba-hybrid,moba ${v#* }
+      done
     done ;;
   *) echo "unknown stage $STAGE" >&2; exit 2 ;;
 esac
