@@ -21,7 +21,7 @@ from agent.evaluate.tasks import TaskError, build_workspace
 @click.option("-m", "--model", envvar="MOBA_ASK_MODEL",
               help="Catalog name, hub id, local dir or .gguf. [default: $MOBA_ASK_MODEL, else the device default]")
 @click.option("--context-tokens", type=click.IntRange(min=256), default=8192, show_default=True,
-              help="Pack budget: files are dropped by priority until the packed repository fits.")
+              help="Context budget: the repository's files are taken in pack order while they fit.")
 @click.option("--tasks", "n_tasks", type=click.IntRange(min=1), default=12, show_default=True,
               help="Questions: about 2/3 find-the-function needles, 1/3 class/constant definitions.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for task choice and the random baseline.")
