@@ -2,8 +2,10 @@
 # moba-ask eval on CPU: two real repositories (PyPI sdists made git repos), smollm2-135m at 4K and
 # ~8K context tokens, qwen2.5-coder-1.5b at 8K and 16K, plus MoBA block-size/top-k/sink variants.
 #
-# Usage: bench/eval_cpu.sh STAGE [OUT]   STAGE: repos | smollm | qwen8k | qwen16k | variants
+# Usage: bench/eval_cpu.sh STAGE [OUT]   STAGE: repos | smollm | qwen8k | qwen16k | variants | table
 #   repos:    fetch itsdangerous 2.2.0 and packaging 24.2 sdists into $REPOS and git-commit them
+#   table:    one markdown table of every OUT/*.json run (the -o documents), on stdout; the last
+#             column ranks the gold file among the routing citations alone (text citations left out)
 #   others:   run the evals; each run writes OUT/<name>.md (table), .json (-o) and .err (progress)
 # Env: REPOS (default /work/evalrepos), MOBA (default moba-ask), OMP_NUM_THREADS (default 1: on a
 # shared 2-core machine, two torch threads stall on every op whenever another process holds a core;
@@ -61,5 +63,26 @@ case $STAGE in
         run "smollm-${repo%%:*}-8k-${v%% *}" "${repo#*:}" smollm2-135m 7600 12 --attention moba-hybrid,moba ${v#* }
       done
     done ;;
+  table)
+    python3 - "$OUT" <<'PY'
+import glob, json, os, sys
+cols = ["answer_exact", "hit_at_1", "hit_at_3", "mrr", "line_precision", "line_recall", "bogus_citations",
+        "bm25_hit_at_1", "random_hit_at_1"]
+print("| run | pack tokens | tasks (fn/def) | config | block/top-k/sinks | dense layers | prefill s | questions s | "
+      "exact | hit@1 | hit@3 | MRR | line P | line R | bogus | BM25@1 | random@1 | routing-only hit@1 |")
+print("|" + "---|" * 18)
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
+    d = json.load(open(path))
+    m, n_fn = d["meta"], sum(t["kind"] == "function" for t in d["tasks"])
+    for c in d["configs"]:
+        x, mt = m["configs"][c["name"]], c["metrics"]
+        vals = [f"{mt[k]:.3f}" if isinstance(mt[k], float) else str(mt[k]) for k in cols]
+        ranks = [t["results"][c["name"]]["routing_rank"] for t in d["tasks"]]
+        vals.append(f"{sum(r == 1 for r in ranks) / len(ranks):.3f}")
+        print(f"| {os.path.basename(path)[:-5]} | {m['pack_tokens']:,} | {len(d['tasks'])} ({n_fn}/{len(d['tasks']) - n_fn}) "
+              f"| {c['name']} | {c['block_size']}/{c['top_k']}/{x['sink_blocks']} | {x['dense_layers']} "
+              f"| {x['prefill_s']:.0f} | {x['questions_s']:.0f} | " + " | ".join(vals) + " |")
+PY
+    ;;
   *) echo "unknown stage $STAGE" >&2; exit 2 ;;
 esac
