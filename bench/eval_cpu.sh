@@ -5,7 +5,8 @@
 # Usage: bench/eval_cpu.sh STAGE [OUT]   STAGE: repos | smollm | qwen8k | qwen16k | variants | table
 #   repos:    fetch itsdangerous 2.2.0 and packaging 24.2 sdists into $REPOS and git-commit them
 #   table:    one markdown table of every OUT/*.json run (the -o documents), on stdout; the last
-#             column ranks the gold file among the routing citations alone (text citations left out)
+#             columns rank the gold file among the routing citations alone (text citations left out)
+#             and count the different first routing citations (path:line) over the tasks
 #   others:   run the evals; each run writes OUT/<name>.md (table), .json (-o) and .err (progress)
 # Env: REPOS (default /work/evalrepos), MOBA (default moba-ask), OMP_NUM_THREADS (default 1: on a
 # shared 2-core machine, two torch threads stall on every op whenever another process holds a core;
@@ -69,8 +70,9 @@ import glob, json, os, sys
 cols = ["answer_exact", "hit_at_1", "hit_at_3", "mrr", "line_precision", "line_recall", "bogus_citations",
         "bm25_hit_at_1", "random_hit_at_1"]
 print("| run | pack tokens | tasks (fn/def) | config | block/top-k/sinks | dense layers | prefill s | questions s | "
-      "exact | hit@1 | hit@3 | MRR | line P | line R | bogus | BM25@1 | random@1 | routing-only hit@1 |")
-print("|" + "---|" * 18)
+      "exact | hit@1 | hit@3 | MRR | line P | line R | bogus | BM25@1 | random@1 | routing-only hit@1 | "
+      "distinct top routing citations |")
+print("|" + "---|" * 19)
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
     d = json.load(open(path))
     m, n_fn = d["meta"], sum(t["kind"] == "function" for t in d["tasks"])
@@ -79,6 +81,9 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
         vals = [f"{mt[k]:.3f}" if isinstance(mt[k], float) else str(mt[k]) for k in cols]
         ranks = [t["results"][c["name"]]["routing_rank"] for t in d["tasks"]]
         vals.append(f"{sum(r == 1 for r in ranks) / len(ranks):.3f}")
+        tops = {next(((x["path"], x["start_line"]) for x in t["results"][c["name"]]["citations"]
+                      if x["source"] != "text"), None) for t in d["tasks"]}
+        vals.append(f"{len(tops)} of {len(d['tasks'])}")
         print(f"| {os.path.basename(path)[:-5]} | {m['pack_tokens']:,} | {len(d['tasks'])} ({n_fn}/{len(d['tasks']) - n_fn}) "
               f"| {c['name']} | {c['block_size']}/{c['top_k']}/{x['sink_blocks']} | {x['dense_layers']} "
               f"| {x['prefill_s']:.0f} | {x['questions_s']:.0f} | " + " | ".join(vals) + " |")
