@@ -92,10 +92,16 @@ def moba_routing(
     return Routing(blocks=torch.cat([own[..., None], sel], -1), scores=torch.cat([inf[..., None], sc], -1))
 
 
+def backend_for(q: torch.Tensor) -> str:
+    """The backend a call with query q uses: the forced one, else "triton" on CUDA when Triton
+    imports, else "portable"."""
+    if _backend != "auto":
+        return _backend
+    return "triton" if q.is_cuda and _triton_available() else "portable"
+
+
 def _resolve(q: torch.Tensor):
-    name = _backend
-    if name == "auto":
-        name = "triton" if q.is_cuda and _triton_available() else "portable"
+    name = backend_for(q)
     if name == "naive":
         return naive_moba_attention
     if name == "triton":

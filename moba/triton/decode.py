@@ -5,21 +5,25 @@ Decode: one program per (query row, slot, split) streams one slice of one select
 causally. Merge: for every query row, the partials of all its slots and splits (written by this
 kernel or by moba/triton/attention.py) are combined through their log-sum-exps into the output.
 Layout: blocks table int32 [B, Hq, C, S]; partials op [B*Hq*C*S*nsplit, D], lsep of that length
-(base-2 log-sum-exp, -inf for an empty slice). Knows nothing of routing.
+(base-2 log-sum-exp, -inf for an empty slice). `static_decode` chains both for one query read
+from a device-side length (CUDA-graph decode over preallocated buffers). Knows nothing of routing.
 """
 
 from __future__ import annotations
 
+import functools
+
+import torch
 import triton
 import triton.language as tl
 
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, BLK, OP, LSEP,
+    Q, K, V, BLK, OP, LSEP, POS,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
     C, Hq, G, S, q_off, pos0, block_size, split_len, qk_scale,
-    D: tl.constexpr, BN: tl.constexpr, NSPLIT: tl.constexpr,
+    D: tl.constexpr, BN: tl.constexpr, NSPLIT: tl.constexpr, POS_FROM_PTR: tl.constexpr,
 ):  # fmt: skip
     row, slot, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     e = row.to(tl.int64) * S + slot
@@ -27,6 +31,8 @@ def _decode_kernel(
     if blk >= 0:
         c, h, b = row % C, (row // C) % Hq, row // (C * Hq)
         pos = pos0 + c
+        if POS_FROM_PTR:
+            pos += tl.load(POS).to(tl.int32)
         d = tl.arange(0, D)
         q_ptr = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + (q_off + c).to(tl.int64) * sqt
         q = tl.load(q_ptr + d).to(tl.float32) * qk_scale
@@ -60,15 +66,21 @@ def _decode_kernel(
         tl.store(LSEP + idx, tl.where(l == 0.0, float("-inf"), m + tl.math.log2(tl.where(l == 0.0, 1.0, l))))
 
 
-def attend_decode(q, k, v, blk, op, lsep, *, q_off, pos0, block_size, scale, nsplit, bn=64):
-    """Split-K attention of the chunk's rows over their selected blocks; fills op and lsep."""
+def attend_decode(q, k, v, blk, op, lsep, *, q_off, pos0, block_size, scale, nsplit, bn=64, length=None):
+    """Split-K attention of the chunk's rows over their selected blocks; fills op and lsep.
+
+    Row c of the chunk sits at position pos0 + c, plus the value of `length` (an int64 [1] device
+    tensor, read by the kernel) when given: decode over static buffers passes pos0 = -1 and the
+    device length, so the kernel launch carries no per-step Python value.
+    """
     B, Hq, C, S = blk.shape
     D = q.shape[3]
     split_len = triton.cdiv(triton.cdiv(block_size, nsplit), bn) * bn
     _decode_kernel[(B * Hq * C, S, nsplit)](
-        q, k, v, blk, op, lsep, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        q, k, v, blk, op, lsep, blk if length is None else length,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         C, Hq, Hq // k.shape[1], S, q_off, pos0, block_size, split_len, scale * 1.4426950408889634,
-        D=D, BN=bn, NSPLIT=nsplit, num_warps=4,
+        D=D, BN=bn, NSPLIT=nsplit, POS_FROM_PTR=length is not None, num_warps=4,
     )  # fmt: skip
 
 
@@ -114,3 +126,36 @@ def merge_partials(op, lsep, blk, out, *, q_off, nsplit):
         op, lsep, blk, out, *out.stride()[:3], n_rows, C, Hq, S, q_off,
         D=D, BR=br, NSPLIT=nsplit, num_warps=4,
     )  # fmt: skip
+
+
+def static_decode(q, k, v, blk, length, *, block_size: int, scale: float):
+    """One decode query per row over static-shape buffers, with no per-step host value.
+
+    q: [B, Hq, 1, D] fp16/bf16; k, v: [B, Hkv, capacity, D] whole cache buffers; blk: int32
+    [B, Hq, 1, S] attended block ids (slot 0 the own block, -1 unused); length: int64 [1] on the
+    device, the number of valid keys (the query sits at length - 1, its own block is masked there).
+    Returns out [B, Hq, 1, D] in q's dtype.
+    """
+    B, Hq, _, D = q.shape
+    nsplit = decode_splits(B * Hq * blk.shape[-1], q.device, block_size)
+    n = blk.numel() * nsplit
+    op = torch.empty(n, D, device=q.device, dtype=q.dtype)
+    lsep = torch.empty(n, device=q.device)
+    attend_decode(q, k, v, blk, op, lsep, q_off=0, pos0=-1, block_size=block_size, scale=scale,
+                  nsplit=nsplit, length=length)  # fmt: skip
+    out = torch.empty_like(q)
+    merge_partials(op, lsep, blk, out, q_off=0, nsplit=nsplit)
+    return out
+
+
+def decode_splits(programs: int, device: torch.device, block_size: int, bn: int = 64) -> int:
+    """Key splits per block so that about 16 programs per SM run; 1 when there are enough."""
+    want = triton.cdiv(16 * _sm_count(device), max(programs, 1))
+    return max(1, min(want, triton.cdiv(block_size, bn), 16))
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
