@@ -5,11 +5,17 @@ writes the new positions in place (no O(N) concatenation) and returns views of t
 only, so attention sees "queries are the last Tq of Tk keys". It also adds the new keys into
 fp32 per-block sums; the key view carries the complete blocks' means as `_moba_block_means`,
 so a decode step never re-pools the cache. `truncate(n)` crops back to a prefix in O(block).
-Knows nothing of prompts, files or MoBA's routing rules.
+
+Static mode (`MobaCache.static_positions`, for CUDA-graph decode): one new token is written at a
+position read from a device tensor (index_copy_), its key added into the block sums on the device,
+and attention gets the whole buffers: the key tensor carries `_moba_length` (int64 [1], valid keys)
+and `_moba_block_sums` (fp32 sums of every block), so no step depends on a host value. The caller
+then moves the host-side length on with `advance`. Knows nothing of prompts, files or MoBA's routing rules.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -30,6 +36,7 @@ class MobaLayer(CacheLayerMixin):
         super().__init__()
         self.capacity, self.block_size, self.filled = capacity, block_size, 0
         self.sums: torch.Tensor | None = None
+        self.position: torch.Tensor | None = None  # set in static mode: int64 [1], where the token goes
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, _, D = key_states.shape
@@ -41,6 +48,8 @@ class MobaLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
+        if self.position is not None:
+            return self._update_static(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         start, end = self.filled, self.filled + key_states.shape[2]
@@ -54,6 +63,19 @@ class MobaLayer(CacheLayerMixin):
         keys = self.keys[:, :, :end]
         keys._moba_block_means = self.block_means()
         return keys, self.values[:, :, :end]
+
+    def _update_static(self, key_states, value_states):
+        """Write one token at `self.position` on the device; return the whole buffers (see module doc)."""
+        if not self.is_initialized or key_states.shape[2] != 1:
+            raise ValueError("static mode writes one token into an initialized cache layer")
+        self.keys.index_copy_(2, self.position, key_states)
+        self.values.index_copy_(2, self.position, value_states)
+        block = torch.div(self.position, self.block_size, rounding_mode="floor")
+        self.sums.index_add_(2, block, key_states.float())
+        keys = self.keys.view_as(self.keys)  # a fresh tensor object to carry the attributes
+        keys._moba_length = self.position + 1
+        keys._moba_block_sums = self.sums
+        return keys, self.values
 
     def block_means(self) -> torch.Tensor:
         """fp32 [B, Hkv, filled // block_size, D] means of the complete blocks."""
@@ -107,6 +129,31 @@ class MobaCache(Cache):
         """Crop every layer back to its first n positions. Copies nothing but one partial block."""
         for layer in self.layers:
             layer.truncate(n)
+
+    @property
+    def is_allocated(self) -> bool:
+        """True once every layer holds its buffers (after the first update or restore)."""
+        return all(layer.is_initialized for layer in self.layers)
+
+    @contextlib.contextmanager
+    def static_positions(self, position: torch.Tensor):
+        """Inside the block every layer is in static mode: `update` writes its one new token at
+        `position` (int64 [1] on the cache's device) and returns the whole buffers."""
+        for layer in self.layers:
+            layer.position = position
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.position = None
+
+    def advance(self, n: int = 1) -> None:
+        """Count n tokens written in static mode as filled. Raises CacheFullError past capacity."""
+        end = self.get_seq_length() + n
+        if end > self.capacity:
+            raise CacheFullError(f"KV cache holds {self.capacity} tokens; {end} were asked for")
+        for layer in self.layers:
+            layer.filled = end
 
     def export(self, n: int) -> dict[str, torch.Tensor]:
         """The first n positions of every layer as {"k.<i>", "v.<i>": [B, Hkv, n, D]} (views)."""

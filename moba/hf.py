@@ -13,6 +13,9 @@ What runs where:
 - all other layers run `moba.moba_attention`, with cached block means when the cache attaches
   them to the key tensor (attribute `_moba_block_means`).
 Batches with padding get a real mask from transformers and fall back to dense SDPA.
+Static decode (CUDA graphs): when the key tensor carries `_moba_length` (a device int64 [1]) the
+cache handed over its whole buffers; the one query sits at length - 1 and moba/static.py attends
+with the same per-layer choices (window, dense, MoBA over `_moba_block_sums`), without recording routing.
 Knows nothing of files or prompts.
 """
 
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 
 from moba.capture import active_recorder, attention_mass
 from moba.ops import dense_attention, moba_attention, moba_routing
+from moba.static import static_dense_decode, static_moba_decode, static_sliding_decode
 
 NAME = "moba"
 _FORCE_DENSE: ContextVar[bool] = ContextVar("moba_force_dense", default=False)
@@ -84,7 +88,10 @@ def dense_queries(enabled: bool = True):
 def moba_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The function transformers calls: [B, H, T, D] in, ([B, Tq, Hq, D], None) out."""
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    if attention_mask is not None:
+    length = getattr(key, "_moba_length", None)
+    if length is not None:
+        out = _static(module, query, key, value, attention_mask, length, window, scaling)
+    elif attention_mask is not None:
         out = _masked(query, key, value, attention_mask, scaling)
     elif window:
         out = _sliding(query, key, value, int(window), scaling)
@@ -93,11 +100,33 @@ def moba_attention_forward(module, query, key, value, attention_mask, scaling=No
     return out.transpose(1, 2).contiguous(), None
 
 
+def forced_dense(config) -> bool:
+    """True inside `dense_queries()` when the config's question/answer policy is "dense"."""
+    return _FORCE_DENSE.get() and moba_params(config).qa_policy == "dense"
+
+
+def _is_dense(module, p: MobaParams) -> bool:
+    layer = getattr(module, "layer_idx", 0)
+    n_layers = getattr(module.config, "num_hidden_layers", layer + 1)
+    return layer in {i % n_layers for i in p.dense_layers} or (_FORCE_DENSE.get() and p.qa_policy == "dense")
+
+
+def _static(module, query, key, value, attention_mask, length, window, scaling):
+    if attention_mask is not None or query.shape[2] != 1:
+        raise ValueError("static decode takes one query and no padding mask")
+    if window:
+        return static_sliding_decode(query, key, value, length, int(window), scale=scaling)
+    p = moba_params(module.config)
+    if _is_dense(module, p):
+        return static_dense_decode(query, key, value, length, scale=scaling)
+    return static_moba_decode(query, key, value, length, key._moba_block_sums, block_size=p.block_size,
+                              top_k=p.top_k, sink_blocks=p.sink_blocks, scale=scaling)  # fmt: skip
+
+
 def _moba_or_dense(module, query, key, value, scaling):
     p = moba_params(module.config)
     layer = getattr(module, "layer_idx", 0)
-    n_layers = getattr(module.config, "num_hidden_layers", layer + 1)
-    dense = layer in {i % n_layers for i in p.dense_layers} or (_FORCE_DENSE.get() and p.qa_policy == "dense")
+    dense = _is_dense(module, p)
     rec = active_recorder()
     q_start = key.shape[2] - query.shape[2]
     want = rec is not None and rec.wants(layer, q_start, key.shape[2])
