@@ -3,6 +3,13 @@
 Works on token ids only; knows nothing of files, prompts or citations. The model is any
 transformers causal LM; with `attn_implementation="moba"` its attention reads MoBA settings
 from the config and block means from the cache. Only the last position's logits are computed.
+
+Decode paths (`Engine.decode`): "dynamic" runs the model on the cache's filled part, token by token
+(launch- and Python-bound on a GPU); "static" runs agent/decoder.py's static-shape step eagerly;
+"graph" replays that step as a CUDA graph. "auto" (the default) is "graph" for a CUDA model with
+attn_implementation "moba", else "dynamic". Any path falls back to "dynamic" for a token while
+routing capture is active, while the dense question/answer policy applies, or before the cache
+holds its buffers. All paths give the same tokens.
 """
 
 from __future__ import annotations
@@ -14,7 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
+from agent.decoder import StaticDecoder
 from agent.kvcache import MobaCache, kv_bytes
+from moba.capture import active_recorder
+from moba.hf import forced_dense
+
+DECODE_PATHS = ("auto", "dynamic", "static", "graph")
 
 
 @dataclass(frozen=True)
@@ -39,9 +51,13 @@ class Engine:
         model: a transformers causal LM in eval mode.
         capacity: the most tokens the cache holds (context + question + answer).
         chunk_size: prefill chunk; None picks `default_chunk_size` for the model's device.
+        decode: one of DECODE_PATHS (module docstring); default "auto".
+    Raises:
+        ValueError: an unknown decode path, "static"/"graph" without attn_implementation "moba",
+            or "graph" off CUDA.
     """
 
-    def __init__(self, model, capacity: int, chunk_size: int | None = None):
+    def __init__(self, model, capacity: int, chunk_size: int | None = None, decode: str = "auto"):
         self.model = model
         self.config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.device = next(model.parameters()).device
@@ -51,6 +67,28 @@ class Engine:
         self.cache = MobaCache(self.config.num_hidden_layers, capacity, block)
         self._cache_kw = _cache_argument(model)
         self.last_logits: torch.Tensor | None = None
+        self._decoder: StaticDecoder | None = None
+        self.decode = decode
+
+    @property
+    def decode(self) -> str:
+        """The decode path chosen: "dynamic", "static" or "graph" ("auto" reads back as its choice).
+        Settable between calls; raises ValueError as the constructor does."""
+        return self._decode
+
+    @decode.setter
+    def decode(self, path: str) -> None:
+        if path not in DECODE_PATHS:
+            raise ValueError(f"unknown decode path {path!r}; choose one of {', '.join(DECODE_PATHS)}")
+        moba = getattr(self.model.config, "_attn_implementation", None) == "moba"
+        if path in ("static", "graph") and not moba:
+            raise ValueError(f'decode="{path}" needs attn_implementation="moba"')
+        if path == "graph" and self.device.type != "cuda":
+            raise ValueError(f'decode="graph" needs a CUDA model; this one is on {self.device}')
+        if path == "auto":
+            path = "graph" if moba and self.device.type == "cuda" else "dynamic"
+        self._decode = path
+        self._decoder = None
 
     @property
     def length(self) -> int:
@@ -101,8 +139,26 @@ class Engine:
             out.append(tok)
             if on_token and on_token(tok):
                 break
-            logits = self._forward(torch.tensor([tok]))
+            logits = self.step(tok)
         return out
+
+    @torch.no_grad()
+    def step(self, token: int) -> torch.Tensor:
+        """Append one token; return the fp32 logits [V] after it, through the decode path in force
+        (`decode_path`). A static or graph step returns a buffer that the next step overwrites.
+        Raises CacheFullError when the cache is full."""
+        if self.decode_path == "dynamic":
+            return self._forward(torch.tensor([token]))
+        if self._decoder is None:
+            self._decoder = StaticDecoder(self.model, self.cache, self._cache_kw, graph=self.decode == "graph")
+        return self._decoder.step(token)
+
+    @property
+    def decode_path(self) -> str:
+        """The path the next `step` takes: `decode`, or "dynamic" where the module docstring says."""
+        if self.decode == "dynamic" or active_recorder() is not None or forced_dense(self.config):
+            return "dynamic"
+        return self.decode if self.cache.is_allocated else "dynamic"
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         start = self.length

@@ -2,11 +2,16 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForCausalLM, LlamaConfig
 
+import moba
+from agent.decoder import StaticDecoder
 from agent.engine import Engine, Sampling, sample
 from agent.kvcache import CacheFullError, MobaCache
 from moba import block_means
-from tests.tinymodels import tiny_model
+from moba.hf import MobaParams, configure, dense_queries
+from tests.tinymodels import COMMON, tiny_model
 
 ARCHS = ["llama", "qwen2", "gemma3"]
 
@@ -99,3 +104,141 @@ def test_cache_writes_in_place_without_reallocation():
     keys, _ = c.update(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), 0)
     assert c.layers[0].keys.data_ptr() == buf and keys.shape[2] == 15 and keys.data_ptr() == buf
     assert keys._moba_block_means.shape == (1, 2, 1, 4)
+
+
+class OpTrace(TorchDispatchMode):
+    """Every aten call as (name, scalar arguments, tensor shapes/dtypes/strides): what a CUDA graph bakes."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ops.append((func.name(), _sig(args), _sig(sorted(kwargs.items()))))
+        return func(*args, **kwargs)
+
+
+def _sig(x):
+    if isinstance(x, torch.Tensor):
+        return ("tensor", tuple(x.shape), x.dtype, x.stride())
+    if isinstance(x, (list, tuple)):
+        return tuple(_sig(y) for y in x)
+    return repr(x)
+
+
+HOST_SYNCS = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::is_nonzero", "aten::equal"}
+
+
+def _steps_agree(dyn, sta, tokens):
+    for t in tokens:
+        a, b = dyn.step(t), sta.step(t)
+        assert torch.allclose(a, b, atol=1e-4), (dyn.length, (a - b).abs().max())
+    assert dyn.length == sta.length
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_static_decode_equals_dynamic_across_blocks_and_truncate(arch):
+    m = tiny_model(arch, block_size=16, top_k=3, sink_blocks=1)
+    dyn = Engine(m, capacity=300, chunk_size=64, decode="dynamic")
+    sta = Engine(m, capacity=300, chunk_size=64, decode="static")
+    dense = Engine(tiny_model(arch, block_size=16, top_k=64), capacity=300)  # covers every block
+    for e in (dyn, sta, dense):
+        e.prefill(ids_of(140))
+    assert sta.decode_path == "static" and dyn.decode_path == "dynamic"
+    a, b, c = dyn.step(7), sta.step(7), dense.step(7)
+    assert torch.allclose(a, b, atol=1e-4) and (b - c).abs().max() > 1e-3  # sparse, not dense
+    _steps_agree(dyn, sta, ids_of(25, 2))  # 140 -> 165: crosses the block boundaries at 144 and 160
+    for e in (dyn, sta):
+        e.truncate(97)
+        e.prefill(ids_of(14, 3))
+    _steps_agree(dyn, sta, ids_of(6, 4))
+    for e in (dyn, sta):
+        e.truncate(60)
+    logits = [e.prefill(ids_of(3, 5)) for e in (dyn, sta)]
+    got = [e.generate(x, Sampling(max_new_tokens=20)) for e, x in zip((dyn, sta), logits)]
+    assert got[0] == got[1]
+
+
+def test_static_step_is_graph_safe(monkeypatch):
+    """The captured region issues the same ops with the same scalars at every length (a block
+    boundary and a truncate included) and never reads a value back to the host."""
+    m = tiny_model("qwen2", block_size=16, top_k=3, sink_blocks=1, dense_layers=[1])
+    e = Engine(m, capacity=300, chunk_size=64, decode="static")
+    e.prefill(ids_of(141))
+    traces = []
+    forward = StaticDecoder._forward
+
+    def traced(self):
+        with OpTrace() as tr:
+            out = forward(self)
+        traces.append(tr.ops)
+        return out
+
+    monkeypatch.setattr(StaticDecoder, "_forward", traced)
+    for t in ids_of(5, 2):  # positions 141 .. 145, across the boundary at 144
+        e.step(t)
+    e.truncate(30)
+    e.step(7)
+    assert len(traces) == 6 and all(tr == traces[0] for tr in traces)
+    assert not {op[0] for op in traces[0]} & HOST_SYNCS
+
+
+def test_decode_path_choice_and_fallbacks():
+    m = tiny_model("llama", block_size=16, top_k=3, qa_policy="dense")
+    e = Engine(m, capacity=41)
+    assert e.decode == "dynamic"  # "auto" on CPU
+    e.decode = "static"
+    assert e.decode_path == "dynamic"  # no buffers yet
+    e.prefill(ids_of(40))
+    assert e.decode_path == "static"
+    with moba.capture_routing(moba.RoutingRecorder()):
+        assert e.decode_path == "dynamic"
+    with dense_queries():
+        assert e.decode_path == "dynamic"
+    e.step(1)
+    with pytest.raises(CacheFullError, match="holds 41 tokens"):
+        e.step(2)
+    with pytest.raises(ValueError, match="CUDA"):
+        e.decode = "graph"
+    with pytest.raises(ValueError, match="unknown decode path"):
+        e.decode = "fast"
+    with pytest.raises(ValueError, match="moba"):
+        Engine(tiny_model("llama", "sdpa"), capacity=40, decode="static")
+
+
+def cuda_llama(dtype, head_dim, **moba_cfg):
+    """A tiny random Llama on CUDA; bf16 with head_dim 64 takes the Triton kernels."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**{**COMMON, "hidden_size": 4 * head_dim}, head_dim=head_dim)
+    for key, val in moba_cfg.items():
+        setattr(cfg, f"moba_{key}", val)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="moba", dtype=dtype)
+    return model.to("cuda").eval()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize(("dtype", "head_dim"), [(torch.float32, 16), (torch.bfloat16, 64)])
+def test_cuda_graph_decode_gives_the_eager_tokens(dtype, head_dim):
+    m = cuda_llama(dtype, head_dim, block_size=32, top_k=3, sink_blocks=1)
+    eager = Engine(m, capacity=700, chunk_size=128, decode="dynamic")
+    graph = Engine(m, capacity=700, chunk_size=128)
+    assert graph.decode == "graph"
+
+    def both(n):
+        got = [e.generate(e.last_logits, Sampling(max_new_tokens=n)) for e in (eager, graph)]
+        assert got[0] == got[1] and eager.length == graph.length
+
+    for e in (eager, graph):
+        e.prefill(ids_of(300))
+    both(40)  # 2 eager warm-up steps, then one capture replayed across the boundaries at 320 and 352
+    for e in (eager, graph):
+        e.truncate(250)
+        e.prefill(ids_of(9, 2))
+    both(30)
+    assert graph._decoder.captures == 1  # the graph outlived truncate and prefill
+    configure(m.config, MobaParams(block_size=32, top_k=2, sink_blocks=0))
+    for e in (eager, graph):
+        e.prefill(ids_of(5, 3))
+    both(20)
+    assert graph._decoder.captures == 2
