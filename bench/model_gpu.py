@@ -2,7 +2,9 @@
 weights, through the moba-ask engine (chunked prefill into a preallocated MobaCache, sparse decode).
 
 Rows: MoBA prefill at each --tokens length (time, tok/s, peak GPU memory), dense SDPA prefill at each
---dense-tokens length, and MoBA decode after the longest prefill.
+--dense-tokens length, and MoBA decode after the longest prefill, twice from the same context: eager
+(`decode="dynamic"`, one Python forward per token) and CUDA graph (`decode="graph"`, one replay per token,
+timed after its warm-up and capture); the greedy tokens of the two are compared.
 Run (on the GPU machine): python bench/model_gpu.py --tokens 131072 262144 524288 1048576 --dense-tokens 131072 262144
 """
 
@@ -34,7 +36,7 @@ def build(seed: int = 0):
 def prefill(model, n: int, chunk: int, decode: int = 0) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    engine = Engine(model, capacity=n + decode + 8, chunk_size=chunk)
+    engine = Engine(model, capacity=n + decode + 8, chunk_size=chunk, decode="dynamic")
     ids = torch.randint(0, 150000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -43,12 +45,25 @@ def prefill(model, n: int, chunk: int, decode: int = 0) -> dict:
     row = dict(tokens=n, seconds=time.perf_counter() - t0, kv_gib=engine.kv_bytes() / 2**30)
     row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if decode:
-        t0 = time.perf_counter()
-        out = engine.generate(logits, Sampling(max_new_tokens=decode))
-        torch.cuda.synchronize()
-        row["decode_tok_s"] = len(out) / (time.perf_counter() - t0)
+        secs, eager = _decode(engine, logits, n, decode)
+        row["decode_tok_s"] = len(eager) / secs
+        engine.decode = "graph"
+        row["graph_warmup_s"] = _decode(engine, logits, n, 4)[0]  # 2 eager steps, the capture, 2 replays
+        secs, graph = _decode(engine, logits, n, decode)
+        row["graph_tok_s"] = len(graph) / secs
+        row["same_tokens"] = graph == eager
     del engine
     return row
+
+
+def _decode(engine: Engine, logits, context: int, tokens: int) -> tuple[float, list[int]]:
+    """Greedy-decode `tokens` tokens after the first `context` ones: (seconds, tokens)."""
+    engine.truncate(context)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = engine.generate(logits, Sampling(max_new_tokens=tokens))
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
 
 
 def main() -> None:
@@ -65,7 +80,8 @@ def main() -> None:
     layers = model.config.num_hidden_layers
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; weights "
           f"{sum(x.numel() for x in model.parameters()) * 2 / 2**30:.1f} GiB bf16; chunk {a.chunk}", flush=True)
-    print("| attention | tokens | prefill s | tok/s | KV GiB | peak GiB | decode tok/s |\n|---|---|---|---|---|---|---|")
+    print("| attention | tokens | prefill s | tok/s | KV GiB | peak GiB | decode tok/s | graph decode tok/s |\n"
+          "|---|---|---|---|---|---|---|---|")
     sparse = MobaParams(a.block_size, a.top_k, a.sink_blocks)
     configure(model.config, sparse)
     prefill(model, a.chunk + 3 * a.block_size + 100, a.chunk, decode=40)  # warm-up: every kernel variant compiles
@@ -79,8 +95,12 @@ def main() -> None:
 
 def _row(label: str, r: dict) -> None:
     dec = f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else "-"
+    graph = f"{r['graph_tok_s']:.1f}" if "graph_tok_s" in r else "-"
     print(f"| {label} | {r['tokens']:,} | {r['seconds']:.1f} | {r['tokens'] / r['seconds']:,.0f} | "
-          f"{r['kv_gib']:.1f} | {r['peak_gib']:.1f} | {dec} |", flush=True)
+          f"{r['kv_gib']:.1f} | {r['peak_gib']:.1f} | {dec} | {graph} |", flush=True)
+    if "graph_tok_s" in r:
+        print(f"graph decode: warm-up and capture {r['graph_warmup_s']:.2f} s (4 tokens); "
+              f"same greedy tokens as eager: {r['same_tokens']}", flush=True)
 
 
 if __name__ == "__main__":
