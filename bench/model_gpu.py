@@ -84,10 +84,11 @@ def main() -> None:
           "|---|---|---|---|---|---|---|---|")
     sparse = MobaParams(a.block_size, a.top_k, a.sink_blocks)
     configure(model.config, sparse)
-    prefill(model, a.chunk + 3 * a.block_size + 100, a.chunk, decode=40)  # warm-up: every kernel variant compiles
+    label = f"moba {a.block_size}/{a.top_k}/sink{a.sink_blocks}"
+    warm = prefill(model, a.chunk + 3 * a.block_size + 100, a.chunk, decode=40)  # every kernel variant compiles
+    _row(f"{label} (warm-up)", warm)
     for n in a.tokens:
-        r = prefill(model, n, a.chunk, a.decode if n == max(a.tokens) else 0)
-        _row(f"moba {a.block_size}/{a.top_k}/sink{a.sink_blocks}", r)
+        _row(label, prefill(model, n, a.chunk, a.decode if n == max(a.tokens) else 0))
     configure(model.config, MobaParams(a.block_size, a.top_k, a.sink_blocks, tuple(range(layers))))
     for n in a.dense_tokens:
         _row("dense SDPA", prefill(model, n, a.chunk))

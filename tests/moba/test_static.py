@@ -2,8 +2,17 @@
 
 The buffers past `length` hold large garbage and the block sums cover every block, garbage
 included, as a cache in static mode hands them over: a path that reads past the length fails.
-On CPU (fp32) the plain-PyTorch path runs; on CUDA also the Triton kernel (bf16, D 64 and 128).
+On CPU (fp32) the plain-PyTorch path runs; on CUDA also the Triton kernel (bf16, D 64 and 128);
+without CUDA but with Triton, the kernel runs under TRITON_INTERPRET=1 in a subprocess (fp16).
 """
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,3 +89,44 @@ def test_static_dense_and_sliding_decode(device):
     short = torch.tensor([5], device=device)  # a window reaching before position 0
     ref5 = torch.softmax(q @ kf[:, :, :5].transpose(-1, -2) / 4, -1) @ vf[:, :, :5]
     assert torch.allclose(static_sliding_decode(q, k, v, short, 20), ref5, atol=1e-5)
+
+
+_INTERP_SCRIPT = textwrap.dedent(
+    """
+    import builtins, json
+    import numpy as np
+    import torch
+    import triton.runtime.interpreter as ti
+
+    class _IntMeta(type):  # numpy >= 2 refuses int() of the interpreter's 1-element arrays
+        def __instancecheck__(cls, x):
+            return isinstance(x, builtins.int)
+
+    class _Int(builtins.int, metaclass=_IntMeta):
+        def __new__(cls, x=0, *a):
+            if isinstance(x, np.ndarray) and x.size == 1 and not a:
+                x = x.reshape(())
+            return builtins.int(x, *a)
+
+    ti.int = _Int
+    from moba.static import _gathered, static_route
+    from moba.triton.decode import static_decode
+    from tests.moba.test_static import buffers
+    errs = []
+    for L in [1, 63, 64, 65, 200, 300]:
+        q, k, v, sums, length = buffers(1, 8, 2, 64, 64, 300, L, torch.float16, "cpu")
+        blk = static_route(q, sums, length, block_size=64, top_k=3, sink_blocks=1)
+        out = static_decode(q, k, v, blk, length, block_size=64, scale=0.125)
+        ref = _gathered(q.float(), k.float(), v.float(), blk, length, 64, 0.125)
+        errs.append((out.float() - ref).abs().max().item())
+    print(json.dumps(errs))
+    """
+)
+
+
+@pytest.mark.skipif(CUDA or importlib.util.find_spec("triton") is None, reason="CUDA runs the kernel for real; needs Triton")
+def test_static_kernel_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    done = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert max(json.loads(done.stdout.strip().splitlines()[-1])) < 2e-3
