@@ -8,7 +8,7 @@ Decode paths (`Engine.decode`): "dynamic" runs the model on the cache's filled p
 (launch- and Python-bound on a GPU); "static" runs agent/decoder.py's static-shape step eagerly;
 "graph" replays that step as a CUDA graph. "auto" (the default) is "graph" for a CUDA model with
 attn_implementation "moba", else "dynamic". Any path falls back to "dynamic" for a token while
-routing capture is active, while the dense question/answer policy applies, or before the cache
+routing capture records the token's position, while the dense question/answer policy applies, or before the cache
 holds its buffers. All paths give the same tokens.
 """
 
@@ -156,7 +156,8 @@ class Engine:
     @property
     def decode_path(self) -> str:
         """The path the next `step` takes: `decode`, or "dynamic" where the module docstring says."""
-        if self.decode == "dynamic" or active_recorder() is not None or forced_dense(self.config):
+        rec = active_recorder()
+        if self.decode == "dynamic" or (rec is not None and rec.covers(self.length)) or forced_dense(self.config):
             return "dynamic"
         return self.decode if self.cache.is_allocated else "dynamic"
 

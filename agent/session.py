@@ -1,7 +1,9 @@
 """A question-answering session over one packed context: prompt layout, prefill (or a context
 cache hit), turns that reuse the prefilled context, routing capture and citations.
 
-It composes a runtime (tokenizer + engine), an `ingest.Pack` and the prompts. It knows nothing of
+Routing (for citations) is recorded for the question tokens and the first ANSWER_ROUTING_TOKENS
+answer tokens; later answer tokens decode on the engine's fast path (a CUDA graph on a GPU), which
+records nothing. It composes a runtime (tokenizer + engine), an `ingest.Pack` and the prompts. It knows nothing of
 terminals: callbacks report progress and stream tokens; the CLI renders.
 """
 
@@ -19,6 +21,7 @@ from moba.capture import RoutingRecorder, capture_routing
 from moba.hf import dense_queries
 
 DOCS_MARK = "\u0000MOBA_ASK_DOCUMENTS\u0000"
+ANSWER_ROUTING_TOKENS = 48
 
 
 @dataclass
@@ -112,7 +115,8 @@ class Session:
             raise ValueError("the question is empty: type a question")
         turn = self._encode(self._split(self._render(self.history, question))[1])
         start = self._reuse(turn)
-        rec = RoutingRecorder(start=self.context_len + start)
+        end = self.context_len + len(turn) + ANSWER_ROUTING_TOKENS
+        rec = RoutingRecorder(start=self.context_len + start, end=end)
         with capture_routing(rec), dense_queries():
             t0 = time.perf_counter()
             logits = self.engine.prefill(turn[start:])

@@ -53,6 +53,10 @@ class RoutingRecorder:
         in_layers = self.layers is None or layer in self.layers
         return in_layers and q_end > self.start and (self.end is None or q_start < self.end)
 
+    def covers(self, position: int) -> bool:
+        """True when query `position` lies in the recorded span (a decode step there must record)."""
+        return position >= self.start and (self.end is None or position < self.end)
+
     def record(self, layer: int, q_start: int, routing: Routing, *, dense: bool) -> slice:
         """Store the slice of `routing` ([1, Hq, Tq, S]) inside the span; return that query slice."""
         tq = routing.blocks.shape[2]

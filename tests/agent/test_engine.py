@@ -194,6 +194,10 @@ def test_decode_path_choice_and_fallbacks():
     assert e.decode_path == "static"
     with moba.capture_routing(moba.RoutingRecorder()):
         assert e.decode_path == "dynamic"
+    with moba.capture_routing(moba.RoutingRecorder(start=0, end=40)):  # span ends before the next token
+        assert e.decode_path == "static"
+    with moba.capture_routing(moba.RoutingRecorder(start=0, end=41)):
+        assert e.decode_path == "dynamic"
     with dense_queries():
         assert e.decode_path == "dynamic"
     e.step(1)
