@@ -95,8 +95,8 @@ def routing(q, means, step, old) -> list[dict]:
         else:
             qq = q
         try:
-            run = lambda: [fn(qq, means, c0, C, c0, block_size=BS, top_k=TOPK, sink_blocks=0, **kw) for c0, C in chunks]  # noqa: E731
-            ms = cuda_ms(run, 2)
+            ms = cuda_ms(lambda fn=fn, qq=qq, kw=kw: [fn(qq, means, c0, C, c0, block_size=BS, top_k=TOPK, sink_blocks=0, **kw)
+                                                      for c0, C in chunks], 2)  # fmt: skip
             agree = [same_rows(fn(qq, means, c0, C, c0, block_size=BS, top_k=TOPK, sink_blocks=0, **kw)[0], q, means, c0, C)
                      for c0, C in checks]  # fmt: skip
         except Exception as e:  # a variant the compiler rejects is reported, not fatal
@@ -125,16 +125,14 @@ def triton_cdiv(a, b):
 
 
 def tiles(q, k, v, blk, c0, n_chunks) -> list[dict]:
-    C = blk.shape[2]
     nb = triton_cdiv(k.shape[2], BS)
     res, ref = [], None
     for cfg in TILE_CFGS:
         t = build_tiles(blk, HKV, nb, cfg["BM"])
         op, lsep = launcher._partials(blk, 1, D, q.dtype)
-        run = lambda: attend_tiles(q, k, v, blk, t, op, lsep, q_off=c0, pos0=c0, block_size=BS,  # noqa: E731
-                                   scale=D**-0.5, nsplit=1, cfg=cfg)  # fmt: skip
         try:
-            ms = cuda_ms(run, 5)
+            ms = cuda_ms(lambda t=t, op=op, lsep=lsep, cfg=cfg: attend_tiles(
+                q, k, v, blk, t, op, lsep, q_off=c0, pos0=c0, block_size=BS, scale=D**-0.5, nsplit=1, cfg=cfg), 5)  # fmt: skip
         except Exception as e:
             log(f"tile {cfg} failed: {str(e).splitlines()[0][:300]}")
             continue
