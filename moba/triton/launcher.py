@@ -19,7 +19,7 @@ from moba.portable import portable_moba_attention
 from moba.routing import block_means
 from moba.triton.attention import attend_tiles, build_tiles
 from moba.triton.decode import attend_decode, merge_partials
-from moba.triton.routing import pool_means, route_chunk
+from moba.triton.routing import pool_means, route_chunk, split_means
 from moba.types import Routing, check_inputs
 
 PARTIAL_BUDGET = 1 << 30
@@ -66,11 +66,12 @@ def triton_moba_attention(
     S = top_k + sink_blocks
     routing = _routing_buffers(q, S) if return_routing else None
     step = chunk_queries(B, Hq, Tq, S, D, q.element_size())
+    parts = split_means(means) if q.dtype == torch.bfloat16 and q.is_cuda and Tq > step else None
     for c0 in range(0, Tq, step):
         C = min(step, Tq - c0)
         blk, scr = route_chunk(
             q, means, c0, C, Tk - Tq + c0, block_size=block_size, top_k=top_k,
-            sink_blocks=sink_blocks, scores=return_routing,
+            sink_blocks=sink_blocks, scores=return_routing, parts=parts,
         )  # fmt: skip
         _attend_chunk(q, k, v, out, blk, c0, Tk - Tq + c0, block_size, scale)
         if return_routing:

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 TOPK_METHOD = "extract"
+SPLIT_MIN_ROWS = 16  # fewer (query, head) rows per KV head (decode): the fp32 FMA gate, no split means
 # the packed key of score -inf: sorts below every real score
 _NEG_INF_KEY = tl.constexpr(-2139095041 * (1 << 32))
 
@@ -201,8 +202,9 @@ def route_chunk(q, means, q_off, C, pos0, *, block_size, top_k, sink_blocks, sco
         method: "extract" (default, TOPK_METHOD) keeps the top-k by repeated max extraction with a
             running threshold; "sort" packs (score, id) into int64 keys and merges with tl.topk.
         parts: `split_means(means)` when already computed (bf16 CUDA queries: the gate then runs on
-            tensor cores); made here otherwise. Other queries use fp32 FMA dots.
-        tile: (rows, blocks, warps) of one program; default by dtype and head dim (`route_tile`).
+            tensor cores, above SPLIT_MIN_ROWS rows per KV head); made here otherwise. Other
+            queries use fp32 FMA dots.
+        tile: (rows, blocks, warps) of one program; default `route_tile`.
     Returns:
         (blocks int32 [B, Hq, C, top_k + sink_blocks], scores fp32 of that shape or None).
     """
@@ -212,12 +214,12 @@ def route_chunk(q, means, q_off, C, pos0, *, block_size, top_k, sink_blocks, sco
     S = top_k + sink_blocks
     blk = torch.empty(B, Hq, C, S, device=q.device, dtype=torch.int32)
     scr = torch.empty(B, Hq, C, S, device=q.device, dtype=torch.float32) if scores else blk
-    split = q.dtype == torch.bfloat16 and q.is_cuda and n_full > 0 and top_k > 1
+    split = q.dtype == torch.bfloat16 and q.is_cuda and n_full > 0 and top_k > 1 and C * G > SPLIT_MIN_ROWS
     if split and parts is None:
         parts = split_means(means)
     parts = parts if split else means[None]
     kp = triton.next_power_of_2(max(top_k - 1, 1))
-    bm, bn, warps = tile or route_tile(q.dtype, D)
+    bm, bn, warps = tile or route_tile(split, D)
     bn = max(bn, kp)
     grid = (triton.cdiv(C * G, bm), B * Hkv)
     _route_kernel[grid](
@@ -229,8 +231,8 @@ def route_chunk(q, means, q_off, C, pos0, *, block_size, top_k, sink_blocks, sco
     return blk, (scr if scores else None)
 
 
-def route_tile(dtype: torch.dtype, D: int) -> tuple[int, int, int]:
-    """(rows, blocks, warps) of a routing program: tensor-core tiles for bf16, FMA tiles otherwise."""
-    if dtype == torch.bfloat16:
+def route_tile(split: bool, D: int) -> tuple[int, int, int]:
+    """(rows, blocks, warps) of a routing program: tensor-core tiles for the split gate, FMA tiles otherwise."""
+    if split:
         return (64, 128, 4) if D <= 128 else (64, 64, 4)
     return (32, 64, 4) if D <= 128 else (16, 64, 4)
