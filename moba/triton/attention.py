@@ -68,8 +68,9 @@ def _kv_tile(K, V, kv, n0, hi, D: tl.constexpr, BN: tl.constexpr, KTRANS: tl.con
     """K^T [D, BN] and V [BN, D] at keys n0 .. n0 + BN; rows at or past hi are zero when MASK."""
     b, kvh, skb, skh, skt, svb, svh, svt = kv
     if TMA:
-        kt = tl.trans(tl.reshape(K.load([b, kvh, n0, 0]), [BN, D]))
-        vt = tl.reshape(V.load([b, kvh, n0, 0]), [BN, D])
+        at = [b.to(tl.int32), kvh.to(tl.int32), n0.to(tl.int32), 0]
+        kt = tl.trans(tl.reshape(K.load(at), [BN, D]))
+        vt = tl.reshape(V.load(at), [BN, D])
     else:
         n = n0 + tl.arange(0, BN)
         d = tl.arange(0, D)
@@ -217,7 +218,7 @@ def attend_tiles(q, k, v, blk, tiles, op, lsep, *, q_off, pos0, block_size, scal
     Hkv, Tk, D = k.shape[1], k.shape[2], k.shape[3]
     bn = cfg["BN"]
     split_len = triton.cdiv(triton.cdiv(block_size, nsplit), bn) * bn
-    tma = bool(cfg.get("tma")) and k.is_cuda
+    tma = bool(cfg.get("tma")) and _tma_ok(k) and _tma_ok(v)
     kd, vd = (_descriptor(k, bn), _descriptor(v, bn)) if tma else (k, v)
     _tile_kernel[(tiles["n_tiles"], nsplit)](
         q, kd, vd, op, lsep, tiles["perm"], tiles["tile_key"], tiles["tile_end"], tiles["key_off"],
@@ -227,6 +228,12 @@ def attend_tiles(q, k, v, blk, tiles, op, lsep, *, q_off, pos0, block_size, scal
         D=D, BM=cfg["BM"], BN=bn, NSPLIT=nsplit, KTRANS=bool(cfg.get("ktrans")), TMA=tma,
         num_warps=cfg["warps"], num_stages=cfg["stages"],
     )  # fmt: skip
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """A tensor descriptor needs a CUDA tensor, a 16-byte aligned base and 16-byte aligned strides."""
+    es = t.element_size()
+    return t.is_cuda and t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(st * es % 16 == 0 for st in t.stride()[:3])
 
 
 def _descriptor(t: torch.Tensor, bn: int):

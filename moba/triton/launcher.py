@@ -25,10 +25,12 @@ from moba.types import Routing, check_inputs
 PARTIAL_BUDGET = 1 << 30
 DECODE_ROWS = 16  # at most this many query rows per KV head in a chunk: the split-K decode kernel
 HEAD_DIMS = (64, 128, 256)
+# ktrans: K loaded row-major and transposed in registers; tma: K/V through tensor descriptors (fewer
+# registers for addresses, no spills at 128x128); both measured at 1M on an H200 (bench/RESULTS.md)
 TILE_CONFIGS = {
-    64: dict(BM=128, BN=128, warps=8, stages=3),
-    128: dict(BM=128, BN=128, warps=8, stages=3),  # best of 6 configs at 256K on an H200 (bench/RESULTS.md)
-    256: dict(BM=64, BN=32, warps=8, stages=2),
+    64: dict(BM=128, BN=128, warps=8, stages=3, ktrans=True, tma=True),
+    128: dict(BM=128, BN=128, warps=8, stages=3, ktrans=True, tma=True),
+    256: dict(BM=64, BN=32, warps=8, stages=2, ktrans=True, tma=True),
 }
 
 

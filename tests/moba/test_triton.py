@@ -108,6 +108,30 @@ def test_routing_kernel_matches_select_blocks(case, method):
     _routing_agrees(moba.Routing(blocks=blk.long(), scores=scr[..., 1:]), moba.Routing(ref.blocks, sc))
 
 
+def _csr_cases(device):
+    """(blocks table, Hkv, n_blocks) with -1 slots, keys no entry uses, and one query."""
+    g = torch.Generator().manual_seed(1)
+    for B, Hq, Hkv, C, S, nb in [(1, 4, 2, 37, 5, 9), (2, 8, 2, 300, 6, 40), (1, 7, 1, 1, 4, 3), (1, 28, 4, 600, 12, 256)]:
+        blk = torch.randint(-1, nb, (B, Hq, C, S), generator=g, dtype=torch.int32)
+        blk[..., 0] = torch.where(blk[..., 0] == nb - 1, -1, blk[..., 0])  # key nb - 1 rarer
+        yield blk.to(device), Hkv, nb + 2  # two trailing blocks no entry names
+
+
+def _csr_agrees(blk, Hkv, nb) -> bool:
+    from moba.triton.attention import build_tiles
+
+    got, ref = (build_tiles(blk, Hkv, nb, 16, method=m) for m in ("count", "sort"))
+    n = int(ref["key_cnt"].sum())
+    same = [torch.equal(got[k_].long(), ref[k_].long()) for k_ in ("key_cnt", "key_off", "tile_end", "tile_key")]
+    return all(same) and torch.equal(got["perm"][:n].long(), ref["perm"][:n].long())
+
+
+@gpu
+def test_counting_sort_matches_stable_sort():
+    for blk, Hkv, nb in _csr_cases("cuda"):
+        assert _csr_agrees(blk, Hkv, nb)
+
+
 @gpu
 @pytest.mark.parametrize("rows", [0, 1 << 20], ids=["tile-path", "decode-path"])
 @pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[4], CASES[6]], ids=[IDS[2], IDS[3], IDS[4], IDS[6]])
@@ -196,6 +220,8 @@ _INTERP_SCRIPT = textwrap.dedent(
         out, r = triton_moba_attention(q, k, v, **a)
         ref, rr = portable_moba_attention(q, k, v, **a)
         res.append([rel_err(out, ref), bool(out.isnan().any()), bool(torch.equal(r.blocks, rr.blocks))])
+    from tests.moba.test_triton import _csr_agrees, _csr_cases
+    res.append([_csr_agrees(*c) for c in _csr_cases("cpu")])
     print(json.dumps(res))
     """
 )
@@ -217,3 +243,8 @@ def test_kernels_under_interpreter(interpreted, i):
     err, has_nan, same_blocks = interpreted[i]
     assert not has_nan and same_blocks
     assert err <= 1e-2
+
+
+@pytest.mark.skipif(CUDA, reason="the CUDA tests run these kernels for real")
+def test_counting_sort_under_interpreter(interpreted):
+    assert interpreted[-1] == [True] * 4
