@@ -1,13 +1,15 @@
 """Key-block-centric MoBA attention in Triton (the prefill and chunked-prefill kernel).
 
 For every (batch, KV head, key block) the (query, head, slot) entries of a query chunk that
-selected that block are gathered (a stable sort by block: a CSR list), cut into tiles of BM rows,
-and each tile runs one dense flash-attention pass over its block, the G query heads of a KV head
-sharing one tile (GQA-native). The own block is one of the slots; a per-row mask `key <= query`
-makes it causal and is a no-op for routed blocks, which lie strictly before the query. Each
-(entry, split) writes a normalised partial output and its base-2 log-sum-exp; moba/triton/merge.py
-combines them. Random routing is the worst case for query-centric tiles (a 128-query tile's union
-of blocks is nearly every past block), which is why the gathering is per key block.
+selected that block are gathered (a CSR list in entry order, built by a counting sort or a stable
+torch.sort), cut into tiles of BM rows, and each tile runs one dense flash-attention pass over its
+block, the G query heads of a KV head sharing one tile (GQA-native). The own block is one of the
+slots; a per-row mask `key <= query` makes it causal and is a no-op for routed blocks, which lie
+strictly before the query. Each (entry, split) writes a normalised partial output and its base-2
+log-sum-exp; moba/triton/decode.py merges them. A row's result does not depend on its tile-mates,
+so the order inside a block's list only matters for speed (own-block rows in position order keep
+the causal tiles narrow). Random routing is the worst case for query-centric tiles (a 128-query
+tile's union of blocks is nearly every past block), which is why the gathering is per key block.
 It knows nothing of routing: it reads the blocks table [B, Hq, C, S] (-1 = unused slot).
 """
 

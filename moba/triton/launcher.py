@@ -2,7 +2,7 @@
 
 Queries go in chunks sized so that the partial results of a chunk fit in PARTIAL_BUDGET bytes.
 Per chunk: the routing kernel writes the blocks table, then either the split-K decode kernel (few
-query rows per KV head) or the key-block tile kernel (a CSR of the table, built by a stable sort)
+query rows per KV head) or the key-block tile kernel (a CSR of the table, built by a counting sort)
 writes partials, and the merge kernel writes the output rows. Nothing waits on the host.
 Inputs outside the kernels' range (fp32, head dims other than 64/128/256, CPU tensors without the
 Triton interpreter) go to the portable path. It knows nothing of files or models.
@@ -25,8 +25,9 @@ from moba.types import Routing, check_inputs
 PARTIAL_BUDGET = 1 << 30
 DECODE_ROWS = 16  # at most this many query rows per KV head in a chunk: the split-K decode kernel
 HEAD_DIMS = (64, 128, 256)
-# ktrans: K loaded row-major and transposed in registers; tma: K/V through tensor descriptors (fewer
-# registers for addresses, no spills at 128x128); both measured at 1M on an H200 (bench/RESULTS.md)
+# ktrans: K loaded row-major and transposed in registers; tma: K/V through tensor descriptors (no
+# address registers: ptxas spills 164 bytes instead of 1,756 at 128x128). Last 1M chunk on an H200
+# (bench/kern_variants.py): pointer loads 17.46 ms, + ktrans 17.75, + tma 16.17, tma with 2 stages 19.18.
 TILE_CONFIGS = {
     64: dict(BM=128, BN=128, warps=8, stages=3, ktrans=True, tma=True),
     128: dict(BM=128, BN=128, warps=8, stages=3, ktrans=True, tma=True),

@@ -1,9 +1,13 @@
 """Triton kernels for MoBA routing: block means of the keys, and gate + top-k per query.
 
 The routing kernel streams over the pooled keys of one KV head for a tile of (query, GQA head)
-rows and keeps a running top-k in registers: a score and its block id are packed into one int64
-whose order is the score's order, so Triton's bitonic `topk` sorts both at once. No
-[blocks, heads, Tq] gate is ever written. It knows nothing of attention.
+rows and keeps a running top-k in registers, by repeated max extraction above a running threshold
+(default) or with int64 keys that pack a score and its block id for Triton's bitonic `topk`. No
+[blocks, heads, Tq] gate is ever written. For bf16 queries on CUDA the gate runs on tensor cores:
+the fp32 means are split into three bf16 parts whose sum is exact (`split_means`), so three bf16
+dots give fp32-accurate scores (only the summation order differs from an fp32 matmul, which can
+swap near-tied blocks: 1 routing row in 1.8M at 64K on an H200). Other queries use fp32 FMA dots.
+It knows nothing of attention.
 Layout: q [B, Hq, Tq, D]; means [B, Hkv, n_full, D] fp32; the blocks table it writes is int32
 [B, Hq, C, top_k + sink_blocks] = [own, routed best-first, sinks], -1 for an unused slot.
 """
