@@ -30,7 +30,7 @@ import moba  # noqa: E402
 import moba.triton.launcher as launcher  # noqa: E402
 from moba.triton.attention import attend_tiles, build_tiles  # noqa: E402
 from moba.triton.decode import merge_partials  # noqa: E402
-from moba.triton.routing import pool_means, route_chunk  # noqa: E402
+from moba.triton.routing import pool_means, route_chunk, split_means  # noqa: E402
 
 HQ, HKV, D, BS, TOPK = 28, 4, 128, 4096, 12
 DT = torch.bfloat16
@@ -204,12 +204,13 @@ def breakdown(N: int) -> dict:
         marks = [ev()]
         marks[0].record()
         means = pool_means(k, BS)
+        parts = split_means(means)
         out = torch.empty_like(q)
         _mark(marks, acc, "pool")
         step = launcher.chunk_queries(1, HQ, N, TOPK, D, 2)
         for c0 in range(0, N, step):
             C = min(step, N - c0)
-            blk, _ = route_chunk(q, means, c0, C, c0, block_size=BS, top_k=TOPK, sink_blocks=0)
+            blk, _ = route_chunk(q, means, c0, C, c0, block_size=BS, top_k=TOPK, sink_blocks=0, parts=parts)
             _mark(marks, acc, "route")
             tiles = build_tiles(blk, HKV, math.ceil(N / BS), cfg["BM"])
             op, lsep = launcher._partials(blk, 1, D, q.dtype)
@@ -220,7 +221,7 @@ def breakdown(N: int) -> dict:
             merge_partials(op, lsep, blk, out, q_off=c0, nsplit=1)
             _mark(marks, acc, "merge")
     acc["route_sort"] = time_ms(lambda: [route_chunk(q, means, c0, min(step, N - c0), c0, block_size=BS, top_k=TOPK,
-                                                     sink_blocks=0, method="sort") for c0 in range(0, N, step)], 1)  # fmt: skip
+                                                     sink_blocks=0, method="sort", parts=parts) for c0 in range(0, N, step)], 1)  # fmt: skip
     log(f"breakdown N={N} chunk={step}: " + ", ".join(f"{k_} {v_:.1f} ms" for k_, v_ in acc.items()))
     return dict(N=N, chunk=step, **acc)
 

@@ -1,13 +1,15 @@
 """Key-block-centric MoBA attention in Triton (the prefill and chunked-prefill kernel).
 
 For every (batch, KV head, key block) the (query, head, slot) entries of a query chunk that
-selected that block are gathered (a stable sort by block: a CSR list), cut into tiles of BM rows,
-and each tile runs one dense flash-attention pass over its block, the G query heads of a KV head
-sharing one tile (GQA-native). The own block is one of the slots; a per-row mask `key <= query`
-makes it causal and is a no-op for routed blocks, which lie strictly before the query. Each
-(entry, split) writes a normalised partial output and its base-2 log-sum-exp; moba/triton/merge.py
-combines them. Random routing is the worst case for query-centric tiles (a 128-query tile's union
-of blocks is nearly every past block), which is why the gathering is per key block.
+selected that block are gathered (a CSR list in entry order, built by a counting sort or a stable
+torch.sort), cut into tiles of BM rows, and each tile runs one dense flash-attention pass over its
+block, the G query heads of a KV head sharing one tile (GQA-native). The own block is one of the
+slots; a per-row mask `key <= query` makes it causal and is a no-op for routed blocks, which lie
+strictly before the query. Each (entry, split) writes a normalised partial output and its base-2
+log-sum-exp; moba/triton/decode.py merges them. A row's result does not depend on its tile-mates,
+so the order inside a block's list only matters for speed (own-block rows in position order keep
+the causal tiles narrow). Random routing is the worst case for query-centric tiles (a 128-query
+tile's union of blocks is nearly every past block), which is why the gathering is per key block.
 It knows nothing of routing: it reads the blocks table [B, Hq, C, S] (-1 = unused slot).
 """
 
@@ -17,13 +19,16 @@ import torch
 import triton
 import triton.language as tl
 
+COUNT_MAX_BLOCKS = 4096  # counting sort up to this many key blocks (a histogram row in registers)
+
 
 @triton.jit
 def _tile_kernel(
     Q, K, V, OP, LSEP, PERM, TILE_KEY, TILE_END, KEY_OFF, KEY_CNT,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
     C, Hq, S, Hkv, NB, n_keys, q_off, pos0, Tk, block_size, split_len, qk_scale,
-    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NSPLIT: tl.constexpr,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NSPLIT: tl.constexpr, KTRANS: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
     key = tl.load(TILE_KEY + tl.program_id(0))
     if key < n_keys:
@@ -44,31 +49,58 @@ def _tile_kernel(
         hi = tl.minimum(tl.minimum(lo + split_len, j * block_size + block_size), tl.max(pos, 0) + 1)
         pos_min = tl.min(tl.where(valid, pos, Tk), 0)
         mid = lo + tl.maximum(tl.minimum(pos_min + 1, hi) - lo, 0) // BN * BN
-        k_base = K + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
-        v_base = V + b.to(tl.int64) * svb + kvh.to(tl.int64) * svh
+        kv = (b, kvh, skb, skh, skt, svb, svh, svt)
         m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BM], dtype=tl.float32)
         acc = tl.zeros([BM, D], dtype=tl.float32)
         for n0 in range(lo, mid, BN):
-            n = n0 + tl.arange(0, BN)
-            kt = tl.load(k_base + n[None, :].to(tl.int64) * skt + d[:, None])
-            vt = tl.load(v_base + n[:, None].to(tl.int64) * svt + d[None, :])
-            s = tl.dot(q, kt)
-            m_i, l_i, acc = _online_step(s, vt, m_i, l_i, acc, qk_scale)
+            kt, vt = _kv_tile(K, V, kv, n0, hi, D, BN, KTRANS, TMA, False)
+            m_i, l_i, acc = _online_step(tl.dot(q, kt), vt, m_i, l_i, acc, qk_scale, False)
         for n0 in range(mid, hi, BN):
             n = n0 + tl.arange(0, BN)
-            inside = n < hi
-            kt = tl.load(k_base + n[None, :].to(tl.int64) * skt + d[:, None], mask=inside[None, :], other=0.0)
-            vt = tl.load(v_base + n[:, None].to(tl.int64) * svt + d[None, :], mask=inside[:, None], other=0.0)
-            s = tl.where((n[None, :] <= pos[:, None]) & inside[None, :], tl.dot(q, kt), float("-inf"))
-            m_i, l_i, acc = _online_step(s, vt, m_i, l_i, acc, qk_scale)
+            kt, vt = _kv_tile(K, V, kv, n0, hi, D, BN, KTRANS, TMA, True)
+            s = tl.where((n[None, :] <= pos[:, None]) & (n < hi)[None, :], tl.dot(q, kt), float("-inf"))
+            m_i, l_i, acc = _online_step(s, vt, m_i, l_i, acc, qk_scale, True)
         _store_partial(OP, LSEP, e.to(tl.int64) * NSPLIT + sp, valid, m_i, l_i, acc, D)
 
 
 @triton.jit
-def _online_step(s, vt, m_i, l_i, acc, qk_scale):
+def _kv_tile(K, V, kv, n0, hi, D: tl.constexpr, BN: tl.constexpr, KTRANS: tl.constexpr, TMA: tl.constexpr,
+             MASK: tl.constexpr):  # fmt: skip
+    """K^T [D, BN] and V [BN, D] at keys n0 .. n0 + BN; rows at or past hi are zero when MASK."""
+    b, kvh, skb, skh, skt, svb, svh, svt = kv
+    if TMA:
+        at = [b.to(tl.int32), kvh.to(tl.int32), n0.to(tl.int32), 0]
+        kt = tl.trans(tl.reshape(K.load(at), [BN, D]))
+        vt = tl.reshape(V.load(at), [BN, D])
+    else:
+        n = n0 + tl.arange(0, BN)
+        d = tl.arange(0, D)
+        k_rows = K + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh + n.to(tl.int64) * skt
+        v_rows = V + b.to(tl.int64) * svb + kvh.to(tl.int64) * svh + n.to(tl.int64) * svt
+        if MASK:
+            vt = tl.load(v_rows[:, None] + d[None, :], mask=(n < hi)[:, None], other=0.0)
+            if KTRANS:
+                kt = tl.trans(tl.load(k_rows[:, None] + d[None, :], mask=(n < hi)[:, None], other=0.0))
+            else:
+                kt = tl.load(k_rows[None, :] + d[:, None], mask=(n < hi)[None, :], other=0.0)
+        else:
+            vt = tl.load(v_rows[:, None] + d[None, :])
+            if KTRANS:
+                kt = tl.trans(tl.load(k_rows[:, None] + d[None, :]))
+            else:
+                kt = tl.load(k_rows[None, :] + d[:, None])
+    return kt, vt
+
+
+@triton.jit
+def _online_step(s, vt, m_i, l_i, acc, qk_scale, GUARD: tl.constexpr):
+    """One online-softmax step; GUARD handles rows whose scores so far are all -inf."""
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if GUARD:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
     p = tl.math.exp2(s * qk_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -86,11 +118,73 @@ def _store_partial(OP, LSEP, idx, valid, m_i, l_i, acc, D: tl.constexpr):
     tl.store(LSEP + idx, lse, mask=valid)
 
 
-def build_tiles(blk: torch.Tensor, Hkv: int, n_blocks: int, bm: int):
+@triton.jit
+def _count_kernel(BLK, CNT, C, NB, S: tl.constexpr, SP: tl.constexpr, TB: tl.constexpr, NBP: tl.constexpr):
+    t, bh = tl.program_id(0), tl.program_id(1)
+    c = t * TB + tl.arange(0, TB)[:, None]
+    slot = tl.arange(0, SP)[None, :]
+    ok = (c < C) & (slot < S)
+    j = tl.load(BLK + (bh.to(tl.int64) * C + c) * S + slot, mask=ok, other=-1)
+    hist = tl.histogram(tl.reshape(tl.maximum(j, 0), [TB * SP]), NBP, mask=tl.reshape(j >= 0, [TB * SP]))
+    bins = tl.arange(0, NBP)
+    tl.store(CNT + (bh.to(tl.int64) * tl.num_programs(0) + t) * NB + bins, hist, mask=bins < NB)
+
+
+@triton.jit
+def _scatter_kernel(BLK, START, PERM, C, NB, S: tl.constexpr, SP: tl.constexpr, TB: tl.constexpr,
+                    TS: tl.constexpr, NBP: tl.constexpr):  # fmt: skip
+    t, bh = tl.program_id(0), tl.program_id(1)
+    bins = tl.arange(0, NBP)
+    at = tl.load(START + (bh.to(tl.int64) * tl.num_programs(0) + t) * NB + bins, mask=bins < NB, other=0)
+    E: tl.constexpr = TS * SP
+    i = tl.arange(0, E)
+    for c0 in range(t * TB, tl.minimum(t * TB + TB, C), TS):
+        c = c0 + i // SP
+        slot = i % SP
+        ok = (c < C) & (slot < S)
+        e = (bh * C + c) * S + slot
+        j = tl.load(BLK + e.to(tl.int64), mask=ok, other=-1)
+        live = j >= 0
+        jj = tl.maximum(j, 0)
+        before = (jj[:, None] == jj[None, :]) & live[None, :] & (i[None, :] < i[:, None])
+        rank = tl.sum(before.to(tl.int32), 1)
+        tl.store(PERM + tl.gather(at, jj, 0) + rank, e, mask=live)
+        at += tl.histogram(jj, NBP, mask=live)
+
+
+def counting_sort(blk: torch.Tensor, Hkv: int, n_blocks: int, tb: int = 128, ts: int = 8):
+    """Stable CSR of the blocks table by (batch, KV head, block) with two small kernels.
+
+    A histogram per (batch, head, tile of tb queries), an exclusive scan of those counts in entry
+    order, and a scatter that ranks equal keys inside tiles of ts queries. Gives the same order
+    as a stable sort of the keys; entries with block -1 are left out.
+    Args:
+        blk: int32 [B, Hq, C, S], contiguous; entry e = ((b * Hq + h) * C + c) * S + slot.
+    Returns:
+        (perm int32 [B * Hq * C * S], only its first key_cnt.sum() entries written; key_off, key_cnt
+        int64 [B * Hkv * n_blocks]).
+    """
+    B, Hq, C, S = blk.shape
+    nt = triton.cdiv(C, tb)
+    nbp = triton.next_power_of_2(n_blocks)
+    sp = triton.next_power_of_2(S)
+    cnt = torch.empty(B * Hq, nt, n_blocks, device=blk.device, dtype=torch.int32)
+    _count_kernel[(nt, B * Hq)](blk, cnt, C, n_blocks, S=S, SP=sp, TB=tb, NBP=nbp, num_warps=4)
+    grouped = cnt.view(B, Hkv, (Hq // Hkv) * nt, n_blocks)
+    key_cnt = grouped.sum(2, dtype=torch.int64).reshape(-1)
+    key_off = key_cnt.cumsum(0) - key_cnt
+    start = (grouped.cumsum(2, dtype=torch.int32) - grouped) + key_off.view(B, Hkv, 1, n_blocks).to(torch.int32)
+    perm = torch.empty(blk.numel(), device=blk.device, dtype=torch.int32)
+    _scatter_kernel[(nt, B * Hq)](blk, start, perm, C, n_blocks, S=S, SP=sp, TB=tb, TS=ts, NBP=nbp, num_warps=4)
+    return perm, key_off, key_cnt
+
+
+def build_tiles(blk: torch.Tensor, Hkv: int, n_blocks: int, bm: int, method: str | None = None):
     """CSR of the blocks table by (batch, KV head, block), cut into tiles of bm rows; no host sync.
 
     Args:
         blk: int32 [B, Hq, C, S]; entry e = ((b * Hq + h) * C + c) * S + slot; -1 = unused.
+        method: "count" (`counting_sort`, the default up to COUNT_MAX_BLOCKS blocks) or "sort" (torch.sort).
     Returns:
         dict of device tensors perm (entries sorted by key, stable), tile_key (key of each tile slot,
         n_keys past the last tile), tile_end (inclusive cumulative tile count per key), key_off,
@@ -99,29 +193,52 @@ def build_tiles(blk: torch.Tensor, Hkv: int, n_blocks: int, bm: int):
     B, Hq, C, S = blk.shape
     dev = blk.device
     n_keys = B * Hkv * n_blocks
-    heads = torch.arange(Hq, device=dev) // (Hq // Hkv)
-    base = ((torch.arange(B, device=dev)[:, None] * Hkv + heads[None, :]) * n_blocks).to(torch.int32)
-    key = torch.where(blk >= 0, blk + base[:, :, None, None], n_keys).reshape(-1)
-    _, perm = torch.sort(key, stable=True)
-    cnt = torch.bincount(key, minlength=n_keys + 1)[:n_keys]
-    off = cnt.cumsum(0) - cnt
+    method = method or ("count" if n_blocks <= COUNT_MAX_BLOCKS else "sort")
+    if method == "count":
+        perm, off, cnt = counting_sort(blk.contiguous(), Hkv, n_blocks)
+    else:
+        heads = torch.arange(Hq, device=dev) // (Hq // Hkv)
+        base = ((torch.arange(B, device=dev)[:, None] * Hkv + heads[None, :]) * n_blocks).to(torch.int32)
+        key = torch.where(blk >= 0, blk + base[:, :, None, None], n_keys).reshape(-1)
+        _, perm = torch.sort(key, stable=True)
+        cnt = torch.bincount(key, minlength=n_keys + 1)[:n_keys]
+        off = cnt.cumsum(0) - cnt
     tile_end = ((cnt + bm - 1) // bm).cumsum(0)
-    n_tiles = triton.cdiv(key.numel(), bm) + n_keys
+    n_tiles = triton.cdiv(blk.numel(), bm) + n_keys
     tile_key = torch.searchsorted(tile_end, torch.arange(n_tiles, device=dev), right=True)
     return dict(perm=perm, tile_key=tile_key, tile_end=tile_end, key_off=off, key_cnt=cnt,
                 n_keys=n_keys, n_tiles=n_tiles)  # fmt: skip
 
 
 def attend_tiles(q, k, v, blk, tiles, op, lsep, *, q_off, pos0, block_size, scale, nsplit, cfg):
-    """Run the tile kernel for one query chunk; fills op [entries * nsplit, D] and lsep."""
+    """Run the tile kernel for one query chunk; fills op [entries * nsplit, D] and lsep.
+
+    cfg: dict BM, BN, warps, stages, and optionally ktrans (load K row-major and transpose in
+    registers) and tma (K/V through tensor descriptors; CUDA only).
+    """
     B, Hq, C, S = blk.shape
     Hkv, Tk, D = k.shape[1], k.shape[2], k.shape[3]
     bn = cfg["BN"]
     split_len = triton.cdiv(triton.cdiv(block_size, nsplit), bn) * bn
+    tma = bool(cfg.get("tma")) and _tma_ok(k) and _tma_ok(v)
+    kd, vd = (_descriptor(k, bn), _descriptor(v, bn)) if tma else (k, v)
     _tile_kernel[(tiles["n_tiles"], nsplit)](
-        q, k, v, op, lsep, tiles["perm"], tiles["tile_key"], tiles["tile_end"], tiles["key_off"],
+        q, kd, vd, op, lsep, tiles["perm"], tiles["tile_key"], tiles["tile_end"], tiles["key_off"],
         tiles["key_cnt"], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         C, Hq, S, Hkv, triton.cdiv(Tk, block_size), tiles["n_keys"], q_off, pos0, Tk, block_size,
         split_len, scale * 1.4426950408889634,
-        D=D, BM=cfg["BM"], BN=bn, NSPLIT=nsplit, num_warps=cfg["warps"], num_stages=cfg["stages"],
+        D=D, BM=cfg["BM"], BN=bn, NSPLIT=nsplit, KTRANS=bool(cfg.get("ktrans")), TMA=tma,
+        num_warps=cfg["warps"], num_stages=cfg["stages"],
     )  # fmt: skip
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """A tensor descriptor needs a CUDA tensor, a 16-byte aligned base and 16-byte aligned strides."""
+    es = t.element_size()
+    return t.is_cuda and t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(st * es % 16 == 0 for st in t.stride()[:3])
+
+
+def _descriptor(t: torch.Tensor, bn: int):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, bn, t.shape[3]])

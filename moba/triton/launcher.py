@@ -2,7 +2,7 @@
 
 Queries go in chunks sized so that the partial results of a chunk fit in PARTIAL_BUDGET bytes.
 Per chunk: the routing kernel writes the blocks table, then either the split-K decode kernel (few
-query rows per KV head) or the key-block tile kernel (a CSR of the table, built by a stable sort)
+query rows per KV head) or the key-block tile kernel (a CSR of the table, built by a counting sort)
 writes partials, and the merge kernel writes the output rows. Nothing waits on the host.
 Inputs outside the kernels' range (fp32, head dims other than 64/128/256, CPU tensors without the
 Triton interpreter) go to the portable path. It knows nothing of files or models.
@@ -19,16 +19,19 @@ from moba.portable import portable_moba_attention
 from moba.routing import block_means
 from moba.triton.attention import attend_tiles, build_tiles
 from moba.triton.decode import attend_decode, merge_partials
-from moba.triton.routing import pool_means, route_chunk
+from moba.triton.routing import pool_means, route_chunk, split_means
 from moba.types import Routing, check_inputs
 
 PARTIAL_BUDGET = 1 << 30
 DECODE_ROWS = 16  # at most this many query rows per KV head in a chunk: the split-K decode kernel
 HEAD_DIMS = (64, 128, 256)
+# ktrans: K loaded row-major and transposed in registers; tma: K/V through tensor descriptors (no
+# address registers: ptxas spills 164 bytes instead of 1,756 at 128x128). Last 1M chunk on an H200
+# (bench/kern_variants.py): pointer loads 17.46 ms, + ktrans 17.75, + tma 16.17, tma with 2 stages 19.18.
 TILE_CONFIGS = {
-    64: dict(BM=128, BN=128, warps=8, stages=3),
-    128: dict(BM=128, BN=128, warps=8, stages=3),  # best of 6 configs at 256K on an H200 (bench/RESULTS.md)
-    256: dict(BM=64, BN=32, warps=8, stages=2),
+    64: dict(BM=128, BN=128, warps=8, stages=3, ktrans=True, tma=True),
+    128: dict(BM=128, BN=128, warps=8, stages=3, ktrans=True, tma=True),
+    256: dict(BM=64, BN=32, warps=8, stages=2, ktrans=True, tma=True),
 }
 
 
@@ -66,11 +69,12 @@ def triton_moba_attention(
     S = top_k + sink_blocks
     routing = _routing_buffers(q, S) if return_routing else None
     step = chunk_queries(B, Hq, Tq, S, D, q.element_size())
+    parts = split_means(means) if q.dtype == torch.bfloat16 and q.is_cuda and Tq > step else None
     for c0 in range(0, Tq, step):
         C = min(step, Tq - c0)
         blk, scr = route_chunk(
             q, means, c0, C, Tk - Tq + c0, block_size=block_size, top_k=top_k,
-            sink_blocks=sink_blocks, scores=return_routing,
+            sink_blocks=sink_blocks, scores=return_routing, parts=parts,
         )  # fmt: skip
         _attend_chunk(q, k, v, out, blk, c0, Tk - Tq + c0, block_size, scale)
         if return_routing:

@@ -1,9 +1,13 @@
 """Triton kernels for MoBA routing: block means of the keys, and gate + top-k per query.
 
 The routing kernel streams over the pooled keys of one KV head for a tile of (query, GQA head)
-rows and keeps a running top-k in registers: a score and its block id are packed into one int64
-whose order is the score's order, so Triton's bitonic `topk` sorts both at once. No
-[blocks, heads, Tq] gate is ever written. It knows nothing of attention.
+rows and keeps a running top-k in registers, by repeated max extraction above a running threshold
+(default) or with int64 keys that pack a score and its block id for Triton's bitonic `topk`. No
+[blocks, heads, Tq] gate is ever written. For bf16 queries on CUDA the gate runs on tensor cores:
+the fp32 means are split into three bf16 parts whose sum is exact (`split_means`), so three bf16
+dots give fp32-accurate scores (only the summation order differs from an fp32 matmul, which can
+swap near-tied blocks: 1 routing row in 1.8M at 64K on an H200). Other queries use fp32 FMA dots.
+It knows nothing of attention.
 Layout: q [B, Hq, Tq, D]; means [B, Hkv, n_full, D] fp32; the blocks table it writes is int32
 [B, Hq, C, top_k + sink_blocks] = [own, routed best-first, sinks], -1 for an unused slot.
 """
@@ -15,6 +19,7 @@ import triton
 import triton.language as tl
 
 TOPK_METHOD = "extract"
+SPLIT_MIN_ROWS = 16  # fewer (query, head) rows per KV head (decode): the fp32 FMA gate, no split means
 # the packed key of score -inf: sorts below every real score
 _NEG_INF_KEY = tl.constexpr(-2139095041 * (1 << 32))
 
@@ -63,21 +68,27 @@ def _unpack(key, IDX_CAP: tl.constexpr):
 
 
 @triton.jit
-def _gate_tile(q, m_base, smn, own, n_full, n0, D: tl.constexpr, BN: tl.constexpr):
+def _gate_tile(q, m_base, smn, sp, own, n_full, n0, D: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr):
     n = n0 + tl.arange(0, BN)
     d = tl.arange(0, D)
-    mt = tl.load(m_base + n[None, :] * smn + d[:, None], mask=n[None, :] < n_full, other=0.0)
-    s = tl.dot(q, mt, input_precision="ieee")
+    ptr = m_base + n[:, None] * smn + d[None, :]
+    inside = n[:, None] < n_full
+    if SPLIT:
+        s = tl.dot(q, tl.trans(tl.load(ptr + 2 * sp, mask=inside, other=0.0)))
+        s = tl.dot(q, tl.trans(tl.load(ptr + sp, mask=inside, other=0.0)), s)
+        s = tl.dot(q, tl.trans(tl.load(ptr, mask=inside, other=0.0)), s)
+    else:
+        s = tl.dot(q, tl.trans(tl.load(ptr, mask=inside, other=0.0)), input_precision="ieee")
     return tl.where(n[None, :] < own[:, None], s, float("-inf")), n
 
 
 @triton.jit
-def _top_by_sort(q, m_base, smn, own, n_full, sink_blocks, n_hi, D: tl.constexpr, BM: tl.constexpr,
-                 BN: tl.constexpr, KP: tl.constexpr):  # fmt: skip
+def _top_by_sort(q, m_base, smn, sp, own, n_full, sink_blocks, n_hi, D: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, KP: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
     IDX_CAP: tl.constexpr = 2**30
     best = tl.full([BM, KP], _NEG_INF_KEY, dtype=tl.int64)
     for n0 in range(sink_blocks, n_hi, BN):
-        s, n = _gate_tile(q, m_base, smn, own, n_full, n0, D, BN)
+        s, n = _gate_tile(q, m_base, smn, sp, own, n_full, n0, D, BN, SPLIT)
         key = tl.where(s > float("-inf"), _pack(s, n[None, :], IDX_CAP), _NEG_INF_KEY)
         both = tl.reshape(tl.join(best, tl.topk(key, KP, dim=1)), [BM, 2 * KP])
         best = tl.topk(both, KP, dim=1)
@@ -85,25 +96,25 @@ def _top_by_sort(q, m_base, smn, own, n_full, sink_blocks, n_hi, D: tl.constexpr
 
 
 @triton.jit
-def _top_by_extraction(q, m_base, smn, own, n_full, sink_blocks, n_hi, D: tl.constexpr, BM: tl.constexpr,
-                       BN: tl.constexpr, KP: tl.constexpr, N_ROUTE: tl.constexpr):  # fmt: skip
+def _top_by_extraction(q, m_base, smn, sp, own, n_full, sink_blocks, n_hi, D: tl.constexpr, BM: tl.constexpr,
+                       BN: tl.constexpr, KP: tl.constexpr, N_ROUTE: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
     slot = tl.arange(0, KP)[None, :]
     best_v = tl.where(slot < N_ROUTE, float("-inf"), float("inf")) + tl.zeros([BM, KP], dtype=tl.float32)
     best_i = tl.full([BM, KP], -1, dtype=tl.int32)
     thr = tl.full([BM], float("-inf"), dtype=tl.float32)
     for n0 in range(sink_blocks, n_hi, BN):
-        s, n = _gate_tile(q, m_base, smn, own, n_full, n0, D, BN)
+        s, n = _gate_tile(q, m_base, smn, sp, own, n_full, n0, D, BN, SPLIT)
         s = tl.where(s > thr[:, None], s, float("-inf"))
-        go = tl.max(tl.max(s, 1), 0) > float("-inf")
+        mx, at = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
+        go = tl.max(mx, 0) > float("-inf")
         while go:
-            mx = tl.max(s, 1)
-            pick = n0 + tl.argmax(s, 1, tie_break_left=True)
             put = (slot == tl.argmin(best_v, 1, tie_break_left=True)[:, None]) & (mx > thr)[:, None]
             best_v = tl.where(put, mx[:, None], best_v)
-            best_i = tl.where(put, pick[:, None], best_i)
+            best_i = tl.where(put, (n0 + at)[:, None], best_i)
             thr = tl.min(best_v, 1)
-            s = tl.where((n[None, :] == pick[:, None]) | (s <= thr[:, None]), float("-inf"), s)
-            go = tl.max(tl.max(s, 1), 0) > float("-inf")
+            s = tl.where((n[None, :] == (n0 + at)[:, None]) | (s <= thr[:, None]), float("-inf"), s)
+            mx, at = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
+            go = tl.max(mx, 0) > float("-inf")
     return _best_first(best_v, best_i, BM, KP, N_ROUTE)
 
 
@@ -125,11 +136,11 @@ def _best_first(best_v, best_i, BM: tl.constexpr, KP: tl.constexpr, N_ROUTE: tl.
 
 @triton.jit
 def _route_kernel(
-    Q, M, BLK, SCR,
-    sqb, sqh, sqt, smb, smh, smn,
+    Q, M, P, BLK, SCR,
+    sqb, sqh, sqt, smb, smh, smn, spb, sph, spn, sp,
     C, Hq, Hkv, G, q_off, pos0, n_full, block_size, sink_blocks,
-    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr,
-    N_ROUTE: tl.constexpr, SINKS: tl.constexpr, WRITE_SCORES: tl.constexpr, SORT: tl.constexpr,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr, N_ROUTE: tl.constexpr,
+    SINKS: tl.constexpr, WRITE_SCORES: tl.constexpr, SORT: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     S: tl.constexpr = 1 + N_ROUTE + SINKS
     bk = tl.program_id(1)
@@ -140,16 +151,23 @@ def _route_kernel(
     own = tl.where(valid, (pos0 + c) // block_size, 0)
     d = tl.arange(0, D)
     q_ptr = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + (q_off + c).to(tl.int64) * sqt
-    q = tl.load(q_ptr[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    q = tl.load(q_ptr[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    if not SPLIT:
+        q = q.to(tl.float32)
     m_base = M + b.to(tl.int64) * smb + kvh.to(tl.int64) * smh
     row = ((b * Hq + h).to(tl.int64) * C + c) * S
     out_mask = valid[:, None]
     if N_ROUTE > 0:
         n_hi = tl.max(tl.minimum(own, n_full), 0)
-        if SORT:
-            score, idx = _top_by_sort(q, m_base, smn, own, n_full, sink_blocks, n_hi, D, BM, BN, KP)
+        if SPLIT:
+            g_base, g_stride = P + b.to(tl.int64) * spb + kvh.to(tl.int64) * sph, spn
         else:
-            score, idx = _top_by_extraction(q, m_base, smn, own, n_full, sink_blocks, n_hi, D, BM, BN, KP, N_ROUTE)
+            g_base, g_stride = m_base, smn
+        if SORT:
+            score, idx = _top_by_sort(q, g_base, g_stride, sp, own, n_full, sink_blocks, n_hi, D, BM, BN, KP, SPLIT)
+        else:
+            score, idx = _top_by_extraction(q, g_base, g_stride, sp, own, n_full, sink_blocks, n_hi, D, BM, BN, KP,
+                                            N_ROUTE, SPLIT)  # fmt: skip
         slot = tl.arange(0, KP)[None, :]
         m_route = out_mask & (slot < N_ROUTE)
         tl.store(BLK + row[:, None] + 1 + slot, tl.where(score == float("-inf"), -1, idx), mask=m_route)
@@ -163,17 +181,34 @@ def _route_kernel(
         tl.store(BLK + row + 1 + N_ROUTE + si, tl.where(on, si, -1), mask=valid)
         if WRITE_SCORES:
             ms = tl.load(m_base + si * smn + d, mask=(d < D) & (si < n_full), other=0.0)
-            sc = tl.sum(q * ms[None, :], 1)
+            sc = tl.sum(q.to(tl.float32) * ms[None, :], 1)
             tl.store(SCR + row + 1 + N_ROUTE + si, tl.where(on, sc, float("-inf")), mask=valid)
 
 
-def route_chunk(q, means, q_off, C, pos0, *, block_size, top_k, sink_blocks, scores=False, method=None):
+def split_means(means: torch.Tensor) -> torch.Tensor:
+    """Three bf16 parts whose sum is exactly the fp32 means: [3, *means.shape] bf16.
+
+    A bf16 query times each part is exact in fp32, so three bf16 tensor-core dots give the gate
+    to fp32 accuracy (only the summation order differs from an fp32 matmul).
+    """
+    hi = means.to(torch.bfloat16)
+    rest = means - hi.float()
+    mid = rest.to(torch.bfloat16)
+    return torch.stack([hi, mid, (rest - mid.float()).to(torch.bfloat16)])
+
+
+def route_chunk(q, means, q_off, C, pos0, *, block_size, top_k, sink_blocks, scores=False, method=None, parts=None,
+                tile=None):  # fmt: skip
     """Blocks (and optionally scores) for queries q[:, :, q_off : q_off + C] at positions pos0 ...
 
     Args:
         q: [B, Hq, Tq, D] fp16/bf16, last dim contiguous. means: [B, Hkv, n_full, D] fp32.
         method: "extract" (default, TOPK_METHOD) keeps the top-k by repeated max extraction with a
             running threshold; "sort" packs (score, id) into int64 keys and merges with tl.topk.
+        parts: `split_means(means)` when already computed (bf16 CUDA queries: the gate then runs on
+            tensor cores, above SPLIT_MIN_ROWS rows per KV head); made here otherwise. Other
+            queries use fp32 FMA dots.
+        tile: (rows, blocks, warps) of one program; default `route_tile`.
     Returns:
         (blocks int32 [B, Hq, C, top_k + sink_blocks], scores fp32 of that shape or None).
     """
@@ -183,13 +218,25 @@ def route_chunk(q, means, q_off, C, pos0, *, block_size, top_k, sink_blocks, sco
     S = top_k + sink_blocks
     blk = torch.empty(B, Hq, C, S, device=q.device, dtype=torch.int32)
     scr = torch.empty(B, Hq, C, S, device=q.device, dtype=torch.float32) if scores else blk
+    split = q.dtype == torch.bfloat16 and q.is_cuda and n_full > 0 and top_k > 1 and C * G > SPLIT_MIN_ROWS
+    if split and parts is None:
+        parts = split_means(means)
+    parts = parts if split else means[None]
     kp = triton.next_power_of_2(max(top_k - 1, 1))
-    bm = 32 if D <= 128 else 16
+    bm, bn, warps = tile or route_tile(split, D)
+    bn = max(bn, kp)
     grid = (triton.cdiv(C * G, bm), B * Hkv)
     _route_kernel[grid](
-        q, means, blk, scr, *q.stride()[:3], *means.stride()[:3],
+        q, means, parts, blk, scr, *q.stride()[:3], *means.stride()[:3], *parts.stride()[1:4], parts.stride(0),
         C, Hq, Hkv, G, q_off, pos0, n_full, block_size, sink_blocks,
-        D=D, BM=bm, BN=max(64, kp), KP=kp, N_ROUTE=top_k - 1, SINKS=sink_blocks,
-        WRITE_SCORES=scores, SORT=(method or TOPK_METHOD) == "sort", num_warps=4,
+        D=D, BM=bm, BN=bn, KP=kp, N_ROUTE=top_k - 1, SINKS=sink_blocks,
+        WRITE_SCORES=scores, SORT=(method or TOPK_METHOD) == "sort", SPLIT=split, num_warps=warps,
     )  # fmt: skip
     return blk, (scr if scores else None)
+
+
+def route_tile(split: bool, D: int) -> tuple[int, int, int]:
+    """(rows, blocks, warps) of a routing program: tensor-core tiles for the split gate, FMA tiles otherwise."""
+    if split:
+        return (64, 64, 4)  # 55.7 ms at 1M on an H200; 64x128 57.8, 128x128/8 warps 60.3, 64x256 76.2
+    return (32, 64, 4) if D <= 128 else (16, 64, 4)

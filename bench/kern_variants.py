@@ -1,0 +1,204 @@
+"""Time variants of the MoBA Triton stages at 1M tokens on one GPU, with cross-checks.
+
+Shapes as bench/attention.py (B=1, 28 query heads, 4 KV heads, D=128, bf16, block 4096, top-k 12).
+Stages: routing over all query chunks (each variant against torch's fp32 gate on two chunks),
+the CSR build of the last chunk (torch.sort against the counting sort), and the tile kernel on the
+last chunk for several configurations (outputs against the first configuration). The routing
+baseline is the module at --old (the main checkout's moba/triton/routing.py), when present.
+
+Run: python bench/kern_variants.py [--N 1048576] [--old ../moba/triton/routing.py] [--stages route,sort,tile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import moba.triton.launcher as launcher  # noqa: E402
+from moba.routing import select_blocks  # noqa: E402
+from moba.triton.attention import attend_tiles, build_tiles  # noqa: E402
+from moba.triton.routing import pool_means, route_chunk, split_means  # noqa: E402
+
+HQ, HKV, D, BS, TOPK = 28, 4, 128, 4096, 12
+ROUTE_TILES = [(64, 128, 4), (128, 128, 8), (64, 256, 4), (64, 64, 4), (32, 64, 4)]
+TILE_CFGS = [
+    dict(BM=128, BN=128, warps=8, stages=3),
+    dict(BM=128, BN=128, warps=8, stages=3, ktrans=True),
+    dict(BM=128, BN=128, warps=8, stages=3, ktrans=True, tma=True),
+    dict(BM=128, BN=128, warps=8, stages=2, ktrans=True, tma=True),
+]
+
+
+def log(*a) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+def cuda_ms(fn, reps: int) -> float:
+    fn()
+    if not torch.cuda.is_available():  # a smoke run under TRITON_INTERPRET=1
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        out.append(s.elapsed_time(e))
+    return sorted(out)[len(out) // 2]
+
+
+def graph_ms(fn, reps: int = 20) -> float | None:
+    """GPU time of fn per call, replayed from a CUDA graph (no Python launch overhead); None on CPU."""
+    if not torch.cuda.is_available():
+        return None
+    fn()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        g.replay()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / reps
+
+
+def same_rows(blk, q, means, c0, C) -> float:
+    """Fraction of routing rows identical to torch's fp32 gate + topk (moba.routing.select_blocks)."""
+    sel, _ = select_blocks(q[:, :, c0 : c0 + C], means, c0, block_size=BS, top_k=TOPK, sink_blocks=0)
+    return (blk[..., 1:].long() == sel).all(-1).float().mean().item()
+
+
+def old_router(path: str):
+    if not path or not os.path.exists(path):
+        return None
+    spec = importlib.util.spec_from_file_location("old_routing", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.route_chunk
+
+
+def routing(q, means, step, old) -> list[dict]:
+    N = q.shape[2]
+    parts = split_means(means)
+    chunks = [(c0, min(step, N - c0)) for c0 in range(0, N, step)]
+    checks = [chunks[len(chunks) // 2], chunks[-1]]
+    variants = [("old extract", old, {})] if old else []
+    variants += [(f"new {t}", route_chunk, dict(tile=t, parts=parts)) for t in ROUTE_TILES]
+    variants += [("new fp32 FMA (32,64,4)", route_chunk, dict(tile=(32, 64, 4), parts=None, fma=True))]
+    res = []
+    for name, fn, kw in variants:
+        kw = dict(kw)
+        if kw.pop("fma", False):
+            qq = q.half()  # fp16 queries take the FMA gate; the same values (randn bf16 fits fp16)
+        else:
+            qq = q
+        try:
+            ms = cuda_ms(lambda fn=fn, qq=qq, kw=kw: [fn(qq, means, c0, C, c0, block_size=BS, top_k=TOPK, sink_blocks=0, **kw)
+                                                      for c0, C in chunks], 2)  # fmt: skip
+            agree = [same_rows(fn(qq, means, c0, C, c0, block_size=BS, top_k=TOPK, sink_blocks=0, **kw)[0], q, means, c0, C)
+                     for c0, C in checks]  # fmt: skip
+        except Exception as e:  # a variant the compiler rejects is reported, not fatal
+            log(f"route {name} failed: {str(e).splitlines()[0][:300]}")
+            continue
+        res.append(dict(variant=name, ms=ms, same_rows=agree))
+        log(f"route {name}: {ms:.1f} ms over {len(chunks)} chunks, rows identical to torch {agree}")
+    return res
+
+
+def csr(blk, nb, n_chunks) -> list[dict]:
+    ref = build_tiles(blk, HKV, nb, 128, method="sort")
+    n = int(ref["key_cnt"].sum())
+    res = []
+    for m in ("sort", "count"):
+        got = build_tiles(blk, HKV, nb, 128, method=m)
+        same = torch.equal(got["perm"][:n].long(), ref["perm"][:n].long()) and torch.equal(got["tile_key"], ref["tile_key"])
+        ms = cuda_ms(lambda m=m: build_tiles(blk, HKV, nb, 128, method=m), 5)
+        gms = graph_ms(lambda m=m: build_tiles(blk, HKV, nb, 128, method=m)) if m == "count" else None  # bincount syncs
+        res.append(dict(method=m, ms_per_chunk=ms, graph_ms_per_chunk=gms, ms_est_total=ms * n_chunks, same_as_sort=same))
+        log(f"csr {m}: {ms:.3f} ms per chunk (x{n_chunks} = {ms * n_chunks:.1f} ms), GPU only (CUDA graph) {gms} ms, "
+            f"same perm as torch.sort: {same}")  # fmt: skip
+    return res
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def tiles(q, k, v, blk, c0, n_chunks) -> list[dict]:
+    nb = triton_cdiv(k.shape[2], BS)
+    res, ref = [], None
+    for cfg in TILE_CFGS:
+        t = build_tiles(blk, HKV, nb, cfg["BM"])
+        op, lsep = launcher._partials(blk, 1, D, q.dtype)
+        try:
+            ms = cuda_ms(lambda t=t, op=op, lsep=lsep, cfg=cfg: attend_tiles(
+                q, k, v, blk, t, op, lsep, q_off=c0, pos0=c0, block_size=BS, scale=D**-0.5, nsplit=1, cfg=cfg), 5)  # fmt: skip
+        except Exception as e:
+            log(f"tile {cfg} failed: {str(e).splitlines()[0][:300]}")
+            continue
+        live = blk.reshape(-1) >= 0
+        o = op[live].float()
+        ref = o if ref is None else ref
+        err = ((o - ref).norm() / ref.norm()).item()
+        res.append(dict(cfg=cfg, ms_per_chunk=ms, ms_est_total=ms * n_chunks, rel_err_vs_first=err))
+        log(f"tile {cfg}: {ms:.2f} ms on the last chunk (x{n_chunks} = {ms * n_chunks:.0f} ms), rel err vs first {err:.1e}")
+    return res
+
+
+def main() -> None:
+    global BS
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--N", type=int, default=1 << 20)
+    p.add_argument("--old", default=str(Path(__file__).resolve().parents[2] / "moba/triton/routing.py"))
+    p.add_argument("--stages", default="route,sort,tile")
+    p.add_argument("--chunk", type=int, default=0, help="queries per chunk (default: the launcher's)")
+    p.add_argument("--bs", type=int, default=BS, help="block size (a smoke run uses a small one)")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
+    a = p.parse_args()
+    BS = a.bs
+    N = a.N
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=dev).manual_seed(3)
+    q, k, v = (torch.randn(1, h, N, D, device=dev, dtype=torch.bfloat16, generator=g) for h in (HQ, HKV, HKV))
+    means = pool_means(k, BS)
+    step = a.chunk or launcher.chunk_queries(1, HQ, N, TOPK, D, 2)
+    n_chunks = triton_cdiv(N, step)
+    c0 = N - step
+    res = dict(N=N, chunk=step, n_chunks=n_chunks, device=torch.cuda.get_device_name() if dev == "cuda" else dev)
+    stages = a.stages.split(",")
+    if "route" in stages:
+        res["route"] = routing(q, means, step, old_router(a.old))
+    blk, _ = route_chunk(q, means, c0, step, c0, block_size=BS, top_k=TOPK, sink_blocks=0)
+    if "sort" in stages:
+        res["csr"] = csr(blk, triton_cdiv(N, BS), n_chunks)
+    if "tile" in stages:
+        res["tile"] = tiles(q, k, v, blk, c0, n_chunks)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / "kern_variants.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
