@@ -23,7 +23,7 @@ class AskConfig:
     max_new_tokens, temperature, top_p: decoding.
     no_cache: do not read or write the context cache.
     device: "cpu", "cuda", "cuda:1"... (None: cuda when available).
-    chunk_size: prefill chunk (None: 1024 on CPU, 8192 on CUDA).
+    chunk_size: prefill chunk (None: 1024 on CPU, 16384 on CUDA).
     dtype: "float32", "bfloat16", "float16" (None: fp32 on CPU, bf16 on CUDA).
     """
 

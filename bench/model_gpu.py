@@ -11,14 +11,18 @@ Run (on the GPU machine): python bench/model_gpu.py --tokens 131072 262144 52428
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-import moba  # noqa: F401  (registers attn_implementation="moba")
-from agent.engine import Engine, Sampling
-from moba.hf import MobaParams, configure
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import moba  # noqa: E402, F401  (registers attn_implementation="moba")
+from agent.engine import Engine, Sampling  # noqa: E402
+from moba.hf import MobaParams, configure  # noqa: E402
 
 QWEN7B_1M = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                  num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=1_010_000,
@@ -85,7 +89,9 @@ def main() -> None:
     sparse = MobaParams(a.block_size, a.top_k, a.sink_blocks)
     configure(model.config, sparse)
     label = f"moba {a.block_size}/{a.top_k}/sink{a.sink_blocks}"
-    warm = prefill(model, a.chunk + 3 * a.block_size + 100, a.chunk, decode=40)  # every kernel variant compiles
+    # warm-up: Triton specialises integer arguments divisible by 16 (block counts, lengths), so the
+    # warm-up reaches 16 blocks and decodes there; every kernel variant compiles before the timed rows
+    warm = prefill(model, 16 * a.block_size + 100, a.chunk, decode=40)
     _row(f"{label} (warm-up)", warm)
     for n in a.tokens:
         _row(label, prefill(model, n, a.chunk, a.decode if n == max(a.tokens) else 0))

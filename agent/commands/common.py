@@ -46,7 +46,7 @@ def common_options(fn: Callable) -> Callable:
                      show_default=True, help="Nucleus sampling when temperature > 0."),
         click.option("--no-cache", is_flag=True, help="Neither read nor write the context cache."),
         click.option("--device", help="cpu, cuda, cuda:1 ... [default: cuda when available]"),
-        click.option("--chunk-size", type=click.IntRange(min=1), help="Prefill chunk (1024 CPU, 8192 CUDA)."),
+        click.option("--chunk-size", type=click.IntRange(min=1), help="Prefill chunk (1024 CPU, 16384 CUDA)."),
         click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
                      help="[default: float32 on CPU, bfloat16 on CUDA]"),
         click.option("--include", multiple=True, metavar="GLOB", help="Only pack files matching GLOB."),

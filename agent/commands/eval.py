@@ -43,7 +43,7 @@ from agent.evaluate.tasks import TaskError, build_workspace
 @click.option("--device", help="cpu, cuda, cuda:1 ... [default: cuda when available]")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
               help="[default: float32 on CPU, bfloat16 on CUDA]")
-@click.option("--chunk-size", type=click.IntRange(min=1), help="Prefill chunk (1024 CPU, 8192 CUDA).")
+@click.option("--chunk-size", type=click.IntRange(min=1), help="Prefill chunk (1024 CPU, 16384 CUDA).")
 @click.option("--include", multiple=True, metavar="GLOB",
               help="Only pack files matching GLOB. [default: *.py, so that the context is code]")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out files matching GLOB.")
