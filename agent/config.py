@@ -4,9 +4,10 @@ common CLI flags. Knows nothing of models or files beyond names and numbers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-ATTENTION = ("moba", "dense")
+ATTENTION = ("auto", "moba", "dense")
+AUTO_DENSE_FACTOR = 8  # "auto" is dense below AUTO_DENSE_FACTOR x top_k x block_size context tokens
 QA_POLICIES = ("moba", "dense")
 
 
@@ -15,7 +16,8 @@ class AskConfig:
     """Settings shared by ask, chat, summarize and eval.
 
     model: catalog name, hub id, directory or .gguf (None: $MOBA_ASK_MODEL or the device default).
-    attention: "moba" (sparse) or "dense" (exact SDPA; routing is still scored for citations).
+    attention: "moba" (sparse), "dense" (exact SDPA; routing is still scored for citations) or "auto"
+        (dense for contexts under `auto_threshold`, else moba; made concrete by `resolve_attention`).
     block_size, top_k, sink_blocks: MoBA parameters (see moba/README.md).
     dense_layers: layers that stay dense; negative indices count from the end.
     qa_policy: attention for question and answer tokens: "moba" or "dense".
@@ -28,7 +30,7 @@ class AskConfig:
     """
 
     model: str | None = None
-    attention: str = "moba"
+    attention: str = "auto"
     block_size: int = 256
     top_k: int = 6
     sink_blocks: int = 1
@@ -52,6 +54,22 @@ class AskConfig:
             raise ValueError("block size and top-k must be >= 1 and sink blocks >= 0")
         if self.max_tokens < 0 or self.max_new_tokens < 1:
             raise ValueError("max tokens must be >= 0 and max new tokens >= 1")
+
+
+def auto_threshold(config: AskConfig) -> int:
+    """Context tokens from which "auto" uses MoBA: AUTO_DENSE_FACTOR x top_k x block_size.
+
+    Below it a query would attend more than an eighth of the context anyway, and exact attention
+    is as fast or faster (CPU, bench/RESULTS.md: dense wins at 4K and 8K, MoBA from 16K with 256/6).
+    """
+    return AUTO_DENSE_FACTOR * config.top_k * config.block_size
+
+
+def resolve_attention(config: AskConfig, context_tokens: int) -> AskConfig:
+    """config with attention "auto" replaced by "dense" or "moba" for a context of that many tokens."""
+    if config.attention != "auto":
+        return config
+    return replace(config, attention="moba" if context_tokens >= auto_threshold(config) else "dense")
 
 
 def parse_layers(text: str | None) -> tuple[int, ...]:

@@ -18,7 +18,8 @@ def device_of(config: AskConfig) -> str:
 
 
 def moba_params(config: AskConfig, num_layers: int) -> MobaParams:
-    """MoBA settings for the model; attention="dense" makes every layer dense (routing is still scored)."""
+    """MoBA settings for the model; attention="dense" makes every layer dense (routing is still scored);
+    "auto" loads as "moba" until `resolve_attention` and the runtime's retune settle it."""
     dense = tuple(range(num_layers)) if config.attention == "dense" else config.dense_layers
     return MobaParams(config.block_size, config.top_k, config.sink_blocks, dense, config.qa_policy)
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import click
 
 import ingest
-from agent.config import AskConfig, parse_layers
+from agent.config import AskConfig, auto_threshold, parse_layers, resolve_attention
 
 RESERVE = 512  # tokens kept free beside the pack for the prompt frame and the question
 
@@ -23,8 +23,9 @@ def common_options(fn: Callable) -> Callable:
         click.option("-m", "--model", envvar="MOBA_ASK_MODEL",
                      help="Catalog name, hub id, local dir or .gguf. [default: $MOBA_ASK_MODEL, else "
                           "qwen2.5-7b-1m on CUDA, qwen2.5-coder-1.5b on CPU]"),
-        click.option("--attention", type=click.Choice(["moba", "dense"]), default="moba", show_default=True,
-                     help="moba: sparse block attention; dense: exact attention (routing still scored)."),
+        click.option("--attention", type=click.Choice(["auto", "moba", "dense"]), default="auto", show_default=True,
+                     help="moba: sparse block attention; dense: exact attention (routing still scored); auto: "
+                          "dense for contexts under 8 x top-k x block size tokens, else moba."),
         click.option("--block-size", type=click.IntRange(min=1), default=AskConfig.block_size, show_default=True,
                      help="MoBA key block size."),
         click.option("--top-k", type=click.IntRange(min=1), default=AskConfig.top_k, show_default=True,
@@ -102,6 +103,7 @@ def open_session(paths, cfg: AskConfig, opts: ingest.PackOptions, mode: str, qui
         budget = cfg.max_tokens or max(256, rt.max_positions - cfg.max_new_tokens - RESERVE)
         options = ingest.PackOptions(**{**opts.__dict__, "max_tokens": budget})
         pk = ui.pack(paths, rt.tokenizer, options)
+        cfg = _settle_attention(rt, cfg, pk.total_tokens, ui)
         session = Session(rt, pk, cfg, mode, None if cfg.no_cache else ContextCache())
         ui.report_pack(pk, budget, session)
         ui.prefill(session)
@@ -110,6 +112,19 @@ def open_session(paths, cfg: AskConfig, opts: ingest.PackOptions, mode: str, qui
     except ValueError as e:  # e.g. a bad MOBA_ASK_CACHE_MAX_GB
         raise click.ClickException(str(e).splitlines()[0]) from None
     return session
+
+
+def _settle_attention(rt, cfg: AskConfig, tokens: int, ui: Progress) -> AskConfig:
+    """Resolve attention "auto" for a context of `tokens`, re-tune the loaded model, say which on stderr."""
+    resolved = resolve_attention(cfg, tokens)
+    if resolved.attention != cfg.attention and rt.retune:
+        rt.retune(resolved)
+    if cfg.attention == "auto":
+        side = "<" if resolved.attention == "dense" else ">="
+        ui.console.print(f"attention: {resolved.attention} (auto: {tokens:,} tokens {side} {auto_threshold(cfg):,} = "
+                         f"8 x top-k {cfg.top_k} x block {cfg.block_size}; --attention moba|dense to choose)",
+                         highlight=False)
+    return resolved
 
 
 class Progress:

@@ -166,3 +166,15 @@ def test_base_model_gets_plain_completion_and_stops_at_the_next_question(repo, m
     assert r.stdout.startswith(" 7391046\n") and "Question" not in r.stdout
     prompt = rt.tokenizer.decode(rt.engines[0].ids)
     assert "<|im_start|>" not in prompt and "</file>\n\n\n\nQuestion: What is MAGIC_NUMBER?\nAnswer:" in prompt
+
+
+def test_auto_attention_is_dense_for_a_small_context_and_says_so(repo, fake):
+    fake.answers = ["7391046"] * 4
+    small = run("ask", repo, "What is MAGIC_NUMBER?", "--json", "--no-cache")
+    assert json.loads(small.stdout)["stats"]["attention"] == "dense"
+    shown = run("ask", repo, "What is MAGIC_NUMBER?", "--no-cache")
+    assert "attention: dense (auto:" in shown.stderr and "< 12,288 = 8 x top-k 6 x block 256" in shown.stderr
+    sparse = run("ask", repo, "What is MAGIC_NUMBER?", "--no-cache", "--block-size", "4", "--top-k", "2")
+    assert "attention: moba (auto:" in sparse.stderr
+    forced = run("ask", repo, "What is MAGIC_NUMBER?", "--json", "--no-cache", "--attention", "moba")
+    assert json.loads(forced.stdout)["stats"]["attention"] == "moba"
