@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import git
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SPECIAL = "<|end|>"
@@ -46,8 +45,10 @@ def write_tree(root: Path, files: dict[str, str | bytes]) -> Path:
     return root
 
 
-def git_repo(root: Path, commit: list[str] | None = None) -> git.Repo:
-    """git init root and commit the given relative paths (none: an empty repository)."""
+def git_repo(root: Path, commit: list[str] | None = None):
+    """git init root and commit the given relative paths (none: an empty repository); a git.Repo."""
+    import git  # gitpython: a dependency of the package, imported here so the GPU image (without it) collects
+
     repo = git.Repo.init(root)
     with repo.config_writer() as cw:
         cw.set_value("user", "name", "t")
