@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import moba.triton.launcher as launcher  # noqa: E402
+from bench.attention import time_ms  # noqa: E402
 from moba.routing import select_blocks  # noqa: E402
 from moba.triton.attention import attend_tiles, build_tiles  # noqa: E402
 from moba.triton.routing import pool_means, route_chunk, split_means  # noqa: E402
@@ -43,21 +44,13 @@ def log(*a) -> None:
 
 
 def cuda_ms(fn, reps: int) -> float:
+    """Median CUDA-event ms of fn (bench/attention.py's time_ms); one wall-clock call without CUDA."""
+    if torch.cuda.is_available():
+        return time_ms(fn, reps)
+    fn()  # a smoke run under TRITON_INTERPRET=1
+    t0 = time.perf_counter()
     fn()
-    if not torch.cuda.is_available():  # a smoke run under TRITON_INTERPRET=1
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        out.append(s.elapsed_time(e))
-    return sorted(out)[len(out) // 2]
+    return (time.perf_counter() - t0) * 1e3
 
 
 def graph_ms(fn, reps: int = 20) -> float | None:

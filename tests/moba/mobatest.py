@@ -1,6 +1,45 @@
-"""Input factories and an error metric shared by the moba tests."""
+"""Input factories, an error metric and a Triton-interpreter runner shared by the moba tests."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import torch
+
+_INTERPRETER_PRELUDE = textwrap.dedent(
+    """
+    import builtins
+    import numpy as np
+    import triton.runtime.interpreter as ti
+
+    class _IntMeta(type):  # numpy >= 2 refuses int() of the interpreter's 1-element reductions
+        def __instancecheck__(cls, x):
+            return isinstance(x, builtins.int)
+        def __subclasscheck__(cls, c):
+            return issubclass(c, builtins.int)
+
+    class _Int(builtins.int, metaclass=_IntMeta):
+        def __new__(cls, x=0, *a):
+            if isinstance(x, np.ndarray) and x.size == 1 and not a:
+                x = x.reshape(())
+            return builtins.int(x, *a)
+
+    ti.int = _Int
+    """
+)
+
+
+def run_interpreted(script: str, *args: str):
+    """Run `script` in a fresh Python with TRITON_INTERPRET=1 (Triton kernels on CPU); return the JSON
+    its last stdout line prints. Fails the test with the child's stderr when it exits non-zero."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    cmd = [sys.executable, "-c", _INTERPRETER_PRELUDE + textwrap.dedent(script), *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def make_qkv(B, Hq, Hkv, Tq, Tk, D, dtype=torch.float32, device="cpu"):

@@ -7,19 +7,13 @@ without CUDA but with Triton, the kernel runs under TRITON_INTERPRET=1 in a subp
 """
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from moba import moba_attention, moba_routing
 from moba.static import static_dense_decode, static_moba_decode, static_route, static_sliding_decode
-from tests.moba.mobatest import rel_err
+from tests.moba.mobatest import rel_err, run_interpreted
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
@@ -91,24 +85,9 @@ def test_static_dense_and_sliding_decode(device):
     assert torch.allclose(static_sliding_decode(q, k, v, short, 20), ref5, atol=1e-5)
 
 
-_INTERP_SCRIPT = textwrap.dedent(
-    """
-    import builtins, json
-    import numpy as np
+_INTERP_SCRIPT = """
+    import json
     import torch
-    import triton.runtime.interpreter as ti
-
-    class _IntMeta(type):  # numpy >= 2 refuses int() of the interpreter's 1-element arrays
-        def __instancecheck__(cls, x):
-            return isinstance(x, builtins.int)
-
-    class _Int(builtins.int, metaclass=_IntMeta):
-        def __new__(cls, x=0, *a):
-            if isinstance(x, np.ndarray) and x.size == 1 and not a:
-                x = x.reshape(())
-            return builtins.int(x, *a)
-
-    ti.int = _Int
     from moba.static import _gathered, static_route
     from moba.triton.decode import static_decode
     from tests.moba.test_static import buffers
@@ -120,13 +99,9 @@ _INTERP_SCRIPT = textwrap.dedent(
         ref = _gathered(q.float(), k.float(), v.float(), blk, length, 64, 0.125)
         errs.append((out.float() - ref).abs().max().item())
     print(json.dumps(errs))
-    """
-)
+"""
 
 
 @pytest.mark.skipif(CUDA or importlib.util.find_spec("triton") is None, reason="CUDA runs the kernel for real; needs Triton")
 def test_static_kernel_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    done = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert max(json.loads(done.stdout.strip().splitlines()[-1])) < 2e-3
+    assert max(run_interpreted(_INTERP_SCRIPT)) < 2e-3

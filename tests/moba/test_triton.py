@@ -8,11 +8,6 @@ bf16 dots wrongly). Without Triton the module is skipped.
 """
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +15,7 @@ import torch
 import moba
 from moba import portable_moba_attention
 from moba.routing import block_means, select_blocks
-from tests.moba.mobatest import make_qkv, rel_err
+from tests.moba.mobatest import make_qkv, rel_err, run_interpreted
 
 triton = pytest.importorskip("triton", reason="needs Triton")
 CUDA = torch.cuda.is_available()
@@ -187,32 +182,15 @@ INTERP_CASES = [CASES[0][:3] + (300, 300, 64, 32, 3, 0), (1, 7, 1, 63, 500, 64, 
                 (1, 4, 1, 1, 777, 128, 64, 4, 1), (1, 8, 1, 5, 900, 64, 64, 3, 1),
                 (1, 16, 2, 3, 700, 64, 64, 3, 0), (2, 4, 2, 130, 257, 128, 32, 4, 1)]  # fmt: skip
 
-_INTERP_SCRIPT = textwrap.dedent(
-    """
-    import builtins, json, sys
-    import numpy as np
+_INTERP_SCRIPT = """
+    import json, sys
     import torch
-    import triton.runtime.interpreter as ti
-
-    class _IntMeta(type):  # numpy >= 2 refuses int() of the interpreter's 1-element reductions
-        def __instancecheck__(cls, x):
-            return isinstance(x, builtins.int)
-        def __subclasscheck__(cls, c):
-            return issubclass(c, builtins.int)
-
-    class _Int(builtins.int, metaclass=_IntMeta):
-        def __new__(cls, x=0, *a):
-            if isinstance(x, np.ndarray) and x.size == 1 and not a:
-                x = x.reshape(())
-            return builtins.int(x, *a)
-
-    ti.int = _Int
     empty = torch.empty
     def poisoned(*a, **kw):
         t = empty(*a, **kw)
         return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-(2**30))
     torch.empty = poisoned
-    from tests.moba.mobatest import make_qkv, rel_err
+    from tests.moba.mobatest import make_qkv, rel_err, run_interpreted
     from moba import portable_moba_attention
     from moba.triton import triton_moba_attention
     torch.manual_seed(0)
@@ -226,18 +204,12 @@ _INTERP_SCRIPT = textwrap.dedent(
     from tests.moba.test_triton import _csr_agrees, _csr_cases
     res.append([_csr_agrees(*c) for c in _csr_cases("cpu")])
     print(json.dumps(res))
-    """
-)
+"""
 
 
 @pytest.fixture(scope="module")
 def interpreted():
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
-    cmd = [sys.executable, "-c", _INTERP_SCRIPT, json.dumps(INTERP_CASES)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_interpreted(_INTERP_SCRIPT, json.dumps(INTERP_CASES))
 
 
 @pytest.mark.skipif(CUDA, reason="the CUDA tests run these kernels for real")
