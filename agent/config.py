@@ -4,10 +4,11 @@ common CLI flags. Knows nothing of models or files beyond names and numbers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 ATTENTION = ("auto", "moba", "dense")
 AUTO_DENSE_FACTOR = 8  # "auto" is dense below AUTO_DENSE_FACTOR x top_k x block_size context tokens
+DENSE_LAYERS_CPU = (-3, -2, -1)  # the CPU default (bench/RESULTS.md, evaluation); none on CUDA
 QA_POLICIES = ("moba", "dense")
 
 
@@ -17,9 +18,11 @@ class AskConfig:
 
     model: catalog name, hub id, directory or .gguf (None: $MOBA_ASK_MODEL or the device default).
     attention: "moba" (sparse), "dense" (exact SDPA; routing is still scored for citations) or "auto"
-        (dense for contexts under `auto_threshold`, else moba; made concrete by `resolve_attention`).
+        (dense for contexts under `auto_threshold`, else moba; made concrete by `resolve`).
     block_size, top_k, sink_blocks: MoBA parameters (see moba/README.md).
-    dense_layers: layers that stay dense; negative indices count from the end.
+    dense_layers: layers that stay dense; negative indices count from the end. None: the device's
+        default, DENSE_LAYERS_CPU (the last 3) on CPU and none on CUDA, where a dense layer at 1M
+        tokens costs ~16 s of attention (made concrete by `resolve`).
     qa_policy: attention for question and answer tokens: "moba" or "dense".
     max_tokens: context budget; files are dropped by priority to fit (0: the model's limit).
     max_new_tokens, temperature, top_p: decoding.
@@ -34,7 +37,7 @@ class AskConfig:
     block_size: int = 256
     top_k: int = 6
     sink_blocks: int = 1
-    dense_layers: tuple[int, ...] = field(default=())
+    dense_layers: tuple[int, ...] | None = None
     qa_policy: str = "moba"
     max_tokens: int = 0
     max_new_tokens: int = 512
@@ -65,20 +68,25 @@ def auto_threshold(config: AskConfig) -> int:
     return AUTO_DENSE_FACTOR * config.top_k * config.block_size
 
 
-def resolve_attention(config: AskConfig, context_tokens: int) -> AskConfig:
-    """config with attention "auto" replaced by "dense" or "moba" for a context of that many tokens."""
+def resolve(config: AskConfig, context_tokens: int, device: str = "cpu") -> AskConfig:
+    """config with its defaults made concrete for a context of that many tokens on `device`:
+    attention "auto" becomes "dense" or "moba" (`auto_threshold`), dense_layers None the device's."""
+    if config.dense_layers is None:
+        config = replace(config, dense_layers=() if device.startswith("cuda") else DENSE_LAYERS_CPU)
     if config.attention != "auto":
         return config
     return replace(config, attention="moba" if context_tokens >= auto_threshold(config) else "dense")
 
 
-def parse_layers(text: str | None) -> tuple[int, ...]:
-    """"-3,-2,-1" or "last3" -> layer indices; "" or None -> ().
+def parse_layers(text: str | None) -> tuple[int, ...] | None:
+    """"-3,-2,-1" or "last3" -> layer indices; "none" or "" -> (); None -> None (the device default).
 
     Raises:
         ValueError: naming the bad item.
     """
-    if not text:
+    if text is None:
+        return None
+    if not text.strip() or text.strip() == "none":
         return ()
     if text.startswith("last"):
         n = int(text[4:] or 1)

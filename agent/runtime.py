@@ -19,8 +19,9 @@ def device_of(config: AskConfig) -> str:
 
 def moba_params(config: AskConfig, num_layers: int) -> MobaParams:
     """MoBA settings for the model; attention="dense" makes every layer dense (routing is still scored);
-    "auto" loads as "moba" until `resolve_attention` and the runtime's retune settle it."""
-    dense = tuple(range(num_layers)) if config.attention == "dense" else config.dense_layers
+    "auto" loads as "moba", and dense_layers None as none, until `agent.config.resolve` and the
+    runtime's retune settle them for the packed context."""
+    dense = tuple(range(num_layers)) if config.attention == "dense" else config.dense_layers or ()
     return MobaParams(config.block_size, config.top_k, config.sink_blocks, dense, config.qa_policy)
 
 
@@ -40,6 +41,7 @@ def load_runtime(config: AskConfig) -> Runtime:
         max_positions=info.max_position_embeddings,
         stop_ids=stop_ids(tok, model),
         retune=lambda c: configure(model.config, moba_params(c, info.num_layers)),
+        device=device,
     )
 
 

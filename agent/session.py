@@ -32,7 +32,7 @@ class Runtime:
     (or a test double with prefill/generate/truncate/length/cache). name: the model name.
     chat: the tokenizer has a chat template. max_positions: the model's context limit.
     retune(config): writes config's MoBA settings onto the loaded model (engines made after it
-    use them), or None when the runtime cannot be re-tuned.
+    use them), or None when the runtime cannot be re-tuned. device: where the model runs.
     """
 
     tokenizer: object
@@ -42,6 +42,7 @@ class Runtime:
     max_positions: int
     stop_ids: frozenset[int] = frozenset()
     retune: Callable[[AskConfig], None] | None = None
+    device: str = "cpu"
 
 
 @dataclass
@@ -223,7 +224,7 @@ class Session:
             return None
         c = self.config
         attention = dict(kind=c.attention, block_size=c.block_size, top_k=c.top_k, sink_blocks=c.sink_blocks,
-                         dense_layers=list(c.dense_layers), qa_policy=c.qa_policy,
+                         dense_layers=list(c.dense_layers or ()), qa_policy=c.qa_policy,
                          dtype=str(getattr(self.engine, "dtype", c.dtype)), prefix=self.prefix_ids)
         return self.ctx_cache.make_key(self.runtime.name, attention, self.pack.content_hash)
 

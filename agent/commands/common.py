@@ -12,7 +12,7 @@ from collections.abc import Callable
 import click
 
 import ingest
-from agent.config import AskConfig, auto_threshold, parse_layers, resolve_attention
+from agent.config import AskConfig, auto_threshold, parse_layers, resolve
 
 RESERVE = 512  # tokens kept free beside the pack for the prompt frame and the question
 
@@ -32,8 +32,8 @@ def common_options(fn: Callable) -> Callable:
                      help="Blocks per query, own block included."),
         click.option("--sink-blocks", type=click.IntRange(min=0), default=AskConfig.sink_blocks,
                      show_default=True, help="Leading blocks every query attends."),
-        click.option("--dense-layers", default="", metavar="LIST",
-                     help="Layers kept dense: '-1,-2' or 'last3'. [default: none]"),
+        click.option("--dense-layers", default=None, metavar="LIST",
+                     help="Layers kept dense: '-1,-2', 'last3' or 'none'. [default: last3 on CPU, none on CUDA]"),
         click.option("--qa-policy", type=click.Choice(["moba", "dense"]), default="moba", show_default=True,
                      help="Attention for the question and answer tokens."),
         click.option("--max-tokens", type=click.IntRange(min=0), default=0,
@@ -103,7 +103,7 @@ def open_session(paths, cfg: AskConfig, opts: ingest.PackOptions, mode: str, qui
         budget = cfg.max_tokens or max(256, rt.max_positions - cfg.max_new_tokens - RESERVE)
         options = ingest.PackOptions(**{**opts.__dict__, "max_tokens": budget})
         pk = ui.pack(paths, rt.tokenizer, options)
-        cfg = _settle_attention(rt, cfg, pk.total_tokens, ui)
+        cfg = _settle(rt, cfg, pk.total_tokens, ui)
         session = Session(rt, pk, cfg, mode, None if cfg.no_cache else ContextCache())
         ui.report_pack(pk, budget, session)
         ui.prefill(session)
@@ -114,17 +114,29 @@ def open_session(paths, cfg: AskConfig, opts: ingest.PackOptions, mode: str, qui
     return session
 
 
-def _settle_attention(rt, cfg: AskConfig, tokens: int, ui: Progress) -> AskConfig:
-    """Resolve attention "auto" for a context of `tokens`, re-tune the loaded model, say which on stderr."""
-    resolved = resolve_attention(cfg, tokens)
-    if resolved.attention != cfg.attention and rt.retune:
+def _settle(rt, cfg: AskConfig, tokens: int, ui: Progress) -> AskConfig:
+    """Make cfg's defaults concrete for a context of `tokens` on the runtime's device, re-tune the
+    loaded model, and say on stderr which attention runs (and why, when "auto" chose)."""
+    resolved = resolve(cfg, tokens, rt.device)
+    if resolved != cfg and rt.retune:
         rt.retune(resolved)
-    if cfg.attention == "auto":
-        side = "<" if resolved.attention == "dense" else ">="
-        ui.console.print(f"attention: {resolved.attention} (auto: {tokens:,} tokens {side} {auto_threshold(cfg):,} = "
-                         f"8 x top-k {cfg.top_k} x block {cfg.block_size}; --attention moba|dense to choose)",
-                         highlight=False)
+    ui.console.print(f"attention: {_describe(resolved)}{_why(cfg, resolved, tokens)}", highlight=False)
     return resolved
+
+
+def _describe(c: AskConfig) -> str:
+    if c.attention == "dense":
+        return "dense"
+    layers = ",".join(map(str, c.dense_layers)) or "none"
+    return f"moba, block {c.block_size}, top-k {c.top_k}, {c.sink_blocks} sink block(s), dense layers {layers}"
+
+
+def _why(cfg: AskConfig, resolved: AskConfig, tokens: int) -> str:
+    if cfg.attention != "auto":
+        return ""
+    side = "<" if resolved.attention == "dense" else ">="
+    return (f" (auto: {tokens:,} tokens {side} {auto_threshold(cfg):,} = 8 x top-k {cfg.top_k} x block "
+            f"{cfg.block_size}; --attention moba|dense to choose)")
 
 
 class Progress:

@@ -175,6 +175,6 @@ def test_auto_attention_is_dense_for_a_small_context_and_says_so(repo, fake):
     shown = run("ask", repo, "What is MAGIC_NUMBER?", "--no-cache")
     assert "attention: dense (auto:" in shown.stderr and "< 12,288 = 8 x top-k 6 x block 256" in shown.stderr
     sparse = run("ask", repo, "What is MAGIC_NUMBER?", "--no-cache", "--block-size", "4", "--top-k", "2")
-    assert "attention: moba (auto:" in sparse.stderr
+    assert "attention: moba, block 4, top-k 2, 1 sink block(s), dense layers -3,-2,-1 (auto:" in sparse.stderr
     forced = run("ask", repo, "What is MAGIC_NUMBER?", "--json", "--no-cache", "--attention", "moba")
     assert json.loads(forced.stdout)["stats"]["attention"] == "moba"

@@ -2,20 +2,20 @@
 
 import pytest
 
-from agent.config import AskConfig, auto_threshold, parse_layers, resolve_attention
+from agent.config import DENSE_LAYERS_CPU, AskConfig, auto_threshold, parse_layers, resolve
 
 
 def test_auto_attention_is_dense_below_the_threshold_and_moba_from_it():
     cfg = AskConfig(block_size=256, top_k=6)
     assert cfg.attention == "auto" and auto_threshold(cfg) == 8 * 6 * 256
-    assert resolve_attention(cfg, 12287).attention == "dense"
-    assert resolve_attention(cfg, 12288).attention == "moba"
+    assert resolve(cfg, 12287).attention == "dense"
+    assert resolve(cfg, 12288).attention == "moba"
     assert auto_threshold(AskConfig(block_size=512, top_k=3)) == 8 * 3 * 512
 
 
 def test_explicit_attention_is_kept_whatever_the_context():
-    assert resolve_attention(AskConfig(attention="moba"), 10).attention == "moba"
-    assert resolve_attention(AskConfig(attention="dense"), 10**6).attention == "dense"
+    assert resolve(AskConfig(attention="moba"), 10).attention == "moba"
+    assert resolve(AskConfig(attention="dense"), 10**6).attention == "dense"
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -29,8 +29,17 @@ def test_bad_values_raise_naming_the_field(kw, message):
         AskConfig(**kw)
 
 
+def test_dense_layers_default_by_device_unless_given():
+    assert AskConfig().dense_layers is None
+    assert resolve(AskConfig(), 100, "cpu").dense_layers == DENSE_LAYERS_CPU == (-3, -2, -1)
+    assert resolve(AskConfig(), 100, "cuda:1").dense_layers == ()
+    assert resolve(AskConfig(dense_layers=()), 100, "cpu").dense_layers == ()
+    assert resolve(AskConfig(dense_layers=(0,)), 100, "cuda").dense_layers == (0,)
+
+
 def test_parse_layers():
     assert parse_layers("last3") == (-3, -2, -1)
+    assert parse_layers("none") == () and parse_layers(None) is None
     assert parse_layers("0, 5,-1") == (0, 5, -1)
     assert parse_layers("") == ()
     with pytest.raises(ValueError, match="comma-separated integers or lastN"):
