@@ -103,9 +103,10 @@ def open_session(paths, cfg: AskConfig, opts: ingest.PackOptions, mode: str, qui
         budget = cfg.max_tokens or max(256, rt.max_positions - cfg.max_new_tokens - RESERVE)
         options = ingest.PackOptions(**{**opts.__dict__, "max_tokens": budget})
         pk = ui.pack(paths, rt.tokenizer, options)
-        cfg = _settle(rt, cfg, pk.total_tokens, ui)
+        given, cfg = cfg, _settle(rt, cfg, pk.total_tokens)
         session = Session(rt, pk, cfg, mode, None if cfg.no_cache else ContextCache())
         ui.report_pack(pk, budget, session)
+        ui.console.print(f"attention: {_describe(cfg)}{_why(given, cfg, pk.total_tokens)}", highlight=False)
         ui.prefill(session)
     except (ModelError, ingest.PackError) as e:
         raise click.ClickException(str(e)) from None
@@ -114,13 +115,12 @@ def open_session(paths, cfg: AskConfig, opts: ingest.PackOptions, mode: str, qui
     return session
 
 
-def _settle(rt, cfg: AskConfig, tokens: int, ui: Progress) -> AskConfig:
-    """Make cfg's defaults concrete for a context of `tokens` on the runtime's device, re-tune the
-    loaded model, and say on stderr which attention runs (and why, when "auto" chose)."""
+def _settle(rt, cfg: AskConfig, tokens: int) -> AskConfig:
+    """cfg's defaults made concrete for a context of `tokens` on the runtime's device; the loaded
+    model is re-tuned to it."""
     resolved = resolve(cfg, tokens, rt.device)
     if resolved != cfg and rt.retune:
         rt.retune(resolved)
-    ui.console.print(f"attention: {_describe(resolved)}{_why(cfg, resolved, tokens)}", highlight=False)
     return resolved
 
 
