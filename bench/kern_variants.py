@@ -27,6 +27,7 @@ import moba.triton.launcher as launcher  # noqa: E402
 from bench.attention import time_ms  # noqa: E402
 from moba.routing import select_blocks  # noqa: E402
 from moba.triton.attention import attend_tiles, build_tiles  # noqa: E402
+from moba.triton.decode import partials  # noqa: E402
 from moba.triton.routing import pool_means, route_chunk, split_means  # noqa: E402
 
 HQ, HKV, D, BS, TOPK = 28, 4, 128, 4096, 12
@@ -144,7 +145,7 @@ def tiles(q, k, v, blk, c0, n_chunks) -> list[dict]:
     res, ref = [], None
     for cfg in TILE_CFGS:
         t = build_tiles(blk, HKV, nb, cfg["BM"])
-        op, lsep = launcher._partials(blk, 1, D, q.dtype)
+        op, lsep = partials(blk, 1, D, q.dtype)
         try:
             ms = cuda_ms(lambda t=t, op=op, lsep=lsep, cfg=cfg: attend_tiles(
                 q, k, v, blk, t, op, lsep, q_off=c0, pos0=c0, block_size=BS, scale=D**-0.5, nsplit=1, cfg=cfg), 5)  # fmt: skip

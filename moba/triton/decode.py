@@ -128,6 +128,18 @@ def merge_partials(op, lsep, blk, out, *, q_off, nsplit):
     )  # fmt: skip
 
 
+def attend_rows(q, k, v, blk, out, *, q_off, pos0, block_size, scale, length=None) -> None:
+    """Split-K decode of a chunk's few rows, merged into out[:, :, q_off : q_off + C].
+
+    blk: int32 [B, Hq, C, S]; pos0 and length as in `attend_decode`. About 16 programs per SM run.
+    """
+    nsplit = key_splits(blk.numel(), q.device, block_size, 64, per_sm=16)
+    op, lsep = partials(blk, nsplit, q.shape[3], q.dtype)
+    attend_decode(q, k, v, blk, op, lsep, q_off=q_off, pos0=pos0, block_size=block_size, scale=scale,
+                  nsplit=nsplit, length=length)  # fmt: skip
+    merge_partials(op, lsep, blk, out, q_off=q_off, nsplit=nsplit)
+
+
 def static_decode(q, k, v, blk, length, *, block_size: int, scale: float):
     """One decode query per row over static-shape buffers, with no per-step host value.
 
@@ -136,26 +148,26 @@ def static_decode(q, k, v, blk, length, *, block_size: int, scale: float):
     device, the number of valid keys (the query sits at length - 1, its own block is masked there).
     Returns out [B, Hq, 1, D] in q's dtype.
     """
-    B, Hq, _, D = q.shape
-    nsplit = decode_splits(B * Hq * blk.shape[-1], q.device, block_size)
-    n = blk.numel() * nsplit
-    op = torch.empty(n, D, device=q.device, dtype=q.dtype)
-    lsep = torch.empty(n, device=q.device)
-    attend_decode(q, k, v, blk, op, lsep, q_off=0, pos0=-1, block_size=block_size, scale=scale,
-                  nsplit=nsplit, length=length)  # fmt: skip
     out = torch.empty_like(q)
-    merge_partials(op, lsep, blk, out, q_off=0, nsplit=nsplit)
+    attend_rows(q, k, v, blk, out, q_off=0, pos0=-1, block_size=block_size, scale=scale, length=length)
     return out
 
 
-def decode_splits(programs: int, device: torch.device, block_size: int, bn: int = 64) -> int:
-    """Key splits per block so that about 16 programs per SM run; 1 when there are enough."""
-    want = triton.cdiv(16 * _sm_count(device), max(programs, 1))
+def key_splits(programs: int, device: torch.device, block_size: int, bn: int, per_sm: int = 4) -> int:
+    """Key splits per block so that at least per_sm programs per SM run; 1 when there are enough."""
+    want = triton.cdiv(per_sm * sm_count(device), max(programs, 1))
     return max(1, min(want, triton.cdiv(block_size, bn), 16))
 
 
+def partials(blk, nsplit: int, D: int, dtype):
+    """Partial outputs [blk.numel() * nsplit, D] and their log-sum-exps, uninitialised."""
+    n = blk.numel() * nsplit
+    return torch.empty(n, D, device=blk.device, dtype=dtype), torch.empty(n, device=blk.device)
+
+
 @functools.cache
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 elsewhere: the Triton interpreter)."""
     if device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count

@@ -18,7 +18,7 @@ import triton
 from moba.portable import portable_moba_attention
 from moba.routing import block_means
 from moba.triton.attention import attend_tiles, build_tiles
-from moba.triton.decode import attend_decode, merge_partials
+from moba.triton.decode import attend_rows, key_splits, merge_partials, partials
 from moba.triton.routing import pool_means, route_chunk, split_means
 from moba.types import Routing, check_inputs
 
@@ -110,37 +110,14 @@ def _routing_buffers(q, S):
 
 
 def _attend_chunk(q, k, v, out, blk, c0, pos0, block_size, scale) -> None:
-    B, Hq, C, S = blk.shape
     Hkv, D = k.shape[1], q.shape[3]
-    n_sm = _sm_count(q.device)
-    rows_per_kv = C * Hq // Hkv
-    if rows_per_kv <= DECODE_ROWS:
-        nsplit = _splits(B * Hq * C * S, n_sm, block_size, 64, per_sm=16)
-        op, lsep = _partials(blk, nsplit, D, q.dtype)
-        attend_decode(q, k, v, blk, op, lsep, q_off=c0, pos0=pos0, block_size=block_size, scale=scale,
-                      nsplit=nsplit)  # fmt: skip
-    else:
-        cfg = TILE_CONFIGS[D]
-        tiles = build_tiles(blk, Hkv, triton.cdiv(k.shape[2], block_size), cfg["BM"])
-        nsplit = _splits(triton.cdiv(blk.numel(), cfg["BM"]), n_sm, block_size, cfg["BN"])
-        op, lsep = _partials(blk, nsplit, D, q.dtype)
-        attend_tiles(q, k, v, blk, tiles, op, lsep, q_off=c0, pos0=pos0, block_size=block_size,
-                     scale=scale, nsplit=nsplit, cfg=cfg)  # fmt: skip
+    if blk.shape[2] * blk.shape[1] // Hkv <= DECODE_ROWS:  # query rows per KV head
+        attend_rows(q, k, v, blk, out, q_off=c0, pos0=pos0, block_size=block_size, scale=scale)
+        return
+    cfg = TILE_CONFIGS[D]
+    tiles = build_tiles(blk, Hkv, triton.cdiv(k.shape[2], block_size), cfg["BM"])
+    nsplit = key_splits(triton.cdiv(blk.numel(), cfg["BM"]), q.device, block_size, cfg["BN"])
+    op, lsep = partials(blk, nsplit, D, q.dtype)
+    attend_tiles(q, k, v, blk, tiles, op, lsep, q_off=c0, pos0=pos0, block_size=block_size,
+                 scale=scale, nsplit=nsplit, cfg=cfg)  # fmt: skip
     merge_partials(op, lsep, blk, out, q_off=c0, nsplit=nsplit)
-
-
-def _splits(programs: int, n_sm: int, block_size: int, bn: int, per_sm: int = 4) -> int:
-    """Key splits per block so that at least per_sm programs per SM run; 1 when there are enough."""
-    want = triton.cdiv(per_sm * n_sm, max(programs, 1))
-    return max(1, min(want, triton.cdiv(block_size, bn), 16))
-
-
-def _partials(blk, nsplit, D, dtype):
-    n = blk.numel() * nsplit
-    return torch.empty(n, D, device=blk.device, dtype=dtype), torch.empty(n, device=blk.device)
-
-
-def _sm_count(device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
