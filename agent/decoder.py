@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from agent.kvcache import CacheFullError, MobaCache
+from agent.kvcache import MobaCache
 from moba.hf import moba_params
 
 
@@ -51,9 +51,7 @@ class StaticDecoder:
         The result is the decoder's own buffer when a graph runs: read it before the next step.
         Raises CacheFullError when the cache is full.
         """
-        n = self.cache.get_seq_length()
-        if n >= self.cache.capacity:
-            raise CacheFullError(f"KV cache holds {self.cache.capacity} tokens; {n + 1} were asked for")
+        n = self.cache.check_room(1) - 1
         self._check_params()
         self.ids.fill_(token)
         self.positions.fill_(n)

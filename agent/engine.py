@@ -158,7 +158,7 @@ class Engine:
     def decode_path(self) -> str:
         """The path the next `step` takes: `decode`, or "dynamic" where the module docstring says."""
         rec = active_recorder()
-        if self.decode == "dynamic" or (rec is not None and rec.covers(self.length)) or forced_dense(self.config):
+        if self.decode == "dynamic" or (rec is not None and rec.overlaps(self.length, self.length + 1)) or forced_dense(self.config):
             return "dynamic"
         return self.decode if self.cache.is_allocated else "dynamic"
 

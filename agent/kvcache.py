@@ -147,11 +147,16 @@ class MobaCache(Cache):
             for layer in self.layers:
                 layer.position = None
 
-    def advance(self, n: int = 1) -> None:
-        """Count n tokens written in static mode as filled. Raises CacheFullError past capacity."""
+    def check_room(self, n: int = 1) -> int:
+        """The length after n more tokens. Raises CacheFullError when that passes the capacity."""
         end = self.get_seq_length() + n
         if end > self.capacity:
             raise CacheFullError(f"KV cache holds {self.capacity} tokens; {end} were asked for")
+        return end
+
+    def advance(self, n: int = 1) -> None:
+        """Count n tokens written in static mode as filled. Raises CacheFullError past capacity."""
+        end = self.check_room(n)
         for layer in self.layers:
             layer.filled = end
 

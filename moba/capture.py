@@ -51,11 +51,11 @@ class RoutingRecorder:
 
     def wants(self, layer: int, q_start: int, q_end: int) -> bool:
         in_layers = self.layers is None or layer in self.layers
-        return in_layers and q_end > self.start and (self.end is None or q_start < self.end)
+        return in_layers and self.overlaps(q_start, q_end)
 
-    def covers(self, position: int) -> bool:
-        """True when query `position` lies in the recorded span (a decode step there must record)."""
-        return position >= self.start and (self.end is None or position < self.end)
+    def overlaps(self, q_start: int, q_end: int) -> bool:
+        """True when query positions [q_start, q_end) meet the recorded span."""
+        return q_end > self.start and (self.end is None or q_start < self.end)
 
     def record(self, layer: int, q_start: int, routing: Routing, *, dense: bool) -> slice:
         """Store the slice of `routing` ([1, Hq, Tq, S]) inside the span; return that query slice."""

@@ -108,7 +108,7 @@ def forced_dense(config) -> bool:
 def _is_dense(module, p: MobaParams) -> bool:
     layer = getattr(module, "layer_idx", 0)
     n_layers = getattr(module.config, "num_hidden_layers", layer + 1)
-    return layer in {i % n_layers for i in p.dense_layers} or (_FORCE_DENSE.get() and p.qa_policy == "dense")
+    return layer in {i % n_layers for i in p.dense_layers} or forced_dense(module.config)
 
 
 def _static(module, query, key, value, attention_mask, length, window, scaling):

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import click
 
 import ingest
-from agent.config import AskConfig, auto_threshold, parse_layers, resolve
+from agent.config import AUTO_DENSE_FACTOR, AskConfig, auto_threshold, parse_layers, resolve
 
 RESERVE = 512  # tokens kept free beside the pack for the prompt frame and the question
 
@@ -135,8 +135,8 @@ def _why(cfg: AskConfig, resolved: AskConfig, tokens: int) -> str:
     if cfg.attention != "auto":
         return ""
     side = "<" if resolved.attention == "dense" else ">="
-    return (f" (auto: {tokens:,} tokens {side} {auto_threshold(cfg):,} = 8 x top-k {cfg.top_k} x block "
-            f"{cfg.block_size}; --attention moba|dense to choose)")
+    return (f" (auto: {tokens:,} tokens {side} {auto_threshold(cfg):,} = {AUTO_DENSE_FACTOR} x top-k {cfg.top_k} x "
+            f"block {cfg.block_size}; --attention moba|dense to choose)")
 
 
 class Progress:
