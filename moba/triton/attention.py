@@ -20,40 +20,15 @@ import triton
 import triton.language as tl
 
 COUNT_MAX_BLOCKS = 4096  # counting sort up to this many key blocks (a histogram row in registers)
-FIXED_WINDOW = tl.constexpr(160.0)
-
-
-@triton.jit
-def _norm_kernel(K, NORM, block_size, skb, skh, skt, Hkv, D: tl.constexpr, BT: tl.constexpr):
-    j, bh = tl.program_id(0), tl.program_id(1)
-    base = K + (bh // Hkv).to(tl.int64) * skb + (bh % Hkv).to(tl.int64) * skh + (j * block_size).to(tl.int64) * skt
-    d = tl.arange(0, D)
-    best = tl.zeros([BT], dtype=tl.float32)
-    for t0 in range(0, block_size, BT):
-        t = t0 + tl.arange(0, BT)
-        x = tl.load(base + t[:, None].to(tl.int64) * skt + d[None, :], mask=t[:, None] < block_size, other=0.0)
-        best = tl.maximum(best, tl.sum(x.to(tl.float32) * x.to(tl.float32), 1))
-    tl.store(NORM + bh.to(tl.int64) * tl.num_programs(0) + j, tl.sqrt(tl.max(best, 0)) * 1.0001)
-
-
-def block_key_norms(k: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Largest key norm of each complete block, fp32 [B, Hkv, Tk // block_size] (rounded up by 1e-4)."""
-    B, Hkv, Tk, D = k.shape
-    nf = Tk // block_size
-    out = torch.empty(B, Hkv, nf, device=k.device, dtype=torch.float32)
-    if nf:
-        _norm_kernel[(nf, B * Hkv)](k, out, block_size, *k.stride()[:3], Hkv, D=D, BT=32, num_warps=4)
-    return out
 
 
 @triton.jit
 def _tile_kernel(
-    Q, K, V, OP, LSEP, PERM, TILE_KEY, TILE_END, KEY_OFF, KEY_CNT, MEANS, KNORM,
+    Q, K, V, OP, LSEP, PERM, TILE_KEY, TILE_END, KEY_OFF, KEY_CNT,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
-    C, Hq, S, Hkv, NB, NF, n_keys, q_off, pos0, Tk, block_size, split_len, qk_scale,
+    C, Hq, S, Hkv, NB, n_keys, q_off, pos0, Tk, block_size, split_len, qk_scale,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NSPLIT: tl.constexpr, KTRANS: tl.constexpr,
-    TMA: tl.constexpr, LAZY: tl.constexpr, EXP16: tl.constexpr, WS: tl.constexpr, ACCFIRST: tl.constexpr,
-    FIXED: tl.constexpr, PIPE: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
     key = tl.load(TILE_KEY + tl.program_id(0))
     if key < n_keys:
@@ -78,42 +53,14 @@ def _tile_kernel(
         m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BM], dtype=tl.float32)
         acc = tl.zeros([BM, D], dtype=tl.float32)
-        fixed = tl.full([], 0, tl.int1)
-        m_fix = tl.zeros([BM], dtype=tl.float32)
-        if FIXED and NSPLIT == 1:
-            if (pos_min >= j * block_size + block_size) & ((hi - lo) % BN == 0):
-                at = (b * Hkv + kvh).to(tl.int64) * NF + j
-                qf = q.to(tl.float32)
-                gate = tl.sum(qf * tl.load(MEANS + at * D + d)[None, :], 1) * qk_scale
-                ub = tl.sqrt(tl.sum(qf * qf, 1)) * tl.load(KNORM + at) * qk_scale
-                m_fix = (gate + ub) * 0.5
-                fixed = tl.max(ub - gate, 0) <= FIXED_WINDOW
-        f_hi = tl.where(fixed, hi, lo)
-        if PIPE:
-            _, l_i, acc = _pipelined(q, K, V, kv, lo, f_hi, hi, m_fix, l_i, acc, qk_scale, D, BN, KTRANS, TMA, True)
-        else:
-            for n0 in range(lo, f_hi, BN):
-                kt, vt = _kv_tile(K, V, kv, n0, hi, D, BN, KTRANS, TMA, False)
-                p = tl.math.exp2(tl.dot(q, kt) * qk_scale - m_fix[:, None])
-                l_i += tl.sum(p, 1)
-                acc = tl.dot(p.to(vt.dtype), vt, acc)
-        mid = tl.where(fixed, hi, mid)
-        if PIPE:
-            m_i, l_i, acc = _pipelined(q, K, V, kv, f_hi, mid, hi, m_i, l_i, acc, qk_scale, D, BN, KTRANS, TMA, False)
-        for n0 in tl.range(f_hi, tl.where(PIPE, f_hi, mid), BN, warp_specialize=WS):
+        for n0 in range(lo, mid, BN):
             kt, vt = _kv_tile(K, V, kv, n0, hi, D, BN, KTRANS, TMA, False)
-            if ACCFIRST:
-                m_i, l_i, acc = _acc_step(tl.dot(q, kt), vt, m_i, l_i, acc, qk_scale)
-            elif LAZY:
-                m_i, l_i, acc = _lazy_step(tl.dot(q, kt), vt, m_i, l_i, acc, qk_scale, EXP16)
-            else:
-                m_i, l_i, acc = _online_step(tl.dot(q, kt), vt, m_i, l_i, acc, qk_scale, False)
+            m_i, l_i, acc = _online_step(tl.dot(q, kt), vt, m_i, l_i, acc, qk_scale, False)
         for n0 in range(mid, hi, BN):
             n = n0 + tl.arange(0, BN)
             kt, vt = _kv_tile(K, V, kv, n0, hi, D, BN, KTRANS, TMA, True)
             s = tl.where((n[None, :] <= pos[:, None]) & (n < hi)[None, :], tl.dot(q, kt), float("-inf"))
             m_i, l_i, acc = _online_step(s, vt, m_i, l_i, acc, qk_scale, True)
-        m_i = tl.where(fixed, m_fix, m_i)
         _store_partial(OP, LSEP, e.to(tl.int64) * NSPLIT + sp, valid, m_i, l_i, acc, D)
 
 
@@ -159,73 +106,6 @@ def _online_step(s, vt, m_i, l_i, acc, qk_scale, GUARD: tl.constexpr):
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
     return m_new, l_i, acc
-
-
-@triton.jit
-def _pipelined(q, K, V, kv, lo, end, hi, m_i, l_i, acc, qk_scale, D: tl.constexpr, BN: tl.constexpr,
-               KTRANS: tl.constexpr, TMA: tl.constexpr, FIX: tl.constexpr):  # fmt: skip
-    """Unmasked keys lo .. end: the next tile's QK^T is issued before this tile's softmax."""
-    kt, v_first = _kv_tile(K, V, kv, lo, hi, D, BN, KTRANS, TMA, True)
-    s = tl.dot(q, kt)
-    for n0 in range(lo + BN, end, BN):
-        k_next, v_next = _kv_tile(K, V, kv, n0, hi, D, BN, KTRANS, TMA, False)
-        s_next = tl.dot(q, k_next)
-        k_prev, vt = _kv_tile(K, V, kv, n0 - BN, hi, D, BN, KTRANS, TMA, False)
-        m_i, l_i, acc = _any_step(s, vt, m_i, l_i, acc, qk_scale, FIX)
-        s = s_next
-    k_last, v_last = _kv_tile(K, V, kv, tl.maximum(end - BN, lo), hi, D, BN, KTRANS, TMA, True)
-    if lo < end:
-        m_i, l_i, acc = _any_step(s, v_last, m_i, l_i, acc, qk_scale, FIX)
-    return m_i, l_i, acc
-
-
-@triton.jit
-def _any_step(s, vt, m_i, l_i, acc, qk_scale, FIX: tl.constexpr):
-    if FIX:
-        p = tl.math.exp2(s * qk_scale - m_i[:, None])
-        l_i += tl.sum(p, 1)
-        acc = tl.dot(p.to(vt.dtype), vt, acc)
-        return m_i, l_i, acc
-    else:
-        return _acc_step(s, vt, m_i, l_i, acc, qk_scale)
-
-
-@triton.jit
-def _acc_step(s, vt, m_i, l_i, acc, qk_scale):
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    p = tl.math.exp2(s * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(vt.dtype), vt, acc)
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _exp2_bf16(x):
-    """2^x in bf16 on the special-function unit, two values per instruction (sm_90)."""
-    return tl.inline_asm_elementwise("ex2.approx.ftz.bf16x2 $0, $1;", "=r,r", [x.to(tl.bfloat16)],
-                                     dtype=tl.bfloat16, is_pure=True, pack=2)  # fmt: skip
-
-
-@triton.jit
-def _lazy_step(s, vt, m_i, l_i, acc, qk_scale, EXP16: tl.constexpr):
-    """Online-softmax step that rescales only when some row's maximum grew by more than 2^8 (no -inf rows)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    if tl.max(m_new - m_i, 0) > 8.0:
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha
-        acc = acc * alpha[:, None]
-        m_i = m_new
-    if EXP16:
-        p = _exp2_bf16(s * qk_scale - m_i[:, None])
-        l_i += tl.sum(p.to(tl.float32), 1)
-    else:
-        p32 = tl.math.exp2(s * qk_scale - m_i[:, None])
-        l_i += tl.sum(p32, 1)
-        p = p32.to(vt.dtype)
-    acc = tl.dot(p, vt, acc)
-    return m_i, l_i, acc
 
 
 @triton.jit
@@ -330,8 +210,8 @@ def build_tiles(blk: torch.Tensor, Hkv: int, n_blocks: int, bm: int, method: str
                 n_keys=n_keys, n_tiles=n_tiles)  # fmt: skip
 
 
-def attend_tiles(q, k, v, blk, tiles, op, lsep, *, q_off, pos0, block_size, scale, nsplit, cfg, bounds=None):
-    """Run the tile kernel for one query chunk; fills op [entries * nsplit, D] and lsep; returns the launch handle.
+def attend_tiles(q, k, v, blk, tiles, op, lsep, *, q_off, pos0, block_size, scale, nsplit, cfg):
+    """Run the tile kernel for one query chunk; fills op [entries * nsplit, D] and lsep.
 
     cfg: dict BM, BN, warps, stages, and optionally ktrans (load K row-major and transpose in
     registers) and tma (K/V through tensor descriptors; CUDA only).
@@ -342,14 +222,13 @@ def attend_tiles(q, k, v, blk, tiles, op, lsep, *, q_off, pos0, block_size, scal
     split_len = triton.cdiv(triton.cdiv(block_size, nsplit), bn) * bn
     tma = bool(cfg.get("tma")) and _tma_ok(k) and _tma_ok(v)
     kd, vd = (_descriptor(k, bn), _descriptor(v, bn)) if tma else (k, v)
-    return _tile_kernel[(tiles["n_tiles"], nsplit)](
+    _tile_kernel[(tiles["n_tiles"], nsplit)](
         q, kd, vd, op, lsep, tiles["perm"], tiles["tile_key"], tiles["tile_end"], tiles["key_off"],
-        tiles["key_cnt"], *(bounds if bounds is not None else (op, op)), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        C, Hq, S, Hkv, triton.cdiv(Tk, block_size), Tk // block_size, tiles["n_keys"], q_off, pos0, Tk, block_size,
+        tiles["key_cnt"], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        C, Hq, S, Hkv, triton.cdiv(Tk, block_size), tiles["n_keys"], q_off, pos0, Tk, block_size,
         split_len, scale * 1.4426950408889634,
         D=D, BM=cfg["BM"], BN=bn, NSPLIT=nsplit, KTRANS=bool(cfg.get("ktrans")), TMA=tma,
-        FIXED=bounds is not None, PIPE=bool(cfg.get("pipe")), LAZY=bool(cfg.get("lazy")), WS=bool(cfg.get("ws")), ACCFIRST=bool(cfg.get("accfirst")), EXP16=bool(cfg.get("exp16")) and q.is_cuda and q.dtype == torch.bfloat16,
-        num_warps=cfg["warps"], num_stages=cfg["stages"], num_ctas=cfg.get("ctas", 1),
+        num_warps=cfg["warps"], num_stages=cfg["stages"],
     )  # fmt: skip
 
 
