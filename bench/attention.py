@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import moba  # noqa: E402
 import moba.triton.launcher as launcher  # noqa: E402
-from moba.triton.attention import attend_tiles, build_tiles  # noqa: E402
+from moba.triton.attention import attend_tiles  # noqa: E402
+from moba.triton.csr import build_tiles  # noqa: E402
 from moba.triton.decode import merge_partials, partials  # noqa: E402
 from moba.triton.routing import pool_means, route_chunk, split_means  # noqa: E402
 

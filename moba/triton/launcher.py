@@ -2,7 +2,7 @@
 
 Queries go in chunks sized so that the partial results of a chunk fit in PARTIAL_BUDGET bytes.
 Per chunk: the routing kernel writes the blocks table, then either the split-K decode kernel (few
-query rows per KV head) or the key-block tile kernel (a CSR of the table, built by a counting sort)
+query rows per KV head) or the key-block tile kernel (a CSR of the table, moba/triton/csr.py)
 writes partials, and the merge kernel writes the output rows. Nothing waits on the host.
 Inputs outside the kernels' range (fp32, head dims other than 64/128/256, CPU tensors without the
 Triton interpreter) go to the portable path. It knows nothing of files or models.
@@ -17,7 +17,8 @@ import triton
 
 from moba.portable import portable_moba_attention
 from moba.routing import block_means
-from moba.triton.attention import attend_tiles, build_tiles
+from moba.triton.attention import attend_tiles
+from moba.triton.csr import build_tiles
 from moba.triton.decode import attend_rows, key_splits, merge_partials, partials
 from moba.triton.routing import pool_means, route_chunk, split_means
 from moba.types import Routing, check_inputs

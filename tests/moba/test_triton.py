@@ -113,7 +113,7 @@ def _csr_cases(device):
 
 
 def _csr_agrees(blk, Hkv, nb) -> bool:
-    from moba.triton.attention import build_tiles
+    from moba.triton.csr import build_tiles
 
     got, ref = (build_tiles(blk, Hkv, nb, 16, method=m) for m in ("count", "sort"))
     n = int(ref["key_cnt"].sum())
