@@ -213,7 +213,7 @@ def breakdown(N: int) -> dict:
             C = min(step, N - c0)
             blk, _ = route_chunk(q, means, c0, C, c0, block_size=BS, top_k=TOPK, sink_blocks=0, parts=parts)
             _mark(marks, acc, "route")
-            tiles = build_tiles(blk, HKV, math.ceil(N / BS), cfg["BM"])
+            tiles = build_tiles(blk, HKV, math.ceil(N / BS), cfg["BM"], pos0=c0, block_size=BS)
             op, lsep = partials(blk, 1, D, q.dtype)
             _mark(marks, acc, "sort")
             attend_tiles(q, k, v, blk, tiles, op, lsep, q_off=c0, pos0=c0, block_size=BS, scale=D**-0.5,

@@ -122,15 +122,15 @@ def routing(q, means, step, old) -> list[dict]:
     return res
 
 
-def csr(blk, nb, n_chunks) -> list[dict]:
-    ref = build_tiles(blk, HKV, nb, 128, method="sort")
+def csr(blk, nb, n_chunks, pos0) -> list[dict]:
+    ref = build_tiles(blk, HKV, nb, 128, pos0=pos0, block_size=BS, method="sort")
     n = int(ref["key_cnt"].sum())
     res = []
     for m in ("sort", "count"):
-        got = build_tiles(blk, HKV, nb, 128, method=m)
+        got = build_tiles(blk, HKV, nb, 128, pos0=pos0, block_size=BS, method=m)
         same = torch.equal(got["perm"][:n].long(), ref["perm"][:n].long()) and torch.equal(got["tile_key"], ref["tile_key"])
-        ms = cuda_ms(lambda m=m: build_tiles(blk, HKV, nb, 128, method=m), 5)
-        gms = graph_ms(lambda m=m: build_tiles(blk, HKV, nb, 128, method=m)) if m == "count" else None  # bincount syncs
+        ms = cuda_ms(lambda m=m: build_tiles(blk, HKV, nb, 128, pos0=pos0, block_size=BS, method=m), 5)
+        gms = graph_ms(lambda m=m: build_tiles(blk, HKV, nb, 128, pos0=pos0, block_size=BS, method=m)) if m == "count" else None  # bincount syncs
         res.append(dict(method=m, ms_per_chunk=ms, graph_ms_per_chunk=gms, ms_est_total=ms * n_chunks, same_as_sort=same))
         log(f"csr {m}: {ms:.3f} ms per chunk (x{n_chunks} = {ms * n_chunks:.1f} ms), GPU only (CUDA graph) {gms} ms, "
             f"same perm as torch.sort: {same}")  # fmt: skip
@@ -145,7 +145,7 @@ def tiles(q, k, v, blk, c0, n_chunks) -> list[dict]:
     nb = triton_cdiv(k.shape[2], BS)
     res, ref = [], None
     for cfg in TILE_CFGS:
-        t = build_tiles(blk, HKV, nb, cfg["BM"])
+        t = build_tiles(blk, HKV, nb, cfg["BM"], pos0=c0, block_size=BS)
         op, lsep = partials(blk, 1, D, q.dtype)
         try:
             ms = cuda_ms(lambda t=t, op=op, lsep=lsep, cfg=cfg: attend_tiles(
@@ -187,7 +187,7 @@ def main() -> None:
         res["route"] = routing(q, means, step, old_router(a.old))
     blk, _ = route_chunk(q, means, c0, step, c0, block_size=BS, top_k=TOPK, sink_blocks=0)
     if "sort" in stages:
-        res["csr"] = csr(blk, triton_cdiv(N, BS), n_chunks)
+        res["csr"] = csr(blk, triton_cdiv(N, BS), n_chunks, c0)
     if "tile" in stages:
         res["tile"] = tiles(q, k, v, blk, c0, n_chunks)
     Path(a.out).mkdir(parents=True, exist_ok=True)

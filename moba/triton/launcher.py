@@ -116,7 +116,7 @@ def _attend_chunk(q, k, v, out, blk, c0, pos0, block_size, scale) -> None:
         attend_rows(q, k, v, blk, out, q_off=c0, pos0=pos0, block_size=block_size, scale=scale)
         return
     cfg = TILE_CONFIGS[D]
-    tiles = build_tiles(blk, Hkv, triton.cdiv(k.shape[2], block_size), cfg["BM"])
+    tiles = build_tiles(blk, Hkv, triton.cdiv(k.shape[2], block_size), cfg["BM"], pos0=pos0, block_size=block_size)
     nsplit = key_splits(triton.cdiv(blk.numel(), cfg["BM"]), q.device, block_size, cfg["BN"])
     op, lsep = partials(blk, nsplit, D, q.dtype)
     attend_tiles(q, k, v, blk, tiles, op, lsep, q_off=c0, pos0=pos0, block_size=block_size,
