@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import moba  # noqa: E402
 import moba.triton.launcher as launcher  # noqa: E402
-from moba.triton.attention import attend_tiles, build_tiles  # noqa: E402
+from moba.triton.attention import attend_tiles  # noqa: E402
+from moba.triton.csr import build_tiles  # noqa: E402
 from moba.triton.decode import merge_partials, partials  # noqa: E402
 from moba.triton.routing import pool_means, route_chunk, split_means  # noqa: E402
 
@@ -212,7 +213,7 @@ def breakdown(N: int) -> dict:
             C = min(step, N - c0)
             blk, _ = route_chunk(q, means, c0, C, c0, block_size=BS, top_k=TOPK, sink_blocks=0, parts=parts)
             _mark(marks, acc, "route")
-            tiles = build_tiles(blk, HKV, math.ceil(N / BS), cfg["BM"])
+            tiles = build_tiles(blk, HKV, math.ceil(N / BS), cfg["BM"], pos0=c0, block_size=BS)
             op, lsep = partials(blk, 1, D, q.dtype)
             _mark(marks, acc, "sort")
             attend_tiles(q, k, v, blk, tiles, op, lsep, q_off=c0, pos0=c0, block_size=BS, scale=D**-0.5,

@@ -2,7 +2,7 @@
 
 Shapes as bench/attention.py (B=1, 28 query heads, 4 KV heads, D=128, bf16, block 4096, top-k 12).
 Stages: routing over all query chunks (each variant against torch's fp32 gate on two chunks),
-the CSR build of the last chunk (torch.sort against the counting sort), and the tile kernel on the
+the CSR build of the last chunk (torch.sort against the counting sort and the ticket CSR), and the tile kernel on the
 last chunk for several configurations (outputs against the first configuration). The routing
 baseline is the module at --old (the main checkout's moba/triton/routing.py), when present.
 
@@ -26,9 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moba.triton.launcher as launcher  # noqa: E402
 from bench.attention import time_ms  # noqa: E402
 from moba.routing import select_blocks  # noqa: E402
-from moba.triton.attention import attend_tiles, build_tiles  # noqa: E402
+from moba.triton.attention import attend_tiles  # noqa: E402
+from moba.triton.csr import build_tiles  # noqa: E402
 from moba.triton.decode import partials  # noqa: E402
 from moba.triton.routing import pool_means, route_chunk, split_means  # noqa: E402
+from tests.moba.mobatest import csr_mismatches  # noqa: E402
 
 HQ, HKV, D, BS, TOPK = 28, 4, 128, 4096, 12
 ROUTE_TILES = [(64, 128, 4), (128, 128, 8), (64, 256, 4), (64, 64, 4), (32, 64, 4)]
@@ -123,18 +125,17 @@ def routing(q, means, step, old) -> list[dict]:
     return res
 
 
-def csr(blk, nb, n_chunks) -> list[dict]:
-    ref = build_tiles(blk, HKV, nb, 128, method="sort")
-    n = int(ref["key_cnt"].sum())
+def csr(blk, nb, n_chunks, pos0) -> list[dict]:
+    build = lambda m: build_tiles(blk, HKV, nb, 128, pos0=pos0, block_size=BS, method=m)  # noqa: E731
+    ref = build("sort")
     res = []
-    for m in ("sort", "count"):
-        got = build_tiles(blk, HKV, nb, 128, method=m)
-        same = torch.equal(got["perm"][:n].long(), ref["perm"][:n].long()) and torch.equal(got["tile_key"], ref["tile_key"])
-        ms = cuda_ms(lambda m=m: build_tiles(blk, HKV, nb, 128, method=m), 5)
-        gms = graph_ms(lambda m=m: build_tiles(blk, HKV, nb, 128, method=m)) if m == "count" else None  # bincount syncs
-        res.append(dict(method=m, ms_per_chunk=ms, graph_ms_per_chunk=gms, ms_est_total=ms * n_chunks, same_as_sort=same))
+    for m in ("sort", "count", "ticket"):
+        bad = csr_mismatches(build(m), ref, blk.shape[-1], exact=m != "ticket")
+        ms = cuda_ms(lambda m=m: build(m), 5)
+        gms = graph_ms(lambda m=m: build(m)) if m != "sort" else None  # bincount syncs
+        res.append(dict(method=m, ms_per_chunk=ms, graph_ms_per_chunk=gms, ms_est_total=ms * n_chunks, mismatches=bad))
         log(f"csr {m}: {ms:.3f} ms per chunk (x{n_chunks} = {ms * n_chunks:.1f} ms), GPU only (CUDA graph) {gms} ms, "
-            f"same perm as torch.sort: {same}")  # fmt: skip
+            f"differences from torch.sort: {bad or 'none'}")  # fmt: skip
     return res
 
 
@@ -158,7 +159,7 @@ def tiles(q, k, v, blk, c0, n_chunks) -> list[dict]:
     nb = triton_cdiv(k.shape[2], BS)
     res, ref = [], None
     for cfg in TILE_CFGS:
-        t = build_tiles(blk, HKV, nb, cfg["BM"])
+        t = build_tiles(blk, HKV, nb, cfg["BM"], pos0=c0, block_size=BS)
         op, lsep = partials(blk, 1, D, q.dtype)
         run = _runner(q, k, v, blk, t, op, lsep, c0, cfg)
         op.fill_(float("nan"))
@@ -201,7 +202,7 @@ def main() -> None:
         res["route"] = routing(q, means, step, old_router(a.old))
     blk, _ = route_chunk(q, means, c0, step, c0, block_size=BS, top_k=TOPK, sink_blocks=0)
     if "sort" in stages:
-        res["csr"] = csr(blk, triton_cdiv(N, BS), n_chunks)
+        res["csr"] = csr(blk, triton_cdiv(N, BS), n_chunks, c0)
     if "tile" in stages:
         res["tile"] = tiles(q, k, v, blk, c0, n_chunks)
     Path(a.out).mkdir(parents=True, exist_ok=True)

@@ -1,15 +1,15 @@
 """Key-block-centric MoBA attention in Triton (the prefill and chunked-prefill kernel).
 
 For every (batch, KV head, key block) the (query, head, slot) entries of a query chunk that
-selected that block are gathered (a CSR list in entry order, built by a counting sort or a stable
-torch.sort), cut into tiles of BM rows, and each tile runs one dense flash-attention pass over its
-block, the G query heads of a KV head sharing one tile (GQA-native). The own block is one of the
-slots; a per-row mask `key <= query` makes it causal and is a no-op for routed blocks, which lie
-strictly before the query. Each (entry, split) writes a normalised partial output and its base-2
-log-sum-exp; moba/triton/decode.py merges them. A row's result does not depend on its tile-mates,
-so the order inside a block's list only matters for speed (own-block rows in position order keep
-the causal tiles narrow). Random routing is the worst case for query-centric tiles (a 128-query
-tile's union of blocks is nearly every past block), which is why the gathering is per key block.
+selected that block are gathered (a CSR list, built by moba/triton/csr.py), cut into tiles of BM
+rows, and each tile runs one dense flash-attention pass over its block, the G query heads of a KV
+head sharing one tile (GQA-native). The own block is one of the slots; a per-row mask
+`key <= query` makes it causal and is a no-op for routed blocks, which lie strictly before the
+query. Each (entry, split) writes a normalised partial output and its base-2 log-sum-exp;
+moba/triton/decode.py merges them. A row's result does not depend on its tile-mates, so the order
+inside a block's list only matters for speed (own-block rows in position order keep the causal
+tiles narrow). Random routing is the worst case for query-centric tiles (a 128-query tile's union
+of blocks is nearly every past block), which is why the gathering is per key block.
 It knows nothing of routing: it reads the blocks table [B, Hq, C, S] (-1 = unused slot).
 """
 
@@ -18,8 +18,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-COUNT_MAX_BLOCKS = 4096  # counting sort up to this many key blocks (a histogram row in registers)
 
 
 @triton.jit
@@ -116,98 +114,6 @@ def _store_partial(OP, LSEP, idx, valid, m_i, l_i, acc, D: tl.constexpr):
     d = tl.arange(0, D)
     tl.store(OP + idx[:, None] * D + d[None, :], o.to(OP.dtype.element_ty), mask=valid[:, None])
     tl.store(LSEP + idx, lse, mask=valid)
-
-
-@triton.jit
-def _count_kernel(BLK, CNT, C, NB, S: tl.constexpr, SP: tl.constexpr, TB: tl.constexpr, NBP: tl.constexpr):
-    t, bh = tl.program_id(0), tl.program_id(1)
-    c = t * TB + tl.arange(0, TB)[:, None]
-    slot = tl.arange(0, SP)[None, :]
-    ok = (c < C) & (slot < S)
-    j = tl.load(BLK + (bh.to(tl.int64) * C + c) * S + slot, mask=ok, other=-1)
-    hist = tl.histogram(tl.reshape(tl.maximum(j, 0), [TB * SP]), NBP, mask=tl.reshape(j >= 0, [TB * SP]))
-    bins = tl.arange(0, NBP)
-    tl.store(CNT + (bh.to(tl.int64) * tl.num_programs(0) + t) * NB + bins, hist, mask=bins < NB)
-
-
-@triton.jit
-def _scatter_kernel(BLK, START, PERM, C, NB, S: tl.constexpr, SP: tl.constexpr, TB: tl.constexpr,
-                    TS: tl.constexpr, NBP: tl.constexpr):  # fmt: skip
-    t, bh = tl.program_id(0), tl.program_id(1)
-    bins = tl.arange(0, NBP)
-    at = tl.load(START + (bh.to(tl.int64) * tl.num_programs(0) + t) * NB + bins, mask=bins < NB, other=0)
-    E: tl.constexpr = TS * SP
-    i = tl.arange(0, E)
-    for c0 in range(t * TB, tl.minimum(t * TB + TB, C), TS):
-        c = c0 + i // SP
-        slot = i % SP
-        ok = (c < C) & (slot < S)
-        e = (bh * C + c) * S + slot
-        j = tl.load(BLK + e.to(tl.int64), mask=ok, other=-1)
-        live = j >= 0
-        jj = tl.maximum(j, 0)
-        before = (jj[:, None] == jj[None, :]) & live[None, :] & (i[None, :] < i[:, None])
-        rank = tl.sum(before.to(tl.int32), 1)
-        tl.store(PERM + tl.gather(at, jj, 0) + rank, e, mask=live)
-        at += tl.histogram(jj, NBP, mask=live)
-
-
-def counting_sort(blk: torch.Tensor, Hkv: int, n_blocks: int, tb: int = 128, ts: int = 8):
-    """Stable CSR of the blocks table by (batch, KV head, block) with two small kernels.
-
-    A histogram per (batch, head, tile of tb queries), an exclusive scan of those counts in entry
-    order, and a scatter that ranks equal keys inside tiles of ts queries. Gives the same order
-    as a stable sort of the keys; entries with block -1 are left out.
-    Args:
-        blk: int32 [B, Hq, C, S], contiguous; entry e = ((b * Hq + h) * C + c) * S + slot.
-    Returns:
-        (perm int32 [B * Hq * C * S], only its first key_cnt.sum() entries written; key_off, key_cnt
-        int64 [B * Hkv * n_blocks]).
-    """
-    B, Hq, C, S = blk.shape
-    nt = triton.cdiv(C, tb)
-    nbp = triton.next_power_of_2(n_blocks)
-    sp = triton.next_power_of_2(S)
-    cnt = torch.empty(B * Hq, nt, n_blocks, device=blk.device, dtype=torch.int32)
-    _count_kernel[(nt, B * Hq)](blk, cnt, C, n_blocks, S=S, SP=sp, TB=tb, NBP=nbp, num_warps=4)
-    grouped = cnt.view(B, Hkv, (Hq // Hkv) * nt, n_blocks)
-    key_cnt = grouped.sum(2, dtype=torch.int64).reshape(-1)
-    key_off = key_cnt.cumsum(0) - key_cnt
-    start = (grouped.cumsum(2, dtype=torch.int32) - grouped) + key_off.view(B, Hkv, 1, n_blocks).to(torch.int32)
-    perm = torch.empty(blk.numel(), device=blk.device, dtype=torch.int32)
-    _scatter_kernel[(nt, B * Hq)](blk, start, perm, C, n_blocks, S=S, SP=sp, TB=tb, TS=ts, NBP=nbp, num_warps=4)
-    return perm, key_off, key_cnt
-
-
-def build_tiles(blk: torch.Tensor, Hkv: int, n_blocks: int, bm: int, method: str | None = None):
-    """CSR of the blocks table by (batch, KV head, block), cut into tiles of bm rows; no host sync.
-
-    Args:
-        blk: int32 [B, Hq, C, S]; entry e = ((b * Hq + h) * C + c) * S + slot; -1 = unused.
-        method: "count" (`counting_sort`, the default up to COUNT_MAX_BLOCKS blocks) or "sort" (torch.sort).
-    Returns:
-        dict of device tensors perm (entries sorted by key, stable), tile_key (key of each tile slot,
-        n_keys past the last tile), tile_end (inclusive cumulative tile count per key), key_off,
-        key_cnt, and the host ints n_keys and n_tiles (an upper bound on the tile count).
-    """
-    B, Hq, C, S = blk.shape
-    dev = blk.device
-    n_keys = B * Hkv * n_blocks
-    method = method or ("count" if n_blocks <= COUNT_MAX_BLOCKS else "sort")
-    if method == "count":
-        perm, off, cnt = counting_sort(blk.contiguous(), Hkv, n_blocks)
-    else:
-        heads = torch.arange(Hq, device=dev) // (Hq // Hkv)
-        base = ((torch.arange(B, device=dev)[:, None] * Hkv + heads[None, :]) * n_blocks).to(torch.int32)
-        key = torch.where(blk >= 0, blk + base[:, :, None, None], n_keys).reshape(-1)
-        _, perm = torch.sort(key, stable=True)
-        cnt = torch.bincount(key, minlength=n_keys + 1)[:n_keys]
-        off = cnt.cumsum(0) - cnt
-    tile_end = ((cnt + bm - 1) // bm).cumsum(0)
-    n_tiles = triton.cdiv(blk.numel(), bm) + n_keys
-    tile_key = torch.searchsorted(tile_end, torch.arange(n_tiles, device=dev), right=True)
-    return dict(perm=perm, tile_key=tile_key, tile_end=tile_end, key_off=off, key_cnt=cnt,
-                n_keys=n_keys, n_tiles=n_tiles)  # fmt: skip
 
 
 def attend_tiles(q, k, v, blk, tiles, op, lsep, *, q_off, pos0, block_size, scale, nsplit, cfg):

@@ -2,7 +2,7 @@
 
 Queries go in chunks sized so that the partial results of a chunk fit in PARTIAL_BUDGET bytes.
 Per chunk: the routing kernel writes the blocks table, then either the split-K decode kernel (few
-query rows per KV head) or the key-block tile kernel (a CSR of the table, built by a counting sort)
+query rows per KV head) or the key-block tile kernel (a CSR of the table, moba/triton/csr.py)
 writes partials, and the merge kernel writes the output rows. Nothing waits on the host.
 Inputs outside the kernels' range (fp32, head dims other than 64/128/256, CPU tensors without the
 Triton interpreter) go to the portable path. It knows nothing of files or models.
@@ -17,7 +17,8 @@ import triton
 
 from moba.portable import portable_moba_attention
 from moba.routing import block_means
-from moba.triton.attention import attend_tiles, build_tiles
+from moba.triton.attention import attend_tiles
+from moba.triton.csr import build_tiles
 from moba.triton.decode import attend_rows, key_splits, merge_partials, partials
 from moba.triton.routing import pool_means, route_chunk, split_means
 from moba.types import Routing, check_inputs
@@ -115,7 +116,7 @@ def _attend_chunk(q, k, v, out, blk, c0, pos0, block_size, scale) -> None:
         attend_rows(q, k, v, blk, out, q_off=c0, pos0=pos0, block_size=block_size, scale=scale)
         return
     cfg = TILE_CONFIGS[D]
-    tiles = build_tiles(blk, Hkv, triton.cdiv(k.shape[2], block_size), cfg["BM"])
+    tiles = build_tiles(blk, Hkv, triton.cdiv(k.shape[2], block_size), cfg["BM"], pos0=pos0, block_size=block_size)
     nsplit = key_splits(triton.cdiv(blk.numel(), cfg["BM"]), q.device, block_size, cfg["BN"])
     op, lsep = partials(blk, nsplit, D, q.dtype)
     if os.environ.get("MOBA_GLUON") == "1":

@@ -104,27 +104,65 @@ def test_routing_kernel_matches_select_blocks(case, method):
 
 
 def _csr_cases(device):
-    """(blocks table, Hkv, n_blocks) with -1 slots, keys no entry uses, and one query."""
+    """(blocks table, Hkv, n_blocks, pos0, block_size) shaped as the routing kernel writes them: slot 0
+    the own block, the others earlier blocks or -1, the last slot block 0 (a sink: one hot key), two
+    trailing blocks no entry names. Chunks start on and inside a block; one has a single query."""
     g = torch.Generator().manual_seed(1)
-    for B, Hq, Hkv, C, S, nb in [(1, 4, 2, 37, 5, 9), (2, 8, 2, 300, 6, 40), (1, 7, 1, 1, 4, 3), (1, 28, 4, 600, 12, 256)]:
-        blk = torch.randint(-1, nb, (B, Hq, C, S), generator=g, dtype=torch.int32)
-        blk[..., 0] = torch.where(blk[..., 0] == nb - 1, -1, blk[..., 0])  # key nb - 1 rarer
-        yield blk.to(device), Hkv, nb + 2  # two trailing blocks no entry names
+    shapes = [(1, 4, 2, 37, 5, 0, 8), (2, 8, 2, 300, 6, 85, 16), (1, 7, 1, 1, 4, 100, 32), (1, 28, 4, 600, 12, 1000, 64)]
+    if device == "cuda":
+        shapes.append((1, 28, 4, 12291, 12, (1 << 20) - 12291, 4096))  # the last chunk at 1M
+    for B, Hq, Hkv, C, S, pos0, bs in shapes:
+        own = ((pos0 + torch.arange(C)) // bs).expand(B, Hq, C)[..., None]
+        past = (torch.rand(B, Hq, C, S - 1, generator=g) * own).long()
+        past = torch.where((own == 0) | (torch.rand(past.shape, generator=g) < 0.2), -1, past)
+        past[..., -1] = torch.where(own[..., 0] > 0, 0, -1)
+        blk = torch.cat([own, past], -1).to(torch.int32)
+        yield blk.to(device), Hkv, int(own.max()) + 3, pos0, bs
 
 
-def _csr_agrees(blk, Hkv, nb) -> bool:
-    from moba.triton.attention import build_tiles
+def _csr_agrees(blk, Hkv, nb, pos0, bs) -> dict:
+    """What each Triton CSR method gets wrong against the stable torch.sort (empty lists: nothing)."""
+    from moba.triton.csr import build_tiles
+    from tests.moba.mobatest import csr_mismatches
 
-    got, ref = (build_tiles(blk, Hkv, nb, 16, method=m) for m in ("count", "sort"))
-    n = int(ref["key_cnt"].sum())
-    same = [torch.equal(got[k_].long(), ref[k_].long()) for k_ in ("key_cnt", "key_off", "tile_end", "tile_key")]
-    return all(same) and torch.equal(got["perm"][:n].long(), ref["perm"][:n].long())
+    got = {m: build_tiles(blk, Hkv, nb, 16, pos0=pos0, block_size=bs, method=m) for m in ("count", "ticket", "sort")}
+    S = blk.shape[-1]
+    return {m: csr_mismatches(got[m], got["sort"], S, exact=m == "count") for m in ("count", "ticket")}
 
 
 @gpu
-def test_counting_sort_matches_stable_sort():
-    for blk, Hkv, nb in _csr_cases("cuda"):
-        assert _csr_agrees(blk, Hkv, nb)
+def test_csr_methods_match_stable_sort():
+    for blk, Hkv, nb, pos0, bs in _csr_cases("cuda"):
+        assert _csr_agrees(blk, Hkv, nb, pos0, bs) == {"count": [], "ticket": []}
+
+
+def test_csr_check_catches_wrong_lists():
+    from moba.triton.csr import build_tiles
+    from tests.moba.mobatest import csr_mismatches
+
+    blk, Hkv, nb, pos0, bs = list(_csr_cases("cpu"))[1]
+    ref = build_tiles(blk, Hkv, nb, 16, pos0=pos0, block_size=bs, method="sort")
+    S, perm, off, cnt = blk.shape[-1], ref["perm"], ref["key_off"], ref["key_cnt"]
+    n = int(cnt.sum())
+    seg = torch.repeat_interleave(torch.arange(len(cnt)), cnt)
+    routed = perm[:n] % S != 0
+    tie = torch.where(routed, n + torch.randperm(n), torch.arange(n))  # own entries in place, routed shuffled
+    by_tie = tie.argsort()
+    good = perm.clone()
+    good[:n] = perm[:n][by_tie][(seg[by_tie] * 2 + routed[by_tie]).argsort(stable=True)]
+    assert csr_mismatches(dict(ref, perm=good), ref, S) == []
+    assert csr_mismatches(dict(ref, perm=perm), ref, S) == ["own order"]  # stable order: own entries not first
+    key = pos0 // bs + 1  # batch 0, KV head 0: a block with own entries
+    at = int(off[key])
+    swapped = good.clone()
+    swapped[[at, at + 1]] = good[[at + 1, at]]
+    assert csr_mismatches(dict(ref, perm=swapped), ref, S) == ["own order"]
+    moved = good.clone()
+    moved[[at - 1, at]] = good[[at, at - 1]]  # one entry each into the neighbouring key
+    assert csr_mismatches(dict(ref, perm=moved), ref, S) == ["perm sets"]
+    too_many = cnt.clone()
+    too_many[key] += 1  # an own count one too high
+    assert csr_mismatches(dict(ref, key_cnt=too_many), ref, S) == ["key_cnt"]
 
 
 @gpu
@@ -180,7 +218,10 @@ def test_public_op_dispatches_to_triton_and_falls_back(monkeypatch):
 
 INTERP_CASES = [CASES[0][:3] + (300, 300, 64, 32, 3, 0), (1, 7, 1, 63, 500, 64, 50, 2, 2),
                 (1, 4, 1, 1, 777, 128, 64, 4, 1), (1, 8, 1, 5, 900, 64, 64, 3, 1),
-                (1, 16, 2, 3, 700, 64, 64, 3, 0), (2, 4, 2, 130, 257, 128, 32, 4, 1)]  # fmt: skip
+                (1, 16, 2, 3, 700, 64, 64, 3, 0), (2, 4, 2, 130, 257, 128, 32, 4, 1),
+                (1, 8, 2, 200, 333, 64, 32, 3, 1)]  # fmt: skip
+# partial-buffer budget of each case: the last one runs in chunks of 45 queries, each starting inside a block
+INTERP_BUDGETS = [1 << 30] * (len(INTERP_CASES) - 1) + [45 * 8 * 4 * (64 * 2 + 4)]
 
 _INTERP_SCRIPT = """
     import json, sys
@@ -192,15 +233,17 @@ _INTERP_SCRIPT = """
     torch.empty = poisoned
     from tests.moba.mobatest import make_qkv, rel_err, run_interpreted
     from moba import portable_moba_attention
-    from moba.triton import triton_moba_attention
+    from moba.triton import launcher, triton_moba_attention
     torch.manual_seed(0)
     res = []
-    for B, Hq, Hkv, Tq, Tk, D, bs, k_, s_ in json.loads(sys.argv[1]):
+    for (B, Hq, Hkv, Tq, Tk, D, bs, k_, s_), budget in zip(*json.loads(sys.argv[1])):
+        launcher.PARTIAL_BUDGET = budget
         q, k, v = make_qkv(B, Hq, Hkv, Tq, Tk, D, dtype=torch.float16)
         a = dict(block_size=bs, top_k=k_, sink_blocks=s_, return_routing=True)
         out, r = triton_moba_attention(q, k, v, **a)
         ref, rr = portable_moba_attention(q, k, v, **a)
-        res.append([rel_err(out, ref), bool(out.isnan().any()), bool(torch.equal(r.blocks, rr.blocks))])
+        step = launcher.chunk_queries(B, Hq, Tq, k_ + s_, D, 2)
+        res.append([rel_err(out, ref), bool(out.isnan().any()), bool(torch.equal(r.blocks, rr.blocks)), -(-Tq // step)])
     from tests.moba.test_triton import _csr_agrees, _csr_cases
     res.append([_csr_agrees(*c) for c in _csr_cases("cpu")])
     print(json.dumps(res))
@@ -209,17 +252,18 @@ _INTERP_SCRIPT = """
 
 @pytest.fixture(scope="module")
 def interpreted():
-    return run_interpreted(_INTERP_SCRIPT, json.dumps(INTERP_CASES))
+    return run_interpreted(_INTERP_SCRIPT, json.dumps([INTERP_CASES, INTERP_BUDGETS]))
 
 
 @pytest.mark.skipif(CUDA, reason="the CUDA tests run these kernels for real")
 @pytest.mark.parametrize("i", range(len(INTERP_CASES)), ids=["B{}-H{}x{}-T{}of{}-D{}-bs{}-k{}-s{}".format(*c) for c in INTERP_CASES])
 def test_kernels_under_interpreter(interpreted, i):
-    err, has_nan, same_blocks = interpreted[i]
+    err, has_nan, same_blocks, chunks = interpreted[i]
     assert not has_nan and same_blocks
     assert err <= 1e-2
+    assert (chunks > 1) == (INTERP_BUDGETS[i] < 1 << 30)
 
 
 @pytest.mark.skipif(CUDA, reason="the CUDA tests run these kernels for real")
-def test_counting_sort_under_interpreter(interpreted):
-    assert interpreted[-1] == [True] * 4
+def test_csr_methods_under_interpreter(interpreted):
+    assert interpreted[-1] == [{"count": [], "ticket": []}] * 4
