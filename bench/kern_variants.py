@@ -38,9 +38,7 @@ TILE_CFGS = [
     dict(BM=128, BN=128, warps=8, stages=3, ktrans=True, tma=True),
     dict(BM=128, BN=128, warps=8, stages=2, hopper=True),
     dict(BM=128, BN=128, warps=8, stages=3, hopper=True),
-    dict(BM=128, BN=64, warps=8, stages=3, hopper=True),
     dict(BM=128, BN=64, warps=8, stages=4, hopper=True),
-    dict(BM=64, BN=128, warps=4, stages=2, hopper=True),
 ]
 
 
@@ -146,7 +144,7 @@ def triton_cdiv(a, b):
 def _runner(q, k, v, blk, t, op, lsep, c0, cfg):
     """The tile kernel of cfg on one chunk: the Gluon Hopper kernel when cfg has hopper=True."""
     if cfg.get("hopper"):
-        from moba.triton.hopper import attend_tiles_hopper
+        from bench.experiments.hopper_tile import attend_tiles_hopper
 
         kw = dict(bm=cfg["BM"], bn=cfg["BN"], stages=cfg["stages"], warps=cfg["warps"])
         return lambda: attend_tiles_hopper(q, k, v, blk, t, op, lsep, q_off=c0, pos0=c0, block_size=BS,

@@ -3,8 +3,8 @@
 The table is int32 [B, Hq, C, S] for a query chunk at positions pos0 .. pos0 + C - 1: slot 0 is the
 query's own block, the other slots blocks strictly before it, -1 an unused slot. Its entries
 e = ((b * Hq + h) * C + c) * S + slot are grouped by key = (b * Hkv + h // G) * n_blocks + block
-(G = Hq // Hkv) with no host sync, by one of three methods: "ticket" (own entries ranked
-analytically, the others by atomic tickets), "count" (a stable counting sort) or "sort" (a stable
+(G = Hq // Hkv) with no host sync, by one of three methods: "count" (a stable counting sort, the
+default), "ticket" (own entries ranked analytically, the others by atomic tickets) or "sort" (a stable
 torch.sort). It knows nothing of attention or of how the table was routed.
 """
 
@@ -14,7 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-COUNT_MAX_BLOCKS = 4096  # "ticket" by default up to this many key blocks; "count" keeps a histogram row
+# "count" by default up to this many key blocks (it keeps a histogram row in registers). On an H200, last 1M
+# chunk, GPU time per chunk (CUDA graph): count 0.655 ms, ticket 0.907 ms (atomics on ~1K hot counters).
+COUNT_MAX_BLOCKS = 4096
 METHODS = ("ticket", "count", "sort")
 
 
@@ -25,8 +27,8 @@ def build_tiles(blk: torch.Tensor, Hkv: int, n_blocks: int, bm: int, *, pos0: in
     Args:
         blk: int32 [B, Hq, C, S] of queries at positions pos0 .. pos0 + C - 1; entry
             e = ((b * Hq + h) * C + c) * S + slot; slot 0 the own block, -1 = unused.
-        method: "ticket" (`ticket_csr`, the default up to COUNT_MAX_BLOCKS blocks), "count"
-            (`counting_sort`) or "sort" (torch.sort, the default above; bincount syncs with the host).
+        method: "count" (`counting_sort`, the default up to COUNT_MAX_BLOCKS blocks), "ticket"
+            (`ticket_csr`) or "sort" (torch.sort, the default above; bincount syncs with the host).
     Returns:
         dict of device tensors perm (entries grouped by key: in stable-sort order for "count" and
         "sort"; for "ticket" own-block entries first in that order, the rest in any order), tile_key
@@ -38,7 +40,7 @@ def build_tiles(blk: torch.Tensor, Hkv: int, n_blocks: int, bm: int, *, pos0: in
     B, Hq, C, S = blk.shape
     dev = blk.device
     n_keys = B * Hkv * n_blocks
-    method = method or ("ticket" if n_blocks <= COUNT_MAX_BLOCKS else "sort")
+    method = method or ("count" if n_blocks <= COUNT_MAX_BLOCKS else "sort")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "ticket":

@@ -119,13 +119,6 @@ def _attend_chunk(q, k, v, out, blk, c0, pos0, block_size, scale) -> None:
     tiles = build_tiles(blk, Hkv, triton.cdiv(k.shape[2], block_size), cfg["BM"], pos0=pos0, block_size=block_size)
     nsplit = key_splits(triton.cdiv(blk.numel(), cfg["BM"]), q.device, block_size, cfg["BN"])
     op, lsep = partials(blk, nsplit, D, q.dtype)
-    if os.environ.get("MOBA_GLUON") == "1":
-        from moba.triton.hopper import attend_tiles_hopper, hopper_ok
-
-        if hopper_ok(q, k, v, nsplit):
-            attend_tiles_hopper(q, k, v, blk, tiles, op, lsep, q_off=c0, pos0=pos0, block_size=block_size, scale=scale)
-            merge_partials(op, lsep, blk, out, q_off=c0, nsplit=nsplit)
-            return
     attend_tiles(q, k, v, blk, tiles, op, lsep, q_off=c0, pos0=pos0, block_size=block_size,
                  scale=scale, nsplit=nsplit, cfg=cfg)  # fmt: skip
     merge_partials(op, lsep, blk, out, q_off=c0, nsplit=nsplit)

@@ -1,4 +1,9 @@
-"""The key-block tile kernel of moba/triton/attention.py written in Gluon for Hopper (sm_90).
+"""An experiment: the key-block tile kernel of moba/triton/attention.py in Gluon for Hopper (sm_90).
+
+Measured by bench/kern_variants.py on an H200 (last 1M chunk): correct (rel err 5e-5 against the
+Triton kernel) but slower, 18.35 ms with 3 stages against the Triton kernel's 15.98 ms, so the
+library does not use it. Likely causes: a CTA-wide barrier per key tile before the TMA refill and
+no producer/consumer warp specialization (FlashAttention-3 also ping-pongs two warpgroups).
 
 Same contract as `attend_tiles` with one key split: one program per tile of BM gathered (query,
 head) rows of one key block, partial outputs and base-2 log-sum-exps per entry. What Gluon adds
