@@ -134,6 +134,26 @@ def csr(blk, nb, n_chunks, pos0) -> list[dict]:
         res.append(dict(method=m, ms_per_chunk=ms, graph_ms_per_chunk=gms, ms_est_total=ms * n_chunks, mismatches=bad))
         log(f"csr {m}: {ms:.3f} ms per chunk (x{n_chunks} = {ms * n_chunks:.1f} ms), GPU only (CUDA graph) {gms} ms, "
             f"differences from torch.sort: {bad or 'none'}")  # fmt: skip
+    return res + count_tiles(blk, nb, pos0, ref, build)
+
+
+def count_tiles(blk, nb, pos0, ref, build) -> list[dict]:
+    """GPU time of the counting sort alone and of the whole CSR for several (tb, ts) tiles."""
+    import moba.triton.csr as csr_mod
+
+    res, default = [], csr_mod.COUNT_TILE
+    for tb, ts in [(128, 8), (128, 4), (256, 4), (512, 4), (256, 2), (512, 2), (1024, 4), (1024, 2)]:
+        csr_mod.COUNT_TILE = (tb, ts)
+        try:
+            bad = csr_mismatches(build("count"), ref, blk.shape[-1], exact=True)
+            sort_ms = graph_ms(lambda tb=tb, ts=ts: csr_mod.counting_sort(blk, HKV, nb, tb, ts))
+            all_ms = graph_ms(lambda: build("count"))
+        except Exception as e:
+            log(f"count tile {(tb, ts)} failed: {str(e).splitlines()[0][:200]}")
+            continue
+        res.append(dict(method=f"count tb={tb} ts={ts}", graph_ms_sort=sort_ms, graph_ms_per_chunk=all_ms, mismatches=bad))
+        log(f"count tb={tb} ts={ts}: counting sort {sort_ms:.3f} ms, whole CSR {all_ms:.3f} ms (GPU), mismatches {bad or 'none'}")
+    csr_mod.COUNT_TILE = default
     return res
 
 
