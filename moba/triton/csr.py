@@ -173,12 +173,13 @@ def _scatter_kernel(BLK, START, PERM, C, NB, S: tl.constexpr, SP: tl.constexpr, 
         at += tl.histogram(jj, NBP, mask=live)
 
 
-def counting_sort(blk: torch.Tensor, Hkv: int, n_blocks: int, tb: int = 128, ts: int = 8):
+def counting_sort(blk: torch.Tensor, Hkv: int, n_blocks: int, tb: int, ts: int):
     """Stable CSR of the blocks table by (batch, KV head, block) with two small kernels.
 
     A histogram per (batch, head, tile of tb queries), an exclusive scan of those counts in entry
-    order, and a scatter that ranks equal keys inside tiles of ts queries. Gives the same order
-    as a stable sort of the keys; entries with block -1 are left out.
+    order, and a scatter that ranks equal keys inside tiles of ts queries (tb a multiple of ts;
+    build_tiles passes COUNT_TILE). Gives the same order as a stable sort of the keys; entries
+    with block -1 are left out.
     Args:
         blk: int32 [B, Hq, C, S], contiguous; entry e = ((b * Hq + h) * C + c) * S + slot.
     Returns:
