@@ -52,6 +52,19 @@ def test_both_gather_strategies_match_naive(monkeypatch, budget):
     assert rel_err(out, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[4], CASES[5]], ids=lambda c: f"T{c[3]}of{c[4]}-D{c[5]}")
+def test_grouped_tiles_without_cpu_flash_match_naive(monkeypatch, case):
+    """The bmm + exp tiles (CUDA, or a torch without the CPU flash op) and the flash tiles agree with the spec."""
+    B, Hq, Hkv, Tq, Tk, D, bs, top_k, sinks = case
+    q, k, v = make_qkv(B, Hq, Hkv, Tq, Tk, D)
+    ref = naive_moba_attention(q, k, v, block_size=bs, top_k=top_k, sink_blocks=sinks)
+    monkeypatch.setattr(moba.portable, "_SCORE_BUDGET", 1 << 12)  # the grouped-tiles path, many small batches
+    flash = portable_moba_attention(q, k, v, block_size=bs, top_k=top_k, sink_blocks=sinks)
+    monkeypatch.setattr(moba.portable, "_CPU_FLASH", None)
+    plain = portable_moba_attention(q, k, v, block_size=bs, top_k=top_k, sink_blocks=sinks)
+    assert rel_err(flash, ref) <= 1e-5 and rel_err(plain, ref) <= 1e-5
+
+
 @pytest.mark.parametrize("Tq,Tk", [(256, 256), (40, 256), (1, 256)])
 @pytest.mark.parametrize("fn", [naive_moba_attention, portable_moba_attention, moba_attention])
 def test_top_k_covering_all_blocks_is_dense_causal(fn, Tq, Tk):
