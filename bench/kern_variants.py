@@ -35,7 +35,7 @@ from tests.moba.mobatest import csr_mismatches  # noqa: E402
 HQ, HKV, D, BS, TOPK = 28, 4, 128, 4096, 12
 ROUTE_TILES = [(64, 128, 4), (128, 128, 8), (64, 256, 4), (64, 64, 4), (32, 64, 4)]
 TILE_CFGS = [
-    dict(BM=128, BN=128, warps=8, stages=3, ktrans=True, tma=True),
+    dict(BM=128, BN=128, warps=8, stages=3, tma=True),
     dict(BM=128, BN=128, warps=8, stages=2, hopper=True),
     dict(BM=128, BN=128, warps=8, stages=3, hopper=True),
     dict(BM=128, BN=64, warps=8, stages=4, hopper=True),

@@ -25,8 +25,7 @@ def _tile_kernel(
     Q, K, V, OP, LSEP, PERM, TILE_KEY, TILE_END, KEY_OFF, KEY_CNT,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
     C, Hq, S, Hkv, NB, n_keys, q_off, pos0, Tk, block_size, split_len, qk_scale,
-    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NSPLIT: tl.constexpr, KTRANS: tl.constexpr,
-    TMA: tl.constexpr,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NSPLIT: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     key = tl.load(TILE_KEY + tl.program_id(0))
     if key < n_keys:
@@ -52,20 +51,20 @@ def _tile_kernel(
         l_i = tl.zeros([BM], dtype=tl.float32)
         acc = tl.zeros([BM, D], dtype=tl.float32)
         for n0 in range(lo, mid, BN):
-            kt, vt = _kv_tile(K, V, kv, n0, hi, D, BN, KTRANS, TMA, False)
+            kt, vt = _kv_tile(K, V, kv, n0, hi, D, BN, TMA, False)
             m_i, l_i, acc = _online_step(tl.dot(q, kt), vt, m_i, l_i, acc, qk_scale, False)
         for n0 in range(mid, hi, BN):
             n = n0 + tl.arange(0, BN)
-            kt, vt = _kv_tile(K, V, kv, n0, hi, D, BN, KTRANS, TMA, True)
+            kt, vt = _kv_tile(K, V, kv, n0, hi, D, BN, TMA, True)
             s = tl.where((n[None, :] <= pos[:, None]) & (n < hi)[None, :], tl.dot(q, kt), float("-inf"))
             m_i, l_i, acc = _online_step(s, vt, m_i, l_i, acc, qk_scale, True)
         _store_partial(OP, LSEP, e.to(tl.int64) * NSPLIT + sp, valid, m_i, l_i, acc, D)
 
 
 @triton.jit
-def _kv_tile(K, V, kv, n0, hi, D: tl.constexpr, BN: tl.constexpr, KTRANS: tl.constexpr, TMA: tl.constexpr,
-             MASK: tl.constexpr):  # fmt: skip
-    """K^T [D, BN] and V [BN, D] at keys n0 .. n0 + BN; rows at or past hi are zero when MASK."""
+def _kv_tile(K, V, kv, n0, hi, D: tl.constexpr, BN: tl.constexpr, TMA: tl.constexpr, MASK: tl.constexpr):
+    """K^T [D, BN] and V [BN, D] at keys n0 .. n0 + BN (K loaded row-major, transposed in registers);
+    rows at or past hi are zero when MASK."""
     b, kvh, skb, skh, skt, svb, svh, svt = kv
     if TMA:
         at = [b.to(tl.int32), kvh.to(tl.int32), n0.to(tl.int32), 0]
@@ -76,18 +75,10 @@ def _kv_tile(K, V, kv, n0, hi, D: tl.constexpr, BN: tl.constexpr, KTRANS: tl.con
         d = tl.arange(0, D)
         k_rows = K + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh + n.to(tl.int64) * skt
         v_rows = V + b.to(tl.int64) * svb + kvh.to(tl.int64) * svh + n.to(tl.int64) * svt
-        if MASK:
-            vt = tl.load(v_rows[:, None] + d[None, :], mask=(n < hi)[:, None], other=0.0)
-            if KTRANS:
-                kt = tl.trans(tl.load(k_rows[:, None] + d[None, :], mask=(n < hi)[:, None], other=0.0))
-            else:
-                kt = tl.load(k_rows[None, :] + d[:, None], mask=(n < hi)[None, :], other=0.0)
-        else:
-            vt = tl.load(v_rows[:, None] + d[None, :])
-            if KTRANS:
-                kt = tl.trans(tl.load(k_rows[:, None] + d[None, :]))
-            else:
-                kt = tl.load(k_rows[None, :] + d[:, None])
+        keep = (n < hi)[:, None] if MASK else None
+        zero = 0.0 if MASK else None
+        kt = tl.trans(tl.load(k_rows[:, None] + d[None, :], mask=keep, other=zero))
+        vt = tl.load(v_rows[:, None] + d[None, :], mask=keep, other=zero)
     return kt, vt
 
 
@@ -119,8 +110,7 @@ def _store_partial(OP, LSEP, idx, valid, m_i, l_i, acc, D: tl.constexpr):
 def attend_tiles(q, k, v, blk, tiles, op, lsep, *, q_off, pos0, block_size, scale, nsplit, cfg):
     """Run the tile kernel for one query chunk; fills op [entries * nsplit, D] and lsep.
 
-    cfg: dict BM, BN, warps, stages, and optionally ktrans (load K row-major and transpose in
-    registers) and tma (K/V through tensor descriptors; CUDA only).
+    cfg: dict BM, BN, warps, stages, and optionally tma (K/V through tensor descriptors; CUDA only).
     """
     B, Hq, C, S = blk.shape
     Hkv, Tk, D = k.shape[1], k.shape[2], k.shape[3]
@@ -133,7 +123,7 @@ def attend_tiles(q, k, v, blk, tiles, op, lsep, *, q_off, pos0, block_size, scal
         tiles["key_cnt"], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         C, Hq, S, Hkv, triton.cdiv(Tk, block_size), tiles["n_keys"], q_off, pos0, Tk, block_size,
         split_len, scale * 1.4426950408889634,
-        D=D, BM=cfg["BM"], BN=bn, NSPLIT=nsplit, KTRANS=bool(cfg.get("ktrans")), TMA=tma,
+        D=D, BM=cfg["BM"], BN=bn, NSPLIT=nsplit, TMA=tma,
         num_warps=cfg["warps"], num_stages=cfg["stages"],
     )  # fmt: skip
 

@@ -26,13 +26,13 @@ from moba.types import Routing, check_inputs
 PARTIAL_BUDGET = 1 << 30
 DECODE_ROWS = 16  # at most this many query rows per KV head in a chunk: the split-K decode kernel
 HEAD_DIMS = (64, 128, 256)
-# ktrans: K loaded row-major and transposed in registers; tma: K/V through tensor descriptors (no
-# address registers: ptxas spills 164 bytes instead of 1,756 at 128x128). Last 1M chunk on an H200
-# (bench/kern_variants.py): pointer loads 17.46 ms, + ktrans 17.75, + tma 16.17, tma with 2 stages 19.18.
+# K is loaded row-major and transposed in registers; tma: K/V through tensor descriptors (no address
+# registers: ptxas spills 164 bytes instead of 1,756 at 128x128). Last 1M chunk on an H200
+# (bench/kern_variants.py): K loaded column-major 17.46 ms, row-major 17.75, + tma 16.17, tma with 2 stages 19.18.
 TILE_CONFIGS = {
-    64: dict(BM=128, BN=128, warps=8, stages=3, ktrans=True, tma=True),
-    128: dict(BM=128, BN=128, warps=8, stages=3, ktrans=True, tma=True),
-    256: dict(BM=64, BN=32, warps=8, stages=2, ktrans=True, tma=True),
+    64: dict(BM=128, BN=128, warps=8, stages=3, tma=True),
+    128: dict(BM=128, BN=128, warps=8, stages=3, tma=True),
+    256: dict(BM=64, BN=32, warps=8, stages=2, tma=True),
 }
 
 
