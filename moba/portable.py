@@ -149,7 +149,9 @@ def _grouped_blocks(qc, k, v, sel, pos0, block_size, scale) -> torch.Tensor:
     e_m = torch.empty(len(key) + 1, device=qc.device)  # the last entry absorbs padding
     e_l, e_o = torch.empty_like(e_m), torch.empty(len(key) + 1, D, device=qc.device)
     qf = qc.reshape(B * Hq * C, D)
-    own = uniq % n_blocks >= pos0 // block_size  # blocks that hold chunk queries: causal masks
+    # Blocks from the chunk's first own block on hold chunk queries (or the ragged tail): only their
+    # tiles need the causal mask; every earlier block lies wholly before each query that picked it.
+    own = uniq % n_blocks >= pos0 // block_size
     by_size = (counts + own * (len(key) + 1)).argsort(descending=True)  # masked ones first, widest first
     n_own = int(own.sum())
     i = 0
@@ -157,19 +159,19 @@ def _grouped_blocks(qc, k, v, sel, pos0, block_size, scale) -> torch.Tensor:
         width = int(counts[by_size[i]])
         n = max(1, min(len(by_size) - i, _SCORE_BUDGET // (width * block_size)))
         n = min(n, n_own - i) if i < n_own else n  # a batch is all masked or all unmasked
-        segs = by_size[i : i + n]
+        segs, masked = by_size[i : i + n], i < n_own
         i += n
         slot = starts[segs, None] + torch.arange(width, device=qc.device)  # [n, width] entry ids
         ok = torch.arange(width, device=qc.device) < counts[segs, None]
         slot = torch.where(ok, slot, len(key))
         src = torch.where(ok, slot, starts[segs, None])  # padding reads a real entry, writes the spare
-        _tile(qf, k, v, uniq[segs], row[src], pos[src], slot, n_blocks, block_size, scale, e_m, e_l, e_o)
+        _tile(qf, k, v, uniq[segs], row[src], pos[src], slot, n_blocks, block_size, scale, masked, e_m, e_l, e_o)
     return _combine(row, e_m[:-1], e_l[:-1], e_o[:-1], B * Hq * C).reshape(B, Hq, C, D)
 
 
-def _tile(qf, k, v, seg_key, rows, qpos, slot, n_blocks, block_size, scale, e_m, e_l, e_o) -> None:
-    """Dense tiles for n segments: queries rows [n, width] against their key block; writes the
-    per-entry (max, sum, output) partials at `slot` [n, width]."""
+def _tile(qf, k, v, seg_key, rows, qpos, slot, n_blocks, block_size, scale, masked, e_m, e_l, e_o) -> None:
+    """Dense tiles for n segments: queries rows [n, width] against their key block (causally masked
+    when `masked`); writes the per-entry (max, sum, output) partials at `slot` [n, width]."""
     Hkv, Tk = k.shape[1], k.shape[2]
     bg, j = seg_key // n_blocks, seg_key % n_blocks
     bb, g = bg // Hkv, bg % Hkv
@@ -178,7 +180,6 @@ def _tile(qf, k, v, seg_key, rows, qpos, slot, n_blocks, block_size, scale, e_m,
     ks = k[bb[:, None], g[:, None], kidx].float()  # [n, bs, D]
     vs = v[bb[:, None], g[:, None], kidx].float()
     qs = qf[rows].float()  # [n, width, D]
-    masked = bool((kpos[:, -1] > qpos.amin(1)).any())  # own block or ragged tail: keys past a query
     if qf.device.type == "cpu" and _CPU_FLASH is not None:
         _tile_flash(qs, ks, vs, kpos, qpos, masked, slot, scale, e_m, e_l, e_o)
         return
