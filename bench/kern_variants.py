@@ -36,9 +36,9 @@ HQ, HKV, D, BS, TOPK = 28, 4, 128, 4096, 12
 ROUTE_TILES = [(64, 128, 4), (128, 128, 8), (64, 256, 4), (64, 64, 4), (32, 64, 4)]
 TILE_CFGS = [
     dict(BM=128, BN=128, warps=8, stages=3, tma=True),
-    dict(BM=128, BN=128, warps=8, stages=2, hopper=True),
+    dict(BM=128, BN=128, warps=4, stages=2, ws=True),
+    dict(BM=128, BN=128, warps=4, stages=3, ws=True),
     dict(BM=128, BN=128, warps=8, stages=3, hopper=True),
-    dict(BM=128, BN=64, warps=8, stages=4, hopper=True),
 ]
 
 
@@ -163,6 +163,11 @@ def triton_cdiv(a, b):
 
 def _runner(q, k, v, blk, t, op, lsep, c0, cfg):
     """The tile kernel of cfg on one chunk: the Gluon Hopper kernel when cfg has hopper=True."""
+    if cfg.get("ws"):
+        from bench.experiments.hopper_ws import attend_tiles_ws
+
+        return lambda: attend_tiles_ws(q, k, v, blk, t, op, lsep, q_off=c0, pos0=c0, block_size=BS, scale=D**-0.5,
+                                       bn=cfg["BN"], stages=cfg["stages"])  # fmt: skip
     if cfg.get("hopper"):
         from bench.experiments.hopper_tile import attend_tiles_hopper
 
