@@ -49,7 +49,6 @@ def _producer(args):
      key, S, C, Hq, pos0, Tk, bh, lo, hi, n_iter, qk_scale) = args  # fmt: skip
     STAGES: gl.constexpr = k_buf.type.shape[0]
     BN: gl.constexpr = k_buf.type.shape[2]
-    D: gl.constexpr = k_buf.type.shape[3]
     for t in range(n_iter):
         slot = t % STAGES
         mbarrier.wait(empty.index(slot), ((t // STAGES) & 1) ^ 1)
