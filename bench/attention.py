@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import moba  # noqa: E402
 import moba.triton.launcher as launcher  # noqa: E402
-from moba.triton.attention import attend_tiles  # noqa: E402
 from moba.triton.csr import build_tiles  # noqa: E402
 from moba.triton.decode import merge_partials, partials  # noqa: E402
 from moba.triton.routing import pool_means, route_chunk, split_means  # noqa: E402
@@ -197,7 +196,7 @@ def decode_row() -> dict:
 def breakdown(N: int) -> dict:
     """Time each stage of the Triton path at full prefill N (synchronising between stages)."""
     q, k, v = qkv(N, N, seed=3)
-    cfg = launcher.TILE_CONFIGS[D]
+    bm, attend = launcher.tile_kernel(q, k, v, 1)
     acc = dict(pool=0.0, route=0.0, sort=0.0, attend=0.0, merge=0.0)
     ev = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
     for _ in range(2):
@@ -213,17 +212,16 @@ def breakdown(N: int) -> dict:
             C = min(step, N - c0)
             blk, _ = route_chunk(q, means, c0, C, c0, block_size=BS, top_k=TOPK, sink_blocks=0, parts=parts)
             _mark(marks, acc, "route")
-            tiles = build_tiles(blk, HKV, math.ceil(N / BS), cfg["BM"], pos0=c0, block_size=BS)
+            tiles = build_tiles(blk, HKV, math.ceil(N / BS), bm, pos0=c0, block_size=BS)
             op, lsep = partials(blk, 1, D, q.dtype)
             _mark(marks, acc, "sort")
-            attend_tiles(q, k, v, blk, tiles, op, lsep, q_off=c0, pos0=c0, block_size=BS, scale=D**-0.5,
-                         nsplit=1, cfg=cfg)  # fmt: skip
+            attend(q, k, v, blk, tiles, op, lsep, q_off=c0, pos0=c0, block_size=BS, scale=D**-0.5)
             _mark(marks, acc, "attend")
             merge_partials(op, lsep, blk, out, q_off=c0, nsplit=1)
             _mark(marks, acc, "merge")
     acc["route_sort"] = time_ms(lambda: [route_chunk(q, means, c0, min(step, N - c0), c0, block_size=BS, top_k=TOPK,
                                                      sink_blocks=0, method="sort", parts=parts) for c0 in range(0, N, step)], 1)  # fmt: skip
-    log(f"breakdown N={N} chunk={step}: " + ", ".join(f"{k_} {v_:.1f} ms" for k_, v_ in acc.items()))
+    log(f"breakdown N={N} chunk={step} tile kernel {getattr(attend, '__module__', None) or attend.func.__module__}: " + ", ".join(f"{k_} {v_:.1f} ms" for k_, v_ in acc.items()))
     return dict(N=N, chunk=step, **acc)
 
 

@@ -36,9 +36,8 @@ HQ, HKV, D, BS, TOPK = 28, 4, 128, 4096, 12
 ROUTE_TILES = [(64, 128, 4), (128, 128, 8), (64, 256, 4), (64, 64, 4), (32, 64, 4)]
 TILE_CFGS = [
     dict(BM=128, BN=128, warps=8, stages=3, tma=True),
-    dict(BM=128, BN=128, warps=4, stages=2, ws=True),
-    dict(BM=128, BN=128, warps=4, stages=3, ws=True),
-    dict(BM=128, BN=128, warps=8, stages=3, hopper=True),
+    dict(BM=128, lib_hopper=True),
+    dict(BM=128, ws2=dict(nc=2, bn=128, stages=3)),
 ]
 
 
@@ -162,12 +161,17 @@ def triton_cdiv(a, b):
 
 
 def _runner(q, k, v, blk, t, op, lsep, c0, cfg):
-    """The tile kernel of cfg on one chunk: the Gluon Hopper kernel when cfg has hopper=True."""
-    if cfg.get("ws"):
-        from bench.experiments.hopper_ws import attend_tiles_ws
+    """The tile kernel of cfg on one chunk: the library's Gluon kernel (lib_hopper), the Gluon experiments
+    (ws2: bench/experiments/hopper_ws2.py, hopper: hopper_tile.py) or the Triton kernel."""
+    if cfg.get("ws2"):
+        from bench.experiments.hopper_ws2 import attend_tiles_ws2
 
-        return lambda: attend_tiles_ws(q, k, v, blk, t, op, lsep, q_off=c0, pos0=c0, block_size=BS, scale=D**-0.5,
-                                       bn=cfg["BN"], stages=cfg["stages"])  # fmt: skip
+        return lambda: attend_tiles_ws2(q, k, v, blk, t, op, lsep, q_off=c0, pos0=c0, block_size=BS, scale=D**-0.5,
+                                        **cfg["ws2"])  # fmt: skip
+    if cfg.get("lib_hopper"):
+        from moba.triton.hopper import attend_tiles_hopper
+
+        return lambda: attend_tiles_hopper(q, k, v, blk, t, op, lsep, q_off=c0, pos0=c0, block_size=BS, scale=D**-0.5)
     if cfg.get("hopper"):
         from bench.experiments.hopper_tile import attend_tiles_hopper
 
@@ -178,25 +182,38 @@ def _runner(q, k, v, blk, t, op, lsep, c0, cfg):
                                 nsplit=1, cfg=cfg)  # fmt: skip
 
 
-def tiles(q, k, v, blk, c0, n_chunks) -> list[dict]:
+def tiles(q, k, v, blk, c0, n_chunks, rounds) -> list[dict]:
+    """Each configuration checked against the first, then timed in `rounds` interleaved rounds (median)."""
     nb = triton_cdiv(k.shape[2], BS)
-    res, ref = [], None
+    runs, res, ref = [], [], None
+    live = blk.reshape(-1) >= 0
     for cfg in TILE_CFGS:
         t = build_tiles(blk, HKV, nb, cfg["BM"], pos0=c0, block_size=BS)
         op, lsep = partials(blk, 1, D, q.dtype)
-        run = _runner(q, k, v, blk, t, op, lsep, c0, cfg)
         op.fill_(float("nan"))
+        lsep.fill_(float("nan"))
+        run = _runner(q, k, v, blk, t, op, lsep, c0, cfg)
         try:
-            ms = cuda_ms(run, 5)
+            run()
+            torch.cuda.synchronize() if torch.cuda.is_available() else None
         except Exception as e:
             log(f"tile {cfg} failed: {str(e).splitlines()[0][:300]}")
             continue
-        live = blk.reshape(-1) >= 0
-        o = op[live].float()
-        ref = o if ref is None else ref
-        err = ((o - ref).norm() / ref.norm()).item() if o.isfinite().all() else float("nan")
-        res.append(dict(cfg=cfg, ms_per_chunk=ms, ms_est_total=ms * n_chunks, rel_err_vs_first=err))
-        log(f"tile {cfg}: {ms:.2f} ms on the last chunk (x{n_chunks} = {ms * n_chunks:.0f} ms), rel err vs first {err:.1e}")
+        o, lse = op[live].float(), lsep.reshape(-1)[live]
+        ref = (o, lse) if ref is None else ref
+        err = ((o - ref[0]).norm() / ref[0].norm()).item() if o.isfinite().all() else float("nan")
+        lse_err = (lse - ref[1]).abs().max().item()
+        log(f"tile {cfg}: rel err vs first {err:.1e}, lse max diff {lse_err:.1e}")
+        runs.append(run)
+        res.append(dict(cfg=cfg, rel_err_vs_first=err, lse_err=lse_err, ms=[]))
+    for _ in range(rounds):
+        for run, r in zip(runs, res):
+            r["ms"].append(cuda_ms(run, 3))
+    for r in res:
+        r["ms_per_chunk"] = sorted(r["ms"])[len(r["ms"]) // 2]
+        r["ms_est_total"] = r["ms_per_chunk"] * n_chunks
+        log(f"tile {r['cfg']}: median {r['ms_per_chunk']:.2f} ms on the last chunk (x{n_chunks} = "
+            f"{r['ms_est_total']:.0f} ms) over {rounds} rounds: {' '.join(f'{m:.2f}' for m in r['ms'])}")
     return res
 
 
@@ -207,6 +224,7 @@ def main() -> None:
     p.add_argument("--old", default=str(Path(__file__).resolve().parents[2] / "moba/triton/routing.py"))
     p.add_argument("--stages", default="route,sort,tile")
     p.add_argument("--chunk", type=int, default=0, help="queries per chunk (default: the launcher's)")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds of the tile configurations")
     p.add_argument("--bs", type=int, default=BS, help="block size (a smoke run uses a small one)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     a = p.parse_args()
@@ -227,7 +245,7 @@ def main() -> None:
     if "sort" in stages:
         res["csr"] = csr(blk, triton_cdiv(N, BS), n_chunks, c0)
     if "tile" in stages:
-        res["tile"] = tiles(q, k, v, blk, c0, n_chunks)
+        res["tile"] = tiles(q, k, v, blk, c0, n_chunks, a.rounds)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "kern_variants.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))

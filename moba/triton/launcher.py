@@ -3,13 +3,15 @@
 Queries go in chunks sized so that the partial results of a chunk fit in PARTIAL_BUDGET bytes.
 Per chunk: the routing kernel writes the blocks table, then either the split-K decode kernel (few
 query rows per KV head) or the key-block tile kernel (a CSR of the table, moba/triton/csr.py)
-writes partials, and the merge kernel writes the output rows. Nothing waits on the host.
+writes partials, and the merge kernel writes the output rows. Nothing waits on the host. On Hopper
+the tile kernel is the warp-specialized Gluon one (moba/triton/hopper.py) where it applies.
 Inputs outside the kernels' range (fp32, head dims other than 64/128/256, CPU tensors without the
 Triton interpreter) go to the portable path. It knows nothing of files or models.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -26,6 +28,7 @@ from moba.types import Routing, check_inputs
 PARTIAL_BUDGET = 1 << 30
 DECODE_ROWS = 16  # at most this many query rows per KV head in a chunk: the split-K decode kernel
 HEAD_DIMS = (64, 128, 256)
+USE_HOPPER = True  # the Gluon tile kernel on sm_90 (`hopper.hopper_ok`); False: the Triton kernel everywhere
 # K is loaded row-major and transposed in registers; tma: K/V through tensor descriptors (no address
 # registers: ptxas spills 164 bytes instead of 1,756 at 128x128). Last 1M chunk on an H200
 # (bench/kern_variants.py): K loaded column-major 17.46 ms, row-major 17.75, + tma 16.17, tma with 2 stages 19.18.
@@ -116,9 +119,32 @@ def _attend_chunk(q, k, v, out, blk, c0, pos0, block_size, scale) -> None:
         attend_rows(q, k, v, blk, out, q_off=c0, pos0=pos0, block_size=block_size, scale=scale)
         return
     cfg = TILE_CONFIGS[D]
-    tiles = build_tiles(blk, Hkv, triton.cdiv(k.shape[2], block_size), cfg["BM"], pos0=pos0, block_size=block_size)
     nsplit = key_splits(triton.cdiv(blk.numel(), cfg["BM"]), q.device, block_size, cfg["BN"])
     op, lsep = partials(blk, nsplit, D, q.dtype)
-    attend_tiles(q, k, v, blk, tiles, op, lsep, q_off=c0, pos0=pos0, block_size=block_size,
-                 scale=scale, nsplit=nsplit, cfg=cfg)  # fmt: skip
+    bm, attend = tile_kernel(q, k, v, nsplit)
+    tiles = build_tiles(blk, Hkv, triton.cdiv(k.shape[2], block_size), bm, pos0=pos0, block_size=block_size)
+    attend(q, k, v, blk, tiles, op, lsep, q_off=c0, pos0=pos0, block_size=block_size, scale=scale)
     merge_partials(op, lsep, blk, out, q_off=c0, nsplit=nsplit)
+
+
+def tile_kernel(q, k, v, nsplit: int):
+    """(tile rows, kernel) of the tile path: the Gluon kernel on Hopper where it applies, else the Triton one.
+
+    The kernel is called as kernel(q, k, v, blk, tiles, op, lsep, *, q_off, pos0, block_size, scale),
+    tiles cut with that many rows (`build_tiles`).
+    """
+    hopper = _hopper_module() if USE_HOPPER else None
+    if hopper is not None and hopper.hopper_ok(q, k, v, nsplit):
+        return hopper.BM, hopper.attend_tiles_hopper
+    cfg = TILE_CONFIGS[q.shape[3]]
+    return cfg["BM"], functools.partial(attend_tiles, nsplit=nsplit, cfg=cfg)
+
+
+@functools.cache
+def _hopper_module():
+    """moba.triton.hopper, or None where this Triton has no Gluon."""
+    try:
+        from moba.triton import hopper
+    except ImportError:
+        return None
+    return hopper
