@@ -37,7 +37,7 @@ ROUTE_TILES = [(64, 128, 4), (128, 128, 8), (64, 256, 4), (64, 64, 4), (32, 64, 
 TILE_CFGS = [
     dict(BM=128, BN=128, warps=8, stages=3, tma=True),
     dict(BM=128, lib_hopper=True),
-    dict(BM=128, ws2=dict(nc=2, bn=128, stages=3)),
+    dict(BM=128, lib_hopper=True, async_q=True),
 ]
 
 
@@ -171,7 +171,8 @@ def _runner(q, k, v, blk, t, op, lsep, c0, cfg):
     if cfg.get("lib_hopper"):
         from moba.triton.hopper import attend_tiles_hopper
 
-        return lambda: attend_tiles_hopper(q, k, v, blk, t, op, lsep, q_off=c0, pos0=c0, block_size=BS, scale=D**-0.5)
+        return lambda: attend_tiles_hopper(q, k, v, blk, t, op, lsep, q_off=c0, pos0=c0, block_size=BS, scale=D**-0.5,
+                                           async_q=cfg.get("async_q", False))  # fmt: skip
     if cfg.get("hopper"):
         from bench.experiments.hopper_tile import attend_tiles_hopper
 

@@ -34,7 +34,9 @@ def build_tiles(blk: torch.Tensor, Hkv: int, n_blocks: int, bm: int, *, pos0: in
         dict of device tensors perm (entries grouped by key: in stable-sort order for "count" and
         "sort"; for "ticket" own-block entries first in that order, the rest in any order), tile_key
         (key of each tile slot, n_keys past the last tile), tile_end (inclusive cumulative tile count
-        per key), key_off, key_cnt, and the host ints n_keys and n_tiles (an upper bound on the tile count).
+        per key), key_off, key_cnt, tile_row and tile_rows (int32 first perm index and row count of each
+        tile; meaningless past the last tile), and the host ints n_keys and n_tiles (an upper bound on the
+        tile count).
     Raises:
         ValueError: an unknown method.
     """
@@ -50,10 +52,15 @@ def build_tiles(blk: torch.Tensor, Hkv: int, n_blocks: int, bm: int, *, pos0: in
         perm, off, cnt = counting_sort(blk.contiguous(), Hkv, n_blocks, *COUNT_TILE)
     else:
         perm, off, cnt = _torch_sort(blk, Hkv, n_blocks)
-    tile_end = ((cnt + bm - 1) // bm).cumsum(0)
+    per_key = (cnt + bm - 1) // bm
+    tile_end = per_key.cumsum(0)
     n_tiles = triton.cdiv(blk.numel(), bm) + n_keys
-    tile_key = torch.searchsorted(tile_end, torch.arange(n_tiles, device=dev), right=True)
+    t = torch.arange(n_tiles, device=dev)
+    tile_key = torch.searchsorted(tile_end, t, right=True)
+    kc = tile_key.clamp(max=n_keys - 1)
+    first = (t - tile_end[kc] + per_key[kc]) * bm  # the tile's first row within its key's list
     return dict(perm=perm, tile_key=tile_key, tile_end=tile_end, key_off=off, key_cnt=cnt,
+                tile_row=(off[kc] + first).to(torch.int32), tile_rows=(cnt[kc] - first).clamp(max=bm).to(torch.int32),
                 n_keys=n_keys, n_tiles=n_tiles)  # fmt: skip
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -35,25 +36,23 @@ BN = 128  # keys of a K/V tile
 STAGES = 3  # K/V ring slots: 3 * 64 KiB + 32 KiB of Q at D 128 (2 slots: 18.35 ms against 15.60)
 REGS = (232, 40)  # consumer and producer registers per thread after reallocation
 MAXNREG = 168  # 65,536 registers over the 12 warps at launch
+ASYNC_Q = False  # gather the tile's queries with cp.async (overlapping the first K/V load) instead of loads + stores
 
 
 @gluon.jit
-def _tile_rows(PERM, TILE_END, KEY_OFF, KEY_CNT, key, S, C, Hq, pos0, Tk, first, N: gl.constexpr,
-               layout: gl.constexpr):  # fmt: skip
+def _tile_rows(PERM, TILE_ROW, TILE_ROWS, S, C, Hq, pos0, Tk, first, N: gl.constexpr, layout: gl.constexpr):
     """Entries, query index, head, validity and position of N rows of this program's tile from row `first`."""
-    cnt = gl.load(KEY_CNT + key).to(gl.int32)
-    local = gl.program_id(0) - (gl.load(TILE_END + key).to(gl.int32) - (cnt + 2 * HALF - 1) // (2 * HALF))
-    r = local * (2 * HALF) + first + gl.arange(0, N, layout=layout)
-    valid = r < cnt
-    e = gl.load(PERM + gl.load(KEY_OFF + key) + r, mask=valid, other=0)
+    i = first + gl.arange(0, N, layout=layout)
+    valid = i < gl.load(TILE_ROWS + gl.program_id(0))
+    e = gl.load(PERM + gl.load(TILE_ROW + gl.program_id(0)) + i, mask=valid, other=0)
     c = (e // S) % C
     return e, c, (e // (S * C)) % Hq, valid, gl.where(valid, pos0 + c, Tk)
 
 
 @gluon.jit
 def _producer(args):
-    (k_desc, v_desc, k_buf, v_buf, ready, empty, q_smem, Q, OP, LSEP, PERM, TILE_END, KEY_OFF, KEY_CNT,
-     key, S, C, Hq, pos0, Tk, b, kvh, lo, hi, n_iter, qk_scale) = args  # fmt: skip
+    (k_desc, v_desc, k_buf, v_buf, ready, empty, q_smem, q_bar, Q, OP, LSEP, PERM, TILE_ROW, TILE_ROWS,
+     S, C, Hq, pos0, Tk, b, kvh, lo, hi, n_iter, qk_scale) = args  # fmt: skip
     NS: gl.constexpr = k_buf.type.shape[0]
     BLOCK_N: gl.constexpr = k_buf.type.shape[3]
     for t in range(n_iter):
@@ -78,8 +77,8 @@ def _masked(s, n0, mask_from, pos, hi, qk_scale, BLOCK_N: gl.constexpr, layout: 
 
 @gluon.jit
 def _consumer(args, CID: gl.constexpr):
-    (k_desc, v_desc, k_buf, v_buf, ready, empty, q_smem, Q, OP, LSEP, PERM, TILE_END, KEY_OFF, KEY_CNT,
-     key, S, C, Hq, pos0, Tk, b, kvh, lo, hi, n_iter, qk_scale) = args  # fmt: skip
+    (k_desc, v_desc, k_buf, v_buf, ready, empty, q_smem, q_bar, Q, OP, LSEP, PERM, TILE_ROW, TILE_ROWS,
+     S, C, Hq, pos0, Tk, b, kvh, lo, hi, n_iter, qk_scale) = args  # fmt: skip
     NS: gl.constexpr = k_buf.type.shape[0]
     BLOCK_N: gl.constexpr = k_buf.type.shape[3]
     D: gl.constexpr = k_buf.type.shape[4]
@@ -88,11 +87,13 @@ def _consumer(args, CID: gl.constexpr):
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    e, c, h, valid, pos = _tile_rows(PERM, TILE_END, KEY_OFF, KEY_CNT, key, S, C, Hq, pos0, Tk, CID * HALF, HALF,
+    e, c, h, valid, pos = _tile_rows(PERM, TILE_ROW, TILE_ROWS, S, C, Hq, pos0, Tk, CID * HALF, HALF,
                                      gl.SliceLayout(1, s_layout))  # fmt: skip
     mask_from = gl.minimum(gl.min(pos, 0) + 1, hi)
     q = q_smem.slice(CID * HALF, HALF, dim=0)
     zero_s = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
+    mbarrier.wait(q_bar, 0)
+    fence_async_shared()
 
     mbarrier.wait(ready.index(0), 0)
     s = warpgroup_mma(q, _kv(k_buf, 0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
@@ -147,53 +148,63 @@ def _consumer1(args):
 
 @gluon.jit
 def _ws_tile_kernel(
-    Q, k_desc, v_desc, OP, LSEP, PERM, TILE_KEY, TILE_END, KEY_OFF, KEY_CNT,
+    Q, k_desc, v_desc, OP, LSEP, PERM, TILE_KEY, TILE_ROW, TILE_ROWS,
     sqb, sqh, sqt, C, Hq, S, Hkv, NB, n_keys, q_off, pos0, Tk, block_size, qk_scale,
-    D: gl.constexpr, NS: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    D: gl.constexpr, NS: gl.constexpr, ASYNC_Q: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     num_warps: gl.constexpr,
 ):  # fmt: skip
     key = gl.load(TILE_KEY + gl.program_id(0)).to(gl.int32)
     if key < n_keys:
         q_ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
         b, kvh, j = key // (Hkv * NB), (key // NB) % Hkv, key % NB
-        e, c, h, valid, pos = _tile_rows(PERM, TILE_END, KEY_OFF, KEY_CNT, key, S, C, Hq, pos0, Tk, 0, 2 * HALF,
+        e, c, h, valid, pos = _tile_rows(PERM, TILE_ROW, TILE_ROWS, S, C, Hq, pos0, Tk, 0, 2 * HALF,
                                          gl.SliceLayout(1, q_ld))  # fmt: skip
-        d = gl.arange(0, D, layout=gl.SliceLayout(0, q_ld))
-        q_rows = Q + b.to(gl.int64) * sqb + h.to(gl.int64) * sqh + (q_off + c).to(gl.int64) * sqt
-        q = gl.load(gl.expand_dims(q_rows, 1) + gl.expand_dims(d, 0), mask=gl.expand_dims(valid, 1), other=0.0)
         q_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [2 * HALF, D],
                                            gl.NVMMASharedLayout.get_default_for([2 * HALF, D], Q.dtype.element_ty))  # fmt: skip
-        q_smem.store(q)
         k_buf = gl.allocate_shared_memory(k_desc.dtype, [NS] + k_desc.block_type.shape, k_desc.layout)
         v_buf = gl.allocate_shared_memory(v_desc.dtype, [NS] + v_desc.block_type.shape, v_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NS):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)
+        mbarrier.init(q_bar, count=num_warps * 32 if ASYNC_Q else 1)
         fence_async_shared()
         gl.thread_barrier()
+        d = gl.arange(0, D, layout=gl.SliceLayout(0, q_ld))
+        q_off_rows = b.to(gl.int64) * sqb + h.to(gl.int64) * sqh + (q_off + c).to(gl.int64) * sqt
+        q_rows = Q + gl.multiple_of(q_off_rows, 8)  # hopper_ok: 16-byte aligned rows
+        q_ptrs = gl.expand_dims(q_rows, 1) + gl.expand_dims(d, 0)
+        if ASYNC_Q:
+            async_copy.async_copy_global_to_shared(q_smem, q_ptrs, mask=gl.expand_dims(valid, 1))
+            async_copy.mbarrier_arrive(q_bar, increment_count=False)
+        else:
+            q_smem.store(gl.load(q_ptrs, mask=gl.expand_dims(valid, 1), other=0.0))
+            fence_async_shared()
+            gl.thread_barrier()
+            mbarrier.arrive(q_bar, count=1)
         lo = j * block_size
         hi = gl.minimum(lo + block_size, gl.max(gl.where(valid, pos, 0), 0) + 1)
         n_iter = gl.cdiv(hi - lo, k_desc.block_type.shape[2])
-        args = (k_desc, v_desc, k_buf, v_buf, ready, empty, q_smem, Q, OP, LSEP, PERM, TILE_END, KEY_OFF, KEY_CNT,
-                key, S, C, Hq, pos0, Tk, b, kvh, lo, hi, n_iter, qk_scale)  # fmt: skip
+        args = (k_desc, v_desc, k_buf, v_buf, ready, empty, q_smem, q_bar, Q, OP, LSEP, PERM, TILE_ROW,
+                TILE_ROWS, S, C, Hq, pos0, Tk, b, kvh, lo, hi, n_iter, qk_scale)  # fmt: skip
         gl.warp_specialize([(_consumer, (args, 0)), (_consumer1, (args,)), (_producer, (args,))], [4, 1],
                            [CONSUMER_REGS, PRODUCER_REGS])  # fmt: skip
 
 
 def hopper_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nsplit: int) -> bool:
-    """Whether `attend_tiles_hopper` runs these inputs: sm_90, one key split, D 64/128, TMA-able K/V."""
+    """Whether `attend_tiles_hopper` runs these inputs: sm_90, one key split, D 64/128, 16-byte aligned q/k/v rows."""
     if not (q.is_cuda and nsplit == 1 and q.shape[3] in (64, 128)):
         return False
     if torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
     es = k.element_size()
     return all(t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(st * es % 16 == 0 for st in t.stride()[:3])
-               for t in (k, v))  # fmt: skip
+               for t in (q, k, v))  # fmt: skip
 
 
-def attend_tiles_hopper(q, k, v, blk, tiles, op, lsep, *, q_off, pos0, block_size, scale):
+def attend_tiles_hopper(q, k, v, blk, tiles, op, lsep, *, q_off, pos0, block_size, scale, async_q=None):
     """Fill op [entries, D] and lsep [entries] for one query chunk (as `attend_tiles` with nsplit 1).
 
     q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] fp16/bf16 with `hopper_ok`; tiles from `build_tiles` with bm=BM.
@@ -201,10 +212,10 @@ def attend_tiles_hopper(q, k, v, blk, tiles, op, lsep, *, q_off, pos0, block_siz
     B, Hq, C, S = blk.shape
     Hkv, Tk, D = k.shape[1], k.shape[2], k.shape[3]
     _ws_tile_kernel[(tiles["n_tiles"],)](
-        q, _desc(k), _desc(v), op, lsep, tiles["perm"], tiles["tile_key"], tiles["tile_end"],
-        tiles["key_off"], tiles["key_cnt"], *q.stride()[:3], C, Hq, S, Hkv, -(-Tk // block_size), tiles["n_keys"],
+        q, _desc(k), _desc(v), op, lsep, tiles["perm"], tiles["tile_key"], tiles["tile_row"], tiles["tile_rows"],
+        *q.stride()[:3], C, Hq, S, Hkv, -(-Tk // block_size), tiles["n_keys"],
         q_off, pos0, Tk, block_size, scale * 1.4426950408889634,
-        D=D, NS=STAGES, CONSUMER_REGS=REGS[0], PRODUCER_REGS=REGS[1], num_warps=4, maxnreg=MAXNREG,
+        D=D, NS=STAGES, ASYNC_Q=ASYNC_Q if async_q is None else async_q, CONSUMER_REGS=REGS[0], PRODUCER_REGS=REGS[1], num_warps=4, maxnreg=MAXNREG,
     )  # fmt: skip
 
 
