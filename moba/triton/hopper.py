@@ -8,8 +8,8 @@ slots (`ready` barriers with expected bytes; a slot is refilled once both consum
 on `empty`). Two consumer warpgroups own rows 0-63 and 64-127 and overlap, inside each warpgroup,
 the QK^T wgmma of key tile i and the P.V wgmma of tile i-1 with the softmax of tile i; register
 reallocation gives them 232 registers a thread and the producer 40. On an H200 (last query chunk
-of a 1M prefill, bench/kern_variants.py, 9 interleaved rounds) it takes 15.60 ms against the
-Triton kernel's 17.23 ms. Measured and not kept (bench/experiments/hopper_ws2.py): a ping-pong
+of a 1M prefill, bench/kern_variants.py, 9 interleaved rounds) it takes 14.99 ms against the
+Triton kernel's 16.91 ms. Measured and not kept (bench/experiments/hopper_ws2.py): a ping-pong
 turn between the two consumers, persistent CTAs, three consumers with 64-key tiles.
 It knows nothing of routing and needs CUDA with compute capability 9.x and Triton's Gluon.
 Layout: q [B, Hq, Tq, D]; k, v [B, Hkv, Tk, D] read through 4-D tensor descriptors.
@@ -36,7 +36,10 @@ BN = 128  # keys of a K/V tile
 STAGES = 3  # K/V ring slots: 3 * 64 KiB + 32 KiB of Q at D 128 (2 slots: 18.35 ms against 15.60)
 REGS = (232, 40)  # consumer and producer registers per thread after reallocation
 MAXNREG = 168  # 65,536 registers over the 12 warps at launch
-ASYNC_Q = False  # gather the tile's queries with cp.async (overlapping the first K/V load) instead of loads + stores
+# Gather the tile's queries with cp.async, so the producer's first K/V loads overlap them (False: loads and
+# stores before the partitions start). 1M prefill on an H200 (bench/experiments/chunk_ab.py): 1,375.3 ms
+# against 1,380.7; on one warm chunk (bench/kern_variants.py) 15.33 against 14.99 ms, its queries then in L2.
+ASYNC_Q = True
 
 
 @gluon.jit
@@ -208,6 +211,7 @@ def attend_tiles_hopper(q, k, v, blk, tiles, op, lsep, *, q_off, pos0, block_siz
     """Fill op [entries, D] and lsep [entries] for one query chunk (as `attend_tiles` with nsplit 1).
 
     q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] fp16/bf16 with `hopper_ok`; tiles from `build_tiles` with bm=BM.
+    async_q: gather queries with cp.async (default ASYNC_Q).
     """
     B, Hq, C, S = blk.shape
     Hkv, Tk, D = k.shape[1], k.shape[2], k.shape[3]

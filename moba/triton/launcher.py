@@ -25,7 +25,9 @@ from moba.triton.decode import attend_rows, key_splits, merge_partials, partials
 from moba.triton.routing import pool_means, route_chunk, split_means
 from moba.types import Routing, check_inputs
 
-PARTIAL_BUDGET = 1 << 30
+# Partials per query chunk. 1M prefill on an H200 (bench/experiments/chunk_ab.py): 1.75 GiB (48 chunks) 1,375.3 ms,
+# 1 GiB (86 chunks) 1,386.8 ms: fewer part-filled tiles. Peak extra memory 1.81 GB (the target is 2 GB).
+PARTIAL_BUDGET = 7 << 28
 DECODE_ROWS = 16  # at most this many query rows per KV head in a chunk: the split-K decode kernel
 HEAD_DIMS = (64, 128, 256)
 USE_HOPPER = True  # the Gluon tile kernel on sm_90 (`hopper.hopper_ok`); False: the Triton kernel everywhere
