@@ -47,9 +47,11 @@ def main() -> None:
     for (budget, aq), r in res.items():
         med = sorted(r["ms"])[len(r["ms"]) // 2]
         launcher.PARTIAL_BUDGET = budget
-        rows.append(dict(budget_gib=budget / 2**30, async_q=aq, chunk=launcher.chunk_queries(1, 28, a.N, 12, 128, 2),
-                         median_ms=med, ms=r["ms"], peak_extra_gb=r["peak_extra_gb"]))
-        print(f"budget {budget / 2**30:.2f} GiB async_q {aq}: median {med:.1f} ms {['%.1f' % m for m in r['ms']]}, "
+        chunk = launcher.chunk_queries(1, 28, a.N, 12, 128, 2)
+        rows.append(dict(budget_gib=budget / 2**30, async_q=aq, chunk=chunk, median_ms=med, ms=r["ms"],
+                         peak_extra_gb=r["peak_extra_gb"]))  # fmt: skip
+        runs = " ".join(f"{m:.1f}" for m in r["ms"])
+        print(f"budget {budget / 2**30:.2f} GiB ({chunk} queries a chunk) async_q {aq}: median {med:.1f} ms ({runs}), "
               f"peak extra {r['peak_extra_gb']:.2f} GB", flush=True)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "chunk_ab.json").write_text(json.dumps(rows, indent=1))

@@ -254,7 +254,7 @@ def attend_tiles_ws2(q, k, v, blk, tiles, op, lsep, *, q_off, pos0, block_size, 
                      pingpong=False, persistent=False, regs=None, maxnreg=None):  # fmt: skip
     """The kernel for one query chunk (arguments as `attend_tiles`, nsplit 1); tiles built with bm = 64 * nc."""
     B, Hq, C, S = blk.shape
-    Hkv, Tk, D = k.shape[1], k.shape[2], k.shape[3]
+    Tk, D = k.shape[2], k.shape[3]
     assert B == 1, "the experiment decodes b from the key with B = 1 only"
     regs = regs or ((232, 40) if nc == 2 else (160, 24))
     maxnreg = maxnreg or (168 if nc == 2 else 128)

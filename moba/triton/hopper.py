@@ -2,15 +2,16 @@
 
 Same contract as `attend_tiles` (moba/triton/attention.py) with one key split: one program per tile
 of 128 gathered (query, head) rows of one (batch, KV head, key block), partial outputs and base-2
-log-sum-exps per entry. What it adds is the schedule of FlashAttention-3: three partitions share
-the CTA. A producer warp streams the block's K/V tiles by TMA into a ring of STAGES shared-memory
-slots (`ready` barriers with expected bytes; a slot is refilled once both consumers released it
-on `empty`). Two consumer warpgroups own rows 0-63 and 64-127 and overlap, inside each warpgroup,
-the QK^T wgmma of key tile i and the P.V wgmma of tile i-1 with the softmax of tile i; register
-reallocation gives them 232 registers a thread and the producer 40. On an H200 (last query chunk
-of a 1M prefill, bench/kern_variants.py, 9 interleaved rounds) it takes 14.99 ms against the
-Triton kernel's 16.91 ms. Measured and not kept (bench/experiments/hopper_ws2.py): a ping-pong
-turn between the two consumers, persistent CTAs, three consumers with 64-key tiles.
+log-sum-exps per entry. What it adds is the schedule of FlashAttention-3. The tile's queries are
+gathered into shared memory (cp.async, tracked by `q_bar`) while three partitions start: a producer
+warp streams the block's K/V tiles by TMA into a ring of STAGES shared-memory slots (`ready`
+barriers with expected bytes; a slot is refilled once both consumers released it on `empty`), and
+two consumer warpgroups own rows 0-63 and 64-127 and overlap, inside each warpgroup, the QK^T wgmma
+of key tile i and the P.V wgmma of tile i-1 with the softmax of tile i; register reallocation gives
+them 232 registers a thread and the producer 40. On an H200 (last query chunk of a 1M prefill,
+bench/kern_variants.py, 9 interleaved rounds) it takes 14.99 ms against the Triton kernel's 16.91 ms.
+Measured and not kept (bench/experiments/hopper_ws2.py): a ping-pong turn between the two
+consumers, persistent CTAs, three consumers with 64-key tiles.
 It knows nothing of routing and needs CUDA with compute capability 9.x and Triton's Gluon.
 Layout: q [B, Hq, Tq, D]; k, v [B, Hkv, Tk, D] read through 4-D tensor descriptors.
 """
@@ -33,7 +34,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 HALF = gl.constexpr(64)  # rows per consumer warpgroup; a tile is 2 * HALF rows
 BM = 128  # rows of a tile (the CSR must be cut with this)
 BN = 128  # keys of a K/V tile
-STAGES = 3  # K/V ring slots: 3 * 64 KiB + 32 KiB of Q at D 128 (2 slots: 18.35 ms against 15.60)
+STAGES = 3  # K/V ring slots: 3 * 64 KiB + 32 KiB of Q at D 128 (2 slots: 17.32 ms against 15.24 in one run)
 REGS = (232, 40)  # consumer and producer registers per thread after reallocation
 MAXNREG = 168  # 65,536 registers over the 12 warps at launch
 # Gather the tile's queries with cp.async, so the producer's first K/V loads overlap them (False: loads and
@@ -153,8 +154,8 @@ def _consumer1(args):
 def _ws_tile_kernel(
     Q, k_desc, v_desc, OP, LSEP, PERM, TILE_KEY, TILE_ROW, TILE_ROWS,
     sqb, sqh, sqt, C, Hq, S, Hkv, NB, n_keys, q_off, pos0, Tk, block_size, qk_scale,
-    D: gl.constexpr, NS: gl.constexpr, ASYNC_Q: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-    num_warps: gl.constexpr,
+    D: gl.constexpr, NS: gl.constexpr, ASYNC_Q: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):  # fmt: skip
     key = gl.load(TILE_KEY + gl.program_id(0)).to(gl.int32)
     if key < n_keys:
@@ -219,7 +220,8 @@ def attend_tiles_hopper(q, k, v, blk, tiles, op, lsep, *, q_off, pos0, block_siz
         q, _desc(k), _desc(v), op, lsep, tiles["perm"], tiles["tile_key"], tiles["tile_row"], tiles["tile_rows"],
         *q.stride()[:3], C, Hq, S, Hkv, -(-Tk // block_size), tiles["n_keys"],
         q_off, pos0, Tk, block_size, scale * 1.4426950408889634,
-        D=D, NS=STAGES, ASYNC_Q=ASYNC_Q if async_q is None else async_q, CONSUMER_REGS=REGS[0], PRODUCER_REGS=REGS[1], num_warps=4, maxnreg=MAXNREG,
+        D=D, NS=STAGES, ASYNC_Q=ASYNC_Q if async_q is None else async_q, CONSUMER_REGS=REGS[0],
+        PRODUCER_REGS=REGS[1], num_warps=4, maxnreg=MAXNREG,
     )  # fmt: skip
 
 

@@ -1,6 +1,7 @@
 """The Triton MoBA kernels against the portable path (the reference on GPU).
 
-On CUDA every kernel runs for real on many shapes: ragged tails, GQA ratios 1/4/7/8, Tq < Tk,
+On CUDA every kernel runs for real on many shapes (end to end with the Hopper tile kernel where it applies
+and with the Triton one): ragged tails, GQA ratios 1/4/7/8, Tq < Tk,
 Tq = 1, sinks, head dims 64/128/256, fp16 and bf16, and every torch.empty the launcher takes is
 NaN-poisoned (conftest.py), so an unwritten output element fails. Without CUDA but with Triton,
 a subset runs in one subprocess under TRITON_INTERPRET=1 (fp16 only: the interpreter computes
