@@ -28,6 +28,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from moba.triton.hopper import _masked
+
 
 @gluon.jit
 def _rows(PERM, TILE_END, KEY_OFF, KEY_CNT, key, S, C, Hq, pos0, Tk, BM: gl.constexpr, layout: gl.constexpr):
@@ -49,17 +51,6 @@ def _issue(k_desc, v_desc, k_buf, v_buf, bars, t, n_iter, bh, lo, BN: gl.constex
     mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=ok)
     tma.async_copy_global_to_shared(k_desc, [bh, lo + t * BN, 0], bar, k_buf.index(slot), pred=ok)
     tma.async_copy_global_to_shared(v_desc, [bh, lo + t * BN, 0], bar, v_buf.index(slot), pred=ok)
-
-
-@gluon.jit
-def _scores(s, n0, mask_from, pos, hi, qk_scale, BN: gl.constexpr, layout: gl.constexpr):
-    """Scaled base-2 scores of one tile; keys past a row's position or past hi are -inf."""
-    s = s * qk_scale
-    if n0 + BN > mask_from:
-        n = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
-        keep = (gl.expand_dims(n, 0) <= gl.expand_dims(pos, 1)) & gl.expand_dims(n < hi, 0)
-        s = gl.where(keep, s, float("-inf"))
-    return s
 
 
 @gluon.jit
@@ -109,7 +100,7 @@ def _gl_tile_kernel(
         s = warpgroup_mma(q_smem, k_buf.index(0).reshape([BN, D]).permute((1, 0)), zero_s, use_acc=False,
                           is_async=True)  # fmt: skip
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-        s = _scores(s, lo, mask_from, pos_s, hi, qk_scale, BN, s_layout)
+        s = _masked(s, lo, mask_from, pos_s, hi, qk_scale, BN, s_layout)
         m_i = gl.max(s, 1)
         p = gl.exp2(s - gl.expand_dims(m_i, 1))
         l_i = gl.sum(p, 1)
@@ -122,7 +113,7 @@ def _gl_tile_kernel(
             p_op = gl.convert_layout(p.to(Q.dtype.element_ty), p_layout)
             acc = warpgroup_mma(p_op, v_buf.index((i - 1) % STAGES).reshape([BN, D]), acc, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
-            s = _scores(s, lo + i * BN, mask_from, pos_s, hi, qk_scale, BN, s_layout)
+            s = _masked(s, lo + i * BN, mask_from, pos_s, hi, qk_scale, BN, s_layout)
             m_new = gl.maximum(m_i, gl.max(s, 1))
             alpha = gl.exp2(m_i - m_new)
             p = gl.exp2(s - gl.expand_dims(m_new, 1))

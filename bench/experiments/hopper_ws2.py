@@ -26,6 +26,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from bench.experiments.hopper_tile import _desc, hopper_ok
+from moba.triton.hopper import _masked
 
 ROWS = gl.constexpr(64)  # rows per consumer warpgroup
 
@@ -68,17 +69,6 @@ def _producer(args):
             tma.async_copy_global_to_shared(k_desc, [bh, lo + i * BN, 0], bar, k_buf.index(slot))
             tma.async_copy_global_to_shared(v_desc, [bh, lo + i * BN, 0], bar, v_buf.index(slot))
             it += 1
-
-
-@gluon.jit
-def _masked(s, n0, mask_from, pos, hi, qk_scale, BN: gl.constexpr, layout: gl.constexpr):
-    """Scaled base-2 scores; keys past a row's position or past hi are -inf."""
-    s = s * qk_scale
-    if n0 + BN > mask_from:
-        n = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
-        keep = (gl.expand_dims(n, 0) <= gl.expand_dims(pos, 1)) & gl.expand_dims(n < hi, 0)
-        s = gl.where(keep, s, float("-inf"))
-    return s
 
 
 @gluon.jit
