@@ -141,6 +141,22 @@ def test_csr_methods_match_stable_sort():
         assert _csr_agrees(blk, Hkv, nb, pos0, bs) == {"count": [], "ticket": []}
 
 
+@pytest.mark.parametrize("bm", [16, 128])
+def test_tiles_know_their_rows(bm):
+    from moba.triton.csr import build_tiles
+
+    for blk, Hkv, nb, pos0, bs in _csr_cases("cpu"):
+        t = build_tiles(blk, Hkv, nb, bm, pos0=pos0, block_size=bs, method="sort")
+        first, n_live = 0, int(t["tile_end"][-1])
+        assert (t["tile_key"][n_live:] == t["n_keys"]).all()
+        for key, (off, cnt) in enumerate(zip(t["key_off"].tolist(), t["key_cnt"].tolist())):
+            for r0 in range(0, cnt, bm):  # every tile of this key, in order
+                assert t["tile_key"][first] == key
+                assert (t["tile_row"][first], t["tile_rows"][first]) == (off + r0, min(bm, cnt - r0))
+                first += 1
+        assert first == n_live
+
+
 def test_csr_check_catches_wrong_lists():
     from moba.triton.csr import build_tiles
     from tests.moba.mobatest import csr_mismatches
