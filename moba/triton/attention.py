@@ -22,7 +22,7 @@ import triton.language as tl
 
 @triton.jit
 def _tile_kernel(
-    Q, K, V, OP, LSEP, PERM, TILE_KEY, TILE_END, KEY_OFF, KEY_CNT,
+    Q, K, V, OP, LSEP, PERM, TILE_KEY, TILE_ROW, TILE_ROWS,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
     C, Hq, S, Hkv, NB, n_keys, q_off, pos0, Tk, block_size, split_len, qk_scale,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NSPLIT: tl.constexpr, TMA: tl.constexpr,
@@ -30,11 +30,9 @@ def _tile_kernel(
     key = tl.load(TILE_KEY + tl.program_id(0))
     if key < n_keys:
         sp = tl.program_id(1)
-        cnt = tl.load(KEY_CNT + key)
-        local = tl.program_id(0) - (tl.load(TILE_END + key) - (cnt + BM - 1) // BM)
-        r = local * BM + tl.arange(0, BM)
-        valid = r < cnt
-        e = tl.load(PERM + tl.load(KEY_OFF + key) + r, mask=valid, other=0)
+        r = tl.arange(0, BM)
+        valid = r < tl.load(TILE_ROWS + tl.program_id(0))
+        e = tl.load(PERM + tl.load(TILE_ROW + tl.program_id(0)) + r, mask=valid, other=0)
         c = (e // S) % C
         h = (e // (S * C)) % Hq
         b, kvh, j = key // (Hkv * NB), (key // NB) % Hkv, key % NB
@@ -116,11 +114,11 @@ def attend_tiles(q, k, v, blk, tiles, op, lsep, *, q_off, pos0, block_size, scal
     Hkv, Tk, D = k.shape[1], k.shape[2], k.shape[3]
     bn = cfg["BN"]
     split_len = triton.cdiv(triton.cdiv(block_size, nsplit), bn) * bn
-    tma = bool(cfg.get("tma")) and _tma_ok(k) and _tma_ok(v)
+    tma = bool(cfg.get("tma")) and tma_ok(k) and tma_ok(v)
     kd, vd = (_descriptor(k, bn), _descriptor(v, bn)) if tma else (k, v)
     _tile_kernel[(tiles["n_tiles"], nsplit)](
-        q, kd, vd, op, lsep, tiles["perm"], tiles["tile_key"], tiles["tile_end"], tiles["key_off"],
-        tiles["key_cnt"], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        q, kd, vd, op, lsep, tiles["perm"], tiles["tile_key"], tiles["tile_row"], tiles["tile_rows"],
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         C, Hq, S, Hkv, triton.cdiv(Tk, block_size), tiles["n_keys"], q_off, pos0, Tk, block_size,
         split_len, scale * 1.4426950408889634,
         D=D, BM=cfg["BM"], BN=bn, NSPLIT=nsplit, TMA=tma,
@@ -128,7 +126,7 @@ def attend_tiles(q, k, v, blk, tiles, op, lsep, *, q_off, pos0, block_size, scal
     )  # fmt: skip
 
 
-def _tma_ok(t: torch.Tensor) -> bool:
+def tma_ok(t: torch.Tensor) -> bool:
     """A tensor descriptor needs a CUDA tensor, a 16-byte aligned base and 16-byte aligned strides."""
     es = t.element_size()
     return t.is_cuda and t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(st * es % 16 == 0 for st in t.stride()[:3])

@@ -31,6 +31,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from moba.triton.attention import tma_ok
+
 HALF = gl.constexpr(64)  # rows per consumer warpgroup; a tile is 2 * HALF rows
 BM = 128  # rows of a tile (the CSR must be cut with this)
 BN = 128  # keys of a K/V tile
@@ -203,9 +205,7 @@ def hopper_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nsplit: int) ->
         return False
     if torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
-    es = k.element_size()
-    return all(t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(st * es % 16 == 0 for st in t.stride()[:3])
-               for t in (q, k, v))  # fmt: skip
+    return all(tma_ok(t) for t in (q, k, v))
 
 
 def attend_tiles_hopper(q, k, v, blk, tiles, op, lsep, *, q_off, pos0, block_size, scale, async_q=None):
