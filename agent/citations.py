@@ -66,8 +66,9 @@ def routed_blocks(rec: RoutingRecorder, sink_blocks: int) -> dict[int, int]:
     counts: dict[int, int] = {}
     for records in rec.records.values():
         for r in records:
-            ids = r.blocks[..., 1 : r.blocks.shape[-1] - sink_blocks]
-            ids = ids[ids >= sink_blocks]
+            slots = slice(1, r.blocks.shape[-1] - sink_blocks)
+            ids, scores = r.blocks[..., slots], r.scores[..., slots]
+            ids = ids[(ids >= sink_blocks) & (scores < float("inf"))]  # local blocks are forced, not routed
             for b, n in zip(*np.unique(ids.numpy(), return_counts=True)):
                 counts[int(b)] = counts.get(int(b), 0) + int(n)
     return counts

@@ -24,6 +24,8 @@ class AskConfig:
         default, DENSE_LAYERS_CPU (the last 3) on CPU and none on CUDA, where a dense layer at 1M
         tokens costs ~16 s of attention (made concrete by `resolve`).
     qa_policy: attention for question and answer tokens: "moba" or "dense".
+    local_blocks: blocks just before a query's own block that it always attends (they take routed slots).
+    gate_subblocks: the gate scores a block by the best of this many equal parts' mean keys.
     max_tokens: context budget; files are dropped by priority to fit (0: the model's limit).
     max_new_tokens, temperature, top_p: decoding.
     no_cache: do not read or write the context cache.
@@ -39,6 +41,8 @@ class AskConfig:
     sink_blocks: int = 1
     dense_layers: tuple[int, ...] | None = None
     qa_policy: str = "moba"
+    local_blocks: int = 0
+    gate_subblocks: int = 1
     max_tokens: int = 0
     max_new_tokens: int = 512
     temperature: float = 0.0
@@ -55,6 +59,10 @@ class AskConfig:
             raise ValueError(f"qa_policy must be one of {', '.join(QA_POLICIES)}, got {self.qa_policy!r}")
         if self.block_size < 1 or self.top_k < 1 or self.sink_blocks < 0:
             raise ValueError("block size and top-k must be >= 1 and sink blocks >= 0")
+        if not 0 <= self.local_blocks < self.top_k:
+            raise ValueError(f"local blocks must be >= 0 and below top-k ({self.top_k}): they take routed slots")
+        if self.gate_subblocks < 1 or self.block_size % self.gate_subblocks:
+            raise ValueError(f"gate sub-blocks must be >= 1 and divide the block size ({self.block_size})")
         if self.max_tokens < 0 or self.max_new_tokens < 1:
             raise ValueError("max tokens must be >= 0 and max new tokens >= 1")
 

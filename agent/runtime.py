@@ -22,7 +22,8 @@ def moba_params(config: AskConfig, num_layers: int) -> MobaParams:
     "auto" loads as "moba", and dense_layers None as none, until `agent.config.resolve` and the
     runtime's retune settle them for the packed context."""
     dense = tuple(range(num_layers)) if config.attention == "dense" else config.dense_layers or ()
-    return MobaParams(config.block_size, config.top_k, config.sink_blocks, dense, config.qa_policy)
+    return MobaParams(config.block_size, config.top_k, config.sink_blocks, dense, config.qa_policy,
+                      config.local_blocks, config.gate_subblocks)
 
 
 def load_runtime(config: AskConfig) -> Runtime:

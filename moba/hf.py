@@ -44,6 +44,7 @@ class MobaParams:
     first block is kept as an attention sink (see moba/README.md and bench/RESULTS.md).
     dense_layers: layer indices that stay dense; negative counts from the end (-1 = last).
     qa_policy: "moba" or "dense" for the tokens run inside `dense_queries()`.
+    local_blocks, gate_subblocks: gate options of `moba.moba_attention`.
     """
 
     block_size: int = 256
@@ -51,6 +52,13 @@ class MobaParams:
     sink_blocks: int = 1
     dense_layers: tuple[int, ...] = ()
     qa_policy: str = "moba"
+    local_blocks: int = 0
+    gate_subblocks: int = 1
+
+    def op_kwargs(self) -> dict:
+        """The keyword arguments of `moba.moba_attention` these settings fix."""
+        return dict(block_size=self.block_size, top_k=self.top_k, sink_blocks=self.sink_blocks,
+                    local_blocks=self.local_blocks, gate_subblocks=self.gate_subblocks)
 
 
 def moba_params(config) -> MobaParams:
@@ -62,6 +70,8 @@ def moba_params(config) -> MobaParams:
         sink_blocks=int(getattr(config, "moba_sink_blocks", d.sink_blocks)),
         dense_layers=tuple(getattr(config, "moba_dense_layers", None) or ()),
         qa_policy=str(getattr(config, "moba_qa_policy", None) or d.qa_policy),
+        local_blocks=int(getattr(config, "moba_local_blocks", None) or d.local_blocks),
+        gate_subblocks=int(getattr(config, "moba_gate_subblocks", None) or d.gate_subblocks),
     )
 
 
@@ -73,6 +83,8 @@ def configure(config, params: MobaParams) -> None:
         cfg.moba_sink_blocks = params.sink_blocks
         cfg.moba_dense_layers = list(params.dense_layers)
         cfg.moba_qa_policy = params.qa_policy
+        cfg.moba_local_blocks = params.local_blocks
+        cfg.moba_gate_subblocks = params.gate_subblocks
 
 
 @contextlib.contextmanager
@@ -119,8 +131,7 @@ def _static(module, query, key, value, attention_mask, length, window, scaling):
     p = moba_params(module.config)
     if _is_dense(module, p):
         return static_dense_decode(query, key, value, length, scale=scaling)
-    return static_moba_decode(query, key, value, length, key._moba_block_sums, block_size=p.block_size,
-                              top_k=p.top_k, sink_blocks=p.sink_blocks, scale=scaling)  # fmt: skip
+    return static_moba_decode(query, key, value, length, key._moba_block_sums, scale=scaling, **p.op_kwargs())
 
 
 def _moba_or_dense(module, query, key, value, scaling):
@@ -130,7 +141,7 @@ def _moba_or_dense(module, query, key, value, scaling):
     rec = active_recorder()
     q_start = key.shape[2] - query.shape[2]
     want = rec is not None and rec.wants(layer, q_start, key.shape[2])
-    kw = dict(block_size=p.block_size, top_k=p.top_k, sink_blocks=p.sink_blocks)
+    kw = p.op_kwargs()
     means = getattr(key, "_moba_block_means", None)
     if dense:
         out = dense_attention(query, key, value, scale=scaling)

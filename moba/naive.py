@@ -23,12 +23,14 @@ def naive_moba_attention(
     scale: float | None = None,
     return_routing: bool = False,
     key_means: torch.Tensor | None = None,
+    local_blocks: int = 0,
+    gate_subblocks: int = 1,
 ):
     """Reference MoBA attention. Same signature and result as `moba.moba_attention`.
 
     `key_means` is accepted for signature parity and ignored: the spec always pools `k`.
     """
-    check_inputs(q, k, v, block_size, top_k, sink_blocks)
+    check_inputs(q, k, v, block_size, top_k, sink_blocks, local_blocks, gate_subblocks)
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     group = Hq // Hkv
@@ -42,16 +44,19 @@ def naive_moba_attention(
     k_pos = torch.arange(Tk, device=dev)
     own = q_pos // block_size  # [Tq] block of each query
     n_full = Tk // block_size  # only complete blocks can be candidates
-    means = kf[:, :, : n_full * block_size].reshape(B, Hq, n_full, block_size, D).mean(3)
-    gate = qf @ means.transpose(-1, -2)  # [B, Hq, Tq, n_full]: s = q . mean(K_block), fp32
+    sub = block_size // gate_subblocks  # a block is scored by the best of its gate_subblocks parts
+    means = kf[:, :, : n_full * block_size].reshape(B, Hq, n_full * gate_subblocks, sub, D).mean(3)
+    parts = qf @ means.transpose(-1, -2)  # [B, Hq, Tq, n_full * gate_subblocks]: q . mean(K_part), fp32
+    gate = parts.reshape(B, Hq, Tq, n_full, gate_subblocks).amax(-1)  # [B, Hq, Tq, n_full]
 
     block_ids = torch.arange(n_full, device=dev)
     before_own = block_ids[None, :] < own[:, None]  # [Tq, n_full] strictly past blocks
     is_sink = block_ids[None, :] < sink_blocks
     candidate = before_own & ~is_sink  # routed among the past blocks that are not sinks
     sinks = before_own & is_sink
+    local = candidate & (block_ids[None, :] >= own[:, None] - local_blocks)  # always routed, first
 
-    masked_gate = gate.masked_fill(~candidate, float("-inf"))
+    masked_gate = gate.masked_fill(~candidate, float("-inf")).masked_fill(local, float("inf"))
     n_pick = min(top_k - 1, n_full)
     picked = torch.zeros(B, Hq, Tq, n_full, dtype=torch.bool, device=dev)
     if n_pick > 0:
@@ -73,7 +78,7 @@ def naive_moba_attention(
     out = (logits.softmax(-1) @ vf).to(q.dtype)
     if not return_routing:
         return out
-    return out, _routing(sinks, picked, gate, own, top_k, sink_blocks)
+    return out, _routing(sinks, picked, gate.masked_fill(local, float("inf")), own, top_k, sink_blocks)
 
 
 def _routing(sinks, picked, gate, own, top_k, sink_blocks) -> Routing:

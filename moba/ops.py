@@ -19,6 +19,8 @@ from moba.routing import block_means, select_blocks
 from moba.types import Routing, check_inputs
 
 BACKENDS = ("auto", "portable", "triton", "naive")
+DEFAULT_LEVERS = {"local_blocks": 0, "gate_subblocks": 1}  # gate options and their neutral values
+TRITON_LEVERS: frozenset[str] = frozenset()  # the gate options the Triton kernels implement
 _backend = "auto"
 
 
@@ -41,6 +43,8 @@ def moba_attention(
     scale: float | None = None,
     return_routing: bool = False,
     key_means: torch.Tensor | None = None,
+    local_blocks: int = 0,
+    gate_subblocks: int = 1,
 ):
     """Mixture of Block Attention (semantics in moba/README.md).
 
@@ -53,6 +57,10 @@ def moba_attention(
         scale: softmax scale. Default D ** -0.5.
         return_routing: also return a `moba.Routing` (blocks and gate scores per query).
         key_means: optional cached [B, Hkv, Tk // block_size, D] fp32 block means.
+        local_blocks: the blocks just before the own block, always attended; they take routed
+            slots (local_blocks < top_k). Default 0.
+        gate_subblocks: the gate scores a block by the best of its S equal parts' mean keys
+            (S divides block_size). Default 1 (the whole block's mean).
     Returns:
         out [B, Hq, Tq, D] in q's dtype, or (out, routing) when return_routing.
     Raises:
@@ -62,11 +70,14 @@ def moba_attention(
     >>> moba_attention(q, k, v, block_size=64, top_k=2).shape
     torch.Size([1, 2, 300, 64])
     """
-    check_inputs(q, k, v, block_size, top_k, sink_blocks)
+    check_inputs(q, k, v, block_size, top_k, sink_blocks, local_blocks, gate_subblocks)
     kwargs = dict(block_size=block_size, top_k=top_k, sink_blocks=sink_blocks, scale=scale)
     if not return_routing and covers_all_blocks(k.shape[2], block_size, top_k, sink_blocks):
         return dense_attention(q, k, v, scale=scale)
-    fn = _resolve(q)
+    levers = dict(local_blocks=local_blocks, gate_subblocks=gate_subblocks)
+    fn = _resolve(q, **levers)
+    if any(levers[n] != d for n, d in DEFAULT_LEVERS.items()):
+        kwargs.update(levers)
     return fn(q, k, v, return_routing=return_routing, key_means=key_means, **kwargs)
 
 
@@ -78,30 +89,36 @@ def moba_routing(
     top_k: int,
     sink_blocks: int = 0,
     key_means: torch.Tensor | None = None,
+    local_blocks: int = 0,
+    gate_subblocks: int = 1,
 ) -> Routing:
     """The gate's choice alone, without attention: what MoBA would attend (see `moba_attention`).
 
     Used to show routing for layers that compute dense attention. Shapes as in `moba_attention`.
     """
-    check_inputs(q, k, k, block_size, top_k, sink_blocks)
+    check_inputs(q, k, k, block_size, top_k, sink_blocks, local_blocks, gate_subblocks)
     Tq, Tk = q.shape[2], k.shape[2]
-    means = block_means(k, block_size) if key_means is None else key_means
-    sel, sc = select_blocks(q, means, Tk - Tq, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks)
+    cached = key_means is not None and gate_subblocks == 1
+    means = key_means if cached else block_means(k, block_size, gate_subblocks)
+    sel, sc = select_blocks(q, means, Tk - Tq, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks,
+                            local_blocks=local_blocks)
     own = (torch.arange(Tk - Tq, Tk, device=q.device) // block_size).expand(*sel.shape[:3])
     inf = torch.full(own.shape, float("inf"), device=q.device)
     return Routing(blocks=torch.cat([own[..., None], sel], -1), scores=torch.cat([inf[..., None], sc], -1))
 
 
-def backend_for(q: torch.Tensor) -> str:
+def backend_for(q: torch.Tensor, local_blocks: int = 0, gate_subblocks: int = 1) -> str:
     """The backend a call with query q uses: the forced one, else "triton" on CUDA when Triton
-    imports, else "portable"."""
+    imports and the Triton kernels implement the gate options (`TRITON_LEVERS`), else "portable"."""
     if _backend != "auto":
         return _backend
-    return "triton" if q.is_cuda and _triton_available() else "portable"
+    levers = dict(local_blocks=local_blocks, gate_subblocks=gate_subblocks)
+    served = all(levers[n] == d or n in TRITON_LEVERS for n, d in DEFAULT_LEVERS.items())
+    return "triton" if q.is_cuda and served and _triton_available() else "portable"
 
 
-def _resolve(q: torch.Tensor):
-    name = backend_for(q)
+def _resolve(q: torch.Tensor, **levers):
+    name = backend_for(q, **levers)
     if name == "naive":
         return naive_moba_attention
     if name == "triton":

@@ -34,16 +34,19 @@ def portable_moba_attention(
     scale: float | None = None,
     return_routing: bool = False,
     key_means: torch.Tensor | None = None,
+    local_blocks: int = 0,
+    gate_subblocks: int = 1,
 ):
     """MoBA attention; see `moba.moba_attention` for the contract.
 
     key_means: optional [B, Hkv, Tk // block_size, D] fp32 means of the complete key blocks
         (a KV cache keeps them up to date so that decode does not re-pool the cache).
     """
-    check_inputs(q, k, v, block_size, top_k, sink_blocks)
+    check_inputs(q, k, v, block_size, top_k, sink_blocks, local_blocks, gate_subblocks)
     B, Hq, Tq, D = q.shape
     scale = D**-0.5 if scale is None else scale
-    means = block_means(k, block_size) if key_means is None else key_means
+    cached = key_means is not None and gate_subblocks == 1  # the cache keeps whole-block means only
+    means = key_means if cached else block_means(k, block_size, gate_subblocks)
     out = torch.empty_like(q)
     n_slots = top_k + sink_blocks
     blocks = torch.empty(B, Hq, Tq, n_slots, dtype=torch.long, device=q.device) if return_routing else None
@@ -52,7 +55,8 @@ def portable_moba_attention(
     for c0 in range(0, Tq, step):
         pos0 = k.shape[2] - Tq + c0
         qc = q[:, :, c0 : c0 + step]
-        sel, sc = select_blocks(qc, means, pos0, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks)
+        sel, sc = select_blocks(qc, means, pos0, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks,
+                                local_blocks=local_blocks)
         end = pos0 + qc.shape[2]
         if covers_all_blocks(end, block_size, top_k, sink_blocks):  # exact and faster: causal SDPA
             out[:, :, c0 : c0 + step] = dense_attention(qc, k[:, :, :end], v[:, :, :end], scale=scale)

@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from moba.ops import backend_for
-from moba.routing import gate_scores
+from moba.routing import block_means, gate_scores
 
 _TRITON_HEAD_DIMS = (64, 128, 256)
 
 
 def static_moba_decode(q, k, v, length, block_sums, *, block_size: int, top_k: int, sink_blocks: int = 0,
-                       scale: float | None = None) -> torch.Tensor:  # fmt: skip
+                       scale: float | None = None, local_blocks: int = 0, gate_subblocks: int = 1) -> torch.Tensor:  # fmt: skip
     """MoBA attention of the query at position length - 1 over the first `length` keys.
 
     Args:
@@ -32,12 +32,16 @@ def static_moba_decode(q, k, v, length, block_sums, *, block_size: int, top_k: i
         length: int64 [1] device tensor, 1 <= length <= capacity.
         block_sums: fp32 [B, Hkv, n_blocks, D] sums of the keys of every block (a partial or empty
             block may hold anything: only blocks before the query's own block are scored).
-        block_size, top_k, sink_blocks, scale: as in `moba.moba_attention`.
+        block_size, top_k, sink_blocks, scale, local_blocks, gate_subblocks: as in
+            `moba.moba_attention`. With gate_subblocks > 1 the part means are pooled from the whole
+            key buffer at every step (exact, and O(capacity) a step).
     Returns:
         [B, Hq, 1, D] in q's dtype; equal to `moba_attention(q, k[:, :, :length], ...)`.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    blk = static_route(q, block_sums, length, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks)
+    gate_keys = block_sums if gate_subblocks == 1 else block_means(k, block_size, gate_subblocks)
+    blk = static_route(q, gate_keys, length, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks,
+                       local_blocks=local_blocks)
     if _use_triton(q, k, v, scale):
         decode = importlib.import_module("moba.triton.decode")
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -45,12 +49,14 @@ def static_moba_decode(q, k, v, length, block_sums, *, block_size: int, top_k: i
     return _gathered(q, k, v, blk, length, block_size, scale)
 
 
-def static_route(q, block_sums, length, *, block_size: int, top_k: int, sink_blocks: int) -> torch.Tensor:
+def static_route(q, block_sums, length, *, block_size: int, top_k: int, sink_blocks: int,
+                 local_blocks: int = 0) -> torch.Tensor:  # fmt: skip
     """Attended blocks of the query at length - 1: int32 [B, Hq, 1, S].
 
-    Slot 0 is the own block, then min(top_k - 1, n_blocks) routed slots best first, then
-    min(sink_blocks, n_blocks) sink slots; -1 marks an unused slot. The gate q . sum(K_block) ranks
-    blocks as q . mean does (a positive factor apart), so the sums are never divided.
+    Slot 0 is the own block, then min(top_k - 1, n_blocks) routed slots best first (the
+    `local_blocks` before the own block first), then min(sink_blocks, n_blocks) sink slots; -1 marks
+    an unused slot. The gate q . sum(K_block) ranks blocks as q . mean does (a positive factor
+    apart), so the sums are never divided; sub-block means [B, Hkv, n, S, D] are taken too.
     """
     B, Hq = q.shape[:2]
     n_blocks = block_sums.shape[2]
@@ -59,6 +65,8 @@ def static_route(q, block_sums, length, *, block_size: int, top_k: int, sink_blo
     routable = (ids < own) & (ids >= sink_blocks)
     n_pick = min(top_k - 1, n_blocks)
     gate = gate_scores(q, block_sums).masked_fill(~routable, float("-inf"))  # [B, Hq, 1, n_blocks]
+    if local_blocks:
+        gate = gate.masked_fill(routable & (ids >= own - local_blocks), float("inf"))
     val, idx = gate.topk(n_pick, dim=-1)
     routed = idx.masked_fill(val == float("-inf"), -1)
     sink_ids = ids[: min(sink_blocks, n_blocks)]

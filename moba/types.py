@@ -15,14 +15,16 @@ class Routing:
         1 .. top_k-1 the routed blocks best first, then one slot per sink block. -1 marks an
         unused slot (fewer candidates than slots, or a sink that is not before the own block).
     scores: fp32, same shape. The gate score q . mean(K_block) of each slot; +inf for the own
-        block (always attended, never scored) and -inf for unused slots.
+        block and for the `local_blocks` blocks just before it (always attended, never scored),
+        -inf for unused slots.
     """
 
     blocks: torch.Tensor
     scores: torch.Tensor
 
 
-def check_inputs(q, k, v, block_size: int, top_k: int, sink_blocks: int) -> None:
+def check_inputs(q, k, v, block_size: int, top_k: int, sink_blocks: int, local_blocks: int = 0,
+                 gate_subblocks: int = 1) -> None:
     """Raise ValueError naming the problem when the arguments break the op's contract."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D [B, H, T, D]; got {q.dim()}, {k.dim()}, {v.dim()} dims")
@@ -38,3 +40,7 @@ def check_inputs(q, k, v, block_size: int, top_k: int, sink_blocks: int) -> None
         raise ValueError(
             f"need block_size >= 1, top_k >= 1, sink_blocks >= 0; got {block_size}, {top_k}, {sink_blocks}"
         )
+    if not 0 <= local_blocks < top_k:
+        raise ValueError(f"need 0 <= local_blocks < top_k (local blocks take routed slots); got {local_blocks}, {top_k}")
+    if gate_subblocks < 1 or block_size % gate_subblocks:
+        raise ValueError(f"gate_subblocks must be >= 1 and divide block_size; got {gate_subblocks}, {block_size}")

@@ -36,6 +36,11 @@ def common_options(fn: Callable) -> Callable:
                      help="Layers kept dense: '-1,-2', 'last3' or 'none'. [default: last3 on CPU, none on CUDA]"),
         click.option("--qa-policy", type=click.Choice(["moba", "dense"]), default="moba", show_default=True,
                      help="Attention for the question and answer tokens."),
+        click.option("--local-blocks", type=click.IntRange(min=0), default=AskConfig.local_blocks,
+                     show_default=True, help="Blocks just before a query's own block that it always attends "
+                                             "(they take routed slots, so fewer than --top-k)."),
+        click.option("--gate-subblocks", type=click.IntRange(min=1), default=AskConfig.gate_subblocks,
+                     show_default=True, help="The gate scores a block by the best of this many equal parts."),
         click.option("--max-tokens", type=click.IntRange(min=0), default=0,
                      help="Context budget in tokens; files are dropped by priority to fit. [default: the "
                           "model's limit]"),
