@@ -1,10 +1,13 @@
 """Opt-in routing capture: which blocks the gate picked for a span of query positions.
 
 A `RoutingRecorder` is made active with `capture_routing(recorder)`. While none is active the
-attention function pays one ContextVar lookup. While one is active, every MoBA layer whose
-queries overlap the recorder's span stores, on CPU, the attended block ids and gate scores of
-those queries, and adds the queries' attention probabilities over their attended keys into a
-per-key mass vector (used to narrow citations to lines). Knows nothing of files.
+attention function pays one ContextVar lookup. While one is active, every layer whose queries
+overlap the recorder's span stores, on CPU, the attended block ids and gate scores of those
+queries, and adds the attention probabilities the layer really computed (a dense layer: over all
+past keys; a MoBA layer: over its attended keys) into a per-key mass vector, each query head
+weighted by `head_weights` when set (used to narrow citations to lines). With `per_head` on it
+also sums, per (layer, query head), that attention mass per key block and the gate's softmax over
+past blocks: the evidence that calibrated citation weights read. Knows nothing of files.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moba.routing import gate_scores
 from moba.types import Routing
 
 _ACTIVE: ContextVar[RoutingRecorder | None] = ContextVar("moba_routing_recorder", default=None)
@@ -34,20 +38,31 @@ class LayerRecord:
     dense: bool
 
 
+MASS, GATE = "mass", "gate"
+SIGNALS = (MASS, GATE)
+_CHUNK = 1 << 22  # elements of one fp32 scratch tile (16 MiB): bounds memory at any context length
+
+
 @dataclass
 class RoutingRecorder:
     """Collects routing for query positions in [start, end) (end None = no upper bound).
 
     layers: layer indices to record, None for all. key_mass: fp32 [Tk] attention mass that the
-    recorded queries put on each key position, summed over layers, heads and queries.
+    recorded queries put on each key position, summed over layers, heads and queries, each query
+    head weighted by head_weights[layer, head] when head_weights (fp32 [n_layers, Hq]) is set.
+    per_head: also keep `head_mass` and `gate_mass` (layer -> fp32 [Hq, n_blocks], see `evidence`).
     """
 
     start: int = 0
     end: int | None = None
     layers: set[int] | None = None
     block_size: int | None = None
+    per_head: bool = False
+    head_weights: torch.Tensor | None = None
     records: dict[int, list[LayerRecord]] = field(default_factory=dict)
     key_mass: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    head_mass: dict[int, torch.Tensor] = field(default_factory=dict)
+    gate_mass: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def wants(self, layer: int, q_start: int, q_end: int) -> bool:
         in_layers = self.layers is None or layer in self.layers
@@ -80,6 +95,29 @@ class RoutingRecorder:
             self.key_mass = grown
         self.key_mass[: mass.numel()] += mass
 
+    def add_head_evidence(self, layer: int, mass: torch.Tensor, gate: torch.Tensor) -> None:
+        """Add [Hq, n_blocks] block mass and gate mass (any device) of one layer's recorded queries."""
+        for store, x in ((self.head_mass, mass), (self.gate_mass, gate)):
+            store[layer] = _grow_add(store.get(layer), x.float().cpu())
+
+    def evidence(self, signal: str = MASS) -> torch.Tensor:
+        """fp32 [n_layers, Hq, n_blocks] per-head evidence over key blocks, summed over recorded queries.
+
+        "mass": the attention probability on the block's keys; "gate": the gate's softmax over past
+        complete blocks (q . block mean, scaled as the attention logits). Layers never recorded are
+        zero rows. Empty [0, 0, 0] when nothing was recorded per head.
+        """
+        if signal not in SIGNALS:
+            raise ValueError(f"unknown evidence signal {signal!r}; use one of {', '.join(SIGNALS)}")
+        store = self.head_mass if signal == MASS else self.gate_mass
+        if not store:
+            return torch.zeros(0, 0, 0)
+        heads = next(iter(store.values())).shape[0]
+        out = torch.zeros(max(store) + 1, heads, max(x.shape[1] for x in store.values()))
+        for layer, x in store.items():
+            out[layer, :, : x.shape[1]] = x
+        return out
+
     def block_hits(self) -> dict[int, float]:
         """Block id -> how often it was attended as a routed or sink block, over all records."""
         hits: dict[int, float] = {}
@@ -106,18 +144,35 @@ def active_recorder() -> RoutingRecorder | None:
     return _ACTIVE.get()
 
 
+def _grow_add(acc: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """acc + x along the last dim, zero-padding the shorter one."""
+    if acc is None:
+        return x.clone()
+    if x.shape[-1] > acc.shape[-1]:
+        acc = torch.nn.functional.pad(acc, (0, x.shape[-1] - acc.shape[-1]))
+    acc[..., : x.shape[-1]] += x
+    return acc
+
+
 def attention_mass(q, positions, k, blocks, block_size: int, scale: float) -> torch.Tensor:
-    """fp32 [Tk] attention probability mass that queries q [Hq, n, D] at absolute `positions` [n]
+    """fp32 [Tk] attention probability mass that queries q [Hq, n, D] put on each key of k
+    [Hkv, Tk, D] over the keys their `blocks` attend, summed over heads (see `head_key_mass`)."""
+    return head_key_mass(q, positions, k, blocks, block_size, scale).sum(0)
+
+
+def head_key_mass(q, positions, k, blocks, block_size: int, scale: float) -> torch.Tensor:
+    """fp32 [Hq, Tk] attention probability mass that queries q [Hq, n, D] at absolute `positions` [n]
     put on each key of k [Hkv, Tk, D], over the keys their `blocks` [Hq, n, S] attend (own block
-    causal, routed, sinks), summed over heads and queries."""
+    causal, routed, sinks), summed over queries: what a MoBA layer computed."""
     Hq, n, D = q.shape
     Tk = k.shape[1]
     S = blocks.shape[-1]
     kv_head = (torch.arange(Hq, device=q.device) // (Hq // k.shape[0]))[:, None, None]
     offs = torch.arange(block_size, device=q.device)
+    head_off = (torch.arange(Hq, device=q.device) * Tk)[:, None, None]
     positions, blocks = positions.to(q.device), blocks.to(q.device)
-    mass = torch.zeros(Tk, device=q.device)
-    step = max(1, (1 << 22) // (Hq * S * block_size * D))
+    mass = torch.zeros(Hq * Tk, device=q.device)
+    step = max(1, _CHUNK // (Hq * S * block_size * D))
     for i0 in range(0, n, step):
         b = blocks[:, i0 : i0 + step]  # [Hq, c, S]
         idx = b.clamp(min=0)[..., None] * block_size + offs  # [Hq, c, S, bs]
@@ -125,5 +180,59 @@ def attention_mass(q, positions, k, blocks, block_size: int, scale: float) -> to
         idx = idx.clamp(max=Tk - 1).flatten(2)  # [Hq, c, S*bs]
         s = torch.einsum("hcd,hckd->hck", q[:, i0 : i0 + step].float(), k[kv_head, idx].float()) * scale
         p = s.masked_fill(~valid.flatten(2), float("-inf")).softmax(-1)
-        mass.index_add_(0, idx.flatten(), p.flatten())
+        mass.index_add_(0, (idx + head_off).flatten(), p.flatten())
+    return mass.view(Hq, Tk)
+
+
+def dense_key_mass(q, positions, k, scale: float) -> torch.Tensor:
+    """fp32 [Hq, Tk] causal softmax mass of queries q [Hq, n, D] at absolute `positions` [n] over ALL
+    their past keys of k [Hkv, Tk, D], summed over queries: what a dense layer computed.
+
+    Two passes over (query, key) tiles, so memory stays bounded at any length: the first finds each
+    row's log-sum-exp, the second adds exp(logit - lse).
+    """
+    Hq, n, D = q.shape
+    Tk = k.shape[1]
+    kk = k.repeat_interleave(Hq // k.shape[0], 0) if k.shape[0] != Hq else k  # [Hq, Tk, D]
+    positions = positions.to(q.device)
+    qc = max(1, min(n, 64))
+    kc = max(1, _CHUNK // (Hq * qc))
+    mass = torch.zeros(Hq, Tk, device=q.device)
+    for i0 in range(0, n, qc):
+        qi, pos = q[:, i0 : i0 + qc].float() * scale, positions[i0 : i0 + qc, None]
+        tiles = [(j0, min(j0 + kc, Tk)) for j0 in range(0, Tk, kc)]
+
+        def logits(j0, j1, qi=qi, pos=pos):
+            s = torch.einsum("hcd,hkd->hck", qi, kk[:, j0:j1].float())
+            return s.masked_fill(torch.arange(j0, j1, device=q.device)[None, :] > pos, float("-inf"))
+
+        lse = torch.stack([logits(j0, j1).logsumexp(-1) for j0, j1 in tiles]).logsumexp(0)  # [Hq, c]
+        for j0, j1 in tiles:
+            mass[:, j0:j1] += (logits(j0, j1) - lse[..., None]).exp().sum(1)
     return mass
+
+
+def block_sum(mass: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[H, Tk] per-key mass -> [H, ceil(Tk / block_size)] per-block mass (the tail block included)."""
+    H, Tk = mass.shape
+    nb = -(-Tk // block_size)
+    return torch.nn.functional.pad(mass, (0, nb * block_size - Tk)).view(H, nb, block_size).sum(-1)
+
+
+def gate_block_mass(q, positions, means, block_size: int, scale: float) -> torch.Tensor:
+    """fp32 [Hq, n_full] gate evidence: per query, softmax over its past complete blocks of
+    scale * q . block mean (means [Hkv, n_full, D]), summed over queries [Hq, n, D] at `positions`.
+    A query with no past block adds nothing."""
+    Hq, n, _ = q.shape
+    n_full = means.shape[1]
+    out = torch.zeros(Hq, n_full, device=q.device)
+    if n_full == 0:
+        return out
+    own = positions.to(q.device) // block_size
+    step = max(1, _CHUNK // (Hq * n_full))
+    for i0 in range(0, n, step):
+        g = gate_scores(q[None, :, i0 : i0 + step], means[None].float())[0] * scale  # [Hq, c, n_full]
+        past = torch.arange(n_full, device=q.device)[None, :] < own[i0 : i0 + step, None]
+        p = g.masked_fill(~past, float("-inf")).softmax(-1)
+        out += p.nan_to_num(0.0).sum(1)
+    return out

@@ -1,0 +1,129 @@
+"""Per-head evidence capture: the attention mass each layer really computed, per (layer, head, block),
+checked against softmaxes written out by hand; and nothing at all when capture is off."""
+
+import math
+
+import pytest
+import torch
+
+import moba
+from moba import capture, hf
+from moba.capture import block_sum, dense_key_mass, gate_block_mass, head_key_mass
+from tests.tinymodels import tiny_model
+
+
+def _softmax_rows(logits: dict[int, float]) -> dict[int, float]:
+    top = max(logits.values())
+    z = sum(math.exp(v - top) for v in logits.values())
+    return {j: math.exp(v - top) / z for j, v in logits.items()}
+
+
+def _by_hand(q, k, positions, keys_of, scale):
+    """[Hq, Tk] mass from explicit per-(head, query) softmaxes over the keys `keys_of(h, i)`."""
+    Hq, n, _ = q.shape
+    out = torch.zeros(Hq, k.shape[1], dtype=torch.float64)
+    group = Hq // k.shape[0]
+    for h in range(Hq):
+        for i in range(n):
+            logits = {j: float(q[h, i].double() @ k[h // group, j].double()) * scale for j in keys_of(h, i)}
+            for j, p in _softmax_rows(logits).items():
+                out[h, j] += p
+    return out.float()
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(capture, "_CHUNK", 5)  # forces many (query, key) tiles on a tiny case
+
+
+def test_dense_mass_is_the_softmax_over_all_past_keys(small_tiles):
+    q, k = torch.randn(4, 3, 8), torch.randn(2, 11, 8)
+    positions = torch.tensor([8, 9, 10])
+    got = dense_key_mass(q, positions, k, 0.5)
+    want = _by_hand(q, k, positions, lambda h, i: range(int(positions[i]) + 1), 0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.sum(1), torch.full((4,), 3.0))
+
+
+def test_moba_mass_is_the_softmax_over_attended_keys_only(small_tiles):
+    bs = 4
+    q, k = torch.randn(2, 2, 8), torch.randn(1, 14, 8)
+    positions = torch.tensor([12, 13])
+    blocks = torch.tensor([[[3, 0, -1], [3, 1, 0]], [[3, 2, -1], [3, -1, -1]]])  # [Hq, n, S]
+
+    def keys_of(h, i):
+        ids = [int(b) for b in blocks[h, i] if b >= 0]
+        return [j for b in ids for j in range(b * bs, (b + 1) * bs) if j <= positions[i]]
+
+    got = head_key_mass(q, positions, k, blocks, bs, 0.3)
+    torch.testing.assert_close(got, _by_hand(q, k, positions, keys_of, 0.3), rtol=1e-5, atol=1e-6)
+    assert got[1, 4:8].sum() == 0  # head 1 never attended block 1
+    torch.testing.assert_close(block_sum(got, bs).sum(1), torch.full((2,), 2.0))
+
+
+def test_gate_mass_is_the_softmax_over_past_blocks():
+    bs = 4
+    q, means = torch.randn(2, 2, 8), torch.randn(1, 3, 8)
+    positions = torch.tensor([9, 13])  # own blocks 2 and 3: two and three past blocks
+    got = gate_block_mass(q, positions, means, bs, 0.5)
+    want = torch.zeros(2, 3)
+    for h in range(2):
+        for i, own in enumerate((2, 3)):
+            p = _softmax_rows({b: float(q[h, i] @ means[0, b]) * 0.5 for b in range(own)})
+            for b, v in p.items():
+                want[h, b] += v
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_layer_records_what_it_computed():
+    """Layer 2 is dense: its block mass covers every past block; MoBA layer 0 only attended ones."""
+    ids = torch.randint(0, 97, (1, 100))
+    m = tiny_model("llama", "moba", block_size=8, top_k=2, sink_blocks=0, dense_layers=[2])
+    rec = moba.RoutingRecorder(start=96, per_head=True)
+    with torch.inference_mode(), moba.capture_routing(rec):
+        m(ids)
+    ev = rec.evidence("mass")
+    assert ev.shape == (3, 4, 13)
+    torch.testing.assert_close(ev.sum(-1), torch.full((3, 4), 4.0))  # 4 queries, each sums to 1
+    assert (ev[2, :, :12] > 0).all()  # dense: every block before the own one
+    attended = {(h, int(b)) for r in rec.records[0] for h in range(4) for b in r.blocks[h].flatten() if b >= 0}
+    unattended = [(h, b) for h in range(4) for b in range(13) if (h, b) not in attended]
+    assert unattended and all(ev[0, h, b] == 0 for h, b in unattended)
+    gate = rec.evidence("gate")
+    assert gate.shape == (3, 4, 12)
+    torch.testing.assert_close(gate.sum(-1), torch.full((3, 4), 4.0))
+
+
+def test_head_weights_weigh_the_key_mass():
+    ids = torch.randint(0, 97, (1, 60))
+    m = tiny_model("llama", "moba", block_size=8, top_k=2, dense_layers=[0, 1, 2])
+    plain, weighted = moba.RoutingRecorder(start=56), moba.RoutingRecorder(start=56, per_head=True)
+    weighted.head_weights = torch.zeros(3, 4)
+    weighted.head_weights[1, 2] = 1.0
+    for rec in (plain, weighted):
+        with torch.inference_mode(), moba.capture_routing(rec):
+            m(ids)
+    torch.testing.assert_close(plain.key_mass.sum(), torch.tensor(3 * 4 * 4.0))
+    one_head = weighted.evidence("mass")[1, 2]
+    torch.testing.assert_close(block_sum(weighted.key_mass[None], 8)[0], one_head)
+
+
+def test_capture_off_costs_nothing(monkeypatch):
+    """No recorder: no mass is computed. A recorder without per_head: no per-head evidence."""
+    def boom(*a, **k):
+        raise AssertionError("computed while off")
+
+    ids = torch.randint(0, 97, (1, 60))
+    m = tiny_model("llama", "moba", block_size=8, top_k=2, dense_layers=[1])
+    for name in ("dense_key_mass", "head_key_mass", "gate_block_mass", "_record"):
+        monkeypatch.setattr(hf, name, boom)
+    with torch.inference_mode():
+        m(ids)
+    monkeypatch.undo()
+    monkeypatch.setattr(hf, "gate_block_mass", boom)
+    monkeypatch.setattr(capture.RoutingRecorder, "add_head_evidence", boom)
+    rec = moba.RoutingRecorder(start=50)
+    with torch.inference_mode(), moba.capture_routing(rec):
+        m(ids)
+    assert rec.records and rec.head_mass == {} and rec.gate_mass == {}
+    assert rec.evidence("mass").numel() == 0
