@@ -1,8 +1,11 @@
 """Citations as data: from MoBA routing and from path:line references in an answer.
 
-Routing citations: the blocks the gate routed the question and answer tokens to (sink and own
-blocks excluded) are weighted by the attention mass the recorded queries put on them, mapped to
-token spans of the pack, narrowed to the lines that carry most of that mass, merged and ranked.
+Routing citations, with per-head evidence (the recorder's `per_head`): every key block that holds
+packed source lines (sinks and the blocks of the question itself excluded) scores the weighted sum
+over (layer, head) of the head's share of evidence on it (calibrated weights, `agent.headweights`,
+else every head alike); the best blocks are narrowed to the lines whose attention mass stands out,
+merged and ranked. Without per-head evidence: the blocks the gate routed the question and answer
+tokens to are weighted by the attention mass the recorded queries put on them, and narrowed so.
 Text citations: path:line references the model wrote, kept only when the source map resolves
 them. Nothing here renders; the CLI does. Knows no model, only a recorder and a source map.
 """
@@ -13,8 +16,9 @@ import re
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
-from moba.capture import RoutingRecorder
+from moba.capture import MASS, RoutingRecorder
 
 ROUTING, TEXT, BOTH = "routing", "text", "both"
 _REF = re.compile(
@@ -39,9 +43,11 @@ class Citation:
 
 
 def from_routing(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: int,
-                 top_n: int = 8, max_lines: int = 24) -> list[Citation]:
+                 top_n: int = 8, max_lines: int = 24, weights: torch.Tensor | None = None,
+                 signal: str = MASS) -> list[Citation]:
     """Ranked citations from a recorder's routing over a source map in absolute token positions.
 
+    With per-head evidence in the recorder, see `from_evidence` (weights, signal). Otherwise:
     Candidates are the blocks the recorded queries attended (routed and own), sink blocks
     excluded: they are attended by rule, not chosen. Each candidate block is narrowed to its lines
     whose attention mass stands out from the block's typical line (mass minus the block's median
@@ -49,6 +55,9 @@ def from_routing(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: in
     merged into ranges and ranked. Without recorded mass, routed blocks are cited whole, weighed
     by how often the gate picked them.
     """
+    if rec.head_mass:
+        return from_evidence(rec, smap, block_size=block_size, sink_blocks=sink_blocks, top_n=top_n,
+                             max_lines=max_lines, weights=weights, signal=signal)
     if not rec.key_mass.numel():
         return _whole_blocks(rec, smap, block_size, sink_blocks, top_n)
     blocks = [b for b in attended_blocks(rec) if b >= sink_blocks]
@@ -59,6 +68,55 @@ def from_routing(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: in
     total = sum(c.score for c in picked) or 1.0
     ranges = merge([replace(c, score=c.score / total) for c in picked], gap=2)
     return sorted(ranges, key=lambda c: -c.score)[:top_n]
+
+
+def from_evidence(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: int, top_n: int = 8,
+                  max_lines: int = 24, weights: torch.Tensor | None = None, signal: str = MASS) -> list[Citation]:
+    """Ranked citations from per-head evidence: the `top_n` blocks by `block_scores`, each narrowed to
+    its lines whose (head-weighted) key mass stands out from the block's median line, at most
+    `max_lines` lines a block, merged into ranges. A range scores its block's share times its part of
+    the block's stand-out mass; scores sum to 1 over the cited blocks."""
+    ev = rec.evidence(signal)
+    cand = candidate_blocks(smap, ev.shape[-1], block_size, sink_blocks)
+    scores = block_scores(ev, weights, cand)
+    order = [int(b) for b in np.argsort(-scores, kind="stable")[:top_n] if scores[b] > 0]
+    total = float(sum(scores[b] for b in order)) or 1.0
+    mass = rec.key_mass.numpy()
+    out: list[Citation] = []
+    for b in order:
+        out += _block_ranges(smap, mass, b * block_size, (b + 1) * block_size, scores[b] / total, max_lines)
+    return sorted(merge(out), key=lambda c: -c.score)[:top_n]
+
+
+def candidate_blocks(smap, n_blocks: int, block_size: int, sink_blocks: int) -> np.ndarray:
+    """bool [n_blocks]: the block holds packed source lines, is no sink, and ends inside the pack
+    (a block that reaches into the question holds the question's own recency mass)."""
+    ends = (np.arange(n_blocks) + 1) * block_size
+    files, lines = smap.locate_array(np.arange(n_blocks * block_size))
+    source = ((files >= 0) & (lines > 0)).reshape(n_blocks, block_size).any(1)
+    return source & (np.arange(n_blocks) >= sink_blocks) & (ends <= smap.total)
+
+
+def block_scores(ev: torch.Tensor, weights: torch.Tensor | None, cand: np.ndarray) -> np.ndarray:
+    """fp64 [n_blocks]: sum over (layer, head) of weights[layer, head] (None: all 1) times the head's
+    share of its evidence ev [L, H, n_blocks] over the candidate blocks; 0 outside them."""
+    if ev.numel() == 0:
+        return np.zeros(len(cand))
+    ev = ev.double() * torch.from_numpy(cand)
+    share = ev / ev.sum(-1, keepdim=True).clamp_min(1e-30)
+    w = torch.ones(ev.shape[:2], dtype=torch.float64) if weights is None else weights.double()
+    return torch.einsum("lh,lhb->b", w[: ev.shape[0]], share).numpy()
+
+
+def _block_ranges(smap, mass: np.ndarray, lo: int, hi: int, share: float, max_lines: int) -> list[Citation]:
+    """One block's stand-out lines as ranges, scored by their part of `share` (whole block lines when
+    no key mass was recorded or none stands out)."""
+    lines = [x for x in _line_excess(smap, mass, lo, hi) if x[2] > 0] if mass.size else []
+    lines = sorted(lines, key=lambda x: -x[2])[:max_lines]
+    if not lines:
+        return [Citation(p, a, b, share, ROUTING) for p, a, b in smap.span_lines(lo, hi)[:1]]
+    total = sum(x[2] for x in lines)
+    return merge([Citation(smap.paths[f], ln, ln, share * e / total, ROUTING) for f, ln, e in lines], gap=2)
 
 
 def routed_blocks(rec: RoutingRecorder, sink_blocks: int) -> dict[int, int]:
@@ -153,10 +211,11 @@ def combine(routing: list[Citation], text: list[Citation]) -> list[Citation]:
     return sorted(merged, key=lambda c: (c.source == ROUTING, -c.score))
 
 
-def file_strengths(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: int) -> dict[str, float]:
+def file_strengths(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: int,
+                   weights: torch.Tensor | None = None, signal: str = MASS) -> dict[str, float]:
     """Share of the stand-out routed attention per file (sums to 1 over files that got any)."""
     out: dict[str, float] = {}
     for c in from_routing(rec, smap, block_size=block_size, sink_blocks=sink_blocks, top_n=10**9,
-                          max_lines=10**9):
+                          max_lines=10**9, weights=weights, signal=signal):
         out[c.path] = out.get(c.path, 0.0) + c.score
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))

@@ -3,7 +3,8 @@ cache hit), turns that reuse the prefilled context, routing capture and citation
 
 Routing (for citations) is recorded for the question tokens and the first ANSWER_ROUTING_TOKENS
 answer tokens; later answer tokens decode on the engine's fast path (a CUDA graph on a GPU), which
-records nothing. It composes a runtime (tokenizer + engine), an `ingest.Pack` and the prompts. It knows nothing of
+records nothing. Citations weigh the recorded per-head evidence with the model's calibrated head
+weights (`agent.headweights`), or every head alike with a note when it has none. It composes a runtime (tokenizer + engine), an `ingest.Pack` and the prompts. It knows nothing of
 terminals: callbacks report progress and stream tokens; the CLI renders.
 """
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 import prompts
 from agent import citations as cit
+from agent import headweights
 from agent.config import AskConfig
 from agent.engine import Sampling
 from moba.capture import RoutingRecorder, capture_routing
@@ -82,6 +84,7 @@ class Session:
         self.context_len = len(self.prefix_ids) + len(self.pack.ids)
         self.smap = self.pack.source_map.shifted(len(self.prefix_ids))
         self.engine = None
+        self.head_weights: headweights.HeadWeights | None = None
         self._pending_save: str | None = None
         self.turn_ids: list[int] = []
         self.stats: dict = {"context_tokens": self.context_len, "cache_hit": False, "prefill_s": 0.0}
@@ -97,6 +100,7 @@ class Session:
         on_engine(engine) runs once the engine (and its KV cache size) exists, before any prefill.
         """
         self.engine = self.runtime.make_engine(self.capacity())
+        self.head_weights = self._load_weights()
         if on_engine:
             on_engine(self.engine)
         t0 = time.perf_counter()
@@ -117,7 +121,7 @@ class Session:
         turn = self._encode(self._split(self._render(self.history, question))[1])
         start = self._reuse(turn)
         end = self.context_len + len(turn) + ANSWER_ROUTING_TOKENS
-        rec = RoutingRecorder(start=self.context_len + start, end=end)
+        rec = self._recorder(self.context_len + start, end)
         with capture_routing(rec), dense_queries():
             t0 = time.perf_counter()
             logits = self.engine.prefill(turn[start:])
@@ -172,8 +176,25 @@ class Session:
         self.engine.truncate(self.context_len + common)
         return common
 
+    def _recorder(self, start: int, end: int) -> RoutingRecorder:
+        """A per-head recorder for [start, end), its key mass weighted by the calibrated heads."""
+        hw = self.head_weights
+        return RoutingRecorder(start=start, end=end, per_head=True, head_weights=hw and hw.matrix())
+
+    def _load_weights(self) -> headweights.HeadWeights | None:
+        """The model's calibrated citation weights (a note on stderr, once, when there are none)."""
+        cfg = self.engine.config
+        hw, note = headweights.for_model(self.runtime.name, layers=int(getattr(cfg, "num_hidden_layers", 0)),
+                                         heads=int(getattr(cfg, "num_attention_heads", 0)),
+                                         block_size=self.config.block_size)
+        headweights.note_once(note)
+        self.stats["citation_weights"] = "calibrated" if hw else "uniform"
+        return hw
+
     def _citations(self, rec: RoutingRecorder, text: str) -> list[cit.Citation]:
-        kw = dict(block_size=self.config.block_size, sink_blocks=self.config.sink_blocks)
+        hw = self.head_weights
+        kw = dict(block_size=self.config.block_size, sink_blocks=self.config.sink_blocks,
+                  weights=hw and hw.matrix(), signal=hw.signal if hw else "mass")
         return cit.combine(cit.from_routing(rec, self.smap, **kw), cit.from_text(text, self.smap))
 
     def _render(self, history: list[Turn], question: str) -> str:

@@ -1,0 +1,127 @@
+"""Per-model citation head weights: which (layer, query head) pairs of a model retrieve, as JSON data
+shipped under agent/heads/<catalog name>.json and written by `moba-ask calibrate`.
+
+A weights file holds the model's identity (name and config dims), the MoBA block size and the
+evidence signal ("mass" or "gate") it was calibrated on, and a sparse list [[layer, head, w], ...].
+`for_model` looks a loaded model's file up and checks it against the model; a missing, unreadable
+or mismatched file gives no weights and a one-line note saying why, never an exception. Knows
+nothing of attention or files beyond these numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moba.capture import SIGNALS
+
+HEADS_DIR = Path(__file__).with_name("heads")
+FORMAT = 1
+_NOTED: set[str] = set()
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be used; the message names the file, the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class HeadWeights:
+    """Calibrated weights of one model.
+
+    layers, heads: the model's layer and query-head counts. weights: ((layer, head, w), ...), w > 0,
+    summing to 1. signal: the evidence they weigh ("mass" or "gate"). meta: everything else the file
+    records (identity, calibration repos, metrics, date), kept as written.
+    """
+
+    model: str
+    block_size: int
+    signal: str
+    layers: int
+    heads: int
+    weights: tuple[tuple[int, int, float], ...]
+    qa_policy: str = "moba"
+    meta: dict = field(default_factory=dict)
+
+    def matrix(self) -> torch.Tensor:
+        """fp32 [layers, heads] weights, zero for heads not listed."""
+        w = torch.zeros(self.layers, self.heads)
+        for layer, head, x in self.weights:
+            w[layer, head] = x
+        return w
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "model": self.model, "block_size": self.block_size, "signal": self.signal,
+                "qa_policy": self.qa_policy, "layers": self.layers, "heads": self.heads,
+                "weights": [[lay, h, round(w, 6)] for lay, h, w in self.weights], **self.meta}
+
+
+def parse(doc, source: str = "weights") -> HeadWeights:
+    """A HeadWeights from a decoded JSON document. Raises WeightsError naming the bad field."""
+    if not isinstance(doc, dict):
+        raise WeightsError(f"{source}: expected a JSON object; re-run moba-ask calibrate")
+    try:
+        layers, heads, bs = int(doc["layers"]), int(doc["heads"]), int(doc["block_size"])
+        signal, model = str(doc["signal"]), str(doc["model"])
+        rows = tuple((int(a), int(b), float(w)) for a, b, w in doc["weights"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise WeightsError(f"{source}: missing or malformed field ({e}); re-run moba-ask calibrate") from None
+    if signal not in SIGNALS:
+        raise WeightsError(f"{source}: unknown signal {signal!r} (use {' or '.join(SIGNALS)})")
+    bad = [r for r in rows if not (0 <= r[0] < layers and 0 <= r[1] < heads and r[2] > 0)]
+    if not rows or bad or min(layers, heads, bs) < 1:
+        raise WeightsError(f"{source}: weights must be [layer, head, w > 0] inside {layers} layers x {heads} heads"
+                           f"{f', got {list(bad[0])}' if bad else ''}; re-run moba-ask calibrate")
+    meta = {k: v for k, v in doc.items() if k not in
+            {"format", "model", "block_size", "signal", "qa_policy", "layers", "heads", "weights"}}
+    return HeadWeights(model, bs, signal, layers, heads, rows, str(doc.get("qa_policy", "moba")), meta)
+
+
+def read(path: Path) -> HeadWeights:
+    """Parse one weights file. Raises WeightsError on an unreadable file, bad JSON or bad fields."""
+    try:
+        doc = json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: not readable JSON ({str(e).splitlines()[0]}); re-run moba-ask calibrate "
+                           "or delete it") from None
+    return parse(doc, str(path))
+
+
+def check(hw: HeadWeights, *, layers: int, heads: int, block_size: int, source: str) -> None:
+    """Raise WeightsError when hw does not fit a model of `layers` x `heads` run at `block_size`."""
+    if (hw.layers, hw.heads) != (layers, heads):
+        raise WeightsError(f"{source}: calibrated for {hw.layers} layers x {hw.heads} heads, the model has "
+                           f"{layers} x {heads}; re-run moba-ask calibrate for this model")
+    if hw.block_size != block_size:
+        raise WeightsError(f"{source}: calibrated at block size {hw.block_size}, this run uses {block_size}; "
+                           f"use --block-size {hw.block_size} or calibrate at {block_size}")
+
+
+def path_for(model: str) -> Path:
+    """Where the shipped weights of a catalog model live (the file may not exist)."""
+    return HEADS_DIR / f"{model}.json"
+
+
+def for_model(model: str, *, layers: int, heads: int, block_size: int) -> tuple[HeadWeights | None, str]:
+    """(weights, "") for a model with a usable file, else (None, a one-line note on the fallback)."""
+    from agent.models import CATALOG
+
+    fallback = "citations weigh every attention head equally"
+    if model not in CATALOG or not path_for(model).is_file():
+        return None, f"no calibrated citation weights for {model}; {fallback}"
+    try:
+        hw = read(path_for(model))
+        check(hw, layers=layers, heads=heads, block_size=block_size, source=str(path_for(model)))
+    except WeightsError as e:
+        return None, f"{e}; {fallback}"
+    return hw, ""
+
+
+def note_once(message: str) -> None:
+    """Print `moba-ask: note: <message>` on stderr, once per process per message."""
+    if message and message not in _NOTED:
+        _NOTED.add(message)
+        print(f"moba-ask: note: {message}", file=sys.stderr, flush=True)
