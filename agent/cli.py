@@ -18,6 +18,7 @@ COMMANDS = {
     "models": "agent.commands.models:models",
     "cache": "agent.commands.cache:cache",
     "eval": "agent.commands.eval:eval_cmd",
+    "calibrate": "agent.commands.calibrate:calibrate",
 }
 
 
