@@ -60,13 +60,11 @@ def calibrate(repos, n_tasks, context_tokens, seed, top_heads, dense_layers, out
     out_dir = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(out_dir):
         raise click.UsageError(f"the directory of --output does not exist: {out_dir} (create it first)")
+    counts = _counts(top_heads)
     try:
-        counts = tuple(int(x) for x in top_heads.split(",") if x.strip())
-        if not counts or min(counts) < 1:
-            raise ValueError
         cfg = AskConfig(no_cache=True, dense_layers=parse_layers(dense_layers), **kw)
     except ValueError as e:
-        raise click.UsageError(str(e) or f"--top-heads must be positive integers, got {top_heads!r}") from None
+        raise click.UsageError(str(e)) from None
     ui = common.Progress(quiet)
     rt, identity = _load(cfg, ui)
     samples = []
@@ -82,6 +80,16 @@ def calibrate(repos, n_tasks, context_tokens, seed, top_heads, dense_layers, out
     click.echo(f"{output}: {len(hw.weights)} heads, signal {hw.signal}, {len(samples)} tasks; block hit@1 "
                f"{m['chosen']['block_hit_at_1']} (every head alike: {m['uniform']['block_hit_at_1']}, "
                f"two-fold: {(m['cross_fold'] or {}).get('block_hit_at_1', 'n/a')})")
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise click.UsageError(f"--top-heads must be positive integers like 4,8,16, got {text!r}")
+    return counts
 
 
 def _load(cfg: AskConfig, ui):

@@ -9,6 +9,7 @@ from agent.citations import (
     ROUTING,
     TEXT,
     Citation,
+    candidate_blocks,
     combine,
     file_strengths,
     from_routing,
@@ -97,3 +98,70 @@ def test_merge_and_combine_mark_both_sources():
     both = combine(r, t)
     assert [(c.path, c.start_line, c.end_line, c.source) for c in both] == [
         ("a.py", 10, 12, BOTH), ("b.py", 1, 1, TEXT), ("a.py", 13, 14, ROUTING)]
+
+
+def evidence_recorder(smap, heads_to, noise_to, sink=0):
+    """A per-head recorder over 2 layers x 3 heads: head (1, 2) puts its mass on block `heads_to`,
+    every other head on block `noise_to`, and all heads put a lot on block `sink` and on the
+    question's own block (after the pack). The key mass marks the first line of `heads_to`."""
+    nb = smap.total // BS + 2
+    rec = RoutingRecorder(start=smap.total, per_head=True)
+    for layer in (0, 1):
+        mass = torch.full((3, nb), 0.01)
+        mass[:, sink] = mass[:, -1] = 10.0  # sink and question blocks: never citable
+        for h in range(3):
+            mass[h, heads_to if (layer, h) == (1, 2) else noise_to] += 1.0
+        rec.add_head_evidence(layer, mass, mass.clone())
+    key = torch.full((nb * BS,), 0.01)
+    lo = heads_to * BS
+    key[lo: lo + 3] = 2.0
+    rec.add_key_mass(key)
+    return rec
+
+
+def _w(layer=1, head=2):
+    w = torch.zeros(2, 3)
+    w[layer, head] = 1.0
+    return w
+
+
+def test_weighted_ranking_follows_the_retrieval_head(pk):
+    smap = pk.source_map
+    gold, noise = smap.line_tokens("pkg/util.py", 20)[0] // BS, smap.line_tokens("pkg/core.py", 40)[0] // BS
+    sink = smap.line_tokens("README.md", 3)[0] // BS
+    rec = evidence_recorder(smap, gold, noise, sink)
+    weighted = from_routing(rec, smap, block_size=BS, sink_blocks=sink + 1, weights=_w())
+    uniform = from_routing(rec, smap, block_size=BS, sink_blocks=sink + 1)
+    in_sinks = {(p, ln) for p, a, b in smap.span_lines(0, (sink + 1) * BS) for ln in range(a, b + 1)}
+    top_block = {b for b in range(gold * BS, gold * BS + 3) if smap.locate(b)}
+    assert weighted[0].path == smap.locate(min(top_block))[0] == "pkg/util.py"
+    assert weighted[0].start_line <= smap.locate(min(top_block))[1] <= weighted[0].end_line
+    assert uniform[0].path == "pkg/core.py"  # five noise heads outvote the one retrieval head
+    for cites in (weighted, uniform):
+        assert not any((c.path, ln) in in_sinks for c in cites for ln in range(c.start_line, c.end_line + 1))
+        assert all(smap.has(c.path, c.start_line) and smap.has(c.path, c.end_line) for c in cites)
+        assert abs(sum(c.score for c in cites) - 1) < 1e-6
+
+
+def test_only_whole_source_blocks_before_the_question_are_citable(pk):
+    smap = pk.source_map
+    last = (smap.total - 1) // BS  # holds the pack's last lines and the start of the question
+    assert smap.total % BS and smap.span_lines(last * BS, smap.total)
+    cand = candidate_blocks(smap, last + 3, BS, 1)
+    assert not cand[0] and not cand[last:].any() and cand[1:last].any()
+    assert all(cand[b] == bool(smap.span_lines(b * BS, (b + 1) * BS)) for b in range(1, last))
+    rec = evidence_recorder(smap, last, last, sink=0)
+    for m in rec.head_mass.values():
+        m[:, 1:last] = 0.0  # every head's evidence is on the sink, the straddling block and the question
+    assert from_routing(rec, smap, block_size=BS, sink_blocks=1, weights=_w()) == []
+
+
+def test_gate_signal_is_read_when_the_weights_say_so(pk):
+    smap = pk.source_map
+    gold, other = smap.line_tokens("pkg/util.py", 20)[0] // BS, smap.line_tokens("pkg/core.py", 40)[0] // BS
+    rec = evidence_recorder(smap, gold, gold)
+    rec.gate_mass = {layer: torch.zeros_like(m) for layer, m in rec.head_mass.items()}
+    rec.gate_mass[1][2, other] = 1.0  # the gate of head (1, 2) points elsewhere
+    by_gate = from_routing(rec, smap, block_size=BS, sink_blocks=1, weights=_w(), signal="gate")
+    by_mass = from_routing(rec, smap, block_size=BS, sink_blocks=1, weights=_w(), signal="mass")
+    assert by_gate[0].path == "pkg/core.py" and by_mass[0].path == "pkg/util.py"

@@ -1,0 +1,112 @@
+"""Calibrated head weights: shipped JSON looked up by catalog name; a missing, corrupt or mismatched
+file gives the uniform fallback and one clear note, never a traceback; a session states which it used."""
+
+import json
+
+import pytest
+import torch
+
+import ingest
+from agent import headweights as hwm
+from agent.config import AskConfig
+from agent.session import Session
+from tests.agent.fakes import FakeRuntime
+from tests.ingest.fixtures import write_tree
+
+MODEL = "smollm2-135m"  # a catalog name
+GOOD = {"model": MODEL, "block_size": 256, "signal": "mass", "qa_policy": "moba", "layers": 30, "heads": 9,
+        "weights": [[3, 1, 0.75], [20, 8, 0.25]], "identity": {"name": MODEL}}
+
+
+@pytest.fixture
+def heads_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(hwm, "HEADS_DIR", tmp_path)
+    monkeypatch.setattr(hwm, "_NOTED", set())
+    return tmp_path
+
+
+def look(**kw):
+    return hwm.for_model(MODEL, **{"layers": 30, "heads": 9, "block_size": 256, **kw})
+
+
+def test_a_good_file_gives_its_weights(heads_dir):
+    (heads_dir / f"{MODEL}.json").write_text(json.dumps(GOOD))
+    hw, note = look()
+    assert note == "" and hw.signal == "mass" and hw.meta["identity"] == {"name": MODEL}
+    w = hw.matrix()
+    assert w.shape == (30, 9) and w[3, 1] == 0.75 and w[20, 8] == 0.25 and w.sum() == 1.0
+    assert hwm.parse(hw.to_json()) == hw
+
+
+@pytest.mark.parametrize("content,needle", [
+    (None, "no calibrated citation weights for smollm2-135m"),
+    ("{not json", "not readable JSON"),
+    (json.dumps([1, 2]), "expected a JSON object"),
+    (json.dumps({**GOOD, "weights": "x"}), "malformed field"),
+    (json.dumps({**GOOD, "weights": [[30, 0, 1.0]]}), "inside 30 layers x 9 heads, got [30, 0, 1.0]"),
+    (json.dumps({**GOOD, "signal": "vibes"}), "unknown signal 'vibes'"),
+    (json.dumps({**GOOD, "layers": 24}), "calibrated for 24 layers x 9 heads, the model has 30 x 9"),
+    (json.dumps({**GOOD, "block_size": 128}), "calibrated at block size 128, this run uses 256"),
+], ids=["missing", "bad-json", "not-object", "bad-weights", "out-of-range", "bad-signal", "dims", "block-size"])
+def test_unusable_files_fall_back_with_one_line(heads_dir, content, needle):
+    if content is not None:
+        (heads_dir / f"{MODEL}.json").write_text(content)
+    hw, note = look()
+    assert hw is None and needle in note and "\n" not in note
+    assert note.endswith("citations weigh every attention head equally")
+
+
+def test_a_model_outside_the_catalog_has_no_weights(heads_dir):
+    (heads_dir / "my-model.json").write_text(json.dumps({**GOOD, "model": "my-model"}))
+    hw, note = hwm.for_model("my-model", layers=30, heads=9, block_size=256)
+    assert hw is None and "no calibrated citation weights for my-model" in note
+
+
+def test_session_notes_the_fallback_once_and_says_so_in_stats(heads_dir, tmp_path, capsys):
+    (heads_dir / f"{MODEL}.json").write_text("{corrupt")
+    root = write_tree(tmp_path / "repo", {"settings.py": "MAGIC_NUMBER = 7391046\n"})
+    rt = FakeRuntime(answers=["settings.py:1", "settings.py:1"])
+    rt.name = MODEL
+    pack = ingest.pack([root], rt.tokenizer, ingest.PackOptions(cache=False))
+    session = Session(rt, pack, AskConfig(no_cache=True, max_new_tokens=20))
+    session.open()
+    first, second = session.ask("What is the magic number?"), session.ask("And again?")
+    err = capsys.readouterr().err
+    assert err.count("moba-ask: note:") == 1 and "not readable JSON" in err and "Traceback" not in err
+    assert first.stats["citation_weights"] == second.stats["citation_weights"] == "uniform"
+    assert first.citations and session.head_weights is None
+
+
+def test_session_uses_calibrated_weights(heads_dir, tmp_path, capsys):
+    (heads_dir / f"{MODEL}.json").write_text(json.dumps({**GOOD, "layers": 2, "heads": 4, "block_size": 32,
+                                                          "weights": [[1, 2, 1.0]]}))
+    root = write_tree(tmp_path / "repo", {"settings.py": "MAGIC_NUMBER = 7391046\n"})
+    rt = FakeRuntime(answers=["fine"], block_size=32)
+    rt.name = MODEL
+    pack = ingest.pack([root], rt.tokenizer, ingest.PackOptions(cache=False))
+    session = Session(rt, pack, AskConfig(no_cache=True, max_new_tokens=5, block_size=32))
+    session.open = _open_with_heads(session, 4)
+    session.open()
+    answer = session.ask("What is the magic number?")
+    assert answer.stats["citation_weights"] == "calibrated" and "note" not in capsys.readouterr().err
+    want = torch.zeros(2, 4)
+    want[1, 2] = 1.0
+    assert torch.equal(answer.recorder.head_weights, want) and answer.recorder.per_head
+
+
+def _open_with_heads(session, heads):
+    """The fake engine's config names no query-head count; give it one before the lookup."""
+    original = session.open
+
+    def open_(progress=None, on_engine=None):
+        real_make = session.runtime.make_engine
+
+        def make(capacity):
+            engine = real_make(capacity)
+            engine.config = type("Cfg", (), dict(num_hidden_layers=2, num_attention_heads=heads))
+            return engine
+
+        session.runtime.make_engine = make
+        original(progress, on_engine)
+
+    return open_
