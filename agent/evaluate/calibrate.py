@@ -129,7 +129,7 @@ def choose(samples: list[Sample], top_heads=TOP_HEADS) -> tuple[str, int, torch.
             w = weights_for(mrr, n)
             m = table[signal][f"top{n}"] = combined(samples, signal, w)
             key = (m["block_hit_at_1"], m["block_mrr"])
-            if best is None or key > best[0]:
+            if best is None or key >= best[0]:  # ties go to more heads: less fit to few tasks
                 best = (key, signal, n, w)
     _, signal, n, w = best
     return signal, n, w, table
