@@ -1,10 +1,10 @@
 """The baselines every config is compared with, per task: BM25 over whole files (the gold file's
 rank), BM25 over function/class chunks (do the top-1 / top-3 chunks overlap the gold lines?) and a
-seeded random file.
+seeded random file. A chunk that shares no term with the question is never in the top 3.
 
 Chunks (from the packed copy's texts): every function or method with its full span, every class
 header (the class line up to its first method), and per file the module-level lines outside any
-top-level def or class. Knows nothing of models or attention.
+top-level def or class that are not blank. Knows nothing of models or attention.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def task_baselines(texts: dict[str, str], tasks, seed: int) -> dict[str, dict]:
     out = {}
     for t in tasks:
         ranking = files.rank(t.question)
-        top = [by_key[k] for k in fn.rank(t.question)[:3]]
+        scores = fn.scores(t.question)
+        top = [by_key[k] for k in fn.rank(t.question)[:3] if scores[k] > 0]
         gold = set(range(t.start_line, t.end_line + 1))
         hits = [c.path == t.path and bool(c.lines & gold) for c in top]
         out[t.id] = dict(bm25_rank=ranking.index(t.path) + 1 if t.path in ranking else None,
@@ -55,7 +56,8 @@ def chunks_of(texts: dict[str, str]) -> list[Chunk]:
             continue
         out += _def_chunks(path, tree)
         covered = {ln for s in tree.body if _is_def(s) for ln in range(_first(s), s.end_lineno + 1)}
-        rest = frozenset(range(1, n + 1)) - covered
+        lines = text.split("\n")
+        rest = frozenset(i for i in range(1, n + 1) if i not in covered and lines[i - 1].strip())
         if rest:
             out.append(Chunk(path, rest))
     return out
