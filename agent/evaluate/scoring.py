@@ -113,6 +113,11 @@ def reciprocal_rank(rank: int | None) -> float:
     return 1.0 / rank if rank else 0.0
 
 
+def overlaps(citation, path: str, start: int, end: int) -> bool:
+    """True when the citation is in `path` and shares a line with start..end."""
+    return citation.path == path and citation.start_line <= end and citation.end_line >= start
+
+
 def line_scores(citations, path: str, start: int, end: int) -> tuple[float, float]:
     """(precision, recall) of the lines cited in `path` against the gold lines start..end.
 
