@@ -19,7 +19,14 @@ from safetensors import SafetensorError
 
 from agent import ctxcache
 from agent.ctxcache import ContextCache
-from tests.agent.test_ctxcache import assert_same, key_for, kv_tensors, meta_for, root, stderr_lines  # noqa: F401
+from tests.agent.test_ctxcache import assert_same, key_for, kv_tensors, meta_for, stderr_lines
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("MOBA_ASK_CACHE_MAX_GB", raising=False)
+    return tmp_path / "cache" / "contexts"
 
 ENOSPC_MESSAGE = "Error while serializing: I/O error: No space left on device (os error 28)"
 
