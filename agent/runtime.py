@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from agent.cachefs import fingerprint
 from agent.config import AskConfig
 from agent.engine import Engine
 from agent.session import Runtime
@@ -33,6 +34,7 @@ def load_runtime(config: AskConfig) -> Runtime:
     name = config.model or models.default_model()
     device = device_of(config)
     model, tok, info = models.load_model(name, device=device, dtype=config.dtype, attn_implementation="moba")
+    identity = fingerprint(info.path)
     configure(model.config, moba_params(config, info.num_layers))
     return Runtime(
         tokenizer=tok,
@@ -43,6 +45,7 @@ def load_runtime(config: AskConfig) -> Runtime:
         stop_ids=stop_ids(tok, model),
         retune=lambda c: configure(model.config, moba_params(c, info.num_layers)),
         device=device,
+        identity=identity,
     )
 
 

@@ -9,14 +9,19 @@ after each given character offset (from the tokenizer's own offsets; no re-token
 
 `TokenCache` stores (ids, marks) per section under `$MOBA_ASK_CACHE_DIR/tokens/<tokenizer id>/`
 (default `~/.cache/moba-ask/tokens`), keyed by a hash of the section text. Files are a small binary
-format with a checksum (never pickle), written atomically (temp file + rename); a corrupt entry is
-ignored and rewritten. It knows nothing about files on disk or the pack layout.
+format with a checksum (never pickle), written atomically (temp file named with the writer's pid +
+rename); a corrupt entry is ignored and rewritten. The whole token cache (every tokenizer) is capped
+at TOKEN_CACHE_MAX_BYTES: a write that passes the cap deletes the least recently used entries
+(a hit refreshes an entry's mtime) down to TRIM_TO of it. `usage` and `clear` serve `moba-ask
+cache`; neither touches a temp file whose writer is alive. It knows nothing about files on disk
+or the pack layout.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -27,6 +32,10 @@ MAGIC = b"MBTK"
 VERSION = 1
 _HEAD = struct.Struct("<4sHII")
 _IDENTITIES: dict[int, tuple[object, str]] = {}
+TOKEN_CACHE_MAX_BYTES = 1 << 30
+TRIM_TO = 0.8
+_TMP_PREFIX = ".tmp-"
+_OWNER = re.compile(r"\.tmp-p(\d+)-")
 
 
 def backend_of(tokenizer):
@@ -104,27 +113,42 @@ def section_key(text: str, extra: str) -> str:
 
 
 class TokenCache:
-    """(ids, marks) per section key on disk; `directory=None` disables it. See module doc."""
+    """(ids, marks) per section key on disk; `directory=None` disables it. See module doc.
 
-    def __init__(self, directory: Path | None, tokenizer_id: str, writable: bool = True):
-        self.dir = None if directory is None else Path(directory) / tokenizer_id[:24]
+    max_bytes caps the whole cache under `directory`, every tokenizer together.
+    """
+
+    def __init__(self, directory: Path | None, tokenizer_id: str, writable: bool = True,
+                 max_bytes: int = TOKEN_CACHE_MAX_BYTES):
+        self.base = None if directory is None else Path(directory)
+        self.dir = None if directory is None else self.base / tokenizer_id[:24]
         self.writable = writable
+        self.max_bytes = max_bytes
+        self._total: int | None = None
 
     def _path(self, key: str) -> Path:
         return self.dir / key[:2] / f"{key}.bin"
 
     def get(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """Cached (ids, marks), or None when absent or corrupt."""
+        """Cached (ids, marks), or None when absent or corrupt. A hit refreshes the entry's mtime."""
         if self.dir is None:
             return None
+        path = self._path(key)
         try:
-            data = self._path(key).read_bytes()
+            data = path.read_bytes()
         except OSError:
             return None
-        return _decode(data)
+        got = _decode(data)
+        if got is not None and self.writable:
+            try:
+                os.utime(path)
+            except OSError:
+                pass  # a read-only cache still serves hits
+        return got
 
     def put(self, key: str, ids: np.ndarray, marks: np.ndarray) -> None:
-        """Store atomically; I/O errors are ignored (the cache is an optimisation)."""
+        """Store atomically, then trim the cache if it passed max_bytes; I/O errors are ignored
+        (the cache is an optimisation)."""
         if self.dir is None or not self.writable:
             return
         path = self._path(key)
@@ -134,13 +158,108 @@ class TokenCache:
         tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_TMP_PREFIX}p{os.getpid()}-")
             with os.fdopen(fd, "wb") as f:
                 f.write(body)
             os.replace(tmp, path)
         except OSError:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
+            return
+        if self._total is None:
+            self._total = usage(self.base)[1]
+        else:
+            self._total += len(body)
+        if self._total > self.max_bytes:
+            self._total = _trim(self.base, int(self.max_bytes * TRIM_TO))
+
+
+def usage(directory: Path) -> tuple[int, int]:
+    """(entries, bytes) of the token cache under directory (0, 0 when absent)."""
+    found = _entries(directory)
+    return len(found), sum(size for _, size, _ in found)
+
+
+def clear(directory: Path) -> tuple[int, int]:
+    """Delete every token cache entry and abandoned temp file under directory; return (entries,
+    bytes) removed. Temp files of live writers stay. Links are never followed."""
+    found = _entries(directory)
+    removed = freed = 0
+    for path, size, _ in found:
+        if _unlink(path):
+            removed, freed = removed + 1, freed + size
+    _sweep(directory)
+    return removed, freed
+
+
+def _trim(directory: Path, target: int) -> int:
+    """Delete least recently used entries until at most target bytes remain; return what remains."""
+    found = sorted(_entries(directory), key=lambda e: e[2])
+    total = sum(size for _, size, _ in found)
+    for path, size, _ in found:
+        if total <= target:
+            break
+        if _unlink(path):
+            total -= size
+    _sweep(directory)
+    return total
+
+
+def _entries(directory: Path) -> list[tuple[Path, int, float]]:
+    """(path, size, mtime) of every entry file under directory/<tokenizer>/<shard>/, links skipped."""
+    out = []
+    for path in _files(directory):
+        if path.suffix == ".bin":
+            try:
+                st = path.lstat()
+            except OSError:
+                continue
+            out.append((path, st.st_size, st.st_mtime))
+    return out
+
+
+def _files(directory: Path) -> list[Path]:
+    """Regular files two levels below directory (no links followed)."""
+    out = []
+    for tok in _scan(directory, dirs=True):
+        for shard in _scan(tok, dirs=True):
+            out.extend(_scan(shard, dirs=False))
+    return out
+
+
+def _scan(directory: Path, dirs: bool) -> list[Path]:
+    try:
+        with os.scandir(directory) as it:
+            return [Path(e.path) for e in it
+                    if (e.is_dir(follow_symlinks=False) if dirs else e.is_file(follow_symlinks=False))]
+    except OSError:
+        return []
+
+
+def _sweep(directory: Path) -> None:
+    """Remove temp files whose writer (the pid in the name) is dead."""
+    for path in _files(directory):
+        m = _OWNER.match(path.name)
+        if m and not _alive(int(m.group(1))):
+            _unlink(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        path.unlink()
+    except OSError:
+        return False
+    return True
 
 
 def _decode(data: bytes) -> tuple[np.ndarray, np.ndarray] | None:

@@ -50,7 +50,8 @@ def common_options(fn: Callable) -> Callable:
                      help="0 is greedy."),
         click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=AskConfig.top_p,
                      show_default=True, help="Nucleus sampling when temperature > 0."),
-        click.option("--no-cache", is_flag=True, help="Neither read nor write the context cache."),
+        click.option("--no-cache", is_flag=True,
+                     help="Neither read nor write the context cache or the token cache."),
         click.option("--device", help="cpu, cuda, cuda:1 ... [default: cuda when available]"),
         click.option("--chunk-size", type=click.IntRange(min=1), help="Prefill chunk (1024 CPU, 16384 CUDA)."),
         click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
@@ -73,7 +74,8 @@ def make_config(kw: dict) -> tuple[AskConfig, ingest.PackOptions]:
             temperature=kw.pop("temperature"), top_p=kw.pop("top_p"), no_cache=kw.pop("no_cache"),
             device=kw.pop("device"), chunk_size=kw.pop("chunk_size"), dtype=kw.pop("dtype"),
         )
-        opts = ingest.PackOptions(include=kw.pop("include"), exclude=kw.pop("exclude"), drop=not kw.pop("no_drop"))
+        opts = ingest.PackOptions(include=kw.pop("include"), exclude=kw.pop("exclude"), drop=not kw.pop("no_drop"),
+                                  cache=not cfg.no_cache)
     except (ValueError, ingest.PackError) as e:
         raise click.UsageError(str(e)) from None
     return cfg, opts
