@@ -1,14 +1,15 @@
-"""The public MoBA op: validation, the dense fast path and backend choice.
+"""The public MoBA op: validation, the dense fast path and the one place a backend is chosen.
 
-Layout: q [B, Hq, Tq, D], k and v [B, Hkv, Tk, D], the queries being the last Tq keys.
-Backends: "portable" (plain PyTorch, any device), "triton" (CUDA, imported lazily),
-"naive" (the spec, small sizes only). The default is "triton" for CUDA tensors when Triton
-imports, else "portable"; `set_backend` overrides it (tests, benchmarks).
+Every backend implements `moba.types.MobaKernel` (layout and arguments there). `_LOADERS` maps
+each name to its implementation: "portable" (plain PyTorch, any device), "triton" (CUDA,
+imported lazily), "naive" (the spec, small sizes only). The default is "triton" for CUDA tensors
+when Triton imports, else "portable"; `set_backend` overrides it (tests, benchmarks).
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 import torch
 
@@ -16,9 +17,19 @@ from moba.dense import covers_all_blocks, dense_attention
 from moba.naive import naive_moba_attention
 from moba.portable import portable_moba_attention
 from moba.routing import block_means, select_blocks
-from moba.types import Routing, check_inputs
+from moba.types import MobaKernel, Routing, check_inputs
 
-BACKENDS = ("auto", "portable", "triton", "naive")
+
+def _triton() -> MobaKernel:
+    return importlib.import_module("moba.triton").triton_moba_attention
+
+
+_LOADERS: dict[str, Callable[[], MobaKernel]] = {
+    "portable": lambda: portable_moba_attention,
+    "triton": _triton,
+    "naive": lambda: naive_moba_attention,
+}
+BACKENDS = ("auto", *_LOADERS)
 _backend = "auto"
 
 
@@ -42,21 +53,10 @@ def moba_attention(
     return_routing: bool = False,
     key_means: torch.Tensor | None = None,
 ):
-    """Mixture of Block Attention (semantics in moba/README.md).
+    """Mixture of Block Attention: the public `moba.types.MobaKernel` (arguments and semantics there).
 
-    Args:
-        q: [B, Hq, Tq, D] queries; absolute positions Tk - Tq .. Tk - 1.
-        k, v: [B, Hkv, Tk, D]; Hq % Hkv == 0 (GQA without repeating K/V).
-        block_size: keys per block; block i holds positions [i*bs, (i+1)*bs).
-        top_k: blocks per query counting its own block; top_k - 1 are routed.
-        sink_blocks: the first blocks, always attended when before the own block. Default 0.
-        scale: softmax scale. Default D ** -0.5.
-        return_routing: also return a `moba.Routing` (blocks and gate scores per query).
-        key_means: optional cached [B, Hkv, Tk // block_size, D] fp32 block means.
-    Returns:
-        out [B, Hq, Tq, D] in q's dtype, or (out, routing) when return_routing.
-    Raises:
-        ValueError: on shapes or parameters outside the contract.
+    Checks the inputs, computes exact causal SDPA when every query would attend every past block,
+    and otherwise calls the backend `backend_for(q)` names.
 
     >>> q = k = v = torch.randn(1, 2, 300, 64)
     >>> moba_attention(q, k, v, block_size=64, top_k=2).shape
@@ -100,18 +100,13 @@ def backend_for(q: torch.Tensor) -> str:
     return "triton" if q.is_cuda and _triton_available() else "portable"
 
 
-def _resolve(q: torch.Tensor):
-    name = backend_for(q)
-    if name == "naive":
-        return naive_moba_attention
-    if name == "triton":
-        return importlib.import_module("moba.triton").triton_moba_attention
-    return portable_moba_attention
+def _resolve(q: torch.Tensor) -> MobaKernel:
+    return _LOADERS[backend_for(q)]()
 
 
 def _triton_available() -> bool:
     try:
-        importlib.import_module("moba.triton")
+        _triton()
     except ImportError:
         return False
     return True

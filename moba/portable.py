@@ -1,6 +1,5 @@
-"""MoBA attention in plain PyTorch, for CPU and CUDA. The reference is moba/naive.py.
+"""MoBA attention in plain PyTorch, for CPU and CUDA (`moba.types.MobaKernel`). The reference is moba/naive.py.
 
-Layout: q [B, Hq, Tq, D], k and v [B, Hkv, Tk, D]; the queries are the last Tq keys.
 Queries are processed in chunks. For each chunk the gate picks blocks (moba/routing.py).
 Few queries (decode): the own block is attended causally, then each query's picked blocks are
 gathered and merged. Many queries (prefill): every (query, slot) pair, the own block being slot 0
@@ -35,11 +34,7 @@ def portable_moba_attention(
     return_routing: bool = False,
     key_means: torch.Tensor | None = None,
 ):
-    """MoBA attention; see `moba.moba_attention` for the contract.
-
-    key_means: optional [B, Hkv, Tk // block_size, D] fp32 means of the complete key blocks
-        (a KV cache keeps them up to date so that decode does not re-pool the cache).
-    """
+    """MoBA attention in plain PyTorch; arguments and result: `moba.types.MobaKernel`."""
     check_inputs(q, k, v, block_size, top_k, sink_blocks)
     B, Hq, Tq, D = q.shape
     scale = D**-0.5 if scale is None else scale

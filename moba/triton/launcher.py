@@ -53,12 +53,10 @@ def triton_moba_attention(
     return_routing: bool = False,
     key_means: torch.Tensor | None = None,
 ):
-    """MoBA attention with the Triton kernels; same contract as `moba.moba_attention`.
+    """MoBA attention with the Triton kernels; arguments and result: `moba.types.MobaKernel`.
 
-    q: [B, Hq, Tq, D], k and v: [B, Hkv, Tk, D], fp16 or bf16, D in {64, 128, 256}; anything else
-    (or a scale <= 0) is computed by `moba.portable_moba_attention`. key_means: optional cached fp32 block means
-    [B, Hkv, Tk // block_size, D]. Returns out (and a `moba.Routing` when return_routing).
-    Raises ValueError on inputs outside the op's contract.
+    The kernels take fp16 or bf16 with D in {64, 128, 256} on CUDA (or under TRITON_INTERPRET=1);
+    anything else, or a scale <= 0, is computed by `moba.portable_moba_attention`.
     """
     check_inputs(q, k, v, block_size, top_k, sink_blocks)
     if not _supported(q, k, v) or (scale is not None and scale <= 0):
