@@ -190,7 +190,7 @@ def _tile(qf, k, v, seg_key, rows, qpos, slot, n_blocks, block_size, scale, mask
 
 def _tile_flash(qs, ks, vs, kpos, qpos, masked, slot, scale, e_m, e_l, e_o) -> None:
     """CPU: the tiles through PyTorch's flash-attention kernel, which returns the log-sum-exp, so
-    each entry's partial is (lse, 1, normalised output); 2.3x the throughput of bmm + exp (2 cores)."""
+    each entry's partial is (lse, 1, normalised output); faster than bmm + exp (bench/RESULTS.md)."""
     mask = None
     if masked:
         mask = torch.zeros(qs.shape[0], 1, qs.shape[1], ks.shape[1], device=qs.device)
