@@ -5,25 +5,21 @@ Rows: MoBA prefill at each --tokens length (time, tok/s, peak GPU memory), dense
 --dense-tokens length, and MoBA decode after the longest prefill, twice from the same context: eager
 (`decode="dynamic"`, one Python forward per token) and CUDA graph (`decode="graph"`, one replay per token,
 timed after its warm-up and capture); the greedy tokens of the two are compared.
-Run (on the GPU machine): python bench/model_gpu.py --tokens 131072 262144 524288 1048576 --dense-tokens 131072 262144
+Run (on the GPU machine): python -m bench.model_gpu --tokens 131072 262144 524288 1048576 --dense-tokens 131072 262144
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import moba  # noqa: E402, F401  (registers attn_implementation="moba")
-from agent.engine import Engine, Sampling  # noqa: E402
-from moba.hf import MobaParams, configure, dense_queries, moba_params  # noqa: E402
+import moba  # noqa: F401  (registers attn_implementation="moba")
+from agent.engine import Engine, Sampling
+from moba.hf import MobaParams, configure, dense_queries, moba_params
 
 QWEN7B_1M = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                  num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=1_010_000,

@@ -1,6 +1,5 @@
-"""MoBA attention in plain PyTorch, for CPU and CUDA. The reference is moba/naive.py.
+"""MoBA attention in plain PyTorch, for CPU and CUDA (`moba.types.MobaKernel`). The reference is moba/naive.py.
 
-Layout: q [B, Hq, Tq, D], k and v [B, Hkv, Tk, D]; the queries are the last Tq keys.
 Queries are processed in chunks. For each chunk the gate picks blocks (moba/routing.py).
 Few queries (decode): the own block is attended causally, then each query's picked blocks are
 gathered and merged. Many queries (prefill): every (query, slot) pair, the own block being slot 0
@@ -37,11 +36,7 @@ def portable_moba_attention(
     local_blocks: int = 0,
     gate_subblocks: int = 1,
 ):
-    """MoBA attention; see `moba.moba_attention` for the contract.
-
-    key_means: optional [B, Hkv, Tk // block_size, D] fp32 means of the complete key blocks
-        (a KV cache keeps them up to date so that decode does not re-pool the cache).
-    """
+    """MoBA attention in plain PyTorch; arguments and result: `moba.types.MobaKernel`."""
     check_inputs(q, k, v, block_size, top_k, sink_blocks, local_blocks, gate_subblocks)
     B, Hq, Tq, D = q.shape
     scale = D**-0.5 if scale is None else scale
@@ -199,7 +194,7 @@ def _tile(qf, k, v, seg_key, rows, qpos, slot, n_blocks, block_size, scale, mask
 
 def _tile_flash(qs, ks, vs, kpos, qpos, masked, slot, scale, e_m, e_l, e_o) -> None:
     """CPU: the tiles through PyTorch's flash-attention kernel, which returns the log-sum-exp, so
-    each entry's partial is (lse, 1, normalised output); 2.3x the throughput of bmm + exp (2 cores)."""
+    each entry's partial is (lse, 1, normalised output); faster than bmm + exp (bench/RESULTS.md)."""
     mask = None
     if masked:
         mask = torch.zeros(qs.shape[0], 1, qs.shape[1], ks.shape[1], device=qs.device)

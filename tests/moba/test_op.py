@@ -1,5 +1,7 @@
 """The portable path and the public op against the spec (moba/naive.py) and dense oracles."""
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,6 +9,8 @@ import torch.nn.functional as F
 import moba
 import moba.portable
 from moba import moba_attention, naive_moba_attention, portable_moba_attention
+from moba.ops import _LOADERS
+from moba.types import MobaKernel
 from tests.moba.mobatest import block_local_reference, make_qkv, rel_err
 
 # B, Hq, Hkv, Tq, Tk, D, block, top_k, sinks
@@ -132,3 +136,13 @@ def test_bad_inputs_raise(shapes, kwargs, match):
     for fn in (moba_attention, naive_moba_attention, portable_moba_attention):
         with pytest.raises(ValueError, match=match):
             fn(q, k, k, **args)
+
+
+def _params(fn) -> list[tuple]:
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values() if p.name != "self"]
+
+
+@pytest.mark.parametrize("name", ["op", *_LOADERS])
+def test_every_backend_takes_the_kernel_contract(name):
+    fn = moba_attention if name == "op" else _LOADERS[name]()
+    assert _params(fn) == _params(MobaKernel.__call__)
