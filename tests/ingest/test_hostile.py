@@ -279,3 +279,24 @@ def test_giant_section_is_encoded_in_bounded_pieces(tok, monkeypatch):
     assert tok.decode(ids.tolist()) == text
     starts = np.cumsum([0, *(len(tok.decode([t])) for t in ids[:-1].tolist())])
     assert marks.tolist() == np.searchsorted(starts, cuts).tolist()
+
+
+def test_cli_states_redactions_and_escapes_names_on_stderr(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from agent.commands.pack import pack as pack_cmd
+    from tests.ingest.fixtures import make_tokenizer
+
+    tok_path = tmp_path / "tokenizer.json"
+    make_tokenizer().save(str(tok_path))
+    root = write_tree(tmp_path / "repo", {"app.py": f"KEY = '{AKIA}'\n", "bad\x1b[2J.py": "x = 1\n"})
+    result = CliRunner().invoke(pack_cmd, [str(root), "-m", str(tok_path), "--json", "--no-cache"])
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["redacted"] == [{"path": "app.py", "line": 1, "kind": "aws-access-key-id"}]
+    assert data["notes"] == [] and "bad\\x1b[2J.py" in {f["path"] for f in data["files"]}
+    assert "redacted 1 secret value(s) as [REDACTED:kind]: app.py:1" in result.stderr
+    assert "\x1b" not in result.stderr + result.stdout and AKIA not in result.stdout
+    too_big = CliRunner().invoke(pack_cmd, [str(root), "-m", str(tok_path), "--max-file-bytes", str(1 << 30)])
+    assert too_big.exit_code == 2 and "Traceback" not in too_big.output
+    assert "--max-file-bytes" in too_big.stderr and "67108864" in too_big.stderr
