@@ -1,7 +1,8 @@
 """Ask git which files a work tree holds, treating the repository as hostile input.
 
 Every git call runs with the repository's command-running settings overridden (`core.fsmonitor`,
-`core.hooksPath`, `core.pager`, `core.sshCommand`, `core.askPass`, `protocol.allow`), no pager,
+`core.hooksPath`, `core.pager`, `core.sshCommand`, `core.askPass`, `protocol.allow`, and
+`core.excludesFile` taken from the user's global config only), no pager,
 no prompt, no optional locks, stdin closed, inherited GIT_* variables dropped and a timeout, so
 a repository's own .git/config cannot run a program. The system and global git configs are the
 user's and are kept (global excludes, safe.directory); git's own ownership check still applies.
@@ -77,8 +78,21 @@ def list_files(top: str, work: str) -> list[str]:
     if not toplevel or Path(toplevel).resolve() != Path(work):
         raise GitUnavailable(f"git reports the work tree at {toplevel or 'nowhere'}, not {work}")
     rel = os.path.relpath(top, work)
-    out = run(work, "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", rel)
+    out = run(work, "-c", f"core.excludesFile={global_excludes_file()}", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", rel)
     return [os.path.join(work, p) for p in dict.fromkeys(out.split("\0")) if p]
+
+
+def global_excludes_file() -> str:
+    """core.excludesFile from the user's global config, else git's default ($XDG_CONFIG_HOME/git/ignore).
+
+    Passed explicitly so that a repository's own config cannot point git at a FIFO or a device.
+    """
+    try:
+        return os.path.expanduser(run(os.path.expanduser("~"), "config", "--global", "--get",
+                                      "core.excludesFile").strip())
+    except GitUnavailable:
+        base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+        return os.path.join(base, "git", "ignore")
 
 
 def exclude_lines(work: str) -> list[str]:

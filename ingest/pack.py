@@ -4,7 +4,7 @@ Pipeline: walk.collect (file set) -> readers.read (text with secrets redacted, o
 render (order, sections) -> tokens (batch encode with exact marks, disk cache) -> budget (drop
 whole files) -> assemble the ids, the text and the SourceMap. From the read on, every path is the
 display form (`render.display_path`), so the text, the records, the source map and the skipped
-list agree. Writes only to the token cache, never inside the packed tree.
+list agree; a secret inside a skipped file's name is redacted in the skipped list too. Writes only to the token cache, never inside the packed tree.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest import budget, readers, render, rules, walk
+from ingest import budget, readers, render, rules, secrets, walk
 from ingest.records import FileRecord, Pack, PackError, PackOptions
 from ingest.sourcemap import SourceMap
 from ingest.tokens import BATCH_CHARS, Encoder, TokenCache, cache_dir, section_key
@@ -73,7 +73,7 @@ def pack(paths: str | os.PathLike | Sequence[str | os.PathLike], tokenizer,
     encoder = Encoder(tokenizer)
     root, cands, skipped, notes = walk.collect([os.fspath(p) for p in paths], options)
     docs = _read_all(cands, options, skipped)
-    skipped = sorted((render.display_path(path), reason) for path, reason in skipped)
+    skipped = sorted((render.display_path(secrets.redact(path)[0]), reason) for path, reason in skipped)
     if not docs:
         raise PackError(_nothing_to_pack(root, skipped))
     docs.sort(key=lambda d: render.order_key(d.rel))

@@ -88,7 +88,7 @@ def read_regular(path: str, cap: int) -> bytes:
         st = os.fstat(fd)
         _require_regular(st.st_mode)
         if st.st_size > cap:
-            raise Skip(_over_cap(st.st_size, cap))
+            raise Skip(_over_cap(_mb(st.st_size), cap))
         chunks, total = [], 0
         while total <= cap:
             chunk = f.read(min(_READ_CHUNK, cap + 1 - total))
@@ -97,7 +97,7 @@ def read_regular(path: str, cap: int) -> bytes:
             chunks.append(chunk)
             total += len(chunk)
     if total > cap:
-        raise Skip(_over_cap(total, cap))
+        raise Skip(_over_cap("more", cap))
     return b"".join(chunks)
 
 
@@ -114,9 +114,9 @@ def _kind(mode: int) -> str:
     return "special file"
 
 
-def _over_cap(size: int, cap: int) -> str:
+def _over_cap(size: str, cap: int) -> str:
     more = "" if cap >= MAX_FILE_BYTES_LIMIT else "; raise --max-file-bytes"
-    return f"larger than the size cap ({_mb(size)}{'+' if size > cap else ''} > {_mb(cap)}){more}"
+    return f"larger than the size cap ({size} > {_mb(cap)}){more}"
 
 
 def _mb(n: int) -> str:

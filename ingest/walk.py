@@ -93,6 +93,8 @@ def resolve_paths(paths: list[str]) -> tuple[str, list[Path]]:
         try:
             resolved.append(Path(p).resolve(strict=True))
         except (OSError, RuntimeError):
+            if os.path.lexists(p):
+                raise PackError(f"cannot resolve {p}: a broken symlink or a symlink loop") from None
             raise PackError(f"path does not exist: {p}") from None
     bases = [str(r if r.is_dir() else r.parent) for r in resolved]
     return os.path.commonpath(bases), resolved

@@ -118,7 +118,7 @@ def test_token_in_a_file_name_is_not_packed(tmp_path, run_pack):
     write_tree(tmp_path, {f"{AKIA}.txt": "hello\n", "a.py": "a = 1\n"})
     p = run_pack(tmp_path)
     assert AKIA not in p.text
-    assert reasons(p)[f"{AKIA}.txt"].startswith("looks like a secret (aws-access-key-id in the file name)")
+    assert reasons(p)["[REDACTED:aws-access-key-id].txt"].startswith("looks like a secret (aws-access-key-id in")
 
 
 @pytest.mark.parametrize("use_git", [True, False], ids=["git", "plain"])
@@ -178,7 +178,7 @@ def test_size_cap_reads_at_most_cap_plus_one_bytes(tmp_path, monkeypatch):
             return os.stat_result((*os.fstat(fd)[:6], 0, *os.fstat(fd)[7:]))
 
     monkeypatch.setattr(readers, "os", SizeZeroOs())
-    with pytest.raises(readers.Skip, match=r"larger than the size cap \(0.0 MiB\+ > 0.0 MiB\)"):
+    with pytest.raises(readers.Skip, match=r"larger than the size cap \(more > 0.0 MiB\)"):
         readers.read_regular(str(big), 1000)
     assert readers.read_regular(str(big), 5000) == b"x" * 5000
 
@@ -193,7 +193,10 @@ def test_repository_config_cannot_run_commands(tmp_path, run_pack):
     with repo.config_writer() as cw:
         cw.set_value("core", "fsmonitor", str(hook))
         cw.set_value("core", "pager", str(hook))
-    p = run_pack(root)
+        cw.set_value("core", "excludesFile", str(tmp_path / "fifo"))
+    os.mkfifo(tmp_path / "fifo")
+    with deadline(30):
+        p = run_pack(root)
     assert not marker.exists()
     assert {f.path for f in p.files} == {"a.py", ".gitignore"} and p.notes == ()
 
