@@ -5,7 +5,11 @@
 of the backend with no post-processor, padding or truncation, and with `encode_special_tokens` on,
 so that text such as "<|im_end|>" inside a file is encoded as plain text, never as a control
 token. Each section's ids are returned with *marks*: the index of the first token starting at or
-after each given character offset (from the tokenizer's own offsets; no re-tokenizing).
+after each given character offset (from the tokenizer's own offsets; no re-tokenizing). A section
+longer than CHUNK_CHARS is encoded in pieces of at most that many characters, cut after a line
+break (else after a space, else anywhere), and pieces are encoded at most BATCH_CHARS at a time,
+so one huge file cannot make the tokenizer's working memory explode; such sections get their own
+cache keys.
 
 `TokenCache` stores (ids, marks) per section under `$MOBA_ASK_CACHE_DIR/tokens/<tokenizer id>/`
 (default `~/.cache/moba-ask/tokens`), keyed by a hash of the section text. Files are a small binary
@@ -36,6 +40,8 @@ TOKEN_CACHE_MAX_BYTES = 1 << 30
 TRIM_TO = 0.8
 _TMP_PREFIX = ".tmp-"
 _OWNER = re.compile(r"\.tmp-p(\d+)-")
+CHUNK_CHARS = 1 << 18
+BATCH_CHARS = 1 << 20
 
 
 def backend_of(tokenizer):
@@ -84,19 +90,54 @@ class Encoder:
         return self._plain
 
     def encode(self, texts: list[str], cuts: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Encode texts in one batch. Returns (ids uint32 [n], marks uint32 [len(cuts[i])]) per text.
+        """Encode texts. Returns (ids uint32 [n], marks uint32 [len(cuts[i])]) per text.
 
         marks[j] is the index of the first token whose start offset is >= cuts[i][j].
         """
-        encs = self._backend().encode_batch(texts, add_special_tokens=False)
+        pieces = [(i, start, piece) for i, t in enumerate(texts) for start, piece in split(t)]
+        ids: list[list[np.ndarray]] = [[] for _ in texts]
+        starts: list[list[np.ndarray]] = [[] for _ in texts]
+        for group in _groups(pieces):
+            encs = self._backend().encode_batch([p for _, _, p in group], add_special_tokens=False)
+            for (i, offset, _), enc in zip(group, encs, strict=True):
+                ids[i].append(np.array(enc.ids, dtype=np.uint32))
+                starts[i].append(np.fromiter((s for s, _ in enc.offsets), np.int64, len(enc.ids)) + offset)
         out = []
-        for enc, cut in zip(encs, cuts, strict=True):
-            ids = np.array(enc.ids, dtype=np.uint32)
-            starts = np.fromiter((s for s, _ in enc.offsets), dtype=np.int64, count=len(ids))
-            if len(starts) > 1:
-                np.maximum.accumulate(starts, out=starts)
-            out.append((ids, np.searchsorted(starts, np.asarray(cut, np.int64)).astype(np.uint32)))
+        for i, cut in enumerate(cuts):
+            tok = np.concatenate(ids[i]) if ids[i] else np.zeros(0, np.uint32)
+            pos = np.concatenate(starts[i]) if starts[i] else np.zeros(0, np.int64)
+            if len(pos) > 1:
+                np.maximum.accumulate(pos, out=pos)
+            out.append((tok, np.searchsorted(pos, np.asarray(cut, np.int64)).astype(np.uint32)))
         return out
+
+
+def split(text: str, limit: int | None = None) -> list[tuple[int, str]]:
+    """(start offset, piece) covering text, each piece at most limit (default CHUNK_CHARS) characters."""
+    limit = limit or CHUNK_CHARS
+    if len(text) <= limit:
+        return [(0, text)]
+    out, pos = [], 0
+    while pos < len(text):
+        end = min(pos + limit, len(text))
+        if end < len(text):
+            cut = text.rfind("\n", pos + limit // 2, end)
+            cut = cut if cut >= 0 else text.rfind(" ", pos + limit // 2, end)
+            end = cut + 1 if cut >= 0 else end
+        out.append((pos, text[pos:end]))
+        pos = end
+    return out
+
+
+def _groups(pieces: list) -> list[list]:
+    groups, cur, size = [], [], 0
+    for p in pieces:
+        if cur and size + len(p[2]) > BATCH_CHARS:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(p)
+        size += len(p[2])
+    return groups + ([cur] if cur else [])
 
 
 def cache_dir() -> Path:
@@ -107,7 +148,8 @@ def cache_dir() -> Path:
 
 def section_key(text: str, extra: str) -> str:
     """Cache key of a section: hash of its text plus layout facts (`extra`)."""
-    h = hashlib.blake2b(extra.encode(), digest_size=20)
+    chunked = f"|chunks of {CHUNK_CHARS}" if len(text) > CHUNK_CHARS else ""
+    h = hashlib.blake2b((extra + chunked).encode(), digest_size=20)
     h.update(text.encode("utf-8", "surrogatepass"))
     return h.hexdigest()
 

@@ -13,6 +13,7 @@ import click
 
 import ingest
 from agent.config import AUTO_DENSE_FACTOR, AskConfig, auto_threshold, parse_layers, resolve
+from agent.render import pack_notes
 
 RESERVE = 512  # tokens kept free beside the pack for the prompt frame and the question
 
@@ -167,7 +168,9 @@ class Progress:
         self.console.print(f"packed {len(pk.files)} files, {pk.total_tokens:,} tokens (budget {budget:,}); "
                            f"{len(pk.skipped)} skipped, {len(pk.dropped)} dropped to fit", highlight=False)
         for path, tokens, reason in pk.dropped[:5]:
-            self.console.print(f"  dropped {path} ({tokens:,} tokens): {reason}", highlight=False)
+            self.console.print(f"  dropped {path} ({tokens:,} tokens): {reason}", highlight=False, markup=False)
+        for line in pack_notes(pk):
+            self.console.print(line, highlight=False, markup=False)
 
     def prefill(self, session) -> None:
         with self._bar("prefill", "tokens") as (bar, task):

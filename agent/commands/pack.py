@@ -17,7 +17,9 @@ from pathlib import Path
 import click
 
 import ingest
-from ingest.records import DEFAULT_MAX_FILE_BYTES
+from agent.render import pack_notes
+from ingest.records import DEFAULT_MAX_FILE_BYTES, MAX_FILE_BYTES_LIMIT
+from ingest.render import display_path
 from ingest.walk import resolve_paths
 
 DEFAULT_MODEL = "qwen2.5-coder-1.5b"
@@ -33,7 +35,7 @@ SHOW = 10
 @click.option("--include", multiple=True, metavar="GLOB", help="Only pack files matching GLOB (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out files matching GLOB (repeatable).")
 @click.option("--no-line-numbers", is_flag=True, help="Do not prefix lines with their numbers.")
-@click.option("--max-file-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_FILE_BYTES, show_default=True,
+@click.option("--max-file-bytes", type=click.IntRange(min=1, max=MAX_FILE_BYTES_LIMIT), default=DEFAULT_MAX_FILE_BYTES, show_default=True,
               help="Skip files larger than this (for .ipynb/.pdf: extracted text).")
 @click.option("--no-drop", is_flag=True, help="Fail instead of dropping files when over --max-tokens.")
 @click.option("--allow-secrets", is_flag=True, help="Pack files that look like secrets (.env, keys, ...).")
@@ -183,17 +185,20 @@ def report(p: ingest.Pack) -> dict:
                    "lines": f.lines, "flags": list(f.flags)} for f in p.files],
         "skipped": [{"path": path, "reason": reason} for path, reason in p.skipped],
         "dropped": [{"path": path, "tokens": n, "reason": reason} for path, n, reason in p.dropped],
+        "redacted": [{"path": path, "line": line, "kind": kind} for path, line, kind in p.redacted],
+        "notes": list(p.notes),
     }
 
 
 def _summary(p: ingest.Pack, max_tokens: int | None, seconds: float) -> None:
     budget = f" of {max_tokens:,} allowed" if max_tokens else ""
-    lines = [f"packed {len(p.files):,} files, {p.total_tokens:,} tokens{budget} from {p.root} "
+    lines = [f"packed {len(p.files):,} files, {p.total_tokens:,} tokens{budget} from {display_path(p.root)} "
              f"in {seconds:.2f} s (tree {p.tree_tokens:,} tokens)", "largest files:"]
     lines += [f"  {f.tokens:>9,}  {f.path}" for f in sorted(p.files, key=lambda f: -f.tokens)[:5]]
     flagged = [f for f in p.files if "non_utf8" in f.flags]
     if flagged:
         lines.append(f"decoded with replacement characters (not UTF-8): {', '.join(f.path for f in flagged[:SHOW])}")
+    lines += pack_notes(p)
     lines += _skipped(p.skipped)
     lines += _listing("dropped", [f"  {n:>9,}  {path}: {reason}" for path, n, reason in p.dropped])
     click.echo("\n".join(lines), err=True)
