@@ -58,7 +58,8 @@ PROGRESS_EVERY_S = 10.0
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out files matching GLOB.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON document instead of tables.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
-              help="Also write the JSON document to FILE.")
+              help="Also write the JSON document to FILE, rewritten after each repository and size is done "
+                   "(meta.complete is false until the end), so that a run cut short keeps what it measured.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or notes on stderr.")
 def eval_cmd(paths, n_tasks, sizes, seed, configs, as_json, output, quiet, include, exclude, **kw):
     """Score answers and citations on questions built from the Python repositories REPO ...
@@ -79,6 +80,8 @@ def eval_cmd(paths, n_tasks, sizes, seed, configs, as_json, output, quiet, inclu
       moba-ask eval . --attention dense,moba:qa=dense+dense=last3,moba:block=512+topk=3 --json
     """
     common.check_paths(list(paths))
+    if output and not os.access(os.path.dirname(os.path.abspath(output)), os.W_OK):
+        raise click.UsageError(f"-o {output}: its directory does not exist or is not writable; pick another FILE")
     for path in paths:
         if not os.path.isdir(path):
             raise click.UsageError(f"REPO must be a directory (a repository), got the file {path}")
@@ -93,18 +96,33 @@ def eval_cmd(paths, n_tasks, sizes, seed, configs, as_json, output, quiet, inclu
     for size in budgets:
         _check_fit(rt, cfg, size)
     units = _units(paths, budgets, rt, ui, math.ceil(n_tasks / len(paths)), seed, include, exclude)
-    tasks, timings = runner.run(rt, units, cfg, specs, seed=seed, open_session=ui.prefill,
-                                on_task=_QuestionLog(ui))
     meta = dict(model=rt.name, configs=[_config_meta(s, cfg) for s in specs], repos=[_unit_meta(u) for u in units],
                 max_new_tokens=cfg.max_new_tokens)
-    doc = rep.build(tasks, timings, [s.name for s in specs], meta, seed)
-    if output:
-        with open(output, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
+    names = [s.name for s in specs]
+
+    def save(tasks, timings, complete=False):
+        if output:
+            _write(output, rep.build(tasks, timings, names, dict(meta, complete=complete), seed))
+
+    tasks, timings = runner.run(rt, units, cfg, specs, seed=seed, open_session=ui.prefill,
+                                on_task=_QuestionLog(ui), on_unit=save)
+    doc = rep.build(tasks, timings, names, dict(meta, complete=True), seed)
+    save(tasks, timings, complete=True)
     if as_json:
         click.echo(json.dumps(doc, indent=1))
     else:
         click.echo(rep.to_markdown(doc), nl=False)
+
+
+def _write(path: str, doc: dict) -> None:
+    """Write the document whole or not at all (a run killed mid-write keeps the previous one)."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise click.ClickException(f"cannot write -o {path}: {e.strerror}") from None
 
 
 def _sizes(text: str) -> list[int]:

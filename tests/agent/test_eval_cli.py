@@ -205,3 +205,25 @@ def test_bad_paths_are_one_line_errors(tmp_path, oracle):
     assert r.exit_code == 1 and "no Python functions with docstrings" in r.stderr and str(tmp_path / "t") in r.stderr
     r = run("eval")
     assert r.exit_code == 2 and "Missing argument" in r.stderr
+
+
+def test_output_is_rewritten_after_each_workspace_and_marked_complete_at_the_end(tmp_path, repo, oracle,
+                                                                                 monkeypatch):
+    from agent.commands import eval as eval_cmd
+
+    other = make_repo(tmp_path / "other" / "repo")
+    oracle.tasks = build_workspace(str(repo), oracle.tokenizer, context_tokens=20000, n_tasks=5, seed=3).tasks
+    written = []
+    real = eval_cmd._write
+    monkeypatch.setattr(eval_cmd, "_write", lambda path, doc: (written.append(json.loads(json.dumps(doc))), real(path, doc)))
+    out = tmp_path / "run.json"
+    r = run("eval", repo, other, *ARGS, "--tasks", "10", "--context-tokens", "20000", "-o", out)
+    assert r.exit_code == 0, r.stderr
+    assert [(d["meta"]["complete"], len(d["tasks"])) for d in written] == [(False, 5), (False, 10), (True, 10)]
+    assert {t["repo"] for t in written[0]["tasks"]} == {"repo#1"} and written[0]["summary"][0]["n"] == 5
+    assert json.loads(out.read_text()) == written[-1] and not (tmp_path / "run.json.tmp").exists()
+
+
+def test_an_output_file_in_a_missing_directory_is_refused_before_the_model_loads(tmp_path, repo, oracle):
+    r = run("eval", repo, "-o", tmp_path / "nope" / "run.json")
+    assert r.exit_code == 2 and "its directory does not exist" in r.stderr and not oracle.engines
