@@ -5,6 +5,8 @@ directories (no git), and a table of their sizes and task candidates.
     python bench/eval_repos.py stats [DEST]    # markdown: pack tokens (smollm2-135m tokenizer) and the
                                                # candidate tasks per family at 16K and 30K context tokens
     python bench/eval_repos.py paths [DEST]    # the evaluation package directories, one line (for `moba-ask eval`)
+    python bench/eval_repos.py bundle [DEST]   # DEST/evalrepos.tgz: every package directory (about 1 MB), to
+                                               # carry to a machine without network (bench/eval_gpu.sh unpacks it)
 
 EVAL are the evaluation repositories, CALIBRATION the ones kept out of it (for calibrating citation
 weights). DEST/NAME-VERSION is each one's directory (an existing one is kept); the evaluation packs
@@ -27,7 +29,8 @@ EVAL = [  # (name, version, kind, the package directory inside the sdist: the co
     ("mpmath", "1.3.0", "numeric / scientific library", "mpmath"),
     ("lark", "1.2.2", "parser generator", "lark"),
     ("flake8", "7.1.1", "tool with a plugin system", "src/flake8"),
-    ("sqlite-utils", "3.37", "database layer", "sqlite_utils"),
+    ("tortoise-orm", "0.21.7", "database / async ORM", "tortoise"),
+    ("rich", "13.7.1", "terminal rendering", "rich"),
     ("click", "8.1.7", "CLI framework", "src/click"),
 ]
 CALIBRATION = [
@@ -87,14 +90,23 @@ def stats(dest: Path) -> None:
                   + " | ".join(cells) + " |")
 
 
+def bundle(dest: Path) -> None:
+    with tarfile.open(dest / "evalrepos.tgz", "w:gz") as t:
+        for name, version, _, package in EVAL + CALIBRATION:
+            t.add(dest / f"{name}-{version}" / package, arcname=f"{name}-{version}/{package}")
+    print(dest / "evalrepos.tgz")
+
+
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] not in ("fetch", "stats", "paths"):
-        sys.exit("usage: eval_repos.py fetch|stats|paths [DEST]")
+    if not argv or argv[0] not in ("fetch", "stats", "paths", "bundle"):
+        sys.exit("usage: eval_repos.py fetch|stats|paths|bundle [DEST]")
     dest = Path(argv[1] if len(argv) > 1 else DEFAULT_DEST)
     if argv[0] == "fetch":
         fetch(dest)
     elif argv[0] == "stats":
         stats(dest)
+    elif argv[0] == "bundle":
+        bundle(dest)
     else:
         print(" ".join(str(dest / f"{n}-{v}" / package) for n, v, _, package in EVAL))
 

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import time
+from functools import partial
 
 import click
 
@@ -95,7 +96,7 @@ def eval_cmd(paths, n_tasks, sizes, seed, configs, as_json, output, quiet, inclu
     rt = _load(cfg, ui)
     for size in budgets:
         _check_fit(rt, cfg, size)
-    units = _units(paths, budgets, rt, ui, math.ceil(n_tasks / len(paths)), seed, include, exclude)
+    units = _units(list(paths), budgets, rt, ui, n_tasks, seed, include, exclude)
     meta = dict(model=rt.name, configs=[_config_meta(s, cfg) for s in specs], repos=[_unit_meta(u) for u in units],
                 max_new_tokens=cfg.max_new_tokens)
     names = [s.name for s in specs]
@@ -167,12 +168,33 @@ def _check_fit(rt, cfg: AskConfig, context_tokens: int) -> None:
                                f"positions with the prompt and answer; use at most {most:,}")
 
 
-def _units(paths, sizes, rt, ui, per_repo, seed, include, exclude) -> list[runner.Unit]:
+def _units(paths, sizes, rt, ui, n_tasks, seed, include, exclude) -> list[runner.Unit]:
     """A workspace per repository per size, all built before the model answers anything, so that a
     repository without tasks stops the run at once."""
     labels = _labels(paths)
-    return [runner.Unit(label, size, _workspace(path, label, size, rt, ui, per_repo, seed, include, exclude))
-            for size in sizes for path, label in zip(paths, labels)]
+    make = partial(_workspace, rt=rt, ui=ui, seed=seed, include=include, exclude=exclude)
+    return [u for size in sizes for u in _units_at(size, paths, labels, n_tasks, make, ui)]
+
+
+def _units_at(size, paths, labels, n_tasks, make, ui) -> list[runner.Unit]:
+    """Each repository is asked for ceil(n_tasks / repositories) tasks; what some lack is asked again
+    of those that had enough, until n_tasks are there or no repository has more."""
+    quota = [math.ceil(n_tasks / len(paths))] * len(paths)
+    built: list = [None] * len(paths)
+    todo = list(range(len(paths)))
+    while True:
+        for i in todo:
+            built[i] = make(paths[i], labels[i], size, n_tasks=quota[i])
+        short = n_tasks - sum(len(ws.tasks) for ws in built)
+        todo = [i for i, ws in enumerate(built) if len(ws.tasks) == quota[i]]
+        if short <= 0 or not todo:
+            break
+        for i in todo:
+            quota[i] += math.ceil(short / len(todo))
+    if short > 0:
+        ui.console.print(f"note: {n_tasks - short} of --tasks {n_tasks} at {size:,} tokens: the repositories have "
+                         "no more candidates", highlight=False)
+    return [runner.Unit(label, size, ws) for label, ws in zip(labels, built)]
 
 
 def _labels(paths) -> list[str]:
@@ -181,7 +203,7 @@ def _labels(paths) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}#{names[:i + 1].count(n)}" for i, n in enumerate(names)]
 
 
-def _workspace(path, label, size, rt, ui, n_tasks, seed, include, exclude):
+def _workspace(path, label, size, *, rt, ui, n_tasks, seed, include, exclude):
     try:
         with ui.status(f"building tasks for {label} at {size:,} tokens (packing, stripping docstrings in a temp copy)"):
             ws = build_workspace(path, rt.tokenizer, context_tokens=size, n_tasks=n_tasks, seed=seed,

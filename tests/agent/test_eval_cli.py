@@ -227,3 +227,16 @@ def test_output_is_rewritten_after_each_workspace_and_marked_complete_at_the_end
 def test_an_output_file_in_a_missing_directory_is_refused_before_the_model_loads(tmp_path, repo, oracle):
     r = run("eval", repo, "-o", tmp_path / "nope" / "run.json")
     assert r.exit_code == 2 and "its directory does not exist" in r.stderr and not oracle.engines
+
+
+def test_what_one_repository_lacks_is_asked_of_the_others(tmp_path, repo, oracle):
+    small = make_repo(tmp_path / "small", modules=1)  # 5 needles, 1 class, 1 constant, no caller: 7 tasks
+    oracle.tasks = [*build_workspace(str(repo), oracle.tokenizer, context_tokens=20000, n_tasks=11, seed=3).tasks,
+                    *build_workspace(str(small), oracle.tokenizer, context_tokens=20000, n_tasks=9, seed=3).tasks]
+    r = run("eval", small, repo, "--json", *ARGS, "--tasks", "18", "--context-tokens", "20000", "--attention", "dense")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert [(u["repo"], u["tasks"]) for u in doc["meta"]["repos"]] == [("small", 7), ("repo", 11)]
+    assert doc["summary"][0]["n"] == 18 and "note:" not in r.stderr
+    r = run("eval", small, "--json", *ARGS, "--tasks", "9", "--context-tokens", "20000", "--attention", "dense")
+    assert r.exit_code == 0 and "note: 7 of --tasks 9 at 20,000 tokens" in r.stderr
