@@ -132,7 +132,9 @@ def _sizes(text: str) -> list[int]:
     except ValueError:
         raise ValueError(f"--context-tokens must be integers separated by commas (e.g. 16384,30000), got {text!r}") \
             from None
-    if not sizes or min(sizes) < 256:
+    if not sizes:
+        raise ValueError(f"--context-tokens needs at least one size (e.g. 16384,30000), got {text!r}")
+    if min(sizes) < 256:
         raise ValueError(f"--context-tokens must be at least 256 each, got {text!r}")
     return list(dict.fromkeys(sizes))
 

@@ -186,6 +186,7 @@ def test_markdown_tables_with_intervals_progress_and_output_file(repo, oracle, t
     (["--context-tokens", "40000"], 2, "use at most 32,192"),
     (["--context-tokens", "16384,abc"], 2, "integers separated by commas"),
     (["--context-tokens", "100"], 2, "at least 256"),
+    (["--context-tokens", ",,"], 2, "needs at least one size"),
 ])
 def test_bad_flags_are_one_line_errors(repo, oracle, args, code, message):
     r = run("eval", repo, *args)
