@@ -97,22 +97,28 @@ def eval_cmd(paths, n_tasks, sizes, seed, configs, as_json, output, quiet, inclu
     for size in budgets:
         _check_fit(rt, cfg, size)
     units = _units(list(paths), budgets, rt, ui, n_tasks, seed, include, exclude)
+    doc = _run(rt, units, cfg, specs, seed, ui, output)
+    if as_json:
+        click.echo(json.dumps(doc, indent=1))
+    else:
+        click.echo(rep.to_markdown(doc), nl=False)
+
+
+def _run(rt, units, cfg: AskConfig, specs, seed: int, ui, output: str | None) -> dict:
+    """Ask everything; the document, also written to `output` after each unit and at the end."""
     meta = dict(model=rt.name, configs=[_config_meta(s, cfg) for s in specs], repos=[_unit_meta(u) for u in units],
                 max_new_tokens=cfg.max_new_tokens)
     names = [s.name for s in specs]
 
     def save(tasks, timings, complete=False):
+        doc = rep.build(tasks, timings, names, dict(meta, complete=complete), seed)
         if output:
-            _write(output, rep.build(tasks, timings, names, dict(meta, complete=complete), seed))
+            _write(output, doc)
+        return doc
 
     tasks, timings = runner.run(rt, units, cfg, specs, seed=seed, open_session=ui.prefill,
                                 on_task=_QuestionLog(ui), on_unit=save)
-    doc = rep.build(tasks, timings, names, dict(meta, complete=True), seed)
-    save(tasks, timings, complete=True)
-    if as_json:
-        click.echo(json.dumps(doc, indent=1))
-    else:
-        click.echo(rep.to_markdown(doc), nl=False)
+    return save(tasks, timings, complete=True)
 
 
 def _write(path: str, doc: dict) -> None:
