@@ -1,11 +1,12 @@
-"""Merge `moba-ask eval -o` documents of the same tasks run in separate processes (configs split over
-GPUs or processes) into one document, so that every config gets its paired difference against dense.
+"""Merge `moba-ask eval -o` documents of one benchmark run split over several processes (by config,
+context size or repository, e.g. to fit a 10-minute limit per command) into one document and report.
 
-    python -m bench.eval_merge OUT.json RUN1.json RUN2.json ...   # prints the markdown report
+    python bench/eval_merge.py A.json B.json ... [-o merged.json] > merged.md
 
-The runs must share model, repositories, sizes, tasks and seed (a task is matched by repository,
-context size and id, and its question must agree); each config's results are taken from the run that
-has them, "dense" first. Knows nothing of models.
+The documents must share the model and the seed, and a task present in two documents (same repository,
+size and id) must be the same question with the same gold; its per-config results are joined. Every
+task must end with a result for every config (else the merge names what is missing), so that the
+intervals and paired differences are over the same tasks. Knows nothing of models.
 """
 
 from __future__ import annotations
@@ -15,53 +16,52 @@ import sys
 
 from agent.evaluate import report
 
+GOLD = ("kind", "name", "path", "start_line", "end_line", "question")
+
 
 def merge(docs: list[dict]) -> dict:
-    """One eval document from several over the same tasks. Raises ValueError when they disagree."""
-    first = docs[0]
-    seeds = {d["meta"]["seed"] for d in docs}
-    if len(seeds) != 1:
-        raise ValueError(f"the runs have different seeds: {sorted(seeds)}")
-    tasks = {_key(t): json.loads(json.dumps(t)) for t in first["tasks"]}
+    """One document from several; raises ValueError naming the first conflict."""
+    first = docs[0]["meta"]
     for d in docs[1:]:
-        if {_key(t) for t in d["tasks"]} != set(tasks):
-            raise ValueError("the runs have different task sets (repositories, sizes, seed or --tasks differ)")
+        for key in ("model", "seed", "max_new_tokens"):
+            if d["meta"].get(key) != first.get(key):
+                raise ValueError(f"documents differ in {key}: {first.get(key)!r} vs {d['meta'].get(key)!r}")
+    tasks: dict[tuple, dict] = {}
+    configs: dict[str, dict] = {}
+    units: dict[tuple, dict] = {}
+    for d in docs:
+        configs.update({c["name"]: c for c in d["meta"]["configs"]})
+        units.update({(u["repo"], u["context_tokens"]): u for u in d["meta"]["repos"]})
         for t in d["tasks"]:
-            mine = tasks[_key(t)]
-            if mine["question"] != t["question"]:
-                raise ValueError(f"task {_key(t)} has different questions in two runs")
-            mine["results"].update(t["results"])
-    names = list(dict.fromkeys(n for d in docs for n in _config_names(d)))
-    names.sort(key=lambda n: n != report.DENSE)
-    meta = dict(first["meta"], configs=[c for d in docs for c in d["meta"]["configs"]])
-    meta.pop("resamples", None)
-    meta.pop("level", None)
-    timings = [t for d in docs for t in d["timings"]]
-    return report.build(list(tasks.values()), timings, names, meta, first["meta"]["seed"])
+            key = (t["repo"], t["context_tokens"], t["id"])
+            if key in tasks and any(tasks[key][g] != t[g] for g in GOLD):
+                raise ValueError(f"task {key} differs between documents (other repositories or task choice)")
+            tasks.setdefault(key, {**t, "results": {}})["results"].update(t["results"])
+    missing = [(k, c) for k, t in tasks.items() for c in configs if c not in t["results"]]
+    if missing:
+        raise ValueError(f"{len(missing)} task results missing, e.g. config {missing[0][1]!r} of task {missing[0][0]}")
+    timings = [x for d in docs for x in d["timings"]]
+    meta = dict(first, configs=list(configs.values()), repos=list(units.values()),
+                complete=all(d["meta"].get("complete") for d in docs))
+    return report.build(list(tasks.values()), timings, list(configs), meta, first["seed"])
 
 
-def _key(t: dict) -> tuple:
-    return t["repo"], t["context_tokens"], t["id"]
-
-
-def _config_names(doc: dict) -> list[str]:
-    return list(dict.fromkeys(row["config"] for row in doc["summary"]))
-
-
-def main(argv: list[str]) -> int:
-    if len(argv) < 3:
-        print(__doc__.strip(), file=sys.stderr)
-        return 2
-    docs = []
-    for path in argv[1:]:
-        with open(path, encoding="utf-8") as f:
-            docs.append(json.load(f))
-    doc = merge(docs)
-    with open(argv[0], "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=1)
-    print(report.to_markdown(doc), end="")
-    return 0
+def main(argv: list[str]) -> None:
+    out = None
+    if "-o" in argv:
+        i = argv.index("-o")
+        out, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+    if not argv:
+        sys.exit("usage: eval_merge.py A.json B.json ... [-o merged.json]")
+    try:
+        doc = merge([json.load(open(p, encoding="utf-8")) for p in argv])
+    except (OSError, json.JSONDecodeError, KeyError, ValueError) as e:
+        sys.exit(f"eval_merge: {e}")
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+    sys.stdout.write(report.to_markdown(doc))
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    main(sys.argv[1:])

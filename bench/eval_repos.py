@@ -4,10 +4,13 @@ directories (no git), and a table of their sizes and task candidates.
     python bench/eval_repos.py fetch [DEST]    # download and extract every sdist (default /work/evalrepos)
     python bench/eval_repos.py stats [DEST]    # markdown: pack tokens (smollm2-135m tokenizer) and the
                                                # candidate tasks per family at 16K and 30K context tokens
-    python bench/eval_repos.py paths [DEST]    # the evaluation directories, one line (for `moba-ask eval`)
+    python bench/eval_repos.py paths [DEST]    # the evaluation package directories, one line (for `moba-ask eval`)
+    python bench/eval_repos.py bundle [DEST]   # DEST/evalrepos.tgz: every package directory (about 1 MB), to
+                                               # carry to a machine without network (bench/eval_gpu.sh unpacks it)
 
 EVAL are the evaluation repositories, CALIBRATION the ones kept out of it (for calibrating citation
-weights). DEST/NAME-VERSION is each one's directory; an existing directory is kept. Knows nothing of
+weights). DEST/NAME-VERSION is each one's directory (an existing one is kept); the evaluation packs
+its package directory, so that the context is the library's code rather than docs, examples or tests. Knows nothing of
 models beyond the tokenizer used for counting.
 """
 
@@ -21,25 +24,26 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-EVAL = [  # (name, version, kind)
-    ("flask", "3.0.3", "web framework"),
-    ("mpmath", "1.3.0", "numeric / scientific library"),
-    ("lark", "1.2.2", "parser generator"),
-    ("flake8", "7.1.1", "tool with a plugin system"),
-    ("sqlite-utils", "3.37", "database layer"),
-    ("click", "8.1.7", "CLI framework"),
+EVAL = [  # (name, version, kind, the package directory inside the sdist: the code, not docs/tests/examples)
+    ("flask", "3.0.3", "web framework", "src/flask"),
+    ("mpmath", "1.3.0", "numeric / scientific library", "mpmath"),
+    ("lark", "1.2.2", "parser generator", "lark"),
+    ("flake8", "7.1.1", "tool with a plugin system", "src/flake8"),
+    ("tortoise-orm", "0.21.7", "database / async ORM", "tortoise"),
+    ("rich", "13.7.1", "terminal rendering", "rich"),
+    ("click", "8.1.7", "CLI framework", "src/click"),
 ]
 CALIBRATION = [
-    ("itsdangerous", "2.2.0", "signing library"),
-    ("packaging", "24.2", "packaging metadata"),
-    ("jinja2", "3.1.4", "template engine"),
+    ("itsdangerous", "2.2.0", "signing library", "src/itsdangerous"),
+    ("packaging", "24.2", "packaging metadata", "src/packaging"),
+    ("jinja2", "3.1.4", "template engine", "src/jinja2"),
 ]
 SIZES = (16384, 30000)
 DEFAULT_DEST = "/work/evalrepos"
 
 
 def fetch(dest: Path) -> None:
-    for name, version, _ in EVAL + CALIBRATION:
+    for name, version, *_ in EVAL + CALIBRATION:
         target = dest / f"{name}-{version}"
         if target.is_dir():
             print(f"{target}: present", file=sys.stderr)
@@ -70,31 +74,41 @@ def stats(dest: Path) -> None:
     from agent.models import load_tokenizer
 
     tok = load_tokenizer("smollm2-135m")
-    head = "| set | name | version | kind | .py pack tokens |" + "".join(
+    head = "| set | name | version | kind | package | .py pack tokens |" + "".join(
         f" {s // 1000}K fn / def / callers |" for s in SIZES)
-    print(head + "\n|" + "---|" * (5 + len(SIZES)))
+    print(head + "\n|" + "---|" * (6 + len(SIZES)))
     for label, repos in (("eval", EVAL), ("calibration", CALIBRATION)):
-        for name, version, kind in repos:
-            root = str(dest / f"{name}-{version}")
+        for name, version, kind, package in repos:
+            root = str(dest / f"{name}-{version}" / package)
             full = ingest.pack(root, tok, ingest.PackOptions(include=("*.py",)))
             cells = []
             for size in SIZES:
                 ws = build_workspace(root, tok, context_tokens=size, n_tasks=100_000, seed=0, include=("*.py",))
                 n = {k: sum(t.kind == k for t in ws.tasks) for k in (FUNCTION, CLASS, CONSTANT, CALLER)}
                 cells.append(f"{n[FUNCTION]} / {n[CLASS] + n[CONSTANT]} / {n[CALLER]}")
-            print(f"| {label} | {name} | {version} | {kind} | {full.total_tokens:,} | " + " | ".join(cells) + " |")
+            print(f"| {label} | {name} | {version} | {kind} | {package} | {full.total_tokens:,} | "
+                  + " | ".join(cells) + " |")
+
+
+def bundle(dest: Path) -> None:
+    with tarfile.open(dest / "evalrepos.tgz", "w:gz") as t:
+        for name, version, _, package in EVAL + CALIBRATION:
+            t.add(dest / f"{name}-{version}" / package, arcname=f"{name}-{version}/{package}")
+    print(dest / "evalrepos.tgz")
 
 
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] not in ("fetch", "stats", "paths"):
-        sys.exit("usage: eval_repos.py fetch|stats|paths [DEST]")
+    if not argv or argv[0] not in ("fetch", "stats", "paths", "bundle"):
+        sys.exit("usage: eval_repos.py fetch|stats|paths|bundle [DEST]")
     dest = Path(argv[1] if len(argv) > 1 else DEFAULT_DEST)
     if argv[0] == "fetch":
         fetch(dest)
     elif argv[0] == "stats":
         stats(dest)
+    elif argv[0] == "bundle":
+        bundle(dest)
     else:
-        print(" ".join(str(dest / f"{n}-{v}") for n, v, _ in EVAL))
+        print(" ".join(str(dest / f"{n}-{v}" / package) for n, v, _, package in EVAL))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import time
+from functools import partial
 
 import click
 
@@ -58,7 +59,8 @@ PROGRESS_EVERY_S = 10.0
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out files matching GLOB.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON document instead of tables.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
-              help="Also write the JSON document to FILE.")
+              help="Also write the JSON document to FILE, rewritten after each repository and size is done "
+                   "(meta.complete is false until the end), so that a run cut short keeps what it measured.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or notes on stderr.")
 def eval_cmd(paths, n_tasks, sizes, seed, configs, as_json, output, quiet, include, exclude, **kw):
     """Score answers and citations on questions built from the Python repositories REPO ...
@@ -79,6 +81,8 @@ def eval_cmd(paths, n_tasks, sizes, seed, configs, as_json, output, quiet, inclu
       moba-ask eval . --attention dense,moba:qa=dense+dense=last3,moba:block=512+topk=3 --json
     """
     common.check_paths(list(paths))
+    if output and not os.access(os.path.dirname(os.path.abspath(output)), os.W_OK):
+        raise click.UsageError(f"-o {output}: its directory does not exist or is not writable; pick another FILE")
     for path in paths:
         if not os.path.isdir(path):
             raise click.UsageError(f"REPO must be a directory (a repository), got the file {path}")
@@ -92,19 +96,40 @@ def eval_cmd(paths, n_tasks, sizes, seed, configs, as_json, output, quiet, inclu
     rt = _load(cfg, ui)
     for size in budgets:
         _check_fit(rt, cfg, size)
-    units = _units(paths, budgets, rt, ui, math.ceil(n_tasks / len(paths)), seed, include, exclude)
-    tasks, timings = runner.run(rt, units, cfg, specs, seed=seed, open_session=ui.prefill,
-                                on_task=_QuestionLog(ui))
-    meta = dict(model=rt.name, configs=[_config_meta(s, cfg) for s in specs], repos=[_unit_meta(u) for u in units],
-                max_new_tokens=cfg.max_new_tokens)
-    doc = rep.build(tasks, timings, [s.name for s in specs], meta, seed)
-    if output:
-        with open(output, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
+    units = _units(list(paths), budgets, rt, ui, n_tasks, seed, include, exclude)
+    doc = _run(rt, units, cfg, specs, seed, ui, output)
     if as_json:
         click.echo(json.dumps(doc, indent=1))
     else:
         click.echo(rep.to_markdown(doc), nl=False)
+
+
+def _run(rt, units, cfg: AskConfig, specs, seed: int, ui, output: str | None) -> dict:
+    """Ask everything; the document, also written to `output` after each unit and at the end."""
+    meta = dict(model=rt.name, configs=[_config_meta(s, cfg) for s in specs], repos=[_unit_meta(u) for u in units],
+                max_new_tokens=cfg.max_new_tokens)
+    names = [s.name for s in specs]
+
+    def save(tasks, timings, complete=False):
+        doc = rep.build(tasks, timings, names, dict(meta, complete=complete), seed)
+        if output:
+            _write(output, doc)
+        return doc
+
+    tasks, timings = runner.run(rt, units, cfg, specs, seed=seed, open_session=ui.prefill,
+                                on_task=_QuestionLog(ui), on_unit=save)
+    return save(tasks, timings, complete=True)
+
+
+def _write(path: str, doc: dict) -> None:
+    """Write the document whole or not at all (a run killed mid-write keeps the previous one)."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise click.ClickException(f"cannot write -o {path}: {e.strerror}") from None
 
 
 def _sizes(text: str) -> list[int]:
@@ -113,7 +138,9 @@ def _sizes(text: str) -> list[int]:
     except ValueError:
         raise ValueError(f"--context-tokens must be integers separated by commas (e.g. 16384,30000), got {text!r}") \
             from None
-    if not sizes or min(sizes) < 256:
+    if not sizes:
+        raise ValueError(f"--context-tokens needs at least one size (e.g. 16384,30000), got {text!r}")
+    if min(sizes) < 256:
         raise ValueError(f"--context-tokens must be at least 256 each, got {text!r}")
     return list(dict.fromkeys(sizes))
 
@@ -149,12 +176,33 @@ def _check_fit(rt, cfg: AskConfig, context_tokens: int) -> None:
                                f"positions with the prompt and answer; use at most {most:,}")
 
 
-def _units(paths, sizes, rt, ui, per_repo, seed, include, exclude) -> list[runner.Unit]:
+def _units(paths, sizes, rt, ui, n_tasks, seed, include, exclude) -> list[runner.Unit]:
     """A workspace per repository per size, all built before the model answers anything, so that a
     repository without tasks stops the run at once."""
     labels = _labels(paths)
-    return [runner.Unit(label, size, _workspace(path, label, size, rt, ui, per_repo, seed, include, exclude))
-            for size in sizes for path, label in zip(paths, labels)]
+    make = partial(_workspace, rt=rt, ui=ui, seed=seed, include=include, exclude=exclude)
+    return [u for size in sizes for u in _units_at(size, paths, labels, n_tasks, make, ui)]
+
+
+def _units_at(size, paths, labels, n_tasks, make, ui) -> list[runner.Unit]:
+    """Each repository is asked for ceil(n_tasks / repositories) tasks; what some lack is asked again
+    of those that had enough, until n_tasks are there or no repository has more."""
+    quota = [math.ceil(n_tasks / len(paths))] * len(paths)
+    built: list = [None] * len(paths)
+    todo = list(range(len(paths)))
+    while True:
+        for i in todo:
+            built[i] = make(paths[i], labels[i], size, n_tasks=quota[i])
+        short = n_tasks - sum(len(ws.tasks) for ws in built)
+        todo = [i for i, ws in enumerate(built) if len(ws.tasks) == quota[i]]
+        if short <= 0 or not todo:
+            break
+        for i in todo:
+            quota[i] += math.ceil(short / len(todo))
+    if short > 0:
+        ui.console.print(f"note: {n_tasks - short} of --tasks {n_tasks} at {size:,} tokens: the repositories have "
+                         "no more candidates", highlight=False)
+    return [runner.Unit(label, size, ws) for label, ws in zip(labels, built)]
 
 
 def _labels(paths) -> list[str]:
@@ -163,7 +211,7 @@ def _labels(paths) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}#{names[:i + 1].count(n)}" for i, n in enumerate(names)]
 
 
-def _workspace(path, label, size, rt, ui, n_tasks, seed, include, exclude):
+def _workspace(path, label, size, *, rt, ui, n_tasks, seed, include, exclude):
     try:
         with ui.status(f"building tasks for {label} at {size:,} tokens (packing, stripping docstrings in a temp copy)"):
             ws = build_workspace(path, rt.tokenizer, context_tokens=size, n_tasks=n_tasks, seed=seed,

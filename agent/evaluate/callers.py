@@ -1,9 +1,10 @@
 """The cross-file task family: "which function calls X?", with the gold read from the AST.
 
-X is a function or method defined once among the packed files, and every call to it by name
-(`X(...)` or `obj.X(...)`, ast.Call with a Name or Attribute) sits inside one and the same function,
-in a different file from X's definition. That function is the gold: its name (defined once, so
-that naming it is unambiguous) and its lines. Calls by name are counted conservatively: any call
+X is a function or method defined once in the repository (packed or not: a helper imported from a
+module left out of the context counts), and every call to it by name in the packed files (`X(...)`
+or `obj.X(...)`, ast.Call with a Name or Attribute) sits inside one and the same function, in a
+different file from X's definition. That function is the gold: its name (defined once among the
+packed files, so that naming it is unambiguous) and its lines. Calls by name are counted conservatively: any call
 spelled X counts, whatever object it is made on, so a common method name never qualifies. Knows
 nothing of packing, models or scoring.
 """
@@ -29,23 +30,29 @@ class Caller:
     end_line: int
 
 
-def caller_candidates(trees: dict[str, ast.Module]) -> list[Caller]:
-    """Every qualifying (callee, caller) pair of the files (path -> parsed module), in path order."""
-    defs = Counter(n.name for tree in trees.values() for n in ast.walk(tree) if isinstance(n, (*_FUNC, ast.ClassDef)))
-    where = {n.name: path for path, tree in trees.items() for n in ast.walk(tree) if isinstance(n, _FUNC)}
+def caller_candidates(trees: dict[str, ast.Module], repository: dict[str, ast.Module] | None = None) -> list[Caller]:
+    """Every qualifying (callee, caller) pair of the packed files `trees` (path -> parsed module), in
+    path order; callees are looked up among the `repository` files (default: `trees`)."""
+    repository = trees if repository is None else repository
+    everywhere, defs = _defined(repository), _defined(trees)
+    where = {n.name: path for path, tree in repository.items() for n in ast.walk(tree) if isinstance(n, _FUNC)}
     sites: dict[str, set] = defaultdict(set)
     for path, tree in trees.items():
         for name, fn in _calls(tree):
             sites[name].add((path, fn))
     out = []
     for callee, found in sites.items():
-        if defs[callee] != 1 or callee not in where or callee.startswith("__") or len(found) != 1:
+        if everywhere[callee] != 1 or callee not in where or callee.startswith("__") or len(found) != 1:
             continue
         ((path, fn),) = found
         if fn is None or path == where[callee] or defs[fn.name] != 1 or fn.name.startswith("__"):
             continue
         out.append(Caller(callee, where[callee], fn.name, path, fn.lineno, fn.end_lineno))
     return sorted(out, key=lambda c: (c.path, c.line, c.callee))
+
+
+def _defined(trees: dict[str, ast.Module]) -> Counter:
+    return Counter(n.name for tree in trees.values() for n in ast.walk(tree) if isinstance(n, (*_FUNC, ast.ClassDef)))
 
 
 def _calls(tree: ast.Module) -> list[tuple[str, ast.AST | None]]:

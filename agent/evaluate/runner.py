@@ -34,13 +34,15 @@ class Unit:
 
 def run(runtime, units: list[Unit], base: AskConfig, specs: list[ConfigSpec], *, seed: int,
         open_session: Callable[[Session], None] | None = None,
-        on_task: Callable[[Unit, str, int, int], None] | None = None) -> tuple[list[dict], list[dict]]:
+        on_task: Callable[[Unit, str, int, int], None] | None = None,
+        on_unit: Callable[[list[dict], list[dict]], None] | None = None) -> tuple[list[dict], list[dict]]:
     """Ask every task of every unit under each config.
 
     Returns (tasks, timings): one entry per task (its gold, baselines and per-config results) and one
     per (unit, config) with prefill and question seconds. open_session(session) prefills (default
-    session.open()); on_task(unit, config, done, total) reports progress. A runtime without `retune`
-    (a test double) keeps its own settings.
+    session.open()); on_task(unit, config, done, total) reports progress; on_unit(tasks, timings) gets
+    the results so far each time a unit is done under every config. A runtime without `retune` (a
+    test double) keeps its own settings.
     """
     tasks, timings = [], []
     for unit in units:
@@ -52,6 +54,8 @@ def run(runtime, units: list[Unit], base: AskConfig, specs: list[ConfigSpec], *,
             for t, row in zip(unit.ws.tasks, rows):
                 results[t.id][spec.name] = row
         tasks += [_task_entry(unit, t, base_rows[t.id], results[t.id]) for t in unit.ws.tasks]
+        if on_unit:
+            on_unit(tasks, timings)
     return tasks, timings
 
 

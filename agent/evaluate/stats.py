@@ -27,8 +27,7 @@ class Estimate:
     n: int
 
     def to_dict(self) -> dict:
-        r = (lambda x: None if x is None else round(x, 4))
-        return {"value": r(self.value), "ci": [r(self.lo), r(self.hi)], "n": self.n}
+        return {"value": _round(self.value), "ci": [_round(self.lo), _round(self.hi)], "n": self.n}
 
     def cell(self, signed: bool = False) -> str:
         """"0.71 [0.64, 0.78]" (signed: "+0.05 [-0.01, +0.11]"), or "n/a"."""
@@ -36,6 +35,10 @@ class Estimate:
             return "n/a"
         f = "{:+.2f}" if signed else "{:.2f}"
         return f"{f.format(self.value)} [{f.format(self.lo)}, {f.format(self.hi)}]"
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
 
 
 def bootstrap(values, seed: int, resamples: int = RESAMPLES) -> Estimate:

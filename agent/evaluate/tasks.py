@@ -13,7 +13,8 @@ How a workspace is built (`build_workspace`):
    docstrings are deleted there, and the copy is packed: that pack is the context;
 4. the second family (a class or a module-level UPPER_CASE constant with a unique name, gold = the
    definition line) and the third ("which function calls X?", gold = the one calling function in
-   another file, from the AST: `callers`) are chosen on the copy the same way.
+   another file, from the AST: `callers`; X may be defined outside the context) are chosen on the
+   copy the same way.
 The mix is about half needles, a quarter definitions, a quarter callers; a family short of
 candidates is made up by definitions, then callers. Gold lines and depths refer to the packed copy.
 Knows nothing of models or attention.
@@ -29,6 +30,7 @@ import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import ingest
@@ -111,9 +113,12 @@ def build_workspace(root: str, tokenizer, *, context_tokens: int, n_tasks: int, 
     needles = _spread(cands, n_tasks - 2 * (n_tasks // 4), _positions(full, chosen), random.Random(f"{seed}:fn"))
     pack, copy_texts = _repack(full.root, chosen, needles, tokenizer)
     parsed = _parseable(copy_texts)
-    pos = (lambda p, ln: _token_pos(pack, p, ln))
-    defs = _spread(_definition_cands(parsed), n_tasks - len(needles) - n_tasks // 4, pos, random.Random(f"{seed}:def"))
-    callers = _spread(_caller_cands(parsed), n_tasks - len(needles) - len(defs), pos, random.Random(f"{seed}:call"))
+    pos = partial(_token_pos, pack)
+    n_defs = n_tasks - len(needles) - n_tasks // 4
+    defs = _spread(_definition_cands(parsed), n_defs, pos, random.Random(f"{seed}:def"))
+    repository = _python_texts(full.root, full.files)
+    callers = _spread(_caller_cands(parsed, repository), n_tasks - len(needles) - len(defs), pos,
+                      random.Random(f"{seed}:call"))
     tasks = [t for t in (_function_task(c, copy_texts, pack) for c in needles) if t]
     tasks += [_definition_task(c, copy_texts, pack) for c in defs + callers if c.path in copy_texts]
     if not tasks:
@@ -231,8 +236,10 @@ def _definition_cands(texts: dict[str, tuple[str, ast.Module]]) -> list[_Cand]:
     return out
 
 
-def _caller_cands(texts: dict[str, tuple[str, ast.Module]]) -> list[_Cand]:
-    found = caller_candidates({path: tree for path, (_, tree) in texts.items()})
+def _caller_cands(texts: dict[str, tuple[str, ast.Module]], repository: dict[str, tuple[str, ast.Module]]
+                  ) -> list[_Cand]:
+    found = caller_candidates({path: tree for path, (_, tree) in texts.items()},
+                              {path: tree for path, (_, tree) in repository.items()})
     return [_Cand(CALLER, c.name, c.path, c.line, c.end_line, doc=c.callee) for c in found]
 
 

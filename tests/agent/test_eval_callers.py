@@ -41,3 +41,14 @@ def test_the_innermost_function_is_the_caller_and_decorators_belong_outside():
                 "def wrap():\n    @deco(1)\n    def g():\n        return 0\n    return g\n",
     }
     assert found(files) == {("parse", "inner", "b.py", 2, 3), ("deco", "wrap", "b.py", 7, 11)}
+
+
+def test_the_callee_may_be_defined_outside_the_context_but_only_once_in_the_repository():
+    packed = {"b.py": "def load(p):\n    return parse(p)\n"}
+    repository = {**packed, "a.py": "def parse(x):\n    return x\n"}
+    trees = {p: ast.parse(t) for p, t in packed.items()}
+    repo_trees = {p: ast.parse(t) for p, t in repository.items()}
+    assert [(c.callee, c.callee_path, c.name) for c in caller_candidates(trees, repo_trees)] == [("parse", "a.py", "load")]
+    assert caller_candidates(trees) == []  # parse is defined nowhere in the packed files
+    twice = {**repo_trees, "c.py": ast.parse("class P:\n    def parse(self):\n        return 1\n")}
+    assert caller_candidates(trees, twice) == []

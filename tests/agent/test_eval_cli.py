@@ -186,6 +186,7 @@ def test_markdown_tables_with_intervals_progress_and_output_file(repo, oracle, t
     (["--context-tokens", "40000"], 2, "use at most 32,192"),
     (["--context-tokens", "16384,abc"], 2, "integers separated by commas"),
     (["--context-tokens", "100"], 2, "at least 256"),
+    (["--context-tokens", ",,"], 2, "needs at least one size"),
 ])
 def test_bad_flags_are_one_line_errors(repo, oracle, args, code, message):
     r = run("eval", repo, *args)
@@ -205,3 +206,38 @@ def test_bad_paths_are_one_line_errors(tmp_path, oracle):
     assert r.exit_code == 1 and "no Python functions with docstrings" in r.stderr and str(tmp_path / "t") in r.stderr
     r = run("eval")
     assert r.exit_code == 2 and "Missing argument" in r.stderr
+
+
+def test_output_is_rewritten_after_each_workspace_and_marked_complete_at_the_end(tmp_path, repo, oracle,
+                                                                                 monkeypatch):
+    from agent.commands import eval as eval_cmd
+
+    other = make_repo(tmp_path / "other" / "repo")
+    oracle.tasks = build_workspace(str(repo), oracle.tokenizer, context_tokens=20000, n_tasks=5, seed=3).tasks
+    written = []
+    real = eval_cmd._write
+    monkeypatch.setattr(eval_cmd, "_write", lambda path, doc: (written.append(json.loads(json.dumps(doc))), real(path, doc)))
+    out = tmp_path / "run.json"
+    r = run("eval", repo, other, *ARGS, "--tasks", "10", "--context-tokens", "20000", "-o", out)
+    assert r.exit_code == 0, r.stderr
+    assert [(d["meta"]["complete"], len(d["tasks"])) for d in written] == [(False, 5), (False, 10), (True, 10)]
+    assert {t["repo"] for t in written[0]["tasks"]} == {"repo#1"} and written[0]["summary"][0]["n"] == 5
+    assert json.loads(out.read_text()) == written[-1] and not (tmp_path / "run.json.tmp").exists()
+
+
+def test_an_output_file_in_a_missing_directory_is_refused_before_the_model_loads(tmp_path, repo, oracle):
+    r = run("eval", repo, "-o", tmp_path / "nope" / "run.json")
+    assert r.exit_code == 2 and "its directory does not exist" in r.stderr and not oracle.engines
+
+
+def test_what_one_repository_lacks_is_asked_of_the_others(tmp_path, repo, oracle):
+    small = make_repo(tmp_path / "small", modules=1)  # 5 needles, 1 class, 1 constant, no caller: 7 tasks
+    oracle.tasks = [*build_workspace(str(repo), oracle.tokenizer, context_tokens=20000, n_tasks=11, seed=3).tasks,
+                    *build_workspace(str(small), oracle.tokenizer, context_tokens=20000, n_tasks=9, seed=3).tasks]
+    r = run("eval", small, repo, "--json", *ARGS, "--tasks", "18", "--context-tokens", "20000", "--attention", "dense")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert [(u["repo"], u["tasks"]) for u in doc["meta"]["repos"]] == [("small", 7), ("repo", 11)]
+    assert doc["summary"][0]["n"] == 18 and "note:" not in r.stderr
+    r = run("eval", small, "--json", *ARGS, "--tasks", "9", "--context-tokens", "20000", "--attention", "dense")
+    assert r.exit_code == 0 and "note: 7 of --tasks 9 at 20,000 tokens" in r.stderr

@@ -1,38 +1,33 @@
-"""bench/eval_merge.py: runs of the same tasks in separate processes merge into one report with the
-paired difference against dense; runs over different tasks are refused."""
+"""bench/eval_merge.py: documents of a run split by config merge into the report of one run."""
+
+import importlib.util
+import json
+from pathlib import Path
 
 import pytest
 
-from agent.evaluate import report
-from bench.eval_merge import merge
+from tests.agent.test_eval_cli import ONE, oracle, repo, run  # noqa: F401 (fixtures)
+
+spec = importlib.util.spec_from_file_location("eval_merge", Path(__file__).parents[2] / "bench" / "eval_merge.py")
+eval_merge = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(eval_merge)
 
 
-def _row(answer: bool) -> dict:
-    return dict(answer_exact=answer, repoqa_pass=None, bleu=None, rank=1 if answer else None, routing_rank=None,
-                top1_cite=answer, top3_cite=answer, line_precision=1.0 if answer else 0.0, line_recall=0.0, bogus=0)
+def without_seconds(doc):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in doc["summary"]]
 
 
-def _doc(config: str, answers: list[bool], question: str = "q") -> dict:
-    tasks = [dict(id=f"t{i}", repo="r", context_tokens=100, kind="function", name="f", path="a.py", start_line=1,
-                  end_line=2, depth=0.5, question=f"{question}{i}", bm25_rank=1, bm25_fn_top1=1.0, bm25_fn_top3=1.0,
-                  random_file="a.py", results={config: _row(a)}) for i, a in enumerate(answers)]
-    timings = [dict(repo="r", context_tokens=100, config=config, prefill_s=1.0, questions_s=2.0, questions=len(answers))]
-    return report.build(tasks, timings, [config], dict(model="m", configs=[dict(name=config)]), seed=0)
-
-
-def test_merged_runs_get_the_paired_difference():
-    dense = _doc("dense", [True] * 10)
-    moba = _doc("moba", [True] * 5 + [False] * 5)
-    doc = merge([moba, dense])
-    rows = {r["config"]: r for r in doc["summary"]}
-    assert list(rows) == ["dense", "moba"]
-    assert rows["moba"]["metrics"]["answer"]["value"] == pytest.approx(0.5)
-    assert rows["moba"]["diff_vs_dense"]["answer"]["value"] == pytest.approx(-0.5)
-    assert rows["dense"]["diff_vs_dense"] == {}
-
-
-def test_runs_over_other_tasks_are_refused():
-    with pytest.raises(ValueError, match="different task sets"):
-        merge([_doc("dense", [True] * 3), _doc("moba", [True] * 4)])
-    with pytest.raises(ValueError, match="different questions"):
-        merge([_doc("dense", [True] * 3), _doc("moba", [True] * 3, question="other")])
+def test_a_run_split_by_config_merges_into_the_one_run(repo, oracle, tmp_path):  # noqa: F811
+    docs = {}
+    for name, configs in (("a", "dense"), ("b", "moba-hybrid,moba"), ("all", "dense,moba-hybrid,moba")):
+        out = tmp_path / f"{name}.json"
+        assert run("eval", repo, *ONE, "--attention", configs, "-o", out).exit_code == 0
+        docs[name] = json.loads(out.read_text())
+    merged = eval_merge.merge([docs["a"], docs["b"]])
+    assert without_seconds(merged) == without_seconds(docs["all"])
+    assert merged["baselines"] == docs["all"]["baselines"] and merged["meta"]["complete"] is True
+    assert "| moba | -1.00 [-1.00, -1.00] |" in eval_merge.report.to_markdown(merged)
+    with pytest.raises(ValueError, match="task results missing"):
+        eval_merge.merge([docs["a"], {**docs["b"], "tasks": docs["b"]["tasks"][:3]}])
+    with pytest.raises(ValueError, match="documents differ in seed"):
+        eval_merge.merge([docs["a"], {**docs["b"], "meta": {**docs["b"]["meta"], "seed": 9}}])
