@@ -117,7 +117,8 @@ def attention_mass(q, positions, k, blocks, block_size: int, scale: float) -> to
     offs = torch.arange(block_size, device=q.device)
     positions, blocks = positions.to(q.device), blocks.to(q.device)
     mass = torch.zeros(Tk, device=q.device)
-    step = max(1, (1 << 22) // (Hq * S * block_size * D))
+    budget = 1 << (26 if q.is_cuda else 22)  # fp32 elements of one gathered key chunk
+    step = max(1, budget // (Hq * S * block_size * D))
     for i0 in range(0, n, step):
         b = blocks[:, i0 : i0 + step]  # [Hq, c, S]
         idx = b.clamp(min=0)[..., None] * block_size + offs  # [Hq, c, S, bs]
