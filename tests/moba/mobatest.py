@@ -93,3 +93,39 @@ def csr_mismatches(got: dict, ref: dict, S: int, exact: bool = False) -> list[st
 def _sorted_per_key(x, seg):
     order = x.argsort(stable=True)
     return x[order][seg[order].argsort(stable=True)]
+
+
+def spy(monkeypatch, module, name: str) -> list:
+    """Wrap module.name so that every call is appended (args, kwargs) to the returned list."""
+    real, calls = getattr(module, name), []
+
+    def wrapped(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return calls
+
+
+def force_sparse(monkeypatch) -> list:
+    """Take away the dense shortcuts of moba.ops and moba.portable (covers_all_blocks -> causal SDPA),
+    so that every MoBA call runs the sparse code; a dense_attention call there fails the test.
+    Returns the calls of portable's sparse chunk attention (`_attend_chunk`), to assert that it ran."""
+    import moba.ops
+    import moba.portable
+
+    def no_dense(*args, **kwargs):
+        raise AssertionError("the dense shortcut ran where the sparse path was forced")
+
+    for mod in (moba.ops, moba.portable):
+        monkeypatch.setattr(mod, "covers_all_blocks", lambda *args: False)
+        monkeypatch.setattr(mod, "dense_attention", no_dense)
+    return spy(monkeypatch, moba.portable, "_attend_chunk")
+
+
+def attended_blocks(routing, n_blocks: int) -> torch.Tensor:
+    """bool [B, Hq, Tq, n_blocks]: the blocks a `moba.Routing` names for each query (-1 slots ignored)."""
+    b = routing.blocks.long()
+    hit = torch.zeros(*b.shape[:3], n_blocks + 1, dtype=torch.bool)
+    hit.scatter_(-1, torch.where(b >= 0, b, n_blocks).cpu(), True)
+    return hit[..., :n_blocks]
