@@ -37,7 +37,7 @@ def run_interpreted(script: str, *args: str):
     its last stdout line prints. Fails the test with the child's stderr when it exits non-zero."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     cmd = [sys.executable, "-c", _INTERPRETER_PRELUDE + textwrap.dedent(script), *args]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
