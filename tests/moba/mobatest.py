@@ -37,7 +37,7 @@ def run_interpreted(script: str, *args: str):
     its last stdout line prints. Fails the test with the child's stderr when it exits non-zero."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     cmd = [sys.executable, "-c", _INTERPRETER_PRELUDE + textwrap.dedent(script), *args]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -76,3 +76,39 @@ def csr_mismatches(got: dict, ref: dict) -> list[str]:
         return bad
     n = int(ref["key_cnt"].sum())
     return [] if torch.equal(got["perm"][:n].long(), ref["perm"][:n].long()) else ["perm order"]
+
+
+def spy(monkeypatch, module, name: str) -> list:
+    """Wrap module.name so that every call is appended (args, kwargs) to the returned list."""
+    real, calls = getattr(module, name), []
+
+    def wrapped(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return calls
+
+
+def force_sparse(monkeypatch) -> list:
+    """Take away the dense shortcuts of moba.ops and moba.portable (covers_all_blocks -> causal SDPA),
+    so that every MoBA call runs the sparse code; a dense_attention call there fails the test.
+    Returns the calls of portable's sparse chunk attention (`_attend_chunk`), to assert that it ran."""
+    import moba.ops
+    import moba.portable
+
+    def no_dense(*args, **kwargs):
+        raise AssertionError("the dense shortcut ran where the sparse path was forced")
+
+    for mod in (moba.ops, moba.portable):
+        monkeypatch.setattr(mod, "covers_all_blocks", lambda *args: False)
+        monkeypatch.setattr(mod, "dense_attention", no_dense)
+    return spy(monkeypatch, moba.portable, "_attend_chunk")
+
+
+def attended_blocks(routing, n_blocks: int) -> torch.Tensor:
+    """bool [B, Hq, Tq, n_blocks]: the blocks a `moba.Routing` names for each query (-1 slots ignored)."""
+    b = routing.blocks.long()
+    hit = torch.zeros(*b.shape[:3], n_blocks + 1, dtype=torch.bool)
+    hit.scatter_(-1, torch.where(b >= 0, b, n_blocks).cpu(), True)
+    return hit[..., :n_blocks]

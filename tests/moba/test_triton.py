@@ -212,8 +212,16 @@ INTERP_CASES = [CASES[0][:3] + (300, 300, 64, 32, 3, 0), (1, 7, 1, 63, 500, 64, 
 # partial-buffer budget of each case: the last one runs in chunks of 45 queries, each starting inside a block
 INTERP_BUDGETS = [1 << 30] * (len(INTERP_CASES) - 1) + [45 * 8 * 4 * (64 * 2 + 4)]
 
+# every Triton kernel the launcher and build_tiles launch on CPU, by module (the pool kernel is CUDA only)
+INTERP_KERNELS = {
+    "routing": ["_route_kernel"],
+    "attention": ["_tile_kernel"],
+    "decode": ["_decode_kernel", "_merge_kernel"],
+    "csr": ["_count_kernel", "_scatter_kernel"],
+}
+
 _INTERP_SCRIPT = """
-    import json, sys
+    import importlib, json, sys
     import torch
     empty = torch.empty
     def poisoned(*a, **kw):
@@ -223,36 +231,74 @@ _INTERP_SCRIPT = """
     from tests.moba.mobatest import make_qkv, rel_err, run_interpreted
     from moba import portable_moba_attention
     from moba.triton import launcher, triton_moba_attention
+
+    launches, fallbacks = {}, []
+    class Launches:  # counts kernel[grid](...) launches, then runs the kernel
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+        def __getitem__(self, grid):
+            launches[self.name] = launches.get(self.name, 0) + 1
+            return self.kernel[grid]
+    cases, budgets, kernels = json.loads(sys.argv[1])
+    for mod, names in kernels.items():
+        mod = importlib.import_module("moba.triton." + mod)
+        for name in names:
+            setattr(mod, name, Launches(name, getattr(mod, name)))
+    portable = launcher.portable_moba_attention
+    launcher.portable_moba_attention = lambda *a, **kw: fallbacks.append(1) or portable(*a, **kw)
+
     torch.manual_seed(0)
     res = []
-    for (B, Hq, Hkv, Tq, Tk, D, bs, k_, s_), budget in zip(*json.loads(sys.argv[1])):
+    for (B, Hq, Hkv, Tq, Tk, D, bs, k_, s_), budget in zip(cases, budgets):
         launcher.PARTIAL_BUDGET = budget
         q, k, v = make_qkv(B, Hq, Hkv, Tq, Tk, D, dtype=torch.float16)
         a = dict(block_size=bs, top_k=k_, sink_blocks=s_, return_routing=True)
+        launches.clear()
         out, r = triton_moba_attention(q, k, v, **a)
+        ran, fell_back = dict(launches), len(fallbacks)
         ref, rr = portable_moba_attention(q, k, v, **a)
         step = launcher.chunk_queries(B, Hq, Tq, k_ + s_, D, 2)
-        res.append([rel_err(out, ref), bool(out.isnan().any()), bool(torch.equal(r.blocks, rr.blocks)), -(-Tq // step)])
+        res.append([rel_err(out, ref), bool(out.isnan().any()), bool(torch.equal(r.blocks, rr.blocks)), step, ran,
+                    fell_back])
     from tests.moba.test_triton import _csr_agrees, _csr_cases
-    res.append([_csr_agrees(*c) for c in _csr_cases("cpu")])
+    launches.clear()
+    res.append([[_csr_agrees(*c) for c in _csr_cases("cpu")], dict(launches)])
     print(json.dumps(res))
 """
 
 
 @pytest.fixture(scope="module")
 def interpreted():
-    return run_interpreted(_INTERP_SCRIPT, json.dumps([INTERP_CASES, INTERP_BUDGETS]))
+    return run_interpreted(_INTERP_SCRIPT, json.dumps([INTERP_CASES, INTERP_BUDGETS, INTERP_KERNELS]))
 
 
 @pytest.mark.skipif(CUDA, reason="the CUDA tests run these kernels for real")
 @pytest.mark.parametrize("i", range(len(INTERP_CASES)), ids=["B{}-H{}x{}-T{}of{}-D{}-bs{}-k{}-s{}".format(*c) for c in INTERP_CASES])
 def test_kernels_under_interpreter(interpreted, i):
-    err, has_nan, same_blocks, chunks = interpreted[i]
+    from moba.triton.launcher import DECODE_ROWS
+
+    B, Hq, Hkv, Tq = INTERP_CASES[i][:4]
+    err, has_nan, same_blocks, step, launches, fallbacks = interpreted[i]
     assert not has_nan and same_blocks
     assert err <= 1e-2
-    assert (chunks > 1) == (INTERP_BUDGETS[i] < 1 << 30)
+    chunks = [min(step, Tq - c0) for c0 in range(0, Tq, step)]
+    assert (len(chunks) > 1) == (INTERP_BUDGETS[i] < 1 << 30)
+    decode = sum(C * Hq // Hkv <= DECODE_ROWS for C in chunks)  # the launcher's choice per chunk
+    assert fallbacks == 0  # the Triton kernels ran, not the portable path
+    assert launches["_route_kernel"] == launches["_merge_kernel"] == len(chunks)
+    assert launches.get("_decode_kernel", 0) == decode
+    assert launches.get("_tile_kernel", 0) == launches.get("_count_kernel", 0) == len(chunks) - decode
+
+
+@pytest.mark.skipif(CUDA, reason="the CUDA tests run these kernels for real")
+def test_interpreter_cases_cover_both_attention_kernels(interpreted):
+    ran = [interpreted[i][4] for i in range(len(INTERP_CASES))]
+    assert any("_decode_kernel" in r for r in ran) and any("_tile_kernel" in r for r in ran)
 
 
 @pytest.mark.skipif(CUDA, reason="the CUDA tests run these kernels for real")
 def test_csr_methods_under_interpreter(interpreted):
-    assert interpreted[-1] == [{"count": []}] * 4
+    agree, launches = interpreted[-1]
+    assert agree == [{"count": []}] * 4
+    n = len(agree)  # "count": counting_sort; "sort" launches nothing
+    assert launches == {"_count_kernel": n, "_scatter_kernel": n}
