@@ -62,11 +62,15 @@ def from_routing(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: in
 
 
 def routed_blocks(rec: RoutingRecorder, sink_blocks: int) -> dict[int, int]:
-    """Block id -> times it was routed to (own block and sink slots excluded) over all records."""
+    """Block id -> times it was routed to (own block and sink blocks excluded) over all records.
+
+    Sinks are told by id (< sink_blocks), not by slot: a record's slots may be capped at its number
+    of blocks (`moba.types.clamp_blocks`), and routed slots never hold a sink id.
+    """
     counts: dict[int, int] = {}
     for records in rec.records.values():
         for r in records:
-            ids = r.blocks[..., 1 : r.blocks.shape[-1] - sink_blocks]
+            ids = r.blocks[..., 1:]
             ids = ids[ids >= sink_blocks]
             for b, n in zip(*np.unique(ids.numpy(), return_counts=True)):
                 counts[int(b)] = counts.get(int(b), 0) + int(n)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from moba.types import Routing, check_inputs
+from moba.types import Routing, check_inputs, clamp_blocks
 
 
 def naive_moba_attention(
@@ -29,6 +29,7 @@ def naive_moba_attention(
     `key_means` is accepted for signature parity and ignored: the spec always pools `k`.
     """
     check_inputs(q, k, v, block_size, top_k, sink_blocks)
+    top_k, sink_blocks = clamp_blocks(k.shape[2], block_size, top_k, sink_blocks)
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     group = Hq // Hkv

@@ -16,7 +16,7 @@ from moba.dense import covers_all_blocks, dense_attention
 from moba.naive import naive_moba_attention
 from moba.portable import portable_moba_attention
 from moba.routing import block_means, select_blocks
-from moba.types import Routing, check_inputs
+from moba.types import Routing, check_inputs, clamp_blocks
 
 BACKENDS = ("auto", "portable", "triton", "naive")
 _backend = "auto"
@@ -48,7 +48,8 @@ def moba_attention(
         q: [B, Hq, Tq, D] queries; absolute positions Tk - Tq .. Tk - 1.
         k, v: [B, Hkv, Tk, D]; Hq % Hkv == 0 (GQA without repeating K/V).
         block_size: keys per block; block i holds positions [i*bs, (i+1)*bs).
-        top_k: blocks per query counting its own block; top_k - 1 are routed.
+        top_k: blocks per query counting its own block; top_k - 1 are routed. Capped at the number
+            of key blocks, as is sink_blocks (`moba.types.clamp_blocks`): same result, buffers that size.
         sink_blocks: the first blocks, always attended when before the own block. Default 0.
         scale: softmax scale. Default D ** -0.5.
         return_routing: also return a `moba.Routing` (blocks and gate scores per query).
@@ -63,6 +64,7 @@ def moba_attention(
     torch.Size([1, 2, 300, 64])
     """
     check_inputs(q, k, v, block_size, top_k, sink_blocks)
+    top_k, sink_blocks = clamp_blocks(k.shape[2], block_size, top_k, sink_blocks)
     kwargs = dict(block_size=block_size, top_k=top_k, sink_blocks=sink_blocks, scale=scale)
     if not return_routing and covers_all_blocks(k.shape[2], block_size, top_k, sink_blocks):
         return dense_attention(q, k, v, scale=scale)
@@ -85,6 +87,7 @@ def moba_routing(
     """
     check_inputs(q, k, k, block_size, top_k, sink_blocks)
     Tq, Tk = q.shape[2], k.shape[2]
+    top_k, sink_blocks = clamp_blocks(Tk, block_size, top_k, sink_blocks)
     means = block_means(k, block_size) if key_means is None else key_means
     sel, sc = select_blocks(q, means, Tk - Tq, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks)
     own = (torch.arange(Tk - Tq, Tk, device=q.device) // block_size).expand(*sel.shape[:3])

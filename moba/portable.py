@@ -17,7 +17,7 @@ import torch
 
 from moba.dense import covers_all_blocks, dense_attention
 from moba.routing import block_means, select_blocks
-from moba.types import Routing, check_inputs
+from moba.types import Routing, check_inputs, clamp_blocks
 
 _SCORE_BUDGET = 1 << 24  # fp32 elements one score tile may hold (64 MiB)
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -41,6 +41,7 @@ def portable_moba_attention(
         (a KV cache keeps them up to date so that decode does not re-pool the cache).
     """
     check_inputs(q, k, v, block_size, top_k, sink_blocks)
+    top_k, sink_blocks = clamp_blocks(k.shape[2], block_size, top_k, sink_blocks)
     B, Hq, Tq, D = q.shape
     scale = D**-0.5 if scale is None else scale
     means = block_means(k, block_size) if key_means is None else key_means

@@ -23,7 +23,7 @@ from moba.triton.attention import attend_tiles
 from moba.triton.csr import build_tiles
 from moba.triton.decode import attend_rows, key_splits, merge_partials, partials
 from moba.triton.routing import pool_means, route_chunk, split_means
-from moba.types import Routing, check_inputs
+from moba.types import Routing, check_inputs, clamp_blocks
 
 # Partials per query chunk. 1M prefill on an H200 (bench/experiments/chunk_ab.py): 1.75 GiB (48 chunks) 1,375.3 ms,
 # 1 GiB (86 chunks) 1,386.8 ms: fewer part-filled tiles. Peak extra memory 1.81 GB (the target is 2 GB).
@@ -61,6 +61,7 @@ def triton_moba_attention(
     Raises ValueError on inputs outside the op's contract.
     """
     check_inputs(q, k, v, block_size, top_k, sink_blocks)
+    top_k, sink_blocks = clamp_blocks(k.shape[2], block_size, top_k, sink_blocks)
     if not _supported(q, k, v) or (scale is not None and scale <= 0):
         return portable_moba_attention(
             q, k, v, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks, scale=scale,
