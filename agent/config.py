@@ -83,16 +83,28 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
     """"-3,-2,-1" or "last3" -> layer indices; "none" or "" -> (); None -> None (the device default).
 
     Raises:
-        ValueError: naming the bad item.
+        ValueError: naming the forms accepted.
     """
     if text is None:
         return None
-    if not text.strip() or text.strip() == "none":
+    text = text.strip()
+    if not text or text == "none":
         return ()
-    if text.startswith("last"):
-        n = int(text[4:] or 1)
-        return tuple(range(-n, 0))
     try:
+        if text.startswith("last"):
+            n = int(text[4:] or 1)
+            if n < 0:
+                raise ValueError
+            return tuple(range(-n, 0))
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise ValueError(f"dense layers must be comma-separated integers or lastN, got {text!r}") from None
+        raise ValueError(f"dense layers {text!r} not understood: give comma-separated integers or lastN "
+                         "('0,5,-1', 'last3'), or 'none'") from None
+
+
+def check_layers(layers: tuple[int, ...], num_layers: int) -> None:
+    """Raise ValueError when a dense layer index is outside a model of `num_layers` layers."""
+    bad = [i for i in layers if not -num_layers <= i < num_layers]
+    if bad:
+        raise ValueError(f"dense layer(s) {', '.join(map(str, bad))} outside the model's {num_layers} layers: "
+                         f"use indices {-num_layers}..{num_layers - 1}")

@@ -33,6 +33,7 @@ class Runtime:
     chat: the tokenizer has a chat template. max_positions: the model's context limit.
     retune(config): writes config's MoBA settings onto the loaded model (engines made after it
     use them), or None when the runtime cannot be re-tuned. device: where the model runs.
+    notes: one line each where the run differs from what was asked (stated on stderr and in --json).
     """
 
     tokenizer: object
@@ -43,6 +44,7 @@ class Runtime:
     stop_ids: frozenset[int] = frozenset()
     retune: Callable[[AskConfig], None] | None = None
     device: str = "cpu"
+    notes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -89,6 +91,10 @@ class Session:
     def capacity(self) -> int:
         reserve = self.config.max_new_tokens + (4096 if self.mode == "chat" else 1024)
         return self.context_len + reserve
+
+    def turn_length(self, question: str) -> int:
+        """Tokens the first turn with `question` adds after the context (prompt frame included)."""
+        return len(self._encode(self._split(self._render([], question))[1]))
 
     def open(self, progress: Callable[[int, int], None] | None = None,
              on_engine: Callable[[object], None] | None = None) -> None:

@@ -96,10 +96,15 @@ def chunk_queries(B: int, Hq: int, Tq: int, S: int, D: int, esize: int) -> int:
     return max(1, min(Tq, PARTIAL_BUDGET // per_query))
 
 
+def serves(dtype: torch.dtype, head_dim: int) -> bool:
+    """True when the kernels take CUDA tensors of this dtype and head dim (else the portable path runs)."""
+    return dtype in (torch.float16, torch.bfloat16) and head_dim in HEAD_DIMS
+
+
 def _supported(q, k, v) -> bool:
     on_device = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     same = q.dtype == k.dtype == v.dtype and q.device == k.device == v.device
-    return on_device and same and q.dtype in (torch.float16, torch.bfloat16) and q.shape[3] in HEAD_DIMS
+    return on_device and same and serves(q.dtype, q.shape[3])
 
 
 def _means(k, block_size, key_means):
