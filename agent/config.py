@@ -12,6 +12,10 @@ DENSE_LAYERS_CPU = (-3, -2, -1)  # the CPU default (bench/RESULTS.md, evaluation
 QA_POLICIES = ("moba", "dense")
 
 
+class SettingError(ValueError):
+    """A setting that the loaded model or this machine cannot honour. One line naming the fix."""
+
+
 @dataclass(frozen=True)
 class AskConfig:
     """Settings shared by ask, chat, summarize and eval.
@@ -98,13 +102,13 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
             return tuple(range(-n, 0))
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise ValueError(f"dense layers {text!r} not understood: give comma-separated integers or lastN "
-                         "('0,5,-1', 'last3'), or 'none'") from None
+        raise ValueError("dense layers must be comma-separated integers or lastN ('0,5,-1', 'last3'), or "
+                         f"'none'; got {text!r}") from None
 
 
 def check_layers(layers: tuple[int, ...], num_layers: int) -> None:
-    """Raise ValueError when a dense layer index is outside a model of `num_layers` layers."""
+    """Raise SettingError when a dense layer index is outside a model of `num_layers` layers."""
     bad = [i for i in layers if not -num_layers <= i < num_layers]
     if bad:
-        raise ValueError(f"dense layer(s) {', '.join(map(str, bad))} outside the model's {num_layers} layers: "
+        raise SettingError(f"dense layer(s) {', '.join(map(str, bad))} outside the model's {num_layers} layers: "
                          f"use indices {-num_layers}..{num_layers - 1}")

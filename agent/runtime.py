@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from agent.config import AskConfig, check_layers
+from agent.config import AskConfig, SettingError, check_layers
 from agent.engine import Engine
 from agent.session import Runtime
 from moba.hf import MobaParams, configure
 
 
-class DeviceError(ValueError):
+class DeviceError(SettingError):
     """The requested device does not exist here. The message is one line that names the fix."""
 
 
@@ -52,7 +52,7 @@ def moba_params(config: AskConfig, num_layers: int) -> MobaParams:
 def load_runtime(config: AskConfig) -> Runtime:
     """Load `config.model` (pulled on first use) and return a Runtime.
 
-    Raises agent.models.ModelError, DeviceError, or ValueError for dense layers outside the model.
+    Raises agent.models.ModelError, DeviceError, or SettingError for dense layers outside the model.
     """
     from agent import models
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import click
 
 import ingest
-from agent.config import AUTO_DENSE_FACTOR, AskConfig, auto_threshold, parse_layers, resolve
+from agent.config import AUTO_DENSE_FACTOR, AskConfig, SettingError, auto_threshold, parse_layers, resolve
 
 RESERVE = 512  # tokens kept free beside the pack for the prompt frame and the question
 
@@ -97,7 +97,6 @@ def open_session(paths, cfg: AskConfig, opts: ingest.PackOptions, mode: str, qui
     room the session leaves for it before anything is prefilled."""
     from agent.engine import MemoryBudgetError
     from agent.models import ModelError
-    from agent.runtime import DeviceError
     from agent.session import Session
 
     ui = Progress(quiet)
@@ -115,7 +114,7 @@ def open_session(paths, cfg: AskConfig, opts: ingest.PackOptions, mode: str, qui
         ui.report_pack(pk, budget, session)
         ui.console.print(f"attention: {_describe(cfg)}{_why(given, cfg, pk.total_tokens)}", highlight=False)
         ui.prefill(session)
-    except (ModelError, DeviceError, MemoryBudgetError, ingest.PackError) as e:
+    except (ModelError, SettingError, MemoryBudgetError, ingest.PackError) as e:
         raise click.ClickException(str(e)) from None
     return session
 

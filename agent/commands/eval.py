@@ -11,7 +11,8 @@ import click
 
 import ingest
 from agent.commands import common
-from agent.config import AskConfig, parse_layers
+from agent.config import AskConfig, SettingError, parse_layers
+from agent.engine import MemoryBudgetError
 from agent.evaluate import runner
 from agent.evaluate.tasks import TaskError, build_workspace
 
@@ -81,8 +82,11 @@ def eval_cmd(path, n_tasks, context_tokens, seed, configs, hybrid_layers, as_jso
     rt = _load(cfg, ui)
     _check_fit(rt, cfg, context_tokens)
     ws = _workspace(path, rt, ui, context_tokens, n_tasks, seed, include, exclude)
-    report = runner.run(rt, ws, cfg, names, seed=seed, hybrid_layers=layers, open_session=ui.prefill,
-                        on_task=_QuestionBar(ui))
+    try:
+        report = runner.run(rt, ws, cfg, names, seed=seed, hybrid_layers=layers, open_session=ui.prefill,
+                            on_task=_QuestionBar(ui))
+    except MemoryBudgetError as e:
+        raise click.ClickException(str(e)) from None
     if output:
         with open(output, "w", encoding="utf-8") as f:
             json.dump({**report.doc, "meta": report.meta}, f, indent=1)
@@ -98,7 +102,7 @@ def _load(cfg: AskConfig, ui):
     try:
         with ui.status("loading model"):
             return common.load_runtime(cfg)
-    except ModelError as e:
+    except (ModelError, SettingError) as e:
         raise click.ClickException(str(e)) from None
 
 
