@@ -8,7 +8,7 @@ import os
 
 import click
 
-from agent.commands.common import check_paths, common_options, make_config, open_session
+from agent.commands.common import check_paths, check_writable, common_options, make_config, open_session
 from agent.render import AnswerStream, sources_block
 
 
@@ -69,12 +69,7 @@ def check_routing_map(path: str) -> None:
         raise click.ClickException(f"--routing-map must end in .html or .png, got {path}")
     if suffix == ".png" and importlib.util.find_spec("matplotlib") is None:
         raise click.ClickException("a PNG routing map needs matplotlib: pip install matplotlib, or use .html")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise click.ClickException(f"--routing-map {path}: the directory {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise click.ClickException(f"--routing-map {path}: not writable here (permissions or a read-only "
-                                   "filesystem); pick another path")
+    check_writable(path, "--routing-map")
 
 
 def answer_json(answer, session) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 
 import click
@@ -83,6 +84,20 @@ def check_paths(paths) -> None:
             raise click.ClickException(f"path not found: {p} (check the spelling, or cd to the repository)")
 
 
+def check_writable(path: str, flag: str) -> None:
+    """Fail before any model loads when `path` (an output file) could not be written after the run."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise click.ClickException(f"{flag} {path}: the directory {folder} does not exist; create it first")
+    try:  # a real write: permission bits say nothing to root, nor about /proc or a read-only mount
+        if os.path.exists(path):
+            open(path, "ab").close()
+        else:
+            tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise click.ClickException(f"{flag} {path}: cannot write there ({e.strerror or e}); pick another path") from None
+
+
 def load_runtime(cfg: AskConfig):
     """The Runtime for cfg (tests replace this function with a fake)."""
     from agent.runtime import load_runtime as load
@@ -129,21 +144,24 @@ def _context_cache():
 
 
 def check_fit(session, question: str = "") -> None:
-    """Fail before prefill when the context, the question and the longest answer exceed the model's
-    window, or the question exceeds the room the KV cache keeps for it. Raises ClickException."""
+    """Fail before prefill when the question exceeds the room the KV cache keeps for it, or the context,
+    the question and the longest answer exceed the model's window. Raises ClickException naming the flag."""
     rt, cfg = session.runtime, session.config
     asked = session.turn_length(question)
-    need = session.context_len + asked + cfg.max_new_tokens
-    if need > rt.max_positions:
-        fit = max(0, rt.max_positions - cfg.max_new_tokens - asked - (session.context_len - session.pack.total_tokens))
-        raise click.ClickException(
-            f"{session.context_len:,} context + {asked:,} question + {cfg.max_new_tokens:,} answer tokens exceed "
-            f"{rt.name}'s window of {rt.max_positions:,} positions: use --max-tokens {fit:,} or less (0 fits the "
-            "window), a lower --max-new-tokens, or a model with a longer window")
     room = session.capacity() - session.context_len - cfg.max_new_tokens
     if asked > room:
         raise click.ClickException(f"the question takes {asked:,} tokens with its prompt; {room:,} fit beside the "
                                    "context: shorten it (put long text in a file under PATH instead)")
+    if session.context_len + asked + cfg.max_new_tokens <= rt.max_positions:
+        return
+    head = (f"{session.context_len:,} context + {asked:,} question + {cfg.max_new_tokens:,} answer tokens exceed "
+            f"{rt.name}'s window of {rt.max_positions:,} positions")
+    answer_room = rt.max_positions - session.context_len - asked
+    if cfg.max_new_tokens > rt.max_positions // 2 and answer_room > 0:
+        raise click.ClickException(f"{head}: use --max-new-tokens {answer_room:,} or less")
+    fit = rt.max_positions - cfg.max_new_tokens - asked - (session.context_len - session.pack.total_tokens)
+    raise click.ClickException(f"{head}: use --max-tokens {max(fit, 1):,} or less (0 fits the window), a lower "
+                               "--max-new-tokens, or a model with a longer window")
 
 
 def _settle(rt, cfg: AskConfig, tokens: int) -> AskConfig:

@@ -70,6 +70,8 @@ def eval_cmd(path, n_tasks, context_tokens, seed, configs, hybrid_layers, as_jso
       moba-ask eval . --model qwen2.5-coder-1.5b --context-tokens 16384 --tasks 6 -o run.json
     """
     common.check_paths([path])
+    if output:
+        common.check_writable(output, "-o")
     if not os.path.isdir(path):
         raise click.UsageError(f"PATH must be a directory (a repository), got the file {path}")
     try:
@@ -88,8 +90,11 @@ def eval_cmd(path, n_tasks, context_tokens, seed, configs, hybrid_layers, as_jso
     except MemoryBudgetError as e:
         raise click.ClickException(str(e)) from None
     if output:
-        with open(output, "w", encoding="utf-8") as f:
-            json.dump({**report.doc, "meta": report.meta}, f, indent=1)
+        try:
+            with open(output, "w", encoding="utf-8") as f:
+                json.dump({**report.doc, "meta": report.meta}, f, indent=1)
+        except OSError as e:
+            raise click.ClickException(f"cannot write {output}: {e.strerror or e}") from None
     if as_json:
         click.echo(json.dumps(report.doc, indent=1))
     else:
@@ -108,6 +113,10 @@ def _load(cfg: AskConfig, ui):
 
 def _check_fit(rt, cfg: AskConfig, context_tokens: int) -> None:
     most = rt.max_positions - cfg.max_new_tokens - common.RESERVE
+    if most < 256:  # the smallest --context-tokens
+        raise click.UsageError(f"--max-new-tokens {cfg.max_new_tokens:,} leaves no room for a context in "
+                               f"{rt.name}'s {rt.max_positions:,} positions; use at most "
+                               f"{rt.max_positions - common.RESERVE - 256:,}")
     if context_tokens > most:
         raise click.UsageError(f"--context-tokens {context_tokens:,} does not fit {rt.name}'s {rt.max_positions:,} "
                                f"positions with the prompt and answer; use at most {most:,}")
