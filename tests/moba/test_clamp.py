@@ -100,3 +100,29 @@ def test_triton_launcher_caps_top_k_and_sinks():
         """
     )
     assert got["shape"] == [1, 2, 40, 3 + 3] and got["same"] and got["err"] < 1e-2
+
+
+def test_static_decode_with_a_huge_block_size_allocates_little():
+    """moba/static.py's plain gather (the CPU side of CUDA-graph decode) offsets each block by
+    arange(block_size): before the cap, a 2**20 block over a 100-slot buffer took about 600 MB."""
+    script = textwrap.dedent(
+        """
+        import resource, torch
+        from moba.dense import dense_attention
+        from moba.static import static_moba_decode
+        q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 100, 16), torch.randn(1, 2, 100, 16)
+        length = torch.tensor([60])
+        sums = k[:, :, :60].sum(2, keepdim=True)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out = static_moba_decode(q, k, v, length, sums, block_size=2**20, top_k=10**6, sink_blocks=10**6)
+        grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
+        err = ((out - dense_attention(q, k[:, :, :60], v[:, :, :60])).norm() / out.norm()).item()
+        print(grown, err)
+        """
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": root, "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    grown, err = done.stdout.split()[-2:]
+    assert int(grown) < 64 and float(err) < 1e-5  # MiB; one block: dense attention over the filled part
