@@ -62,7 +62,11 @@ def from_routing(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: in
 
 
 def routed_blocks(rec: RoutingRecorder, sink_blocks: int) -> dict[int, int]:
-    """Block id -> times it was routed to (own block and sink slots excluded) over all records."""
+    """Block id -> times it was routed to (own block and sink blocks excluded) over all records.
+
+    Sinks are told by id (< sink_blocks), not by slot: a record's slots may be capped at its number
+    of blocks (`moba.types.clamp_blocks`), and routed slots never hold a sink id.
+    """
     counts: dict[int, int] = {}
     for records in rec.records.values():
         for r in records:

@@ -13,6 +13,10 @@ DENSE_LAYERS_CPU = (-3, -2, -1)  # the CPU default (bench/RESULTS.md, evaluation
 QA_POLICIES = ("moba", "dense")
 
 
+class SettingError(ValueError):
+    """A setting that the loaded model or this machine cannot honour. One line naming the fix."""
+
+
 @dataclass(frozen=True)
 class AskConfig:
     """Settings shared by ask, chat, summarize and eval.
@@ -93,11 +97,12 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
     -N..-1); "none" or "" -> (); None -> None (the device default).
 
     Raises:
-        ValueError: naming the bad item.
+        ValueError: naming the forms accepted.
     """
     if text is None:
         return None
-    if not text.strip() or text.strip() == "none":
+    text = text.strip()
+    if not text or text == "none":
         return ()
     out: list[int] = []
     for item in (x.strip() for x in text.split(",") if x.strip()):
@@ -114,3 +119,11 @@ def _layer_item(item: str, text: str) -> list[int]:
         return [int(item)]
     except ValueError:
         raise ValueError(f"dense layers must be comma-separated integers or lastN/firstN, got {text!r}") from None
+
+
+def check_layers(layers: tuple[int, ...], num_layers: int) -> None:
+    """Raise SettingError when a dense layer index is outside a model of `num_layers` layers."""
+    bad = [i for i in layers if not -num_layers <= i < num_layers]
+    if bad:
+        raise SettingError(f"dense layer(s) {', '.join(map(str, bad))} outside the model's {num_layers} layers: "
+                         f"use indices {-num_layers}..{num_layers - 1}")

@@ -36,6 +36,7 @@ class Runtime:
     use them), or None when the runtime cannot be re-tuned. device: where the model runs.
     identity: a fingerprint of the loaded weight, config and tokenizer files (agent.cachefs.fingerprint);
     the context cache key includes it, so new weights under the same name never reuse old KV.
+    notes: one line each where the run differs from what was asked (stated on stderr and in --json).
     """
 
     tokenizer: object
@@ -47,6 +48,7 @@ class Runtime:
     retune: Callable[[AskConfig], None] | None = None
     device: str = "cpu"
     identity: str = ""
+    notes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -93,6 +95,10 @@ class Session:
     def capacity(self) -> int:
         reserve = self.config.max_new_tokens + (4096 if self.mode == "chat" else 1024)
         return self.context_len + reserve
+
+    def turn_length(self, question: str) -> int:
+        """Tokens the first turn with `question` adds after the context (prompt frame included)."""
+        return len(self._encode(self._split(self._render([], question))[1]))
 
     def open(self, progress: Callable[[int, int], None] | None = None,
              on_engine: Callable[[object], None] | None = None) -> None:

@@ -15,7 +15,8 @@ import torch
 class Routing:
     """What the gate chose, per query.
 
-    blocks: int64 [B, Hq, Tq, top_k + sink_blocks]. Slot 0 is the query's own block, slots
+    blocks: int64 [B, Hq, Tq, top_k + sink_blocks], both capped first at the number of key blocks
+        (`clamp_blocks`). Slot 0 is the query's own block, slots
         1 .. top_k-1 the routed blocks best first, then one slot per sink block. -1 marks an
         unused slot (fewer candidates than slots, or a sink that is not before the own block).
     scores: fp32, same shape. The gate score q . mean(K_block) of each slot; +inf for the own
@@ -92,3 +93,13 @@ class MobaKernel(Protocol):
         local_blocks: int = 0,
         gate_subblocks: int = 1,
     ) -> torch.Tensor | tuple[torch.Tensor, Routing]: ...
+
+
+def clamp_blocks(Tk: int, block_size: int, top_k: int, sink_blocks: int) -> tuple[int, int]:
+    """(top_k, sink_blocks) capped at the number of key blocks, ceil(Tk / block_size).
+
+    Slots beyond it could only ever hold -1, so every buffer is sized by the capped values: a
+    top_k of 10**6 ("every block") costs what top_k = n_blocks costs, with the same result.
+    """
+    n_blocks = -(-Tk // block_size)
+    return max(1, min(top_k, n_blocks)), min(sink_blocks, n_blocks)

@@ -14,7 +14,8 @@ import click
 
 import ingest
 from agent.commands import common
-from agent.config import AskConfig
+from agent.config import AskConfig, SettingError
+from agent.engine import MemoryBudgetError
 from agent.evaluate import report as rep
 from agent.evaluate import runner
 from agent.evaluate.configs import parse_specs
@@ -81,8 +82,8 @@ def eval_cmd(paths, n_tasks, sizes, seed, configs, as_json, output, quiet, inclu
       moba-ask eval . --attention dense,moba:qa=dense+dense=last3,moba:block=512+topk=3 --json
     """
     common.check_paths(list(paths))
-    if output and not os.access(os.path.dirname(os.path.abspath(output)), os.W_OK):
-        raise click.UsageError(f"-o {output}: its directory does not exist or is not writable; pick another FILE")
+    if output:
+        common.check_writable(output, "-o")
     for path in paths:
         if not os.path.isdir(path):
             raise click.UsageError(f"REPO must be a directory (a repository), got the file {path}")
@@ -97,7 +98,10 @@ def eval_cmd(paths, n_tasks, sizes, seed, configs, as_json, output, quiet, inclu
     for size in budgets:
         _check_fit(rt, cfg, size)
     units = _units(list(paths), budgets, rt, ui, n_tasks, seed, include, exclude)
-    doc = _run(rt, units, cfg, specs, seed, ui, output)
+    try:
+        doc = _run(rt, units, cfg, specs, seed, ui, output)
+    except MemoryBudgetError as e:
+        raise click.ClickException(str(e)) from None
     if as_json:
         click.echo(json.dumps(doc, indent=1))
     else:
@@ -165,12 +169,16 @@ def _load(cfg: AskConfig, ui):
     try:
         with ui.status("loading model"):
             return common.load_runtime(cfg)
-    except ModelError as e:
+    except (ModelError, SettingError) as e:
         raise click.ClickException(str(e)) from None
 
 
 def _check_fit(rt, cfg: AskConfig, context_tokens: int) -> None:
     most = rt.max_positions - cfg.max_new_tokens - common.RESERVE
+    if most < 256:  # the smallest --context-tokens
+        raise click.UsageError(f"--max-new-tokens {cfg.max_new_tokens:,} leaves no room for a context in "
+                               f"{rt.name}'s {rt.max_positions:,} positions; use at most "
+                               f"{rt.max_positions - common.RESERVE - 256:,}")
     if context_tokens > most:
         raise click.UsageError(f"--context-tokens {context_tokens:,} does not fit {rt.name}'s {rt.max_positions:,} "
                                f"positions with the prompt and answer; use at most {most:,}")

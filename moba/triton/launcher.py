@@ -24,7 +24,7 @@ from moba.triton.attention import attend_tiles
 from moba.triton.csr import build_tiles
 from moba.triton.decode import attend_rows, key_splits, merge_partials, partials
 from moba.triton.routing import pool_means, route_chunk, split_means
-from moba.types import Routing, check_inputs
+from moba.types import Routing, check_inputs, clamp_blocks
 
 PARTIAL_BUDGET = 7 << 28  # bytes of partials per query chunk: fewer chunks, fewer part-filled tiles
 DECODE_ROWS = 16  # at most this many query rows per KV head in a chunk: the split-K decode kernel
@@ -58,6 +58,8 @@ def triton_moba_attention(
     computed by `moba.portable_moba_attention`.
     """
     check_inputs(q, k, v, block_size, top_k, sink_blocks, local_blocks, gate_subblocks)
+    top_k, sink_blocks = clamp_blocks(k.shape[2], block_size, top_k, sink_blocks)
+    local_blocks = min(local_blocks, top_k - 1)
     plain_gate = local_blocks == 0 and gate_subblocks == 1
     if not plain_gate or not _supported(q, k, v) or (scale is not None and scale <= 0):
         return portable_moba_attention(
@@ -94,10 +96,15 @@ def chunk_queries(B: int, Hq: int, Tq: int, S: int, D: int, esize: int) -> int:
     return max(1, min(Tq, PARTIAL_BUDGET // per_query))
 
 
+def serves(dtype: torch.dtype, head_dim: int) -> bool:
+    """True when the kernels take CUDA tensors of this dtype and head dim (else the portable path runs)."""
+    return dtype in (torch.float16, torch.bfloat16) and head_dim in HEAD_DIMS
+
+
 def _supported(q, k, v) -> bool:
     on_device = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     same = q.dtype == k.dtype == v.dtype and q.device == k.device == v.device
-    return on_device and same and q.dtype in (torch.float16, torch.bfloat16) and q.shape[3] in HEAD_DIMS
+    return on_device and same and serves(q.dtype, q.shape[3])
 
 
 def _means(k, block_size, key_means):

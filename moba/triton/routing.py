@@ -171,6 +171,8 @@ def route_chunk(q, means, q_off, C, pos0, *, block_size, top_k, sink_blocks, sco
             tensor cores, above SPLIT_MIN_ROWS rows per KV head); made here otherwise. Other
             queries use fp32 FMA dots.
         tile: (rows, blocks, warps) of one program; default `route_tile`.
+        top_k, sink_blocks: already capped at the number of key blocks (`moba.types.clamp_blocks`,
+            as the launcher does): the kernel's register tile and sink loop are sized by them.
     Returns:
         (blocks int32 [B, Hq, C, top_k + sink_blocks], scores fp32 of that shape or None).
     """
