@@ -120,7 +120,11 @@ def _block_ranges(smap, mass: np.ndarray, lo: int, hi: int, share: float, max_li
 
 
 def routed_blocks(rec: RoutingRecorder, sink_blocks: int) -> dict[int, int]:
-    """Block id -> times it was routed to (own block and sink slots excluded) over all records."""
+    """Block id -> times it was routed to (own block and sink blocks excluded) over all records.
+
+    Sinks are told by id (< sink_blocks), not by slot: a record's slots may be capped at its number
+    of blocks (`moba.types.clamp_blocks`), and routed slots never hold a sink id.
+    """
     counts: dict[int, int] = {}
     for records in rec.records.values():
         for r in records:

@@ -4,12 +4,17 @@ common CLI flags. Knows nothing of models or files beyond names and numbers.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 ATTENTION = ("auto", "moba", "dense")
 AUTO_DENSE_FACTOR = 8  # "auto" is dense below AUTO_DENSE_FACTOR x top_k x block_size context tokens
 DENSE_LAYERS_CPU = (-3, -2, -1)  # the CPU default (bench/RESULTS.md, evaluation); none on CUDA
 QA_POLICIES = ("moba", "dense")
+
+
+class SettingError(ValueError):
+    """A setting that the loaded model or this machine cannot honour. One line naming the fix."""
 
 
 @dataclass(frozen=True)
@@ -88,19 +93,37 @@ def resolve(config: AskConfig, context_tokens: int, device: str = "cpu") -> AskC
 
 
 def parse_layers(text: str | None) -> tuple[int, ...] | None:
-    """"-3,-2,-1" or "last3" -> layer indices; "none" or "" -> (); None -> None (the device default).
+    """"-3,-2,-1", "last3", "first2" or a mix ("first2,last2") -> layer indices (firstN: 0..N-1, lastN:
+    -N..-1); "none" or "" -> (); None -> None (the device default).
 
     Raises:
-        ValueError: naming the bad item.
+        ValueError: naming the forms accepted.
     """
     if text is None:
         return None
-    if not text.strip() or text.strip() == "none":
+    text = text.strip()
+    if not text or text == "none":
         return ()
-    if text.startswith("last"):
-        n = int(text[4:] or 1)
-        return tuple(range(-n, 0))
+    out: list[int] = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        out += _layer_item(item, text)
+    return tuple(dict.fromkeys(out))
+
+
+def _layer_item(item: str, text: str) -> list[int]:
+    m = re.fullmatch(r"(first|last)(\d*)", item)
+    if m:
+        n = int(m.group(2) or 1)
+        return list(range(n)) if m.group(1) == "first" else list(range(-n, 0))
     try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
+        return [int(item)]
     except ValueError:
-        raise ValueError(f"dense layers must be comma-separated integers or lastN, got {text!r}") from None
+        raise ValueError(f"dense layers must be comma-separated integers or lastN/firstN, got {text!r}") from None
+
+
+def check_layers(layers: tuple[int, ...], num_layers: int) -> None:
+    """Raise SettingError when a dense layer index is outside a model of `num_layers` layers."""
+    bad = [i for i in layers if not -num_layers <= i < num_layers]
+    if bad:
+        raise SettingError(f"dense layer(s) {', '.join(map(str, bad))} outside the model's {num_layers} layers: "
+                         f"use indices {-num_layers}..{num_layers - 1}")

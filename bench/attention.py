@@ -6,7 +6,7 @@ chunked prefill (64K queries after 960K keys) and decode (1 query over 1M keys, 
 MoBA FLOPs are counted from the routing the kernel actually chose. Peak memory is
 torch.cuda.max_memory_allocated during the call; "extra" subtracts the inputs and the output.
 
-Run: python bench/attention.py [--sizes 32768,...] [--no-fa2] [--tune N] [--breakdown N] [--out DIR]
+Run: python -m bench.attention [--sizes 32768,...] [--no-fa2] [--tune N] [--breakdown N] [--out DIR]
 Prints a markdown table last and writes it (and a JSON of every number) under --out ($OUT).
 """
 
@@ -24,13 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import moba  # noqa: E402
-import moba.triton.launcher as launcher  # noqa: E402
-from moba.triton.csr import build_tiles  # noqa: E402
-from moba.triton.decode import merge_partials, partials  # noqa: E402
-from moba.triton.routing import pool_means, route_chunk, split_means  # noqa: E402
+import moba
+import moba.triton.launcher as launcher
+from moba.triton.csr import build_tiles
+from moba.triton.decode import merge_partials, partials
+from moba.triton.routing import pool_means, route_chunk, split_means
 
 HQ, HKV, D, BS, TOPK = 28, 4, 128, 4096, 12
 DT = torch.bfloat16
@@ -212,15 +210,13 @@ def breakdown(N: int) -> dict:
             C = min(step, N - c0)
             blk, _ = route_chunk(q, means, c0, C, c0, block_size=BS, top_k=TOPK, sink_blocks=0, parts=parts)
             _mark(marks, acc, "route")
-            tiles = build_tiles(blk, HKV, math.ceil(N / BS), bm, pos0=c0, block_size=BS)
+            tiles = build_tiles(blk, HKV, math.ceil(N / BS), bm)
             op, lsep = partials(blk, 1, D, q.dtype)
             _mark(marks, acc, "sort")
             attend(q, k, v, blk, tiles, op, lsep, q_off=c0, pos0=c0, block_size=BS, scale=D**-0.5)
             _mark(marks, acc, "attend")
             merge_partials(op, lsep, blk, out, q_off=c0, nsplit=1)
             _mark(marks, acc, "merge")
-    acc["route_sort"] = time_ms(lambda: [route_chunk(q, means, c0, min(step, N - c0), c0, block_size=BS, top_k=TOPK,
-                                                     sink_blocks=0, method="sort", parts=parts) for c0 in range(0, N, step)], 1)  # fmt: skip
     log(f"breakdown N={N} chunk={step} tile kernel {getattr(attend, '__module__', None) or attend.func.__module__}: " + ", ".join(f"{k_} {v_:.1f} ms" for k_, v_ in acc.items()))
     return dict(N=N, chunk=step, **acc)
 

@@ -3,7 +3,7 @@
 Builds random bf16 K/V views shaped like MobaLayer buffers [1, Hkv, capacity, D] (filled part only),
 saves them, then loads them back `--repeat` times onto `--device`. The file is read back from the
 page cache (warm), as on a second question right after the first. Also times the checksum alone.
-Run: python bench/ctxcache_io.py [--tokens 32768] [--layers 28] [--kv-heads 2] [--head-dim 128]
+Run: python -m bench.ctxcache_io [--tokens 32768] [--layers 28] [--kv-heads 2] [--head-dim 128]
                                  [--device cpu] [--dir /tmp/ctxbench]
 """
 

@@ -1,18 +1,13 @@
 """Where one MoBA decode step's GPU time goes: 1 query (28 heads) over 1M keys (4 KV heads), D 128, bf16,
 block 4096, top-k 12, cached block means; CUDA-event mean over 50 calls, then the torch profiler's kernel table.
-Run (GPU): python3 bench/decode_profile.py
+Run (GPU): python3 -m bench.decode_profile
 """
-
-import sys
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import moba  # noqa: E402
-from moba.routing import block_means  # noqa: E402
+import moba
+from moba.routing import block_means
 
 
 def main() -> None:

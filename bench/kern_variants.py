@@ -1,18 +1,17 @@
-"""Time variants of the MoBA Triton stages at 1M tokens on one GPU, with cross-checks.
+"""Time the MoBA Triton stages' settings at 1M tokens on one GPU, with cross-checks.
 
 Shapes as bench/attention.py (B=1, 28 query heads, 4 KV heads, D=128, bf16, block 4096, top-k 12).
-Stages: routing over all query chunks (each variant against torch's fp32 gate on two chunks),
-the CSR build of the last chunk (torch.sort against the counting sort and the ticket CSR), and the tile kernel on the
-last chunk for several configurations (outputs against the first configuration). The routing
-baseline is the module at --old (the main checkout's moba/triton/routing.py), when present.
+Stages: routing over all query chunks for several program tiles (each against torch's fp32 gate
+on two chunks), the CSR build of the last chunk (torch.sort against the counting sort, and the
+counting sort's tiles), and the tile kernel on the last chunk: the Triton kernel against the
+Gluon one (outputs against the first).
 
-Run: python bench/kern_variants.py [--N 1048576] [--old ../moba/triton/routing.py] [--stages route,sort,tile]
+Run: python -m bench.kern_variants [--N 1048576] [--stages route,sort,tile]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -21,24 +20,18 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import moba.triton.launcher as launcher  # noqa: E402
-from bench.attention import time_ms  # noqa: E402
-from moba.routing import select_blocks  # noqa: E402
-from moba.triton.attention import attend_tiles  # noqa: E402
-from moba.triton.csr import build_tiles  # noqa: E402
-from moba.triton.decode import partials  # noqa: E402
-from moba.triton.routing import pool_means, route_chunk, split_means  # noqa: E402
-from tests.moba.mobatest import csr_mismatches  # noqa: E402
+import moba.triton.csr as csr_mod
+import moba.triton.launcher as launcher
+from bench.attention import time_ms
+from moba.routing import select_blocks
+from moba.triton.attention import attend_tiles
+from moba.triton.csr import build_tiles
+from moba.triton.decode import partials
+from moba.triton.routing import pool_means, route_chunk, split_means
 
 HQ, HKV, D, BS, TOPK = 28, 4, 128, 4096, 12
 ROUTE_TILES = [(64, 128, 4), (128, 128, 8), (64, 256, 4), (64, 64, 4), (32, 64, 4)]
-TILE_CFGS = [
-    dict(BM=128, BN=128, warps=8, stages=3, tma=True),
-    dict(BM=128, lib_hopper=True),
-    dict(BM=128, lib_hopper=True, async_q=True),
-]
+TILE_CFGS = [dict(BM=128, BN=128, warps=8, stages=3), dict(BM=128, hopper=True)]
 
 
 def log(*a) -> None:
@@ -85,23 +78,20 @@ def same_rows(blk, q, means, c0, C) -> float:
     return (blk[..., 1:].long() == sel).all(-1).float().mean().item()
 
 
-def old_router(path: str):
-    if not path or not os.path.exists(path):
-        return None
-    spec = importlib.util.spec_from_file_location("old_routing", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.route_chunk
+def same_csr(got: dict, ref: dict) -> bool:
+    """Whether two `build_tiles` CSRs of one table agree: counts, offsets, tiles and entry order."""
+    n = int(ref["key_cnt"].sum())
+    keys = ("key_cnt", "key_off", "tile_end", "tile_key")
+    return all(torch.equal(got[k].long(), ref[k].long()) for k in keys) and torch.equal(got["perm"][:n], ref["perm"][:n])
 
 
-def routing(q, means, step, old) -> list[dict]:
+def routing(q, means, step) -> list[dict]:
     N = q.shape[2]
     parts = split_means(means)
     chunks = [(c0, min(step, N - c0)) for c0 in range(0, N, step)]
     checks = [chunks[len(chunks) // 2], chunks[-1]]
-    variants = [("old extract", old, {})] if old else []
-    variants += [(f"new {t}", route_chunk, dict(tile=t, parts=parts)) for t in ROUTE_TILES]
-    variants += [("new fp32 FMA (32,64,4)", route_chunk, dict(tile=(32, 64, 4), parts=None, fma=True))]
+    variants = [(f"split gate {t}", route_chunk, dict(tile=t, parts=parts)) for t in ROUTE_TILES]
+    variants += [("fp32 FMA gate (32,64,4)", route_chunk, dict(tile=(32, 64, 4), parts=None, fma=True))]
     res = []
     for name, fn, kw in variants:
         kw = dict(kw)
@@ -122,36 +112,34 @@ def routing(q, means, step, old) -> list[dict]:
     return res
 
 
-def csr(blk, nb, n_chunks, pos0) -> list[dict]:
-    build = lambda m: build_tiles(blk, HKV, nb, 128, pos0=pos0, block_size=BS, method=m)  # noqa: E731
+def csr(blk, nb, n_chunks) -> list[dict]:
+    build = lambda m: build_tiles(blk, HKV, nb, 128, method=m)  # noqa: E731
     ref = build("sort")
     res = []
-    for m in ("sort", "count", "ticket"):
-        bad = csr_mismatches(build(m), ref, blk.shape[-1], exact=m != "ticket")
+    for m in ("sort", "count"):
+        bad = not same_csr(build(m), ref)
         ms = cuda_ms(lambda m=m: build(m), 5)
         gms = graph_ms(lambda m=m: build(m)) if m != "sort" else None  # bincount syncs
         res.append(dict(method=m, ms_per_chunk=ms, graph_ms_per_chunk=gms, ms_est_total=ms * n_chunks, mismatches=bad))
         log(f"csr {m}: {ms:.3f} ms per chunk (x{n_chunks} = {ms * n_chunks:.1f} ms), GPU only (CUDA graph) {gms} ms, "
-            f"differences from torch.sort: {bad or 'none'}")  # fmt: skip
-    return res + count_tiles(blk, nb, pos0, ref, build)
+            f"differs from torch.sort: {bad}")  # fmt: skip
+    return res + count_tiles(blk, nb, ref, build)
 
 
-def count_tiles(blk, nb, pos0, ref, build) -> list[dict]:
+def count_tiles(blk, nb, ref, build) -> list[dict]:
     """GPU time of the counting sort alone and of the whole CSR for several (tb, ts) tiles."""
-    import moba.triton.csr as csr_mod
-
     res, default = [], csr_mod.COUNT_TILE
     for tb, ts in [(128, 8), (128, 4), (256, 4), (512, 4), (256, 2), (512, 2), (1024, 4), (1024, 2)]:
         csr_mod.COUNT_TILE = (tb, ts)
         try:
-            bad = csr_mismatches(build("count"), ref, blk.shape[-1], exact=True)
+            bad = not same_csr(build("count"), ref)
             sort_ms = graph_ms(lambda tb=tb, ts=ts: csr_mod.counting_sort(blk, HKV, nb, tb, ts))
             all_ms = graph_ms(lambda: build("count"))
         except Exception as e:
             log(f"count tile {(tb, ts)} failed: {str(e).splitlines()[0][:200]}")
             continue
         res.append(dict(method=f"count tb={tb} ts={ts}", graph_ms_sort=sort_ms, graph_ms_per_chunk=all_ms, mismatches=bad))
-        log(f"count tb={tb} ts={ts}: counting sort {sort_ms:.3f} ms, whole CSR {all_ms:.3f} ms (GPU), mismatches {bad or 'none'}")
+        log(f"count tb={tb} ts={ts}: counting sort {sort_ms:.3f} ms, whole CSR {all_ms:.3f} ms (GPU), differs {bad}")
     csr_mod.COUNT_TILE = default
     return res
 
@@ -161,24 +149,11 @@ def triton_cdiv(a, b):
 
 
 def _runner(q, k, v, blk, t, op, lsep, c0, cfg):
-    """The tile kernel of cfg on one chunk: the library's Gluon kernel (lib_hopper), the Gluon experiments
-    (ws2: bench/experiments/hopper_ws2.py, hopper: hopper_tile.py) or the Triton kernel."""
-    if cfg.get("ws2"):
-        from bench.experiments.hopper_ws2 import attend_tiles_ws2
-
-        return lambda: attend_tiles_ws2(q, k, v, blk, t, op, lsep, q_off=c0, pos0=c0, block_size=BS, scale=D**-0.5,
-                                        **cfg["ws2"])  # fmt: skip
-    if cfg.get("lib_hopper"):
+    """The tile kernel of cfg on one chunk: the Gluon kernel (hopper) or the Triton kernel."""
+    if cfg.get("hopper"):
         from moba.triton.hopper import attend_tiles_hopper
 
-        return lambda: attend_tiles_hopper(q, k, v, blk, t, op, lsep, q_off=c0, pos0=c0, block_size=BS, scale=D**-0.5,
-                                           async_q=cfg.get("async_q", False))  # fmt: skip
-    if cfg.get("hopper"):
-        from bench.experiments.hopper_tile import attend_tiles_hopper
-
-        kw = dict(bm=cfg["BM"], bn=cfg["BN"], stages=cfg["stages"], warps=cfg["warps"])
-        return lambda: attend_tiles_hopper(q, k, v, blk, t, op, lsep, q_off=c0, pos0=c0, block_size=BS,
-                                           scale=D**-0.5, **kw)  # fmt: skip
+        return lambda: attend_tiles_hopper(q, k, v, blk, t, op, lsep, q_off=c0, pos0=c0, block_size=BS, scale=D**-0.5)
     return lambda: attend_tiles(q, k, v, blk, t, op, lsep, q_off=c0, pos0=c0, block_size=BS, scale=D**-0.5,
                                 nsplit=1, cfg=cfg)  # fmt: skip
 
@@ -189,7 +164,7 @@ def tiles(q, k, v, blk, c0, n_chunks, rounds) -> list[dict]:
     runs, res, ref = [], [], None
     live = blk.reshape(-1) >= 0
     for cfg in TILE_CFGS:
-        t = build_tiles(blk, HKV, nb, cfg["BM"], pos0=c0, block_size=BS)
+        t = build_tiles(blk, HKV, nb, cfg["BM"])
         op, lsep = partials(blk, 1, D, q.dtype)
         op.fill_(float("nan"))
         lsep.fill_(float("nan"))
@@ -222,7 +197,6 @@ def main() -> None:
     global BS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--N", type=int, default=1 << 20)
-    p.add_argument("--old", default=str(Path(__file__).resolve().parents[2] / "moba/triton/routing.py"))
     p.add_argument("--stages", default="route,sort,tile")
     p.add_argument("--chunk", type=int, default=0, help="queries per chunk (default: the launcher's)")
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds of the tile configurations")
@@ -241,10 +215,10 @@ def main() -> None:
     res = dict(N=N, chunk=step, n_chunks=n_chunks, device=torch.cuda.get_device_name() if dev == "cuda" else dev)
     stages = a.stages.split(",")
     if "route" in stages:
-        res["route"] = routing(q, means, step, old_router(a.old))
+        res["route"] = routing(q, means, step)
     blk, _ = route_chunk(q, means, c0, step, c0, block_size=BS, top_k=TOPK, sink_blocks=0)
     if "sort" in stages:
-        res["csr"] = csr(blk, triton_cdiv(N, BS), n_chunks, c0)
+        res["csr"] = csr(blk, triton_cdiv(N, BS), n_chunks)
     if "tile" in stages:
         res["tile"] = tiles(q, k, v, blk, c0, n_chunks, a.rounds)
     Path(a.out).mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 Token ids are random (speed does not depend on the text). Prefill runs in the engine's CPU chunks
 (1024) into a MobaCache; decode is greedy for --decode tokens after the prefill.
-Run: python bench/model_cpu.py --model smollm2-135m --tokens 4096 8192 --dtype float32 bfloat16
+Run: python -m bench.model_cpu --model smollm2-135m --tokens 4096 8192 --dtype float32 bfloat16
 """
 
 from __future__ import annotations

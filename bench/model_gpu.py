@@ -5,24 +5,21 @@ Rows: MoBA prefill at each --tokens length (time, tok/s, peak GPU memory), dense
 --dense-tokens length, and MoBA decode after the longest prefill, twice from the same context: eager
 (`decode="dynamic"`, one Python forward per token) and CUDA graph (`decode="graph"`, one replay per token,
 timed after its warm-up and capture); the greedy tokens of the two are compared.
-Run (on the GPU machine): python bench/model_gpu.py --tokens 131072 262144 524288 1048576 --dense-tokens 131072 262144
+Run (on the GPU machine): python -m bench.model_gpu --tokens 131072 262144 524288 1048576 --dense-tokens 131072 262144
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
+from dataclasses import replace
 
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import moba  # noqa: E402, F401  (registers attn_implementation="moba")
-from agent.engine import Engine, Sampling  # noqa: E402
-from moba.hf import MobaParams, configure  # noqa: E402
+import moba  # noqa: F401  (registers attn_implementation="moba")
+from agent.engine import Engine, Sampling
+from moba.hf import MobaParams, configure, dense_queries, moba_params
 
 QWEN7B_1M = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                  num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=1_010_000,
@@ -37,7 +34,7 @@ def build(seed: int = 0):
     return model.eval()
 
 
-def prefill(model, n: int, chunk: int, decode: int = 0) -> dict:
+def prefill(model, n: int, chunk: int, decode: int = 0, qa_dense: bool = False) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     engine = Engine(model, capacity=n + decode + 8, chunk_size=chunk, decode="dynamic")
@@ -56,8 +53,24 @@ def prefill(model, n: int, chunk: int, decode: int = 0) -> dict:
         secs, graph = _decode(engine, logits, n, decode)
         row["graph_tok_s"] = len(graph) / secs
         row["same_tokens"] = graph == eager
+        if qa_dense:
+            row.update(_qa_dense_decode(model, engine, logits, n, decode))
     del engine
     return row
+
+
+def _qa_dense_decode(model, engine: Engine, logits, context: int, tokens: int) -> dict:
+    """Graph decode with the question/answer policy "dense" (exact attention over the whole context in
+    every layer for the answer tokens), as `--qa-policy dense` runs it: tok/s after warm-up and capture."""
+    sparse = moba_params(model.config)
+    configure(model.config, replace(sparse, qa_policy="dense"))
+    try:
+        with dense_queries():
+            _decode(engine, logits, context, 4)
+            secs, _ = _decode(engine, logits, context, tokens)
+    finally:
+        configure(model.config, sparse)
+    return {"qa_dense_graph_tok_s": tokens / secs}
 
 
 def _decode(engine: Engine, logits, context: int, tokens: int) -> tuple[float, list[int]]:
@@ -79,6 +92,8 @@ def main() -> None:
     p.add_argument("--sink-blocks", type=int, default=1)
     p.add_argument("--chunk", type=int, default=16384)
     p.add_argument("--decode", type=int, default=32)
+    p.add_argument("--qa-dense", action="store_true",
+                   help="also decode after the longest prefill with the question/answer policy dense")
     a = p.parse_args()
     model = build()
     layers = model.config.num_hidden_layers
@@ -94,7 +109,8 @@ def main() -> None:
     warm = prefill(model, 16 * a.block_size + 100, a.chunk, decode=40)
     _row(f"{label} (warm-up)", warm)
     for n in a.tokens:
-        _row(label, prefill(model, n, a.chunk, a.decode if n == max(a.tokens) else 0))
+        last = n == max(a.tokens)
+        _row(label, prefill(model, n, a.chunk, a.decode if last else 0, qa_dense=a.qa_dense and last))
     configure(model.config, MobaParams(a.block_size, a.top_k, a.sink_blocks, tuple(range(layers))))
     for n in a.dense_tokens:
         _row("dense SDPA", prefill(model, n, a.chunk))
@@ -108,6 +124,9 @@ def _row(label: str, r: dict) -> None:
     if "graph_tok_s" in r:
         print(f"graph decode: warm-up and capture {r['graph_warmup_s']:.2f} s (4 tokens); "
               f"same greedy tokens as eager: {r['same_tokens']}", flush=True)
+    if "qa_dense_graph_tok_s" in r:
+        print(f"graph decode with --qa-policy dense (exact attention in every layer): "
+              f"{r['qa_dense_graph_tok_s']:.1f} tok/s", flush=True)
 
 
 if __name__ == "__main__":

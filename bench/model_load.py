@@ -3,7 +3,7 @@
 Each load runs in a fresh Python process (imports excluded from the timing; the OS page cache is
 warm after the first run). It also checks that both give the same logits on a short prompt.
 
-    python bench/model_load.py smollm2-135m --repeats 2
+    python -m bench.model_load smollm2-135m --repeats 2
 """
 
 from __future__ import annotations

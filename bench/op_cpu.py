@@ -2,7 +2,7 @@
 
 Shape: Qwen2.5-Coder-1.5B's attention (12 query heads, 2 KV heads, head dim 128), B=1, random inputs,
 the CPU defaults block 256, top-k 6, 1 sink block. Median of --reps timed calls after one warm-up.
-Run: python bench/op_cpu.py [--tokens 8192,16384,32768] [--dtypes float32,bfloat16] [--reps 3]
+Run: python -m bench.op_cpu [--tokens 8192,16384,32768] [--dtypes float32,bfloat16] [--reps 3]
 """
 
 from __future__ import annotations

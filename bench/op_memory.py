@@ -1,7 +1,7 @@
 """Peak extra CPU memory and time of the portable MoBA op at 64K tokens (issue 2's memory goal).
 
 Extra memory = peak RSS during the call - RSS with the inputs allocated - the output's size.
-Run: python bench/op_memory.py [--tokens 65536] [--top-k 4] [--block-size 1024]
+Run: python -m bench.op_memory [--tokens 65536] [--top-k 4] [--block-size 1024]
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Prepare a repository (only PyPI is reachable), e.g. pytest's source tree, 2.2M s
 
 and a tokenizer: `moba-ask models pull smollm2-135m` (pass the printed hf/ dir), or any tokenizer.json.
 
-    python bench/pack.py /tmp/b/pytest-8.3.4 --model ~/.cache/moba-ask/models/smollm2-135m/hf
+    python -m bench.pack /tmp/b/pytest-8.3.4 --model ~/.cache/moba-ask/models/smollm2-135m/hf
 """
 
 from __future__ import annotations
@@ -30,10 +30,19 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ingest
+from agent import models
 
-import ingest  # noqa: E402
-from agent.commands.pack import load_tokenizer  # noqa: E402
+
+def load_tokenizer(model: str):
+    """A tokenizer.json file (or a directory holding only one) as is, else the agent's tokenizer of `model`."""
+    path = Path(model).expanduser()
+    bare = path / "tokenizer.json" if path.is_dir() and not (path / "config.json").is_file() else path
+    if bare.suffix == ".json" and bare.is_file():
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(bare))
+    return models.load_tokenizer(model)
 
 
 def _cpu() -> float:
@@ -87,15 +96,13 @@ def local_model(model: str) -> str:
     """A local path for model, resolved before the cache dir is redirected (never pulls)."""
     if Path(model).exists():
         return model
-    from agent.models import ensure
-
-    return str(ensure(model, pull=False))
+    return str(models.ensure(model, pull=False))
 
 
 def cli_warm(path: str, model: str, cache: str) -> float:
     """Wall seconds of `moba-ask pack PATH -m MODEL_DIR -q` in a fresh process with a warm token cache."""
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-c", "from agent.commands.pack import pack; pack()", path, "-m", model, "-q"]
+    cmd = [str(Path(sys.executable).parent / "moba-ask"), "pack", path, "-m", model, "-q"]
     env = {**os.environ, "MOBA_ASK_CACHE_DIR": cache, "PYTHONPATH": str(root)}
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=root, env=env, check=True, stdout=subprocess.DEVNULL)

@@ -1,12 +1,15 @@
 """`pack()`: paths -> one packed context (text, token ids, token -> file:line map).
 
-Pipeline: walk.collect (file set) -> readers.read (text or skip reason) -> render (order, sections)
--> tokens (batch encode with exact marks, disk cache) -> budget (drop whole files) -> assemble
-the ids, the text and the SourceMap. Writes only to the token cache, never inside the packed tree.
+Pipeline: walk.collect (file set) -> readers.read (text with secrets redacted, or skip reason) ->
+render (order, sections) -> tokens (batch encode with exact marks, disk cache) -> budget (drop
+whole files) -> assemble the ids, the text and the SourceMap. From the read on, every path is the
+display form (`render.display_path`), so the text, the records, the source map and the skipped
+list agree; a secret inside a skipped file's name is redacted in the skipped list too. Writes only to the token cache, never inside the packed tree.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Callable, Sequence
@@ -15,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest import budget, readers, render, rules, walk
+from ingest import budget, readers, render, rules, secrets, walk
 from ingest.records import FileRecord, Pack, PackError, PackOptions
 from ingest.sourcemap import SourceMap
-from ingest.tokens import Encoder, TokenCache, cache_dir, section_key
+from ingest.tokens import BATCH_CHARS, Encoder, TokenCache, cache_dir, section_key
 
-BATCH_CHARS = 1 << 20
 Progress = Callable[[int, int], None]
 
 
@@ -30,6 +32,7 @@ class _Doc:
     text: str
     flags: tuple[str, ...]
     size: int
+    redacted: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass
@@ -68,29 +71,38 @@ def pack(paths: str | os.PathLike | Sequence[str | os.PathLike], tokenizer,
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     encoder = Encoder(tokenizer)
-    root, cands, skipped = walk.collect([os.fspath(p) for p in paths], options)
+    root, cands, skipped, notes = walk.collect([os.fspath(p) for p in paths], options)
     docs = _read_all(cands, options, skipped)
+    skipped = sorted((render.display_path(secrets.redact(path)[0]), reason) for path, reason in skipped)
     if not docs:
-        raise PackError(f"no files to pack under {root} ({len(skipped)} skipped); "
-                        "check the path, --include/--exclude and .gitignore")
+        raise PackError(_nothing_to_pack(root, skipped))
     docs.sort(key=lambda d: render.order_key(d.rel))
     cache = _cache(options, root, encoder.identity)
     sections = _encode_files(docs, encoder, cache, options.line_numbers, progress)
-    tree, kept, dropped = _fit(sections, encoder, cache, options, Path(root).name)
-    return _assemble(root, tree, kept, dropped, sorted(skipped), encoder.identity)
+    tree, kept, dropped = _fit(sections, encoder, cache, options, render.display_path(Path(root).name))
+    pk = _assemble(root, tree, kept, dropped, skipped, encoder.identity)
+    redacted = tuple((s.doc.rel, line, kind) for s in kept for line, kind in s.doc.redacted)
+    return dataclasses.replace(pk, redacted=redacted, notes=tuple(render.display_path(n) for n in notes))
+
+
+def _nothing_to_pack(root: str, skipped: list[tuple[str, str]]) -> str:
+    head = f"no files to pack under {render.display_path(root)} ({len(skipped)} skipped)"
+    if len(skipped) == 1:
+        return f"{head}; {skipped[0][0]}: {skipped[0][1]}"
+    return f"{head}; check the path, --include/--exclude and .gitignore"
 
 
 def _read_all(cands: list[walk.Candidate], options: PackOptions, skipped: list) -> list[_Doc]:
     docs = []
     for c in cands:
         try:
-            text, flags, size = readers.read(c.abs, c.rel, options)
+            got = readers.read(c.abs, c.rel, options)
         except readers.Skip as e:
             skipped.append((c.rel, str(e)))
         except OSError as e:
             skipped.append((c.rel, f"unreadable ({e.strerror or type(e).__name__})"))
         else:
-            docs.append(_Doc(c.rel, text, flags, size))
+            docs.append(_Doc(render.display_path(c.rel), got.text, got.flags, got.size, got.redacted))
     return docs
 
 

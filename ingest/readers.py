@@ -1,10 +1,14 @@
 """Read one candidate file into text, or say why it is skipped.
 
-Order of checks: secret by name, binary by extension, size cap, then the bytes: UTF-16 BOM, NUL-byte
-probe, secret content patterns, UTF-8 decode. Text that is not UTF-8 (and not binary-looking) is
-decoded with U+FFFD replacement and flagged "non_utf8". Line endings become "\\n"; a UTF-8 BOM is
-dropped. Notebooks (.ipynb) become their markdown and code cells (outputs optional); PDFs become
-their page texts with `--- page N ---` markers (pypdf).
+Order of checks: secret by name (the path in the pack and the file's real name), binary by
+extension, a secret token inside the name, regular file (os.stat, then fstat after an O_NONBLOCK
+open: FIFOs, devices, sockets and /proc, /sys, /dev are never read), size cap (at most cap + 1
+bytes are read, whatever the size the file claims), then the bytes: UTF-16 BOM, NUL-byte probe,
+UTF-8 decode. Text that is not UTF-8 (and not binary-looking) is decoded with U+FFFD replacement
+and flagged "non_utf8". Line endings become "\\n"; a UTF-8 BOM is dropped. Notebooks (.ipynb)
+become their markdown and code cells (outputs optional); PDFs become their page texts with
+`--- page N ---` markers (pypdf). Secret values in the final text (file, notebook cells or PDF
+pages alike) are redacted in place by `ingest.secrets`.
 
 It knows nothing about tokens, ordering or rendering.
 """
@@ -15,40 +19,104 @@ import io
 import json
 import logging
 import os
+import stat
+from dataclasses import dataclass
 
-from ingest import rules
-from ingest.records import PackOptions
+from ingest import rules, secrets
+from ingest.records import MAX_FILE_BYTES_LIMIT, PackOptions
 
 RAW_FACTOR = 64
 _TEXT_CONTROL = set(b"\t\n\r\f\v\b\x1b")
+_READ_CHUNK = 1 << 20
 
 
 class Skip(Exception):
     """Raised with the reason a file is skipped."""
 
 
-def read(abs_path: str, rel: str, options: PackOptions) -> tuple[str, tuple[str, ...], int]:
-    """(text, flags, size in bytes) of one file. Raises Skip(reason) when it must be left out."""
-    if not options.allow_secrets and rules.secret_name(rel):
+@dataclass(frozen=True)
+class Text:
+    """A file read for packing: its text, flags, size on disk, and the secrets redacted in it."""
+
+    text: str
+    flags: tuple[str, ...]
+    size: int
+    redacted: tuple[tuple[int, str], ...] = ()
+
+
+def read(abs_path: str, rel: str, options: PackOptions) -> Text:
+    """The text of one file. Raises Skip(reason) when it must be left out, OSError when unreadable."""
+    _check_name(abs_path, rel, options)
+    ext = rel.rsplit(".", 1)[-1].lower() if "." in rel.rsplit("/", 1)[-1] else ""
+    document = ext in ("ipynb", "pdf")
+    cap = min(options.max_file_bytes * RAW_FACTOR, MAX_FILE_BYTES_LIMIT) if document else options.max_file_bytes
+    data = read_regular(abs_path, cap)
+    if ext == "pdf":
+        text, flags = _pdf(data, options.max_file_bytes), ("pdf",)
+    else:
+        text, flags = _decode(data, ext, options)
+    if document and len(text.encode("utf-8", "replace")) > options.max_file_bytes:
+        raise Skip(f"extracted text larger than the size cap ({_mb(options.max_file_bytes)}); "
+                   "raise --max-file-bytes")
+    if options.allow_secrets:
+        return Text(text, flags, len(data))
+    text, hits = secrets.redact(text)
+    return Text(text, (*flags, "redacted") if hits else flags, len(data), tuple(hits))
+
+
+def _check_name(abs_path: str, rel: str, options: PackOptions) -> None:
+    if not options.allow_secrets and rules.secret_name(rel, os.path.realpath(abs_path)):
         raise Skip("looks like a secret (file name); pass --allow-secrets to include it")
     category = rules.binary_extension(rel)
     if category:
         raise Skip(f"binary ({category})")
-    ext = rel.rsplit(".", 1)[-1].lower() if "." in rel.rsplit("/", 1)[-1] else ""
-    size = os.path.getsize(abs_path)
-    cap = options.max_file_bytes * (RAW_FACTOR if ext in ("ipynb", "pdf") else 1)
-    if size > cap:
-        raise Skip(f"larger than the size cap ({_mb(size)} > {_mb(cap)}); raise --max-file-bytes")
-    with open(abs_path, "rb") as f:
-        data = f.read()
-    if ext == "pdf":
-        text, flags = _pdf(data), ("pdf",)
-    else:
-        text, flags = _decode(data, ext, options)
-    if ext in ("ipynb", "pdf") and len(text.encode("utf-8", "replace")) > options.max_file_bytes:
-        raise Skip(f"extracted text larger than the size cap ({_mb(options.max_file_bytes)}); "
-                   "raise --max-file-bytes")
-    return text, flags, size
+    if not options.allow_secrets:
+        kind = secrets.find(rel)
+        if kind:
+            raise Skip(f"looks like a secret ({kind} in the file name); pass --allow-secrets to include it")
+
+
+def read_regular(path: str, cap: int) -> bytes:
+    """At most cap bytes of a regular file. Raises Skip for anything else or a larger file."""
+    real = os.path.realpath(path)
+    reason = rules.pseudo_fs_reason(real)
+    if reason:
+        raise Skip(reason)
+    _require_regular(os.stat(real).st_mode)
+    fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        st = os.fstat(fd)
+        _require_regular(st.st_mode)
+        if st.st_size > cap:
+            raise Skip(_over_cap(_mb(st.st_size), cap))
+        chunks, total = [], 0
+        while total <= cap:
+            chunk = f.read(min(_READ_CHUNK, cap + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    if total > cap:
+        raise Skip(_over_cap("more", cap))
+    return b"".join(chunks)
+
+
+def _require_regular(mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        raise Skip(f"not a regular file ({_kind(mode)})")
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _over_cap(size: str, cap: int) -> str:
+    more = "" if cap >= MAX_FILE_BYTES_LIMIT else "; raise --max-file-bytes"
+    return f"larger than the size cap ({size} > {_mb(cap)}){more}"
 
 
 def _mb(n: int) -> str:
@@ -68,10 +136,6 @@ def _decode(data: bytes, ext: str, options: PackOptions) -> tuple[str, tuple[str
             if _looks_binary(data):
                 raise Skip("binary (not text)") from None
             text, flags = data.decode("utf-8", errors="replace"), ("non_utf8",)
-    if not options.allow_secrets:
-        hit = rules.secret_content(text.encode("utf-8", "replace") if flags else data)
-        if hit:
-            raise Skip(f"looks like a secret ({hit}); pass --allow-secrets to include it")
     text = text.removeprefix("\ufeff")
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
@@ -88,9 +152,12 @@ def _looks_binary(data: bytes) -> bool:
 
 def _notebook(text: str, outputs: bool) -> str:
     try:
-        cells = json.loads(text)["cells"]
-    except (ValueError, KeyError, TypeError):
+        return _cells(json.loads(text)["cells"], outputs)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise Skip("invalid notebook JSON") from None
+
+
+def _cells(cells: list, outputs: bool) -> str:
     parts = []
     for cell in cells:
         kind = cell.get("cell_type", "code")
@@ -114,7 +181,7 @@ def _outputs(cell: dict) -> list[str]:
     return out
 
 
-def _pdf(data: bytes) -> str:
+def _pdf(data: bytes, max_chars: int) -> str:
     import pypdf
 
     logging.getLogger("pypdf").setLevel(logging.ERROR)
@@ -122,7 +189,12 @@ def _pdf(data: bytes) -> str:
         reader = pypdf.PdfReader(io.BytesIO(data))
         if reader.is_encrypted and not reader.decrypt(""):
             raise Skip("encrypted PDF")
-        pages = [(p.extract_text() or "").rstrip("\n") for p in reader.pages]
+        pages, total = [], 0
+        for page in reader.pages:
+            pages.append((page.extract_text() or "").rstrip("\n"))
+            total += len(pages[-1])
+            if total > max_chars:
+                raise Skip(f"extracted text larger than the size cap ({_mb(max_chars)}); raise --max-file-bytes")
     except Skip:
         raise
     except Exception as e:

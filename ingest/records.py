@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from ingest.sourcemap import SourceMap
 
 DEFAULT_MAX_FILE_BYTES = 1 << 20
+MAX_FILE_BYTES_LIMIT = 64 << 20
 
 
 class PackError(ValueError):
@@ -32,8 +33,8 @@ class PackOptions:
         exclude: gitignore-style globs of files to leave out. `--exclude GLOB` (repeatable). Default: ().
         line_numbers: prefix each line with its 1-based number (`  12| `). `--no-line-numbers`
             turns it off. Default: True.
-        max_file_bytes: per-file size cap in bytes (for .ipynb/.pdf: of the extracted text).
-            `--max-file-bytes N`. Default: 1 MiB.
+        max_file_bytes: per-file size cap in bytes (for .ipynb/.pdf: of the extracted text), at
+            most MAX_FILE_BYTES_LIMIT (64 MiB). `--max-file-bytes N`. Default: 1 MiB.
         drop: when over `max_tokens`, drop whole files by priority; False = error instead.
             `--no-drop`. Default: True.
         allow_secrets: pack files that look like secrets instead of skipping them.
@@ -59,8 +60,9 @@ class PackOptions:
     def __post_init__(self):
         if self.max_tokens is not None and self.max_tokens <= 0:
             raise PackError(f"max_tokens must be positive, got {self.max_tokens}")
-        if self.max_file_bytes <= 0:
-            raise PackError(f"max_file_bytes must be positive, got {self.max_file_bytes}")
+        if not 0 < self.max_file_bytes <= MAX_FILE_BYTES_LIMIT:
+            raise PackError(f"max_file_bytes must be between 1 and {MAX_FILE_BYTES_LIMIT:,} (64 MiB), got "
+                            f"{self.max_file_bytes:,}; split or exclude larger files")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
 
@@ -69,9 +71,11 @@ class PackOptions:
 class FileRecord:
     """One packed file. `token_start:token_end` covers its whole section (header, lines, footer).
 
-    `path` is relative to the pack root with '/' separators; `lines` counts the rendered lines
+    `path` is relative to the pack root with '/' separators, control characters and backslashes
+    escaped as in the rendered text (`ingest.render.display_path`); `lines` counts the rendered lines
     (for notebooks and PDFs: lines of the extracted text); `flags` holds markers such as
-    "non_utf8" (decoded with U+FFFD replacement) or "notebook"/"pdf".
+    "non_utf8" (decoded with U+FFFD replacement), "notebook"/"pdf", or "redacted" (secret values
+    replaced, see `Pack.redacted`).
     """
 
     path: str
@@ -93,6 +97,9 @@ class Pack:
         files: packed files in pack order.
         skipped: (path, reason) for files left out before tokenizing (binary, secret, size, ...).
         dropped: (path, tokens, reason) for files dropped to fit `max_tokens`.
+        redacted: (path, line, kind) for each secret value replaced by `[REDACTED:kind]` in the text.
+        notes: one line per fallback that changed how files were chosen (e.g. git could not list a
+            tree); callers print them on stderr.
         source_map: token index -> (path, line).
         content_hash: hex digest of ids + tokenizer identity (a context-cache key).
         root: absolute path of the pack root.
@@ -107,6 +114,8 @@ class Pack:
     content_hash: str
     root: str
     tree_tokens: int = field(default=0)
+    redacted: tuple[tuple[str, int, str], ...] = ()
+    notes: tuple[str, ...] = ()
 
     @property
     def total_tokens(self) -> int:

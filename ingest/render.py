@@ -17,11 +17,17 @@ Layout of a pack:
 Line numbers are right-aligned to the file's widest number and followed by "| ". Large trees
 collapse to directories with file counts. Order (deterministic): READMEs (shallowest first), then
 other docs, then everything else; within a group, files of a directory come before its
-subdirectories, names compared case-insensitively. It knows nothing about tokens or files on disk.
+subdirectories, names compared case-insensitively.
+
+File names are shown through `display_path`: backslashes and control characters (C0, DEL, C1,
+line/paragraph separators, bidi overrides, undecodable bytes as surrogates) are escaped as `\\\\`, `\\n`, `\\x1b`,
+`\\u202e`, so a name can neither forge lines of the pack nor drive a terminal. It knows nothing about
+tokens or files on disk.
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from itertools import accumulate
 
@@ -29,6 +35,21 @@ from ingest import rules
 
 RENDER_VERSION = 1
 TREE_MAX_ENTRIES = 256
+_UNSAFE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_NAMED = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def display_path(name: str) -> str:
+    """name with backslashes and control characters escaped (undecodable bytes as \\udcNN); injective."""
+    return _UNSAFE.sub(_escape, name) if _UNSAFE.search(name) else name
+
+
+def _escape(m: re.Match) -> str:
+    c = m.group(0)
+    if c in _NAMED:
+        return _NAMED[c]
+    code = ord(c)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def order_key(rel: str) -> tuple:

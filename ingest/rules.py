@@ -1,5 +1,6 @@
-"""Built-in file rules: default excludes, binary extensions, secret detection, and the file kinds
-used by the budget (generated, data, test, doc).
+"""Built-in file rules: default excludes, binary extensions, secret file names, pseudo file
+systems, and the file kinds used by the budget (generated, data, test, doc). Secret contents are
+found by `ingest.secrets`.
 
 Every list here is documented in ingest/README.md. Patterns use gitignore syntax, matched with
 pathspec against paths relative to the pack root. This module reads no files itself: content
@@ -59,20 +60,11 @@ SECRET_NAMES = (
     "*.keystore", "*.ppk", "*.tfstate", "*.tfstate.*", ".netrc", "_netrc", ".pgpass", ".pypirc",
     ".git-credentials", ".htpasswd", "credentials.json", "**/.aws/credentials",
     "**/.docker/config.json", ".dockercfg", "service-account*.json", "secrets.yml", "secrets.yaml",
-    "secrets.json",
+    "secrets.json", ".npmrc", ".boto", ".s3cfg", "**/.kube/config", "**/.config/gh/hosts.yml",
+    "**/.gem/credentials",
 )
 
-SECRET_CONTENT = (
-    (b"PRIVATE KEY", rb"-----BEGIN (?:RSA |EC |DSA |OPENSSH |ENCRYPTED |PGP )?PRIVATE KEY(?: BLOCK)?-----"),
-    (b"AKIA", rb"\bAKIA[0-9A-Z]{16}\b"),
-    (b"ASIA", rb"\bASIA[0-9A-Z]{16}\b"),
-    *((b"gh" + c + b"_", rb"\bgh" + c + rb"_[A-Za-z0-9]{36,}\b") for c in (b"p", b"o", b"u", b"s", b"r")),
-    (b"github_pat_", rb"\bgithub_pat_[A-Za-z0-9_]{60,}\b"),
-    (b"xox", rb"\bxox[abprs]-[A-Za-z0-9-]{10,}\b"),
-    (b"sk-", rb"\bsk-(?:ant-|proj-)?[A-Za-z0-9_-]{32,}\b"),
-    (b"AIza", rb"\bAIza[0-9A-Za-z_-]{35}\b"),
-)
-_SECRET_RES = tuple((lit, re.compile(rx)) for lit, rx in SECRET_CONTENT)
+PSEUDO_FILESYSTEMS = ("/proc", "/sys", "/dev")
 
 GENERATED = ("*_pb2.py", "*_pb2_grpc.py", "*_pb2.pyi", "*.pb.go", "*.pb.cc", "*.pb.h", "*.g.dart",
              "*.freezed.dart", "*.designer.cs", "*.generated.*", "*_generated.*", "generated/",
@@ -141,18 +133,23 @@ def binary_extension(rel: str) -> str | None:
     return None
 
 
-def secret_name(rel: str) -> bool:
-    """True when the path looks like a secret file by name."""
-    return globs(SECRET_NAMES).match(rel)
+def secret_name(rel: str, real_path: str | None = None) -> bool:
+    """True when the path looks like a secret file by name: its path relative to the pack root, or
+    the last two components of its real path (so that `.aws/credentials` given as the path, or a
+    link named notes.txt pointing at .env, is still seen)."""
+    if globs(SECRET_NAMES).match(rel):
+        return True
+    if real_path is None:
+        return False
+    tail = "/".join(real_path.replace("\\", "/").rstrip("/").split("/")[-2:])
+    return globs(SECRET_NAMES).match(tail)
 
 
-def secret_content(data: bytes) -> str | None:
-    """A short description of the first secret-looking pattern in data, or None."""
-    for literal, rx in _SECRET_RES:
-        m = rx.search(data) if literal in data else None
-        if m is not None:
-            hit = m.group(0)
-            return "private key" if hit.startswith(b"-----") else f"token-like string {hit[:4].decode()}..."
+def pseudo_fs_reason(abs_path: str) -> str | None:
+    """'pseudo file system (/proc): not packed' for paths under /proc, /sys or /dev, else None."""
+    for top in PSEUDO_FILESYSTEMS:
+        if abs_path == top or abs_path.startswith(top + "/"):
+            return f"pseudo file system ({top}): not packed"
     return None
 
 

@@ -9,10 +9,11 @@ from moba.naive import naive_moba_attention
 from moba.ops import BACKENDS, dense_attention, moba_attention, moba_routing, set_backend
 from moba.portable import portable_moba_attention
 from moba.routing import block_means
-from moba.types import Routing
+from moba.types import MobaKernel, Routing
 
 __all__ = [
     "BACKENDS",
+    "MobaKernel",
     "Routing",
     "block_means",
     "dense_attention",

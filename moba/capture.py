@@ -163,16 +163,22 @@ def attention_mass(q, positions, k, blocks, block_size: int, scale: float) -> to
 def head_key_mass(q, positions, k, blocks, block_size: int, scale: float) -> torch.Tensor:
     """fp32 [Hq, Tk] attention probability mass that queries q [Hq, n, D] at absolute `positions` [n]
     put on each key of k [Hkv, Tk, D], over the keys their `blocks` [Hq, n, S] attend (own block
-    causal, routed, sinks), summed over queries: what a MoBA layer computed."""
+    causal, routed, sinks), summed over queries: what a MoBA layer computed.
+
+    Work is sized by the slots in use and the keys there are: slots that are -1 for every query are
+    dropped, and a block never spans more than Tk keys, however large top_k or block_size are.
+    """
     Hq, n, D = q.shape
     Tk = k.shape[1]
+    positions, blocks = positions.to(q.device), blocks.to(q.device)
+    blocks = blocks[..., (blocks >= 0).flatten(0, 1).any(0)]
     S = blocks.shape[-1]
     kv_head = (torch.arange(Hq, device=q.device) // (Hq // k.shape[0]))[:, None, None]
-    offs = torch.arange(block_size, device=q.device)
+    offs = torch.arange(min(block_size, Tk), device=q.device)
     head_off = (torch.arange(Hq, device=q.device) * Tk)[:, None, None]
-    positions, blocks = positions.to(q.device), blocks.to(q.device)
     mass = torch.zeros(Hq * Tk, device=q.device)
-    step = max(1, _CHUNK // (Hq * S * block_size * D))
+    budget = _CHUNK * (16 if q.is_cuda else 1)  # one query a chunk on a GPU would make the mass a Python loop
+    step = max(1, budget // (Hq * max(S, 1) * len(offs) * D))
     for i0 in range(0, n, step):
         b = blocks[:, i0 : i0 + step]  # [Hq, c, S]
         idx = b.clamp(min=0)[..., None] * block_size + offs  # [Hq, c, S, bs]

@@ -11,11 +11,11 @@ What runs where:
 - layers in `moba_dense_layers`, and every layer inside `dense_queries()` when the question and
   answer policy is "dense", use exact causal SDPA;
 - all other layers run `moba.moba_attention`, with cached block means when the cache attaches
-  them to the key tensor (attribute `_moba_block_means`).
+  them to the key tensor (moba/cachekeys.py).
 Batches with padding get a real mask from transformers and fall back to dense SDPA.
-Static decode (CUDA graphs): when the key tensor carries `_moba_length` (a device int64 [1]) the
+Static decode (CUDA graphs): when the key tensor carries a static length (`cachekeys.static_of`) the
 cache handed over its whole buffers; the one query sits at length - 1 and moba/static.py attends
-with the same per-layer choices (window, dense, MoBA over `_moba_block_sums`), without recording routing.
+with the same per-layer choices (window, dense, MoBA over the block sums), without recording routing.
 Knows nothing of files or prompts.
 """
 
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moba.cachekeys import block_means_of, static_of
 from moba.capture import active_recorder, block_sum, dense_key_mass, gate_block_mass, head_key_mass
 from moba.ops import dense_attention, moba_attention, moba_routing
 from moba.routing import block_means
@@ -101,9 +102,9 @@ def dense_queries(enabled: bool = True):
 def moba_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The function transformers calls: [B, H, T, D] in, ([B, Tq, Hq, D], None) out."""
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    length = getattr(key, "_moba_length", None)
-    if length is not None:
-        out = _static(module, query, key, value, attention_mask, length, window, scaling)
+    static = static_of(key)
+    if static is not None:
+        out = _static(module, query, key, value, attention_mask, static, window, scaling)
     elif attention_mask is not None:
         out = _masked(query, key, value, attention_mask, scaling)
     elif window:
@@ -124,15 +125,15 @@ def _is_dense(module, p: MobaParams) -> bool:
     return layer in {i % n_layers for i in p.dense_layers} or forced_dense(module.config)
 
 
-def _static(module, query, key, value, attention_mask, length, window, scaling):
+def _static(module, query, key, value, attention_mask, static, window, scaling):
     if attention_mask is not None or query.shape[2] != 1:
         raise ValueError("static decode takes one query and no padding mask")
     if window:
-        return static_sliding_decode(query, key, value, length, int(window), scale=scaling)
+        return static_sliding_decode(query, key, value, static.length, int(window), scale=scaling)
     p = moba_params(module.config)
     if _is_dense(module, p):
-        return static_dense_decode(query, key, value, length, scale=scaling)
-    return static_moba_decode(query, key, value, length, key._moba_block_sums, scale=scaling, **p.op_kwargs())
+        return static_dense_decode(query, key, value, static.length, scale=scaling)
+    return static_moba_decode(query, key, value, static.length, static.block_sums, scale=scaling, **p.op_kwargs())
 
 
 def _moba_or_dense(module, query, key, value, scaling):
@@ -143,7 +144,7 @@ def _moba_or_dense(module, query, key, value, scaling):
     q_start = key.shape[2] - query.shape[2]
     want = rec is not None and rec.wants(layer, q_start, key.shape[2])
     kw = p.op_kwargs()
-    means = getattr(key, "_moba_block_means", None)
+    means = block_means_of(key)
     if dense:
         out = dense_attention(query, key, value, scale=scaling)
         routing = moba_routing(query, key, key_means=means, **kw) if want else None

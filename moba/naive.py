@@ -1,15 +1,14 @@
 """The MoBA spec: a dense-mask fp32 reference, small sizes only.
 
 Read it line by line against moba/README.md. It builds the full [Tq, Tk] mask, so it is
-O(Tq * Tk) in memory and never used on a hot path. Layout: q [B, Hq, Tq, D], k and v
-[B, Hkv, Tk, D]; the queries are the last Tq of the Tk key positions.
+O(Tq * Tk) in memory and never used on a hot path. Arguments and layout: `moba.types.MobaKernel`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from moba.types import Routing, check_inputs
+from moba.types import Routing, check_inputs, clamp_blocks
 
 
 def naive_moba_attention(
@@ -26,11 +25,10 @@ def naive_moba_attention(
     local_blocks: int = 0,
     gate_subblocks: int = 1,
 ):
-    """Reference MoBA attention. Same signature and result as `moba.moba_attention`.
-
-    `key_means` is accepted for signature parity and ignored: the spec always pools `k`.
-    """
+    """Reference MoBA attention (`moba.types.MobaKernel`); `key_means` is ignored: the spec pools `k`."""
     check_inputs(q, k, v, block_size, top_k, sink_blocks, local_blocks, gate_subblocks)
+    top_k, sink_blocks = clamp_blocks(k.shape[2], block_size, top_k, sink_blocks)
+    local_blocks = min(local_blocks, top_k - 1)
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     group = Hq // Hkv

@@ -1,14 +1,15 @@
-"""The public MoBA op: validation, the dense fast path and backend choice.
+"""The public MoBA op: validation, the dense fast path and the one place a backend is chosen.
 
-Layout: q [B, Hq, Tq, D], k and v [B, Hkv, Tk, D], the queries being the last Tq keys.
-Backends: "portable" (plain PyTorch, any device), "triton" (CUDA, imported lazily),
-"naive" (the spec, small sizes only). The default is "triton" for CUDA tensors when Triton
-imports, else "portable"; `set_backend` overrides it (tests, benchmarks).
+Every backend implements `moba.types.MobaKernel` (layout and arguments there). `_LOADERS` maps
+each name to its implementation: "portable" (plain PyTorch, any device), "triton" (CUDA,
+imported lazily), "naive" (the spec, small sizes only). The default is "triton" for CUDA tensors
+when Triton imports, else "portable"; `set_backend` overrides it (tests, benchmarks).
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 import torch
 
@@ -16,9 +17,19 @@ from moba.dense import covers_all_blocks, dense_attention
 from moba.naive import naive_moba_attention
 from moba.portable import portable_moba_attention
 from moba.routing import block_means, select_blocks
-from moba.types import Routing, check_inputs
+from moba.types import MobaKernel, Routing, check_inputs, clamp_blocks
 
-BACKENDS = ("auto", "portable", "triton", "naive")
+
+def _triton() -> MobaKernel:
+    return importlib.import_module("moba.triton").triton_moba_attention
+
+
+_LOADERS: dict[str, Callable[[], MobaKernel]] = {
+    "portable": lambda: portable_moba_attention,
+    "triton": _triton,
+    "naive": lambda: naive_moba_attention,
+}
+BACKENDS = ("auto", *_LOADERS)
 DEFAULT_LEVERS = {"local_blocks": 0, "gate_subblocks": 1}  # gate options and their neutral values
 TRITON_LEVERS: frozenset[str] = frozenset()  # the gate options the Triton kernels implement
 _backend = "auto"
@@ -46,39 +57,23 @@ def moba_attention(
     local_blocks: int = 0,
     gate_subblocks: int = 1,
 ):
-    """Mixture of Block Attention (semantics in moba/README.md).
+    """Mixture of Block Attention: the public `moba.types.MobaKernel` (arguments and semantics there).
 
-    Args:
-        q: [B, Hq, Tq, D] queries; absolute positions Tk - Tq .. Tk - 1.
-        k, v: [B, Hkv, Tk, D]; Hq % Hkv == 0 (GQA without repeating K/V).
-        block_size: keys per block; block i holds positions [i*bs, (i+1)*bs).
-        top_k: blocks per query counting its own block; top_k - 1 are routed.
-        sink_blocks: the first blocks, always attended when before the own block. Default 0.
-        scale: softmax scale. Default D ** -0.5.
-        return_routing: also return a `moba.Routing` (blocks and gate scores per query).
-        key_means: optional cached [B, Hkv, Tk // block_size, D] fp32 block means.
-        local_blocks: the blocks just before the own block, always attended; they take routed
-            slots (local_blocks < top_k). Default 0.
-        gate_subblocks: the gate scores a block by the best of its S equal parts' mean keys
-            (S divides block_size). Default 1 (the whole block's mean).
-    Returns:
-        out [B, Hq, Tq, D] in q's dtype, or (out, routing) when return_routing.
-    Raises:
-        ValueError: on shapes or parameters outside the contract.
+    Checks the inputs, computes exact causal SDPA when every query would attend every past block,
+    and otherwise calls the backend `backend_for(q)` names.
 
     >>> q = k = v = torch.randn(1, 2, 300, 64)
     >>> moba_attention(q, k, v, block_size=64, top_k=2).shape
     torch.Size([1, 2, 300, 64])
     """
     check_inputs(q, k, v, block_size, top_k, sink_blocks, local_blocks, gate_subblocks)
-    kwargs = dict(block_size=block_size, top_k=top_k, sink_blocks=sink_blocks, scale=scale)
+    top_k, sink_blocks = clamp_blocks(k.shape[2], block_size, top_k, sink_blocks)
+    local_blocks = min(local_blocks, top_k - 1)
     if not return_routing and covers_all_blocks(k.shape[2], block_size, top_k, sink_blocks):
         return dense_attention(q, k, v, scale=scale)
     levers = dict(local_blocks=local_blocks, gate_subblocks=gate_subblocks)
-    fn = _resolve(q, **levers)
-    if any(levers[n] != d for n, d in DEFAULT_LEVERS.items()):
-        kwargs.update(levers)
-    return fn(q, k, v, return_routing=return_routing, key_means=key_means, **kwargs)
+    return _resolve(q, **levers)(q, k, v, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks, scale=scale,
+                                 return_routing=return_routing, key_means=key_means, **levers)
 
 
 def moba_routing(
@@ -98,6 +93,8 @@ def moba_routing(
     """
     check_inputs(q, k, k, block_size, top_k, sink_blocks, local_blocks, gate_subblocks)
     Tq, Tk = q.shape[2], k.shape[2]
+    top_k, sink_blocks = clamp_blocks(Tk, block_size, top_k, sink_blocks)
+    local_blocks = min(local_blocks, top_k - 1)
     cached = key_means is not None and gate_subblocks == 1
     means = key_means if cached else block_means(k, block_size, gate_subblocks)
     sel, sc = select_blocks(q, means, Tk - Tq, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks,
@@ -117,18 +114,13 @@ def backend_for(q: torch.Tensor, local_blocks: int = 0, gate_subblocks: int = 1)
     return "triton" if q.is_cuda and served and _triton_available() else "portable"
 
 
-def _resolve(q: torch.Tensor, **levers):
-    name = backend_for(q, **levers)
-    if name == "naive":
-        return naive_moba_attention
-    if name == "triton":
-        return importlib.import_module("moba.triton").triton_moba_attention
-    return portable_moba_attention
+def _resolve(q: torch.Tensor, **levers) -> MobaKernel:
+    return _LOADERS[backend_for(q, **levers)]()
 
 
 def _triton_available() -> bool:
     try:
-        importlib.import_module("moba.triton")
+        _triton()
     except ImportError:
         return False
     return True

@@ -1,6 +1,5 @@
-"""MoBA attention in plain PyTorch, for CPU and CUDA. The reference is moba/naive.py.
+"""MoBA attention in plain PyTorch, for CPU and CUDA (`moba.types.MobaKernel`). The reference is moba/naive.py.
 
-Layout: q [B, Hq, Tq, D], k and v [B, Hkv, Tk, D]; the queries are the last Tq keys.
 Queries are processed in chunks. For each chunk the gate picks blocks (moba/routing.py).
 Few queries (decode): the own block is attended causally, then each query's picked blocks are
 gathered and merged. Many queries (prefill): every (query, slot) pair, the own block being slot 0
@@ -17,7 +16,7 @@ import torch
 
 from moba.dense import covers_all_blocks, dense_attention
 from moba.routing import block_means, select_blocks
-from moba.types import Routing, check_inputs
+from moba.types import Routing, check_inputs, clamp_blocks
 
 _SCORE_BUDGET = 1 << 24  # fp32 elements one score tile may hold (64 MiB)
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -37,12 +36,10 @@ def portable_moba_attention(
     local_blocks: int = 0,
     gate_subblocks: int = 1,
 ):
-    """MoBA attention; see `moba.moba_attention` for the contract.
-
-    key_means: optional [B, Hkv, Tk // block_size, D] fp32 means of the complete key blocks
-        (a KV cache keeps them up to date so that decode does not re-pool the cache).
-    """
+    """MoBA attention in plain PyTorch; arguments and result: `moba.types.MobaKernel`."""
     check_inputs(q, k, v, block_size, top_k, sink_blocks, local_blocks, gate_subblocks)
+    top_k, sink_blocks = clamp_blocks(k.shape[2], block_size, top_k, sink_blocks)
+    local_blocks = min(local_blocks, top_k - 1)
     B, Hq, Tq, D = q.shape
     scale = D**-0.5 if scale is None else scale
     cached = key_means is not None and gate_subblocks == 1  # the cache keeps whole-block means only
@@ -199,7 +196,7 @@ def _tile(qf, k, v, seg_key, rows, qpos, slot, n_blocks, block_size, scale, mask
 
 def _tile_flash(qs, ks, vs, kpos, qpos, masked, slot, scale, e_m, e_l, e_o) -> None:
     """CPU: the tiles through PyTorch's flash-attention kernel, which returns the log-sum-exp, so
-    each entry's partial is (lse, 1, normalised output); 2.3x the throughput of bmm + exp (2 cores)."""
+    each entry's partial is (lse, 1, normalised output); faster than bmm + exp (bench/RESULTS.md)."""
     mask = None
     if masked:
         mask = torch.zeros(qs.shape[0], 1, qs.shape[1], ks.shape[1], device=qs.device)

@@ -107,7 +107,8 @@ def _gathered(q, k, v, blk, length, block_size, scale) -> torch.Tensor:
     at or past `length` and unused slots, one fp32 softmax."""
     B, Hq, _, D = q.shape
     Hkv, capacity = k.shape[1], k.shape[2]
-    pos = blk.long()[..., None] * block_size + torch.arange(block_size, device=q.device)  # [B, Hq, 1, S, bs]
+    width = min(block_size, capacity)  # a block holds no more keys than the buffer
+    pos = blk.long()[..., None] * block_size + torch.arange(width, device=q.device)  # [B, Hq, 1, S, width]
     valid = ((blk >= 0)[..., None] & (pos < length)).reshape(B, Hq, -1)
     pos = pos.clamp(0, capacity - 1).reshape(B, Hq, -1)
     bi = torch.arange(B, device=q.device)[:, None, None]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 
 import click
 
-from agent.commands.common import check_paths, common_options, make_config, open_session
+from agent.commands.common import check_paths, check_writable, common_options, make_config, open_session
 from agent.render import AnswerStream, sources_block
 
 
@@ -37,8 +39,10 @@ def ask(args, as_json, routing_map, quiet, **kw):
     if not question.strip():
         raise click.UsageError('the question is empty: moba-ask PATH "your question"')
     check_paths(paths)
+    if routing_map:
+        check_routing_map(routing_map)
     cfg, opts = make_config(kw)
-    session = open_session(paths, cfg, opts, "ask", quiet or as_json)
+    session = open_session(paths, cfg, opts, "ask", quiet or as_json, question=question)
     if as_json:
         answer = session.ask(question)
     else:
@@ -48,19 +52,34 @@ def ask(args, as_json, routing_map, quiet, **kw):
     if routing_map:
         from agent.routingmap import write_routing_map
 
-        write_routing_map(routing_map, answer.recorder, session)
+        try:
+            write_routing_map(routing_map, answer.recorder, session)
+        except OSError as e:
+            raise click.ClickException(f"cannot write the routing map {routing_map}: {e.strerror or e}") from None
     if as_json:
         click.echo(json.dumps(answer_json(answer, session), indent=1))
     elif not quiet:
         click.echo(stats_line(answer.stats), err=True)
 
 
+def check_routing_map(path: str) -> None:
+    """Fail before any model loads when the routing map could not be written after the answer."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in (".html", ".png"):
+        raise click.ClickException(f"--routing-map must end in .html or .png, got {path}")
+    if suffix == ".png" and importlib.util.find_spec("matplotlib") is None:
+        raise click.ClickException("a PNG routing map needs matplotlib: pip install matplotlib, or use .html")
+    check_writable(path, "--routing-map")
+
+
 def answer_json(answer, session) -> dict:
-    """The --json document: answer, citations and stats."""
+    """The --json document: answer, citations and stats. stats.notes: where the run differed from
+    what was asked (the lines stated on stderr)."""
     c = session.config
     stats = dict(context_tokens=session.context_len, prefill_s=answer.stats["prefill_s"],
                  decode_tok_s=answer.stats["decode_tok_s"], cache_hit=answer.stats["cache_hit"],
-                 model=session.runtime.name, attention=c.attention, block_size=c.block_size, top_k=c.top_k)
+                 model=session.runtime.name, attention=c.attention, block_size=c.block_size, top_k=c.top_k,
+                 notes=list(session.runtime.notes))
     return {"answer": answer.text, "citations": [x.to_dict() for x in answer.citations], "stats": stats}
 
 

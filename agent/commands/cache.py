@@ -1,6 +1,6 @@
-"""`moba-ask cache`: list and clear the saved prefilled contexts.
+"""`moba-ask cache`: list and clear the saved prefilled contexts and the token cache.
 
-Only CLI plumbing: storage, keys and eviction live in agent.ctxcache.
+Only CLI plumbing: storage, keys and eviction live in agent.ctxcache and ingest.tokens.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 import click
 
 from agent.ctxcache import ContextCache, Entry, format_bytes
+from ingest import tokens
 
 _HEX = re.compile(r"[0-9a-f]+")
 
@@ -20,11 +21,12 @@ _HEX = re.compile(r"[0-9a-f]+")
 @click.group("cache")
 def cache():
     """Manage the context cache: prefilled KV caches saved so that a second question on an
-    unchanged repository skips prefill.
+    unchanged repository skips prefill; and the token cache of tokenized files.
 
     Entries live in $MOBA_ASK_CACHE_DIR/contexts (default ~/.cache/moba-ask/contexts), keyed by
-    model, attention settings and packed content. The total is capped at $MOBA_ASK_CACHE_MAX_GB
-    GiB (default 20); the least recently used entries go first.
+    the model's files, tokenizer, dtype, device, attention settings and packed content. The total
+    is capped at $MOBA_ASK_CACHE_MAX_GB GiB (default 20); the least recently used entries go first.
+    Tokenized files live in $MOBA_ASK_CACHE_DIR/tokens, capped at 1 GiB.
 
     \b
     Examples:
@@ -49,10 +51,15 @@ def list_cmd(as_json: bool):
     entries = sorted(store.entries(), key=lambda e: e.last_used or 0.0, reverse=True)
     if as_json:
         click.echo(json.dumps([_row(e) for e in entries], indent=2))
-    elif not entries:
+        return
+    if not entries:
         click.echo(f"the context cache in {store.root} is empty", err=True)
     else:
         _print_table(store, entries)
+    n, size = tokens.usage(tokens.cache_dir())
+    if n:
+        click.echo(f"token cache in {tokens.cache_dir()}: {n:,} tokenized files, {format_bytes(size)} "
+                   f"of {format_bytes(tokens.TOKEN_CACHE_MAX_BYTES)}")
 
 
 @cache.command("clear")
@@ -71,21 +78,27 @@ def clear_cmd(key_prefix: str | None, yes: bool):
     """
     store = _open()
     targets = store.entries() if key_prefix is None else [_match(store, key_prefix)]
-    if not targets:
+    token_files, token_bytes = tokens.usage(tokens.cache_dir()) if key_prefix is None else (0, 0)
+    if not targets and not token_files:
         click.echo(f"the context cache in {store.root} is empty; nothing to clear", err=True)
         return
     size = format_bytes(sum(e.size for e in targets))
-    what = f"{len(targets)} cached context{'s' * (len(targets) != 1)} ({size})"
+    what = f"{len(targets)} cached context{'s' * (len(targets) != 1)} ({size}) from {store.root}"
+    if token_files:
+        what += f" and {token_files:,} tokenized files ({format_bytes(token_bytes)}) from {tokens.cache_dir()}"
     if not yes:
-        click.confirm(f"Delete {what} from {store.root}?", abort=True, err=True)
+        click.confirm(f"Delete {what}?", abort=True, err=True)
     try:
-        removed = store.clear() if key_prefix is None else store.clear(targets[0].key)
+        removed, freed = store.clear() if key_prefix is None else store.clear(targets[0].key)
     except OSError as e:
         raise click.ClickException(
             f"cannot delete from {store.root}: {e.strerror or e}; check its permissions"
         ) from None
-    freed = sum(e.size for e in targets if not e.path.exists())
     click.echo(f"freed {removed} cached context{'s' * (removed != 1)}, {format_bytes(freed)} ({freed} bytes)")
+    if token_files:
+        n, tfreed = tokens.clear(tokens.cache_dir())
+        click.echo(f"freed {n} tokenized file{'s' * (n != 1)} from the token cache, {format_bytes(tfreed)} "
+                   f"({tfreed} bytes)")
 
 
 def _open() -> ContextCache:

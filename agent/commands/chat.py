@@ -54,12 +54,20 @@ def chat(paths, quiet, **kw):
             if _command(line, session, last) == "exit":
                 return
             continue
-        last = _answer(session, line)
+        last = _answer(session, line) or last
 
 
 def _answer(session, question: str):
-    with _StopOnCtrlC() as stop, AnswerStream() as out:
-        answer = session.ask(question, on_token=out.write, should_stop=stop.is_set)
+    from agent.kvcache import CacheFullError
+
+    try:
+        with _StopOnCtrlC() as stop, AnswerStream() as out:
+            answer = session.ask(question, on_token=out.write, should_stop=stop.is_set)
+    except CacheFullError:
+        free = session.capacity() - session.context_len
+        click.echo(f"this turn does not fit the {free:,} tokens kept for the conversation: /reset to start "
+                   "over, or ask something shorter", err=True)
+        return None
     if answer.interrupted:
         click.echo("[stopped]", err=True)
     click.echo(sources_block(answer.citations), nl=False)

@@ -7,12 +7,14 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 
 import click
 
 import ingest
-from agent.config import AUTO_DENSE_FACTOR, AskConfig, auto_threshold, parse_layers, resolve
+from agent.config import AUTO_DENSE_FACTOR, AskConfig, SettingError, auto_threshold, parse_layers, resolve
+from agent.render import pack_notes
 
 RESERVE = 512  # tokens kept free beside the pack for the prompt frame and the question
 
@@ -42,15 +44,16 @@ def common_options(fn: Callable) -> Callable:
         click.option("--gate-subblocks", type=click.IntRange(min=1), default=AskConfig.gate_subblocks,
                      show_default=True, help="The gate scores a block by the best of this many equal parts."),
         click.option("--max-tokens", type=click.IntRange(min=0), default=0,
-                     help="Context budget in tokens; files are dropped by priority to fit. [default: the "
-                          "model's limit]"),
+                     help="Context budget in tokens; files are dropped by priority to fit. 0: the model's "
+                          "window less the answer and question room. [default: 0]"),
         click.option("--max-new-tokens", type=click.IntRange(min=1), default=AskConfig.max_new_tokens,
                      show_default=True, help="Longest answer."),
         click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
                      help="0 is greedy."),
         click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=AskConfig.top_p,
                      show_default=True, help="Nucleus sampling when temperature > 0."),
-        click.option("--no-cache", is_flag=True, help="Neither read nor write the context cache."),
+        click.option("--no-cache", is_flag=True,
+                     help="Neither read nor write the context cache or the token cache."),
         click.option("--device", help="cpu, cuda, cuda:1 ... [default: cuda when available]"),
         click.option("--chunk-size", type=click.IntRange(min=1), help="Prefill chunk (1024 CPU, 16384 CUDA)."),
         click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
@@ -73,7 +76,8 @@ def make_config(kw: dict) -> tuple[AskConfig, ingest.PackOptions]:
             temperature=kw.pop("temperature"), top_p=kw.pop("top_p"), no_cache=kw.pop("no_cache"),
             device=kw.pop("device"), chunk_size=kw.pop("chunk_size"), dtype=kw.pop("dtype"),
         )
-        opts = ingest.PackOptions(include=kw.pop("include"), exclude=kw.pop("exclude"), drop=not kw.pop("no_drop"))
+        opts = ingest.PackOptions(include=kw.pop("include"), exclude=kw.pop("exclude"), drop=not kw.pop("no_drop"),
+                                  cache=not cfg.no_cache)
     except (ValueError, ingest.PackError) as e:
         raise click.UsageError(str(e)) from None
     return cfg, opts
@@ -88,6 +92,20 @@ def check_paths(paths) -> None:
             raise click.ClickException(f"path not found: {p} (check the spelling, or cd to the repository)")
 
 
+def check_writable(path: str, flag: str) -> None:
+    """Fail before any model loads when `path` (an output file) could not be written after the run."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise click.ClickException(f"{flag} {path}: the directory {folder} does not exist; create it first")
+    try:  # a real write: permission bits say nothing to root, nor about /proc or a read-only mount
+        if os.path.exists(path):
+            open(path, "ab").close()
+        else:
+            tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise click.ClickException(f"{flag} {path}: cannot write there ({e.strerror or e}); pick another path") from None
+
+
 def load_runtime(cfg: AskConfig):
     """The Runtime for cfg (tests replace this function with a fake)."""
     from agent.runtime import load_runtime as load
@@ -95,9 +113,12 @@ def load_runtime(cfg: AskConfig):
     return load(cfg)
 
 
-def open_session(paths, cfg: AskConfig, opts: ingest.PackOptions, mode: str, quiet: bool = False):
-    """Load the model, pack the paths to fit, prefill (or hit the context cache); return the Session."""
-    from agent.ctxcache import ContextCache
+def open_session(paths, cfg: AskConfig, opts: ingest.PackOptions, mode: str, quiet: bool = False,
+                 question: str = ""):
+    """Load the model, pack the paths to fit, check the window and memory, prefill (or hit the context
+    cache); return the Session. `question`: the first question (or summary focus), checked against the
+    room the session leaves for it before anything is prefilled."""
+    from agent.engine import MemoryBudgetError
     from agent.models import ModelError
     from agent.session import Session
 
@@ -105,19 +126,50 @@ def open_session(paths, cfg: AskConfig, opts: ingest.PackOptions, mode: str, qui
     try:
         with ui.status("loading model"):
             rt = load_runtime(cfg)
+        for note in rt.notes:
+            ui.console.print(f"note: {note}", highlight=False)
         budget = cfg.max_tokens or max(256, rt.max_positions - cfg.max_new_tokens - RESERVE)
         options = ingest.PackOptions(**{**opts.__dict__, "max_tokens": budget})
         pk = ui.pack(paths, rt.tokenizer, options)
         given, cfg = cfg, _settle(rt, cfg, pk.total_tokens)
-        session = Session(rt, pk, cfg, mode, None if cfg.no_cache else ContextCache())
+        session = Session(rt, pk, cfg, mode, None if cfg.no_cache else _context_cache())
+        check_fit(session, question)
         ui.report_pack(pk, budget, session)
         ui.console.print(f"attention: {_describe(cfg)}{_why(given, cfg, pk.total_tokens)}", highlight=False)
         ui.prefill(session)
-    except (ModelError, ingest.PackError) as e:
+    except (ModelError, SettingError, MemoryBudgetError, ingest.PackError) as e:
         raise click.ClickException(str(e)) from None
-    except ValueError as e:  # e.g. a bad MOBA_ASK_CACHE_MAX_GB
-        raise click.ClickException(str(e).splitlines()[0]) from None
     return session
+
+
+def _context_cache():
+    from agent.ctxcache import ContextCache
+
+    try:
+        return ContextCache()
+    except ValueError as e:  # a bad MOBA_ASK_CACHE_MAX_GB
+        raise click.ClickException(str(e).splitlines()[0]) from None
+
+
+def check_fit(session, question: str = "") -> None:
+    """Fail before prefill when the question exceeds the room the KV cache keeps for it, or the context,
+    the question and the longest answer exceed the model's window. Raises ClickException naming the flag."""
+    rt, cfg = session.runtime, session.config
+    asked = session.turn_length(question)
+    room = session.capacity() - session.context_len - cfg.max_new_tokens
+    if asked > room:
+        raise click.ClickException(f"the question takes {asked:,} tokens with its prompt; {room:,} fit beside the "
+                                   "context: shorten it (put long text in a file under PATH instead)")
+    if session.context_len + asked + cfg.max_new_tokens <= rt.max_positions:
+        return
+    head = (f"{session.context_len:,} context + {asked:,} question + {cfg.max_new_tokens:,} answer tokens exceed "
+            f"{rt.name}'s window of {rt.max_positions:,} positions")
+    answer_room = rt.max_positions - session.context_len - asked
+    if cfg.max_new_tokens > rt.max_positions // 2 and answer_room > 0:
+        raise click.ClickException(f"{head}: use --max-new-tokens {answer_room:,} or less")
+    fit = rt.max_positions - cfg.max_new_tokens - asked - (session.context_len - session.pack.total_tokens)
+    raise click.ClickException(f"{head}: use --max-tokens {max(fit, 1):,} or less (0 fits the window), a lower "
+                               "--max-new-tokens, or a model with a longer window")
 
 
 def _settle(rt, cfg: AskConfig, tokens: int) -> AskConfig:
@@ -165,7 +217,9 @@ class Progress:
         self.console.print(f"packed {len(pk.files)} files, {pk.total_tokens:,} tokens (budget {budget:,}); "
                            f"{len(pk.skipped)} skipped, {len(pk.dropped)} dropped to fit", highlight=False)
         for path, tokens, reason in pk.dropped[:5]:
-            self.console.print(f"  dropped {path} ({tokens:,} tokens): {reason}", highlight=False)
+            self.console.print(f"  dropped {path} ({tokens:,} tokens): {reason}", highlight=False, markup=False)
+        for line in pack_notes(pk):
+            self.console.print(line, highlight=False, markup=False)
 
     def prefill(self, session) -> None:
         with self._bar("prefill", "tokens") as (bar, task):
@@ -175,7 +229,10 @@ class Progress:
         self.console.print(f"{session.context_len:,} context tokens: {how}", highlight=False)
 
     def kv_note(self, engine) -> None:
-        """State the KV cache's memory before prefill starts."""
+        """State the KV cache's memory before prefill starts; raise MemoryBudgetError when it does not fit."""
+        from agent.engine import check_memory
+
+        check_memory(engine)
         c, n = engine.config, engine.cache.capacity
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.console.print(f"KV cache: {engine.kv_bytes() / 2**20:,.0f} MiB = 2 x {c.num_hidden_layers} layers x "

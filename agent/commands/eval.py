@@ -1,45 +1,56 @@
-"""`moba-ask eval`: needle questions and citation accuracy on a Python repository, full attention vs
-MoBA, with one loaded model, one packed context and one prefill per attention config."""
+"""`moba-ask eval`: needle, definition and caller questions and citation accuracy on one or more
+Python repositories at one or more context sizes, dense attention vs MoBA configs, with one loaded
+model and one prefill per repository, size and config."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
+from functools import partial
 
 import click
 
 import ingest
 from agent.commands import common
-from agent.config import AskConfig, parse_layers
+from agent.config import AskConfig, SettingError
+from agent.engine import MemoryBudgetError
+from agent.evaluate import report as rep
 from agent.evaluate import runner
-from agent.evaluate.tasks import TaskError, build_workspace
+from agent.evaluate.configs import parse_specs
+from agent.evaluate.tasks import KINDS, TaskError, build_workspace
+
+DEFAULT_CONFIGS = "dense,moba,moba:qa=dense"
+PROGRESS_EVERY_S = 10.0
 
 
 @click.command("eval")
-@click.argument("path")
+@click.argument("paths", nargs=-1, required=True, metavar="REPO [REPO ...]")
 @click.option("-m", "--model", envvar="MOBA_ASK_MODEL",
               help="Catalog name, hub id, local dir or .gguf. [default: $MOBA_ASK_MODEL, else the device default]")
-@click.option("--context-tokens", type=click.IntRange(min=256), default=8192, show_default=True,
-              help="Context budget: the repository's files are taken in pack order while they fit.")
+@click.option("--context-tokens", "sizes", default="8192", show_default=True, metavar="N[,N...]",
+              help="Context budget(s), e.g. 16384,30000: each repository is packed at each size (its files "
+                   "in pack order while they fit).")
 @click.option("--tasks", "n_tasks", type=click.IntRange(min=1), default=12, show_default=True,
-              help="Questions: about 2/3 find-the-function needles, 1/3 class/constant definitions.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for task choice and the random baseline.")
-@click.option("--attention", "configs", default=",".join(runner.CONFIG_NAMES), show_default=True, metavar="LIST",
-              help="Comma list of configs: dense (exact SDPA, gate still scored), moba-hybrid (MoBA, "
-                   "--hybrid-layers dense), moba (MoBA in every layer).")
-@click.option("--hybrid-layers", default="last3", show_default=True, metavar="LIST",
-              help="Dense layers of moba-hybrid: '-3,-2,-1' or 'last3'.")
+              help="Questions in all, split evenly over the repositories (per size): about 1/2 find-the-function "
+                   "needles, 1/4 class/constant definitions, 1/4 'which function calls X'.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed for task choice, the random baseline and the bootstrap.")
+@click.option("--attention", "configs", default=DEFAULT_CONFIGS, show_default=True, metavar="LIST",
+              help="Comma list of configs: dense, moba, moba-hybrid (= moba:dense=last3) or moba:KEY=VALUE+... "
+                   "with keys qa (moba|dense), dense (layers: last3, first2, first2,last2, none, -1...), block, "
+                   "topk, sinks, local, sub. Unset keys take the flags below.")
 @click.option("--block-size", type=click.IntRange(min=1), default=AskConfig.block_size, show_default=True,
-              help="MoBA key block size.")
+              help="MoBA key block size (base).")
 @click.option("--top-k", type=click.IntRange(min=1), default=AskConfig.top_k, show_default=True,
-              help="Blocks per query, own block included.")
+              help="Blocks per query, own block included (base).")
 @click.option("--sink-blocks", type=click.IntRange(min=0), default=AskConfig.sink_blocks, show_default=True,
-              help="Leading blocks every query attends.")
+              help="Leading blocks every query attends (base).")
 @click.option("--qa-policy", type=click.Choice(["moba", "dense"]), default="moba", show_default=True,
-              help="Attention for the question and answer tokens.")
+              help="Attention for the question and answer tokens (base).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Longest answer.")
+              help="Longest answer; generation also stops at the end-of-turn token.")
 @click.option("--device", help="cpu, cuda, cuda:1 ... [default: cuda when available]")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
               help="[default: float32 on CPU, bfloat16 on CUDA]")
@@ -47,49 +58,109 @@ from agent.evaluate.tasks import TaskError, build_workspace
 @click.option("--include", multiple=True, metavar="GLOB",
               help="Only pack files matching GLOB. [default: *.py, so that the context is code]")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out files matching GLOB.")
-@click.option("--json", "as_json", is_flag=True, help="Print {configs, tasks} as JSON instead of tables.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON document instead of tables.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
-              help="Also write the JSON document to FILE.")
+              help="Also write the JSON document to FILE, rewritten after each repository and size is done "
+                   "(meta.complete is false until the end), so that a run cut short keeps what it measured.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or notes on stderr.")
-def eval_cmd(path, n_tasks, context_tokens, seed, configs, hybrid_layers, as_json, output, quiet, include,
-             exclude, **kw):
-    """Score answers and citations on needle questions built from the Python repository at PATH.
+def eval_cmd(paths, n_tasks, sizes, seed, configs, as_json, output, quiet, include, exclude, **kw):
+    """Score answers and citations on questions built from the Python repositories REPO ...
 
-    Functions with docstrings are picked evenly through the packed context; their docstrings are
-    removed from a temp copy (PATH is never written) and become the questions ("which function
-    does this?"); a third of the questions ask where a class or constant is defined. Each
-    attention config prefills the context once and answers every question. Scores: answer exact
-    match, the RepoQA rule (BLEU >= 0.8), gold-file hit@1/hit@3/MRR and line precision/recall of the
-    citations, bogus citations (must be 0), and the BM25 and random-file baselines.
+    Functions with docstrings are picked evenly through each packed context; their docstrings are
+    removed from a temp copy (REPO is never written) and become the questions ("which function
+    does this?"); a quarter ask where a class or constant is defined, a quarter which function
+    calls a given one (the one caller, in another file, read from the AST). Each attention config
+    prefills each repository's context once and answers its questions. Rates (answer names the
+    gold, gold-file hit@1/hit@3, top-1/top-3 routing citation on the gold lines, line precision,
+    BM25 and random baselines) come with bootstrap 95% intervals over the tasks of all
+    repositories, and each config other than dense with its paired difference against dense.
 
     \b
     Examples:
       moba-ask eval ~/src/attrs --model smollm2-135m --context-tokens 4096 --tasks 12
-      moba-ask eval . --attention dense,moba --block-size 512 --top-k 3 --json > eval.json
-      moba-ask eval . --model qwen2.5-coder-1.5b --context-tokens 16384 --tasks 6 -o run.json
+      moba-ask eval ~/src/flask ~/src/lark --context-tokens 16384,30000 --tasks 150 -o run.json
+      moba-ask eval . --attention dense,moba:qa=dense+dense=last3,moba:block=512+topk=3 --json
     """
-    common.check_paths([path])
-    if not os.path.isdir(path):
-        raise click.UsageError(f"PATH must be a directory (a repository), got the file {path}")
+    common.check_paths(list(paths))
+    if output:
+        common.check_writable(output, "-o")
+    for path in paths:
+        if not os.path.isdir(path):
+            raise click.UsageError(f"REPO must be a directory (a repository), got the file {path}")
     try:
-        names = runner.parse_configs(configs)
-        layers = parse_layers(hybrid_layers)
+        specs = parse_specs(configs)
+        budgets = _sizes(sizes)
         cfg = AskConfig(no_cache=True, **kw)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     ui = common.Progress(quiet)
     rt = _load(cfg, ui)
-    _check_fit(rt, cfg, context_tokens)
-    ws = _workspace(path, rt, ui, context_tokens, n_tasks, seed, include, exclude)
-    report = runner.run(rt, ws, cfg, names, seed=seed, hybrid_layers=layers, open_session=ui.prefill,
-                        on_task=_QuestionBar(ui))
-    if output:
-        with open(output, "w", encoding="utf-8") as f:
-            json.dump({**report.doc, "meta": report.meta}, f, indent=1)
+    for size in budgets:
+        _check_fit(rt, cfg, size)
+    units = _units(list(paths), budgets, rt, ui, n_tasks, seed, include, exclude)
+    try:
+        doc = _run(rt, units, cfg, specs, seed, ui, output)
+    except MemoryBudgetError as e:
+        raise click.ClickException(str(e)) from None
     if as_json:
-        click.echo(json.dumps(report.doc, indent=1))
+        click.echo(json.dumps(doc, indent=1))
     else:
-        click.echo(runner.to_markdown(report), nl=False)
+        click.echo(rep.to_markdown(doc), nl=False)
+
+
+def _run(rt, units, cfg: AskConfig, specs, seed: int, ui, output: str | None) -> dict:
+    """Ask everything; the document, also written to `output` after each unit and at the end."""
+    meta = dict(model=rt.name, configs=[_config_meta(s, cfg) for s in specs], repos=[_unit_meta(u) for u in units],
+                max_new_tokens=cfg.max_new_tokens)
+    names = [s.name for s in specs]
+
+    def save(tasks, timings, complete=False):
+        doc = rep.build(tasks, timings, names, dict(meta, complete=complete), seed)
+        if output:
+            _write(output, doc)
+        return doc
+
+    tasks, timings = runner.run(rt, units, cfg, specs, seed=seed, open_session=ui.prefill,
+                                on_task=_QuestionLog(ui), on_unit=save)
+    return save(tasks, timings, complete=True)
+
+
+def _write(path: str, doc: dict) -> None:
+    """Write the document whole or not at all (a run killed mid-write keeps the previous one)."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise click.ClickException(f"cannot write -o {path}: {e.strerror}") from None
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--context-tokens must be integers separated by commas (e.g. 16384,30000), got {text!r}") \
+            from None
+    if not sizes:
+        raise ValueError(f"--context-tokens needs at least one size (e.g. 16384,30000), got {text!r}")
+    if min(sizes) < 256:
+        raise ValueError(f"--context-tokens must be at least 256 each, got {text!r}")
+    return list(dict.fromkeys(sizes))
+
+
+def _config_meta(spec, base: AskConfig) -> dict:
+    c = spec.apply(base)
+    dense = "all" if c.attention == "dense" else ",".join(map(str, c.dense_layers)) or "none"
+    return dict(name=spec.name, attention=c.attention, block_size=c.block_size, top_k=c.top_k,
+                sink_blocks=c.sink_blocks, qa_policy=c.qa_policy, dense_layers=dense,
+                overrides={k: list(v) if isinstance(v, tuple) else v for k, v in spec.overrides})
+
+
+def _unit_meta(u: runner.Unit) -> dict:
+    return dict(repo=u.repo, path=u.ws.source_root, context_tokens=u.context_tokens, files=len(u.ws.pack.files),
+                pack_tokens=u.ws.pack.total_tokens, tasks=len(u.ws.tasks),
+                kinds={k: sum(t.kind == k for t in u.ws.tasks) for k in KINDS})
 
 
 def _load(cfg: AskConfig, ui):
@@ -98,49 +169,85 @@ def _load(cfg: AskConfig, ui):
     try:
         with ui.status("loading model"):
             return common.load_runtime(cfg)
-    except ModelError as e:
+    except (ModelError, SettingError) as e:
         raise click.ClickException(str(e)) from None
 
 
 def _check_fit(rt, cfg: AskConfig, context_tokens: int) -> None:
     most = rt.max_positions - cfg.max_new_tokens - common.RESERVE
+    if most < 256:  # the smallest --context-tokens
+        raise click.UsageError(f"--max-new-tokens {cfg.max_new_tokens:,} leaves no room for a context in "
+                               f"{rt.name}'s {rt.max_positions:,} positions; use at most "
+                               f"{rt.max_positions - common.RESERVE - 256:,}")
     if context_tokens > most:
         raise click.UsageError(f"--context-tokens {context_tokens:,} does not fit {rt.name}'s {rt.max_positions:,} "
                                f"positions with the prompt and answer; use at most {most:,}")
 
 
-def _workspace(path, rt, ui, context_tokens, n_tasks, seed, include, exclude):
+def _units(paths, sizes, rt, ui, n_tasks, seed, include, exclude) -> list[runner.Unit]:
+    """A workspace per repository per size, all built before the model answers anything, so that a
+    repository without tasks stops the run at once."""
+    labels = _labels(paths)
+    make = partial(_workspace, rt=rt, ui=ui, seed=seed, include=include, exclude=exclude)
+    return [u for size in sizes for u in _units_at(size, paths, labels, n_tasks, make, ui)]
+
+
+def _units_at(size, paths, labels, n_tasks, make, ui) -> list[runner.Unit]:
+    """Each repository is asked for ceil(n_tasks / repositories) tasks; what some lack is asked again
+    of those that had enough, until n_tasks are there or no repository has more."""
+    quota = [math.ceil(n_tasks / len(paths))] * len(paths)
+    built: list = [None] * len(paths)
+    todo = list(range(len(paths)))
+    while True:
+        for i in todo:
+            built[i] = make(paths[i], labels[i], size, n_tasks=quota[i])
+        short = n_tasks - sum(len(ws.tasks) for ws in built)
+        todo = [i for i, ws in enumerate(built) if len(ws.tasks) == quota[i]]
+        if short <= 0 or not todo:
+            break
+        for i in todo:
+            quota[i] += math.ceil(short / len(todo))
+    if short > 0:
+        ui.console.print(f"note: {n_tasks - short} of --tasks {n_tasks} at {size:,} tokens: the repositories have "
+                         "no more candidates", highlight=False)
+    return [runner.Unit(label, size, ws) for label, ws in zip(labels, built)]
+
+
+def _labels(paths) -> list[str]:
+    """Each repository's name in the reports: its directory name, made unique with #2, #3..."""
+    names = [os.path.basename(os.path.abspath(p)) or p for p in paths]
+    return [n if names.count(n) == 1 else f"{n}#{names[:i + 1].count(n)}" for i, n in enumerate(names)]
+
+
+def _workspace(path, label, size, *, rt, ui, n_tasks, seed, include, exclude):
     try:
-        with ui.status("building tasks (packing PATH, stripping docstrings in a temp copy)"):
-            ws = build_workspace(path, rt.tokenizer, context_tokens=context_tokens, n_tasks=n_tasks, seed=seed,
+        with ui.status(f"building tasks for {label} at {size:,} tokens (packing, stripping docstrings in a temp copy)"):
+            ws = build_workspace(path, rt.tokenizer, context_tokens=size, n_tasks=n_tasks, seed=seed,
                                  include=include or ("*.py",), exclude=exclude)
     except (TaskError, ingest.PackError) as e:
-        raise click.ClickException(str(e)) from None
-    kinds = ", ".join(f"{sum(t.kind == k for t in ws.tasks)} {k}" for k in ("function", "class", "constant"))
-    ui.console.print(f"{len(ws.tasks)} tasks ({kinds}) over {len(ws.pack.files)} files, "
+        raise click.ClickException(f"{path}: {e}") from None
+    kinds = ", ".join(f"{sum(t.kind == k for t in ws.tasks)} {k}" for k in KINDS)
+    ui.console.print(f"{label} at {size:,}: {len(ws.tasks)} tasks ({kinds}) over {len(ws.pack.files)} files, "
                      f"{ws.pack.total_tokens:,} tokens", highlight=False)
     return ws
 
 
-class _QuestionBar:
-    """on_task callback: one transient rich bar per config (opened after its prefill), and a note
-    with the time taken when the config is done."""
+class _QuestionLog:
+    """on_task callback: plain progress lines on stderr (no TTY needed), at the first question of a
+    config, then every PROGRESS_EVERY_S seconds with an ETA, and a line with the time taken at the end."""
 
     def __init__(self, ui):
-        self.ui, self.bar, self.task, self.t0 = ui, None, None, 0.0
+        self.ui, self.t0, self.last = ui, 0.0, 0.0
 
-    def __call__(self, name: str, done: int, total: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        if self.bar is None:
-            self.t0 = time.perf_counter()
-            disable = self.ui.quiet or not self.ui.console.is_terminal
-            self.bar = Progress(TextColumn(f"{name}: questions"), BarColumn(), MofNCompleteColumn(),
-                                TimeRemainingColumn(), console=self.ui.console, transient=True, disable=disable)
-            self.bar.__enter__()
-            self.task = self.bar.add_task("", total=total)
-        self.bar.update(self.task, completed=done)
-        if done >= total:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
-            self.ui.console.print(f"{name}: {total} questions in {time.perf_counter() - self.t0:.1f}s", highlight=False)
+    def __call__(self, unit, name: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        where = f"{unit.repo} @ {unit.context_tokens:,}, {name}"
+        if done == 0:
+            self.t0 = self.last = now
+            self.ui.console.print(f"{where}: 0/{total} questions", highlight=False)
+        elif done >= total:
+            self.ui.console.print(f"{where}: {total} questions in {now - self.t0:.1f}s", highlight=False)
+        elif now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            eta = (now - self.t0) / done * (total - done)
+            self.ui.console.print(f"{where}: {done}/{total} questions, ETA {eta:.0f}s", highlight=False)

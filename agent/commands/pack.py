@@ -17,7 +17,10 @@ from pathlib import Path
 import click
 
 import ingest
-from ingest.records import DEFAULT_MAX_FILE_BYTES
+from agent.render import pack_notes
+from ingest.records import DEFAULT_MAX_FILE_BYTES, MAX_FILE_BYTES_LIMIT
+from ingest.render import display_path
+from ingest.tokens import backend_of
 from ingest.walk import resolve_paths
 
 DEFAULT_MODEL = "qwen2.5-coder-1.5b"
@@ -29,11 +32,13 @@ SHOW = 10
 @click.option("-m", "--model", default=lambda: os.environ.get("MOBA_ASK_MODEL") or DEFAULT_MODEL,
               show_default="$MOBA_ASK_MODEL or " + DEFAULT_MODEL,
               help="Model whose tokenizer counts tokens: catalog name, HF dir, .gguf, or a tokenizer.json.")
-@click.option("--max-tokens", type=click.IntRange(min=1), help="Token budget; whole files are dropped to fit.")
+@click.option("--max-tokens", type=click.IntRange(min=0), default=0,
+              help="Token budget; whole files are dropped to fit. 0: no budget (pack counts for no model "
+                   "window; ask uses the model's). [default: 0]")
 @click.option("--include", multiple=True, metavar="GLOB", help="Only pack files matching GLOB (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out files matching GLOB (repeatable).")
 @click.option("--no-line-numbers", is_flag=True, help="Do not prefix lines with their numbers.")
-@click.option("--max-file-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_FILE_BYTES, show_default=True,
+@click.option("--max-file-bytes", type=click.IntRange(min=1, max=MAX_FILE_BYTES_LIMIT), default=DEFAULT_MAX_FILE_BYTES, show_default=True,
               help="Skip files larger than this (for .ipynb/.pdf: extracted text).")
 @click.option("--no-drop", is_flag=True, help="Fail instead of dropping files when over --max-tokens.")
 @click.option("--allow-secrets", is_flag=True, help="Pack files that look like secrets (.env, keys, ...).")
@@ -61,7 +66,7 @@ def pack(paths, model, max_tokens, include, exclude, no_line_numbers, max_file_b
     if as_json and output == "-":
         raise click.UsageError("-o - and --json both write to stdout; pick one")
     options = ingest.PackOptions(
-        max_tokens=max_tokens, include=include, exclude=(*exclude, *_self_exclude(paths, output)),
+        max_tokens=max_tokens or None, include=include, exclude=(*exclude, *_self_exclude(paths, output)),
         line_numbers=not no_line_numbers, max_file_bytes=max_file_bytes, drop=not no_drop,
         allow_secrets=allow_secrets, default_excludes=not no_default_excludes,
         notebook_outputs=notebook_outputs, cache=not no_cache)
@@ -92,14 +97,17 @@ def load_tokenizer(name: str):
     if path.suffix == ".json":
         raise click.ClickException(f"tokenizer file not found: {name}")
     try:
+        from agent.models import ModelError
         from agent.models import load_tokenizer as load
     except ImportError:
-        load = _transformers_tokenizer
+        ModelError, load = ValueError, _transformers_tokenizer
     try:
-        return load(name)
-    except Exception as e:
+        tok = load(name)
+        backend_of(tok)
+    except (ModelError, OSError, ValueError, TypeError) as e:  # TypeError: not a fast tokenizer (backend_of)
         msg = _one_line(e)
         raise click.ClickException(msg if name in msg else f"cannot load the tokenizer of '{name}': {msg}") from None
+    return tok
 
 
 def _bare(path: Path):
@@ -107,7 +115,7 @@ def _bare(path: Path):
 
     try:
         return Tokenizer.from_file(str(path))
-    except Exception as e:
+    except Exception as e:  # tokenizers raises plain Exception for every unreadable or malformed file
         raise click.ClickException(f"cannot read tokenizer {path}: {_one_line(e)}") from None
 
 
@@ -155,7 +163,7 @@ def _run(paths, tokenizer, options, quiet: bool) -> ingest.Pack:
             task = bar.add_task("pack", total=None)
             return ingest.pack(list(paths), tokenizer, options,
                                progress=lambda done, total: bar.update(task, completed=done, total=total))
-    except (ingest.PackError, TypeError) as e:
+    except ingest.PackError as e:
         raise click.ClickException(str(e)) from None
 
 
@@ -183,17 +191,20 @@ def report(p: ingest.Pack) -> dict:
                    "lines": f.lines, "flags": list(f.flags)} for f in p.files],
         "skipped": [{"path": path, "reason": reason} for path, reason in p.skipped],
         "dropped": [{"path": path, "tokens": n, "reason": reason} for path, n, reason in p.dropped],
+        "redacted": [{"path": path, "line": line, "kind": kind} for path, line, kind in p.redacted],
+        "notes": list(p.notes),
     }
 
 
 def _summary(p: ingest.Pack, max_tokens: int | None, seconds: float) -> None:
     budget = f" of {max_tokens:,} allowed" if max_tokens else ""
-    lines = [f"packed {len(p.files):,} files, {p.total_tokens:,} tokens{budget} from {p.root} "
+    lines = [f"packed {len(p.files):,} files, {p.total_tokens:,} tokens{budget} from {display_path(p.root)} "
              f"in {seconds:.2f} s (tree {p.tree_tokens:,} tokens)", "largest files:"]
     lines += [f"  {f.tokens:>9,}  {f.path}" for f in sorted(p.files, key=lambda f: -f.tokens)[:5]]
     flagged = [f for f in p.files if "non_utf8" in f.flags]
     if flagged:
         lines.append(f"decoded with replacement characters (not UTF-8): {', '.join(f.path for f in flagged[:SHOW])}")
+    lines += pack_notes(p)
     lines += _skipped(p.skipped)
     lines += _listing("dropped", [f"  {n:>9,}  {path}: {reason}" for path, n, reason in p.dropped])
     click.echo("\n".join(lines), err=True)

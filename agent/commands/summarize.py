@@ -32,7 +32,7 @@ def summarize(paths, focus, as_json, quiet, **kw):
     """
     check_paths(paths)
     cfg, opts = make_config(kw)
-    session = open_session(paths, cfg, opts, "summarize", quiet or as_json)
+    session = open_session(paths, cfg, opts, "summarize", quiet or as_json, question=focus)
     if as_json:
         answer = session.ask(focus)
         click.echo(json.dumps(answer_json(answer, session), indent=1))

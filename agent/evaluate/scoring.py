@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from fractions import Fraction
 from textwrap import dedent
 
 BLEU_PASS = 0.8
@@ -57,25 +56,27 @@ def sentence_bleu(reference: str, hypothesis: str, k: int = 5) -> float:
     if not hyp:
         return 0.0
     precisions = [_modified_precision(ref, hyp, n) for n in range(1, 5)]
-    if precisions[0].numerator == 0:
+    if precisions[0][0] == 0:
         return 0.0
     smoothed, inc = [], 1
-    for p in precisions:
-        if p.numerator == 0 and len(hyp) > 1:
-            p = (1 / (2 ** inc * k / math.log(len(hyp)))) / p.denominator
+    for clipped, total in precisions:
+        if clipped == 0 and len(hyp) > 1:
+            smoothed.append((1 / (2 ** inc * k / math.log(len(hyp)))) / total)
             inc += 1
-        smoothed.append(float(p))
+        else:
+            smoothed.append(clipped / total)
     if any(p <= 0 for p in smoothed):
         return 0.0
     bp = 1.0 if len(hyp) > len(ref) else math.exp(1 - len(ref) / len(hyp))
     return bp * math.exp(sum(0.25 * math.log(p) for p in smoothed))
 
 
-def _modified_precision(ref: list[str], hyp: list[str], n: int) -> Fraction:
+def _modified_precision(ref: list[str], hyp: list[str], n: int) -> tuple[int, int]:
+    """(clipped n-gram matches, hypothesis n-grams), unreduced: smoothing reads the denominator."""
     hyp_counts = Counter(tuple(hyp[i: i + n]) for i in range(len(hyp) - n + 1))
     ref_counts = Counter(tuple(ref[i: i + n]) for i in range(len(ref) - n + 1))
     clipped = sum(min(c, ref_counts[g]) for g, c in hyp_counts.items())
-    return Fraction(clipped, max(1, sum(hyp_counts.values())), _normalize=False)
+    return clipped, max(1, sum(hyp_counts.values()))
 
 
 def repoqa_pass(answer: str, gold: str, needles: list[str], threshold: float = BLEU_PASS) -> tuple[bool, float]:
@@ -111,6 +112,11 @@ def hit_at(rank: int | None, k: int) -> float:
 
 def reciprocal_rank(rank: int | None) -> float:
     return 1.0 / rank if rank else 0.0
+
+
+def overlaps(citation, path: str, start: int, end: int) -> bool:
+    """True when the citation is in `path` and shares a line with start..end."""
+    return citation.path == path and citation.start_line <= end and citation.end_line >= start
 
 
 def line_scores(citations, path: str, start: int, end: int) -> tuple[float, float]:

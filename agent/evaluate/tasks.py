@@ -12,8 +12,12 @@ How a workspace is built (`build_workspace`):
 3. the chosen files are copied to a temp directory (the user's tree is never written), the needle
    docstrings are deleted there, and the copy is packed: that pack is the context;
 4. the second family (a class or a module-level UPPER_CASE constant with a unique name, gold = the
-   definition line) is chosen on the copy the same way.
-Gold lines and depths refer to the packed copy. Knows nothing of models or attention.
+   definition line) and the third ("which function calls X?", gold = the one calling function in
+   another file, from the AST: `callers`; X may be defined outside the context) are chosen on the
+   copy the same way.
+The mix is about half needles, a quarter definitions, a quarter callers; a family short of
+candidates is made up by definitions, then callers. Gold lines and depths refer to the packed copy.
+Knows nothing of models or attention.
 """
 
 from __future__ import annotations
@@ -26,17 +30,21 @@ import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import ingest
+from agent.evaluate.callers import caller_candidates
 
-FUNCTION, CLASS, CONSTANT = "function", "class", "constant"
+FUNCTION, CLASS, CONSTANT, CALLER = "function", "class", "constant", "caller"
+KINDS = (FUNCTION, CLASS, CONSTANT, CALLER)
 MIN_DOC_WORDS = 6
 MAX_DOC_WORDS = 120
 MAX_FN_CHARS = 2000
 FN_QUESTION = ("Which function does this, and in which file? {doc}\n"
                "Name the function and its file as path:line, then repeat the function in a ``` code block.")
 DEF_QUESTION = "In which file and line is the {kind} {name} defined?"
+CALL_QUESTION = "Which function calls `{callee}`? Name the calling function and its file as path:line."
 _CONSTANT = re.compile(r"^_*[A-Z][A-Z0-9_]{2,}$")
 
 
@@ -44,9 +52,10 @@ _CONSTANT = re.compile(r"^_*[A-Z][A-Z0-9_]{2,}$")
 class Task:
     """One question with its gold answer in the packed copy.
 
-    kind: "function", "class" or "constant". start_line/end_line: 1-based, inclusive (a definition
-    task has one line). depth: token position of the gold's first line / pack tokens, in [0, 1].
-    code: the gold source (the function without its docstring, or the definition line).
+    kind: "function", "class", "constant" or "caller" (name: the calling function). start_line/end_line:
+    1-based, inclusive (a definition task has one line). depth: token position of the gold's first
+    line / pack tokens, in [0, 1]. code: the gold source (the function without its docstring, the
+    definition line, or the calling function).
     """
 
     id: str
@@ -89,9 +98,9 @@ def build_workspace(root: str, tokenizer, *, context_tokens: int, n_tasks: int, 
                     include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> Workspace:
     """Pack files of `root` within about `context_tokens`, choose `n_tasks` tasks (seeded), return the workspace.
 
-    About two thirds of the tasks are function needles, the rest class/constant definitions
-    (n_tasks=1: one needle); definitions make up for missing needles. Fewer are returned when the
-    repository has fewer candidates.
+    About half the tasks are function needles, a quarter class/constant definitions and a quarter
+    callers (n_tasks=1: one needle); definitions, then callers make up for missing ones. Fewer are
+    returned when the repository has fewer candidates.
 
     Raises:
         TaskError: nothing to ask about, or no file fits. ingest.PackError: the path cannot be packed.
@@ -101,13 +110,17 @@ def build_workspace(root: str, tokenizer, *, context_tokens: int, n_tasks: int, 
     if not chosen:
         raise TaskError(f"--context-tokens {context_tokens:,} is too small for any file under {root}; raise it")
     cands = _function_cands(_python_texts(full.root, chosen), full.text)
-    needles = _spread(cands, n_tasks - n_tasks // 3, _positions(full, chosen), random.Random(f"{seed}:fn"))
-    n_def = n_tasks - len(needles)
+    needles = _spread(cands, n_tasks - 2 * (n_tasks // 4), _positions(full, chosen), random.Random(f"{seed}:fn"))
     pack, copy_texts = _repack(full.root, chosen, needles, tokenizer)
-    defs = _spread(_definition_cands(_parseable(copy_texts)), n_def, lambda p, ln: _token_pos(pack, p, ln),
-                   random.Random(f"{seed}:def"))
+    parsed = _parseable(copy_texts)
+    pos = partial(_token_pos, pack)
+    n_defs = n_tasks - len(needles) - n_tasks // 4
+    defs = _spread(_definition_cands(parsed), n_defs, pos, random.Random(f"{seed}:def"))
+    repository = _python_texts(full.root, full.files)
+    callers = _spread(_caller_cands(parsed, repository), n_tasks - len(needles) - len(defs), pos,
+                      random.Random(f"{seed}:call"))
     tasks = [t for t in (_function_task(c, copy_texts, pack) for c in needles) if t]
-    tasks += [_definition_task(c, copy_texts, pack) for c in defs if c.path in copy_texts]
+    tasks += [_definition_task(c, copy_texts, pack) for c in defs + callers if c.path in copy_texts]
     if not tasks:
         raise TaskError(f"no Python functions with docstrings or unique classes/constants under {root}; "
                         "eval needs a Python repository (check --include/--exclude and --context-tokens)")
@@ -223,6 +236,13 @@ def _definition_cands(texts: dict[str, tuple[str, ast.Module]]) -> list[_Cand]:
     return out
 
 
+def _caller_cands(texts: dict[str, tuple[str, ast.Module]], repository: dict[str, tuple[str, ast.Module]]
+                  ) -> list[_Cand]:
+    found = caller_candidates({path: tree for path, (_, tree) in texts.items()},
+                              {path: tree for path, (_, tree) in repository.items()})
+    return [_Cand(CALLER, c.name, c.path, c.line, c.end_line, doc=c.callee) for c in found]
+
+
 def _module_constants(tree: ast.Module) -> list[tuple[str, int]]:
     out = []
     for stmt in tree.body:
@@ -292,9 +312,13 @@ def _function_task(c: _Cand, texts: dict[str, str], pack: ingest.Pack) -> Task |
 
 
 def _definition_task(c: _Cand, texts: dict[str, str], pack: ingest.Pack) -> Task:
-    code = texts[c.path].split("\n")[c.line - 1]
-    question = DEF_QUESTION.format(kind=c.kind, name=c.name)
-    return Task("", c.kind, c.name, c.path, c.line, c.line, question, _depth(pack, c.path, c.line), code)
+    """A class/constant definition task, or a caller task (the callee's name is in `doc`)."""
+    code = "\n".join(texts[c.path].split("\n")[c.line - 1: c.end_line])
+    if c.kind == CALLER:
+        question = CALL_QUESTION.format(callee=c.doc)
+    else:
+        question = DEF_QUESTION.format(kind=c.kind, name=c.name)
+    return Task("", c.kind, c.name, c.path, c.line, c.end_line, question, _depth(pack, c.path, c.line), code)
 
 
 def question_text(doc: str, name: str) -> str:
@@ -316,5 +340,5 @@ def _depth(pack: ingest.Pack, path: str, line: int) -> float:
 
 
 def _numbered(tasks: list[Task]) -> list[Task]:
-    prefix = {FUNCTION: "fn", CLASS: "cls", CONSTANT: "const"}
+    prefix = {FUNCTION: "fn", CLASS: "cls", CONSTANT: "const", CALLER: "call"}
     return [replace(t, id=f"{i + 1:02d}-{prefix[t.kind]}") for i, t in enumerate(tasks)]

@@ -2,7 +2,7 @@
 
 Importing this package imports Triton first, so on machines without Triton `import moba.triton`
 raises ImportError and moba/ops.py falls back to the portable path. Same contract as
-`moba.moba_attention`; the portable path is the reference these kernels are tested against.
+`moba.moba_attention` (`moba.types.MobaKernel`); the portable path is the reference these kernels are tested against.
 """
 
 import triton  # noqa: F401  (must fail early where Triton is absent)

@@ -108,13 +108,13 @@ def _store_partial(OP, LSEP, idx, valid, m_i, l_i, acc, D: tl.constexpr):
 def attend_tiles(q, k, v, blk, tiles, op, lsep, *, q_off, pos0, block_size, scale, nsplit, cfg):
     """Run the tile kernel for one query chunk; fills op [entries * nsplit, D] and lsep.
 
-    cfg: dict BM, BN, warps, stages, and optionally tma (K/V through tensor descriptors; CUDA only).
+    cfg: dict BM, BN, warps, stages. K/V go through tensor descriptors where `tma_ok` holds (CUDA).
     """
     B, Hq, C, S = blk.shape
     Hkv, Tk, D = k.shape[1], k.shape[2], k.shape[3]
     bn = cfg["BN"]
     split_len = triton.cdiv(triton.cdiv(block_size, nsplit), bn) * bn
-    tma = bool(cfg.get("tma")) and tma_ok(k) and tma_ok(v)
+    tma = tma_ok(k) and tma_ok(v)
     kd, vd = (_descriptor(k, bn), _descriptor(v, bn)) if tma else (k, v)
     _tile_kernel[(tiles["n_tiles"], nsplit)](
         q, kd, vd, op, lsep, tiles["perm"], tiles["tile_key"], tiles["tile_row"], tiles["tile_rows"],

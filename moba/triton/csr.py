@@ -1,11 +1,10 @@
 """CSR of a MoBA blocks table by (batch, KV head, key block), cut into tiles for the tile kernel.
 
-The table is int32 [B, Hq, C, S] for a query chunk at positions pos0 .. pos0 + C - 1: slot 0 is the
-query's own block, the other slots blocks strictly before it, -1 an unused slot. Its entries
-e = ((b * Hq + h) * C + c) * S + slot are grouped by key = (b * Hkv + h // G) * n_blocks + block
-(G = Hq // Hkv) with no host sync, by one of three methods: "count" (a stable counting sort, the
-default), "ticket" (own entries ranked analytically, the others by atomic tickets) or "sort" (a stable
-torch.sort). It knows nothing of attention or of how the table was routed.
+The table is int32 [B, Hq, C, S] for a query chunk: slot 0 is the query's own block, the other
+slots blocks strictly before it, -1 an unused slot. Its entries e = ((b * Hq + h) * C + c) * S + slot are grouped by key = (b * Hkv + h // G) * n_blocks + block
+(G = Hq // Hkv) in stable-sort order: a counting sort with no host sync up to COUNT_MAX_BLOCKS key
+blocks (it keeps a histogram row in registers), torch.sort above. It knows nothing of attention or
+of how the table was routed.
 """
 
 from __future__ import annotations
@@ -14,25 +13,21 @@ import torch
 import triton
 import triton.language as tl
 
-# "count" by default up to this many key blocks (it keeps a histogram row in registers). On an H200, last 1M
-# chunk, GPU time per chunk (CUDA graph): count 0.655 ms, ticket 0.907 ms (atomics on ~1K hot counters).
 COUNT_MAX_BLOCKS = 4096
-COUNT_TILE = (256, 2)  # counting_sort (tb, ts); H200 GPU time a 1M chunk: (256, 2) 0.438 ms, (128, 8) 0.655
-METHODS = ("ticket", "count", "sort")
+COUNT_TILE = (256, 2)  # counting_sort (tb, ts): the fastest timed on an H200 (bench/RESULTS.md)
+METHODS = ("count", "sort")
 
 
-def build_tiles(blk: torch.Tensor, Hkv: int, n_blocks: int, bm: int, *, pos0: int, block_size: int,
-                method: str | None = None):  # fmt: skip
+def build_tiles(blk: torch.Tensor, Hkv: int, n_blocks: int, bm: int, *, method: str | None = None):
     """CSR of the blocks table by (batch, KV head, block), cut into tiles of bm rows; no host sync.
 
     Args:
-        blk: int32 [B, Hq, C, S] of queries at positions pos0 .. pos0 + C - 1; entry
-            e = ((b * Hq + h) * C + c) * S + slot; slot 0 the own block, -1 = unused.
-        method: "count" (`counting_sort`, the default up to COUNT_MAX_BLOCKS blocks), "ticket"
-            (`ticket_csr`) or "sort" (torch.sort, the default above; bincount syncs with the host).
+        blk: int32 [B, Hq, C, S] of a query chunk; entry e = ((b * Hq + h) * C + c) * S + slot;
+            slot 0 the own block, -1 = unused.
+        method: "count" (`counting_sort`, the default up to COUNT_MAX_BLOCKS blocks) or "sort"
+            (torch.sort, the default above; bincount syncs with the host). Both give one order.
     Returns:
-        dict of device tensors perm (entries grouped by key: in stable-sort order for "count" and
-        "sort"; for "ticket" own-block entries first in that order, the rest in any order), tile_key
+        dict of device tensors perm (entries grouped by key, in stable-sort order), tile_key
         (key of each tile slot, n_keys past the last tile), tile_end (inclusive cumulative tile count
         per key), key_off, key_cnt, tile_row and tile_rows (int32 first perm index and row count of each
         tile; meaningless past the last tile), and the host ints n_keys and n_tiles (an upper bound on the
@@ -46,9 +41,7 @@ def build_tiles(blk: torch.Tensor, Hkv: int, n_blocks: int, bm: int, *, pos0: in
     method = method or ("count" if n_blocks <= COUNT_MAX_BLOCKS else "sort")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method == "ticket":
-        perm, off, cnt = ticket_csr(blk.contiguous(), Hkv, n_blocks, pos0=pos0, block_size=block_size)
-    elif method == "count":
+    if method == "count":
         perm, off, cnt = counting_sort(blk.contiguous(), Hkv, n_blocks, *COUNT_TILE)
     else:
         perm, off, cnt = _torch_sort(blk, Hkv, n_blocks)
@@ -73,77 +66,6 @@ def _torch_sort(blk, Hkv, n_blocks):
     _, perm = torch.sort(key, stable=True)
     cnt = torch.bincount(key, minlength=n_keys + 1)[:n_keys]
     return perm, cnt.cumsum(0) - cnt, cnt
-
-
-@triton.jit
-def _own_range(j, pos0, C, block_size):
-    """First chunk query in block j and how many of the chunk's queries are in it."""
-    lo = tl.maximum(j * block_size - pos0, 0)
-    return lo, tl.maximum(tl.minimum(j * block_size + block_size - pos0, C) - lo, 0)
-
-
-@triton.jit
-def _own_count_kernel(CNT, n_keys, NB, C, G, pos0, block_size, BK: tl.constexpr):
-    k = tl.program_id(0) * BK + tl.arange(0, BK)
-    _, n_c = _own_range(k % NB, pos0, C, block_size)
-    tl.store(CNT + k, G * n_c, mask=k < n_keys)
-
-
-@triton.jit
-def _entry(BLK, n, C, Hq, G, Hkv, NB, pos0, block_size, S: tl.constexpr, BE: tl.constexpr):
-    """This program's entries: (e, key, live, own, c, h); slot 0 is taken as the own block, not read."""
-    e = tl.program_id(0) * BE + tl.arange(0, BE)
-    slot, c, bh = e % S, (e // S) % C, e // (S * C)
-    own = (slot == 0) & (e < n)
-    j = tl.load(BLK + e, mask=(e < n) & ~own, other=-1)
-    j = tl.where(own, (pos0 + c) // block_size, j)
-    h = bh % Hq
-    live = j >= 0
-    return e, tl.where(live, ((bh // Hq) * Hkv + h // G) * NB + j, 0), live, own, c, h
-
-
-@triton.jit
-def _ticket_kernel(BLK, CNT, TICKET, n, C, Hq, G, Hkv, NB, pos0, block_size, S: tl.constexpr, BE: tl.constexpr):
-    e, key, live, own, c, h = _entry(BLK, n, C, Hq, G, Hkv, NB, pos0, block_size, S, BE)
-    lo, n_c = _own_range((pos0 + c) // block_size, pos0, C, block_size)
-    routed = tl.atomic_add(CNT + key, 1, mask=live & ~own, sem="relaxed")
-    tl.store(TICKET + e, tl.where(own, (h % G) * n_c + c - lo, routed), mask=live)
-
-
-@triton.jit
-def _place_kernel(BLK, TICKET, KEY_OFF, PERM, n, C, Hq, G, Hkv, NB, pos0, block_size, S: tl.constexpr,
-                  BE: tl.constexpr):  # fmt: skip
-    e, key, live, _, _, _ = _entry(BLK, n, C, Hq, G, Hkv, NB, pos0, block_size, S, BE)
-    at = tl.load(KEY_OFF + key, mask=live, other=0) + tl.load(TICKET + e, mask=live, other=0)
-    tl.store(PERM + at, e, mask=live)
-
-
-def ticket_csr(blk: torch.Tensor, Hkv: int, n_blocks: int, *, pos0: int, block_size: int, be: int = 1024):
-    """CSR of the blocks table with two passes over the entries and one atomic per routed entry.
-
-    A key's list starts with its own-block entries in (head, query) order, ranked analytically
-    (the same order a stable sort gives them); the other entries follow in atomic-ticket order,
-    which varies from run to run. Slot 0 is taken to be the own block (pos0 + c) // block_size, as
-    the routing kernel writes it, and is not read; other entries with block -1 are left out.
-    Args:
-        blk: int32 [B, Hq, C, S], contiguous, fewer than 2**31 entries; queries at pos0 .. pos0 + C - 1.
-    Returns:
-        (perm int32 [B * Hq * C * S], only its first key_cnt.sum() entries written; key_off, key_cnt
-        int64 [B * Hkv * n_blocks]).
-    """
-    B, Hq, C, S = blk.shape
-    n, n_keys, G = blk.numel(), B * Hkv * n_blocks, Hq // Hkv
-    cnt = torch.empty(n_keys, device=blk.device, dtype=torch.int32)
-    _own_count_kernel[(triton.cdiv(n_keys, 1024),)](cnt, n_keys, n_blocks, C, G, pos0, block_size, BK=1024)
-    ticket = torch.empty(n, device=blk.device, dtype=torch.int32)
-    grid = (triton.cdiv(n, be),)
-    _ticket_kernel[grid](blk, cnt, ticket, n, C, Hq, G, Hkv, n_blocks, pos0, block_size, S=S, BE=be, num_warps=4)
-    key_cnt = cnt.long()
-    key_off = cnt.cumsum(0, dtype=torch.int64) - key_cnt
-    perm = torch.empty(n, device=blk.device, dtype=torch.int32)
-    _place_kernel[grid](blk, ticket, key_off, perm, n, C, Hq, G, Hkv, n_blocks, pos0, block_size, S=S, BE=be,
-                        num_warps=4)  # fmt: skip
-    return perm, key_off, key_cnt
 
 
 @triton.jit

@@ -8,10 +8,9 @@ warp streams the block's K/V tiles by TMA into a ring of STAGES shared-memory sl
 barriers with expected bytes; a slot is refilled once both consumers released it on `empty`), and
 two consumer warpgroups own rows 0-63 and 64-127 and overlap, inside each warpgroup, the QK^T wgmma
 of key tile i and the P.V wgmma of tile i-1 with the softmax of tile i; register reallocation gives
-them 232 registers a thread and the producer 40. On an H200 (last query chunk of a 1M prefill,
-bench/kern_variants.py, 9 interleaved rounds) it takes 14.99 ms against the Triton kernel's 16.91 ms.
-Measured and not kept (bench/experiments/hopper_ws2.py): a ping-pong turn between the two
-consumers, persistent CTAs, three consumers with 64-key tiles.
+them 232 registers a thread and the producer 40. Its time against the Triton kernel's, and the
+schedules measured and not kept (ping-pong consumers, persistent CTAs, three consumers), are in
+bench/RESULTS.md.
 It knows nothing of routing and needs CUDA with compute capability 9.x and Triton's Gluon.
 Layout: q [B, Hq, Tq, D]; k, v [B, Hkv, Tk, D] read through 4-D tensor descriptors.
 """
@@ -36,13 +35,9 @@ from moba.triton.attention import tma_ok
 HALF = gl.constexpr(64)  # rows per consumer warpgroup; a tile is 2 * HALF rows
 BM = 128  # rows of a tile (the CSR must be cut with this)
 BN = 128  # keys of a K/V tile
-STAGES = 3  # K/V ring slots: 3 * 64 KiB + 32 KiB of Q at D 128 (2 slots: 17.32 ms against 15.24 in one run)
+STAGES = 3  # K/V ring slots: 3 * 64 KiB + 32 KiB of Q at D 128
 REGS = (232, 40)  # consumer and producer registers per thread after reallocation
 MAXNREG = 168  # 65,536 registers over the 12 warps at launch
-# Gather the tile's queries with cp.async, so the producer's first K/V loads overlap them (False: loads and
-# stores before the partitions start). 1M prefill on an H200 (bench/experiments/chunk_ab.py): 1,375.3 ms
-# against 1,380.7; on one warm chunk (bench/kern_variants.py) 15.33 against 14.99 ms, its queries then in L2.
-ASYNC_Q = True
 
 
 @gluon.jit
@@ -156,7 +151,7 @@ def _consumer1(args):
 def _ws_tile_kernel(
     Q, k_desc, v_desc, OP, LSEP, PERM, TILE_KEY, TILE_ROW, TILE_ROWS,
     sqb, sqh, sqt, C, Hq, S, Hkv, NB, n_keys, q_off, pos0, Tk, block_size, qk_scale,
-    D: gl.constexpr, NS: gl.constexpr, ASYNC_Q: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    D: gl.constexpr, NS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
     CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):  # fmt: skip
     key = gl.load(TILE_KEY + gl.program_id(0)).to(gl.int32)
@@ -175,21 +170,16 @@ def _ws_tile_kernel(
         for i in gl.static_range(NS):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)
-        mbarrier.init(q_bar, count=num_warps * 32 if ASYNC_Q else 1)
+        mbarrier.init(q_bar, count=num_warps * 32)
         fence_async_shared()
         gl.thread_barrier()
         d = gl.arange(0, D, layout=gl.SliceLayout(0, q_ld))
         q_off_rows = b.to(gl.int64) * sqb + h.to(gl.int64) * sqh + (q_off + c).to(gl.int64) * sqt
         q_rows = Q + gl.multiple_of(q_off_rows, 8)  # hopper_ok: 16-byte aligned rows
         q_ptrs = gl.expand_dims(q_rows, 1) + gl.expand_dims(d, 0)
-        if ASYNC_Q:
-            async_copy.async_copy_global_to_shared(q_smem, q_ptrs, mask=gl.expand_dims(valid, 1))
-            async_copy.mbarrier_arrive(q_bar, increment_count=False)
-        else:
-            q_smem.store(gl.load(q_ptrs, mask=gl.expand_dims(valid, 1), other=0.0))
-            fence_async_shared()
-            gl.thread_barrier()
-            mbarrier.arrive(q_bar, count=1)
+        # the queries arrive by cp.async, so the producer's first K/V loads overlap them
+        async_copy.async_copy_global_to_shared(q_smem, q_ptrs, mask=gl.expand_dims(valid, 1))
+        async_copy.mbarrier_arrive(q_bar, increment_count=False)
         lo = j * block_size
         hi = gl.minimum(lo + block_size, gl.max(gl.where(valid, pos, 0), 0) + 1)
         n_iter = gl.cdiv(hi - lo, k_desc.block_type.shape[2])
@@ -208,11 +198,10 @@ def hopper_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nsplit: int) ->
     return all(tma_ok(t) for t in (q, k, v))
 
 
-def attend_tiles_hopper(q, k, v, blk, tiles, op, lsep, *, q_off, pos0, block_size, scale, async_q=None):
+def attend_tiles_hopper(q, k, v, blk, tiles, op, lsep, *, q_off, pos0, block_size, scale):
     """Fill op [entries, D] and lsep [entries] for one query chunk (as `attend_tiles` with nsplit 1).
 
     q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] fp16/bf16 with `hopper_ok`; tiles from `build_tiles` with bm=BM.
-    async_q: gather queries with cp.async (default ASYNC_Q).
     """
     B, Hq, C, S = blk.shape
     Hkv, Tk, D = k.shape[1], k.shape[2], k.shape[3]
@@ -220,7 +209,7 @@ def attend_tiles_hopper(q, k, v, blk, tiles, op, lsep, *, q_off, pos0, block_siz
         q, _desc(k), _desc(v), op, lsep, tiles["perm"], tiles["tile_key"], tiles["tile_row"], tiles["tile_rows"],
         *q.stride()[:3], C, Hq, S, Hkv, -(-Tk // block_size), tiles["n_keys"],
         q_off, pos0, Tk, block_size, scale * 1.4426950408889634,
-        D=D, NS=STAGES, ASYNC_Q=ASYNC_Q if async_q is None else async_q, CONSUMER_REGS=REGS[0],
+        D=D, NS=STAGES, CONSUMER_REGS=REGS[0],
         PRODUCER_REGS=REGS[1], num_warps=4, maxnreg=MAXNREG,
     )  # fmt: skip
 

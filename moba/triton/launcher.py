@@ -4,7 +4,8 @@ Queries go in chunks sized so that the partial results of a chunk fit in PARTIAL
 Per chunk: the routing kernel writes the blocks table, then either the split-K decode kernel (few
 query rows per KV head) or the key-block tile kernel (a CSR of the table, moba/triton/csr.py)
 writes partials, and the merge kernel writes the output rows. Nothing waits on the host. On Hopper
-the tile kernel is the warp-specialized Gluon one (moba/triton/hopper.py) where it applies.
+the tile kernel is the warp-specialized Gluon one (moba/triton/hopper.py) where it applies
+(`tile_kernel`). Why these sizes and configurations: bench/RESULTS.md.
 Inputs outside the kernels' range (fp32, head dims other than 64/128/256, CPU tensors without the
 Triton interpreter) go to the portable path. It knows nothing of files or models.
 """
@@ -23,21 +24,16 @@ from moba.triton.attention import attend_tiles
 from moba.triton.csr import build_tiles
 from moba.triton.decode import attend_rows, key_splits, merge_partials, partials
 from moba.triton.routing import pool_means, route_chunk, split_means
-from moba.types import Routing, check_inputs
+from moba.types import Routing, check_inputs, clamp_blocks
 
-# Partials per query chunk. 1M prefill on an H200 (bench/experiments/chunk_ab.py): 1.75 GiB (48 chunks) 1,375.3 ms,
-# 1 GiB (86 chunks) 1,386.8 ms: fewer part-filled tiles. Peak extra memory 1.81 GB (the target is 2 GB).
-PARTIAL_BUDGET = 7 << 28
+PARTIAL_BUDGET = 7 << 28  # bytes of partials per query chunk: fewer chunks, fewer part-filled tiles
 DECODE_ROWS = 16  # at most this many query rows per KV head in a chunk: the split-K decode kernel
 HEAD_DIMS = (64, 128, 256)
-USE_HOPPER = True  # the Gluon tile kernel on sm_90 (`hopper.hopper_ok`); False: the Triton kernel everywhere
-# K is loaded row-major and transposed in registers; tma: K/V through tensor descriptors (no address
-# registers: ptxas spills 164 bytes instead of 1,756 at 128x128). Last 1M chunk on an H200
-# (bench/kern_variants.py): K loaded column-major 17.46 ms, row-major 17.75, + tma 16.17, tma with 2 stages 19.18.
+# Triton tile kernel per head dim; K/V go through tensor descriptors where `attention.tma_ok` holds.
 TILE_CONFIGS = {
-    64: dict(BM=128, BN=128, warps=8, stages=3, tma=True),
-    128: dict(BM=128, BN=128, warps=8, stages=3, tma=True),
-    256: dict(BM=64, BN=32, warps=8, stages=2, tma=True),
+    64: dict(BM=128, BN=128, warps=8, stages=3),
+    128: dict(BM=128, BN=128, warps=8, stages=3),
+    256: dict(BM=64, BN=32, warps=8, stages=2),
 }
 
 
@@ -52,19 +48,24 @@ def triton_moba_attention(
     scale: float | None = None,
     return_routing: bool = False,
     key_means: torch.Tensor | None = None,
+    local_blocks: int = 0,
+    gate_subblocks: int = 1,
 ):
-    """MoBA attention with the Triton kernels; same contract as `moba.moba_attention`.
+    """MoBA attention with the Triton kernels; arguments and result: `moba.types.MobaKernel`.
 
-    q: [B, Hq, Tq, D], k and v: [B, Hkv, Tk, D], fp16 or bf16, D in {64, 128, 256}; anything else
-    (or a scale <= 0) is computed by `moba.portable_moba_attention`. key_means: optional cached fp32 block means
-    [B, Hkv, Tk // block_size, D]. Returns out (and a `moba.Routing` when return_routing).
-    Raises ValueError on inputs outside the op's contract.
+    The kernels take fp16 or bf16 with D in {64, 128, 256} on CUDA (or under TRITON_INTERPRET=1)
+    and the plain gate (local_blocks 0, gate_subblocks 1); anything else, or a scale <= 0, is
+    computed by `moba.portable_moba_attention`.
     """
-    check_inputs(q, k, v, block_size, top_k, sink_blocks)
-    if not _supported(q, k, v) or (scale is not None and scale <= 0):
+    check_inputs(q, k, v, block_size, top_k, sink_blocks, local_blocks, gate_subblocks)
+    top_k, sink_blocks = clamp_blocks(k.shape[2], block_size, top_k, sink_blocks)
+    local_blocks = min(local_blocks, top_k - 1)
+    plain_gate = local_blocks == 0 and gate_subblocks == 1
+    if not plain_gate or not _supported(q, k, v) or (scale is not None and scale <= 0):
         return portable_moba_attention(
             q, k, v, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks, scale=scale,
-            return_routing=return_routing, key_means=key_means,
+            return_routing=return_routing, key_means=key_means, local_blocks=local_blocks,
+            gate_subblocks=gate_subblocks,
         )  # fmt: skip
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     B, Hq, Tq, D = q.shape
@@ -95,10 +96,15 @@ def chunk_queries(B: int, Hq: int, Tq: int, S: int, D: int, esize: int) -> int:
     return max(1, min(Tq, PARTIAL_BUDGET // per_query))
 
 
+def serves(dtype: torch.dtype, head_dim: int) -> bool:
+    """True when the kernels take CUDA tensors of this dtype and head dim (else the portable path runs)."""
+    return dtype in (torch.float16, torch.bfloat16) and head_dim in HEAD_DIMS
+
+
 def _supported(q, k, v) -> bool:
     on_device = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     same = q.dtype == k.dtype == v.dtype and q.device == k.device == v.device
-    return on_device and same and q.dtype in (torch.float16, torch.bfloat16) and q.shape[3] in HEAD_DIMS
+    return on_device and same and serves(q.dtype, q.shape[3])
 
 
 def _means(k, block_size, key_means):
@@ -124,7 +130,7 @@ def _attend_chunk(q, k, v, out, blk, c0, pos0, block_size, scale) -> None:
     nsplit = key_splits(triton.cdiv(blk.numel(), cfg["BM"]), q.device, block_size, cfg["BN"])
     op, lsep = partials(blk, nsplit, D, q.dtype)
     bm, attend = tile_kernel(q, k, v, nsplit)
-    tiles = build_tiles(blk, Hkv, triton.cdiv(k.shape[2], block_size), bm, pos0=pos0, block_size=block_size)
+    tiles = build_tiles(blk, Hkv, triton.cdiv(k.shape[2], block_size), bm)
     attend(q, k, v, blk, tiles, op, lsep, q_off=c0, pos0=pos0, block_size=block_size, scale=scale)
     merge_partials(op, lsep, blk, out, q_off=c0, nsplit=nsplit)
 
@@ -135,7 +141,7 @@ def tile_kernel(q, k, v, nsplit: int):
     The kernel is called as kernel(q, k, v, blk, tiles, op, lsep, *, q_off, pos0, block_size, scale),
     tiles cut with that many rows (`build_tiles`).
     """
-    hopper = _hopper_module() if USE_HOPPER else None
+    hopper = _hopper_module()
     if hopper is not None and hopper.hopper_ok(q, k, v, nsplit):
         return hopper.BM, hopper.attend_tiles_hopper
     cfg = TILE_CONFIGS[q.shape[3]]

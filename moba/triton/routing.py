@@ -1,12 +1,11 @@
 """Triton kernels for MoBA routing: block means of the keys, and gate + top-k per query.
 
 The routing kernel streams over the pooled keys of one KV head for a tile of (query, GQA head)
-rows and keeps a running top-k in registers, by repeated max extraction above a running threshold
-(default) or with int64 keys that pack a score and its block id for Triton's bitonic `topk`. No
-[blocks, heads, Tq] gate is ever written. For bf16 queries on CUDA the gate runs on tensor cores:
+rows and keeps a running top-k in registers, by repeated max extraction above a running threshold.
+No [blocks, heads, Tq] gate is ever written. For bf16 queries on CUDA the gate runs on tensor cores:
 the fp32 means are split into three bf16 parts whose sum is exact (`split_means`), so three bf16
 dots give fp32-accurate scores (only the summation order differs from an fp32 matmul, which can
-swap near-tied blocks: 1 routing row in 1.8M at 64K on an H200). Other queries use fp32 FMA dots.
+swap near-tied blocks; moba/README.md). Other queries use fp32 FMA dots.
 It knows nothing of attention.
 Layout: q [B, Hq, Tq, D]; means [B, Hkv, n_full, D] fp32; the blocks table it writes is int32
 [B, Hq, C, top_k + sink_blocks] = [own, routed best-first, sinks], -1 for an unused slot.
@@ -18,10 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-TOPK_METHOD = "extract"
 SPLIT_MIN_ROWS = 16  # fewer (query, head) rows per KV head (decode): the fp32 FMA gate, no split means
-# the packed key of score -inf: sorts below every real score
-_NEG_INF_KEY = tl.constexpr(-2139095041 * (1 << 32))
 
 
 @triton.jit
@@ -53,21 +49,6 @@ def pool_means(k: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 @triton.jit
-def _pack(s, n, IDX_CAP: tl.constexpr):
-    bits = s.to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return (ordered.to(tl.int64) << 32) | (IDX_CAP - n).to(tl.int64)
-
-
-@triton.jit
-def _unpack(key, IDX_CAP: tl.constexpr):
-    hi = (key >> 32).to(tl.int32)
-    bits = hi ^ ((hi >> 31) & 0x7FFFFFFF)
-    idx = IDX_CAP - (key & 0xFFFFFFFF).to(tl.int32)
-    return bits.to(tl.float32, bitcast=True), idx
-
-
-@triton.jit
 def _gate_tile(q, m_base, smn, sp, own, n_full, n0, D: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr):
     n = n0 + tl.arange(0, BN)
     d = tl.arange(0, D)
@@ -80,19 +61,6 @@ def _gate_tile(q, m_base, smn, sp, own, n_full, n0, D: tl.constexpr, BN: tl.cons
     else:
         s = tl.dot(q, tl.trans(tl.load(ptr, mask=inside, other=0.0)), input_precision="ieee")
     return tl.where(n[None, :] < own[:, None], s, float("-inf")), n
-
-
-@triton.jit
-def _top_by_sort(q, m_base, smn, sp, own, n_full, sink_blocks, n_hi, D: tl.constexpr, BM: tl.constexpr,
-                 BN: tl.constexpr, KP: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
-    IDX_CAP: tl.constexpr = 2**30
-    best = tl.full([BM, KP], _NEG_INF_KEY, dtype=tl.int64)
-    for n0 in range(sink_blocks, n_hi, BN):
-        s, n = _gate_tile(q, m_base, smn, sp, own, n_full, n0, D, BN, SPLIT)
-        key = tl.where(s > float("-inf"), _pack(s, n[None, :], IDX_CAP), _NEG_INF_KEY)
-        both = tl.reshape(tl.join(best, tl.topk(key, KP, dim=1)), [BM, 2 * KP])
-        best = tl.topk(both, KP, dim=1)
-    return _unpack(best, IDX_CAP)
 
 
 @triton.jit
@@ -140,7 +108,7 @@ def _route_kernel(
     sqb, sqh, sqt, smb, smh, smn, spb, sph, spn, sp,
     C, Hq, Hkv, G, q_off, pos0, n_full, block_size, sink_blocks,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr, N_ROUTE: tl.constexpr,
-    SINKS: tl.constexpr, WRITE_SCORES: tl.constexpr, SORT: tl.constexpr, SPLIT: tl.constexpr,
+    SINKS: tl.constexpr, WRITE_SCORES: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     S: tl.constexpr = 1 + N_ROUTE + SINKS
     bk = tl.program_id(1)
@@ -163,11 +131,8 @@ def _route_kernel(
             g_base, g_stride = P + b.to(tl.int64) * spb + kvh.to(tl.int64) * sph, spn
         else:
             g_base, g_stride = m_base, smn
-        if SORT:
-            score, idx = _top_by_sort(q, g_base, g_stride, sp, own, n_full, sink_blocks, n_hi, D, BM, BN, KP, SPLIT)
-        else:
-            score, idx = _top_by_extraction(q, g_base, g_stride, sp, own, n_full, sink_blocks, n_hi, D, BM, BN, KP,
-                                            N_ROUTE, SPLIT)  # fmt: skip
+        score, idx = _top_by_extraction(q, g_base, g_stride, sp, own, n_full, sink_blocks, n_hi, D, BM, BN, KP,
+                                        N_ROUTE, SPLIT)  # fmt: skip
         slot = tl.arange(0, KP)[None, :]
         m_route = out_mask & (slot < N_ROUTE)
         tl.store(BLK + row[:, None] + 1 + slot, tl.where(score == float("-inf"), -1, idx), mask=m_route)
@@ -197,18 +162,17 @@ def split_means(means: torch.Tensor) -> torch.Tensor:
     return torch.stack([hi, mid, (rest - mid.float()).to(torch.bfloat16)])
 
 
-def route_chunk(q, means, q_off, C, pos0, *, block_size, top_k, sink_blocks, scores=False, method=None, parts=None,
-                tile=None):  # fmt: skip
+def route_chunk(q, means, q_off, C, pos0, *, block_size, top_k, sink_blocks, scores=False, parts=None, tile=None):
     """Blocks (and optionally scores) for queries q[:, :, q_off : q_off + C] at positions pos0 ...
 
     Args:
         q: [B, Hq, Tq, D] fp16/bf16, last dim contiguous. means: [B, Hkv, n_full, D] fp32.
-        method: "extract" (default, TOPK_METHOD) keeps the top-k by repeated max extraction with a
-            running threshold; "sort" packs (score, id) into int64 keys and merges with tl.topk.
         parts: `split_means(means)` when already computed (bf16 CUDA queries: the gate then runs on
             tensor cores, above SPLIT_MIN_ROWS rows per KV head); made here otherwise. Other
             queries use fp32 FMA dots.
         tile: (rows, blocks, warps) of one program; default `route_tile`.
+        top_k, sink_blocks: already capped at the number of key blocks (`moba.types.clamp_blocks`,
+            as the launcher does): the kernel's register tile and sink loop are sized by them.
     Returns:
         (blocks int32 [B, Hq, C, top_k + sink_blocks], scores fp32 of that shape or None).
     """
@@ -230,7 +194,7 @@ def route_chunk(q, means, q_off, C, pos0, *, block_size, top_k, sink_blocks, sco
         q, means, parts, blk, scr, *q.stride()[:3], *means.stride()[:3], *parts.stride()[1:4], parts.stride(0),
         C, Hq, Hkv, G, q_off, pos0, n_full, block_size, sink_blocks,
         D=D, BM=bm, BN=bn, KP=kp, N_ROUTE=top_k - 1, SINKS=sink_blocks,
-        WRITE_SCORES=scores, SORT=(method or TOPK_METHOD) == "sort", SPLIT=split, num_warps=warps,
+        WRITE_SCORES=scores, SPLIT=split, num_warps=warps,
     )  # fmt: skip
     return blk, (scr if scores else None)
 
@@ -238,5 +202,5 @@ def route_chunk(q, means, q_off, C, pos0, *, block_size, top_k, sink_blocks, sco
 def route_tile(split: bool, D: int) -> tuple[int, int, int]:
     """(rows, blocks, warps) of a routing program: tensor-core tiles for the split gate, FMA tiles otherwise."""
     if split:
-        return (64, 64, 4)  # 55.7 ms at 1M on an H200; 64x128 57.8, 128x128/8 warps 60.3, 64x256 76.2
+        return (64, 64, 4)  # the fastest of the tiles timed at 1M on an H200 (bench/RESULTS.md)
     return (32, 64, 4) if D <= 128 else (16, 64, 4)

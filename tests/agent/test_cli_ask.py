@@ -73,31 +73,57 @@ def test_text_citations_are_kept_only_when_the_source_map_resolves_them(repo, fa
     assert all(c["path"] != "src/nope.py" and c["end_line"] < 999 for c in r["citations"])
 
 
+USAGE_LINES = ("Usage: ", "Try ", "")  # click prints these around a usage error (exit code 2)
+
+
+def assert_clean_error(r, code: int, *words: str, alone: bool = True) -> str:
+    """A clean CLI failure: exit `code` through SystemExit (an uncaught exception is not one), no
+    traceback, exactly one "Error:" line on stderr holding every word, and (alone) nothing else but
+    click's usage lines; returns the error line."""
+    assert r.exit_code == code, (r.exit_code, r.stderr)
+    assert isinstance(r.exception, SystemExit), repr(r.exception)
+    assert "Traceback" not in r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("Error")]
+    assert len(errors) == 1, r.stderr
+    assert all(w in errors[0] for w in words), (errors[0], words)
+    if alone:
+        assert r.stdout == ""
+        others = [line for line in lines if line not in errors]
+        assert all(line.startswith(USAGE_LINES) for line in others) if code == 2 else others == [], r.stderr
+    return errors[0]
+
+
 @pytest.mark.parametrize(
-    "args,message",
+    "args,code,words",
     [
-        (["ask", "missing-dir", "q?"], "path not found: missing-dir"),
-        (["ask", "{repo}", "  "], "the question is empty"),
-        (["ask", "{repo}"], "give PATH... and then a QUESTION"),
-        (["ask", "{repo}", "q?", "--top-k", "0"], "--top-k"),
-        (["ask", "{repo}", "q?", "--dense-layers", "a,b"], "dense layers must be"),
-        (["ask", "{repo}", "q?", "--max-tokens", "20", "--no-drop"], "max_tokens"),
+        (["ask", "missing-dir", "q?"], 1, ["path not found: missing-dir", "check the spelling"]),
+        (["ask", "{repo}", "  "], 2, ["the question is empty", 'moba-ask PATH "your question"']),
+        (["ask", "{repo}"], 2, ["give PATH... and then a QUESTION", "moba-ask ."]),
+        (["ask", "{repo}", "q?", "--top-k", "0"], 2, ["--top-k", "0"]),
+        (["ask", "{repo}", "q?", "--dense-layers", "a,b"], 2, ["dense layers must be", "'a,b'"]),
+        (["ask", "{repo}", "q?", "--max-tokens", "20", "--no-drop"], 1, ["over --max-tokens 20", "--no-drop"]),
     ],
 )
-def test_bad_inputs_fail_with_one_line_and_no_traceback(repo, fake, args, message):
+def test_bad_inputs_fail_with_one_line_and_no_traceback(repo, fake, args, code, words):
     r = CliRunner().invoke(cli, [a.format(repo=repo) for a in args])
-    assert r.exit_code != 0
-    err = r.stderr.strip().splitlines()
-    assert message in r.stderr and "Traceback" not in r.stderr and r.exception is None or isinstance(
-        r.exception, SystemExit)
-    assert len([line for line in err if line.startswith("Error")]) == 1
+    assert_clean_error(r, code, *words)
+
+
+def test_clean_error_check_refuses_a_crash(repo, fake, monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("agent.commands.common.load_runtime", crash)
+    r = CliRunner().invoke(cli, ["ask", str(repo), "q?", "--no-cache"])
+    with pytest.raises(AssertionError):
+        assert_clean_error(r, 1, "boom")
 
 
 def test_unknown_model_is_a_one_line_error(repo, monkeypatch, tmp_path):
     monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(tmp_path))
     r = CliRunner().invoke(cli, ["ask", str(repo), "q?", "-m", "no-such-model"])
-    assert r.exit_code == 1 and "unknown model 'no-such-model'" in r.stderr
-    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert_clean_error(r, 1, "unknown model 'no-such-model'", "use a catalog name")
 
 
 def test_routing_map_html(repo, fake, tmp_path):
@@ -108,7 +134,7 @@ def test_routing_map_html(repo, fake, tmp_path):
     page = out.read_text()
     assert "src/settings.py:" in page and "layer 0" in page
     bad = CliRunner().invoke(cli, [str(repo), "q?", "--routing-map", str(tmp_path / "m.txt"), "--no-cache"])
-    assert bad.exit_code == 1 and ".html or .png" in bad.stderr
+    assert_clean_error(bad, 1, "--routing-map must end in .html or .png", alone=False)
 
 
 def test_chat_transcript_reuses_the_context(repo, fake):

@@ -10,6 +10,7 @@ from agent.decoder import StaticDecoder
 from agent.engine import Engine, Sampling, sample
 from agent.kvcache import CacheFullError, MobaCache
 from moba import block_means
+from moba.cachekeys import block_means_of
 from moba.hf import MobaParams, configure, dense_queries
 from tests.tinymodels import COMMON, tiny_model
 
@@ -103,7 +104,7 @@ def test_cache_writes_in_place_without_reallocation():
     buf = c.layers[0].keys.data_ptr()
     keys, _ = c.update(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), 0)
     assert c.layers[0].keys.data_ptr() == buf and keys.shape[2] == 15 and keys.data_ptr() == buf
-    assert keys._moba_block_means.shape == (1, 2, 1, 4)
+    assert block_means_of(keys).shape == (1, 2, 1, 4)
 
 
 class OpTrace(TorchDispatchMode):

@@ -5,7 +5,7 @@ import re
 import pytest
 
 import ingest
-from agent.evaluate.tasks import CLASS, CONSTANT, FUNCTION, TaskError, build_workspace, question_text
+from agent.evaluate.tasks import CALLER, CLASS, CONSTANT, FUNCTION, TaskError, build_workspace, question_text
 from tests.agent.fakes import fake_tokenizer
 from tests.ingest.fixtures import git_repo, snapshot, write_tree
 
@@ -30,6 +30,8 @@ def module(i: int) -> str:
     funcs.append("def helper(items):\n    return list(items)  # same name in every module: never a needle\n")
     funcs.append(f'def inline_{i}():\n    """A docstring sharing its line with code is never cut out."""; return {i}\n')
     funcs.append(f'def only_doc_{i}():\n    """This function has only its docstring and nothing else at all."""\n')
+    if i:  # the one caller, in another module, of the previous module's calc_*_average
+        funcs.append(f"def report_{i}(items):\n    return calc_{ADJ[i - 1]}_average(items)\n")
     head = f'"""Module {i} of the fixture."""\n\nLIMIT_{ADJ[i].upper()} = {i * 10}\n\n\n'
     cls = f'class Engine{ADJ[i].title()}:\n    """An engine for module {i}."""\n\n    size = {i}\n'
     return head + "\n\n".join(funcs) + "\n\n" + cls
@@ -65,19 +67,19 @@ def test_same_seed_same_tasks_and_other_seeds_choose_others(repo, tok):
     assert len(picks) > 1
 
 
-def test_two_thirds_needles_one_third_definitions_sorted_by_depth(repo, tok):
+def test_half_needles_a_quarter_definitions_a_quarter_callers_sorted_by_depth(repo, tok):
     ws = build(repo, tok, n=9)
     kinds = [t.kind for t in ws.tasks]
-    assert kinds.count(FUNCTION) == 6 and len(kinds) == 9
-    assert set(kinds) - {FUNCTION} <= {CLASS, CONSTANT}
+    assert kinds.count(FUNCTION) == 5 and kinds.count(CALLER) == 2 and len(kinds) == 9
+    assert set(kinds) - {FUNCTION, CALLER} <= {CLASS, CONSTANT}
     depths = [t.depth for t in ws.tasks]
     assert depths == sorted(depths) and all(0 < d < 1 for d in depths)
-    assert [t.id for t in ws.tasks][:2] == ["01-" + {FUNCTION: "fn", CLASS: "cls", CONSTANT: "const"}[kinds[0]],
-                                            "02-" + {FUNCTION: "fn", CLASS: "cls", CONSTANT: "const"}[kinds[1]]]
+    prefix = {FUNCTION: "fn", CLASS: "cls", CONSTANT: "const", CALLER: "call"}
+    assert [t.id for t in ws.tasks][:2] == ["01-" + prefix[kinds[0]], "02-" + prefix[kinds[1]]]
 
 
 def test_needles_are_spread_one_per_module(repo, tok):
-    ws = build(repo, tok, n=9)
+    ws = build(repo, tok, n=12)
     paths = [t.path for t in ws.tasks if t.kind == FUNCTION]
     assert sorted(paths) == [f"pkg/mod{i}.py" for i in range(6)]  # 6 equal slices over 6 equal modules
 
@@ -94,6 +96,8 @@ def test_gold_lines_point_at_the_function_in_the_packed_copy(repo, tok):
             assert lines[t.end_line - 1].strip() == "return total, marker"
             assert f"def {t.name}(" in shown and t.code == "\n".join(lines[t.start_line - 1: t.end_line])
             assert re.search(rf"^\s*{t.start_line}\| def {t.name}\(", ws.pack.text, re.M)
+        elif t.kind == CALLER:
+            assert lines[t.start_line - 1].startswith(f"def {t.name}(") and "_average(items)" in lines[t.end_line - 1]
         elif t.kind == CLASS:
             assert t.start_line == t.end_line and f"class {t.name}:" in shown
         else:
@@ -162,3 +166,14 @@ def test_files_are_taken_in_pack_order_and_a_file_too_big_is_skipped(tmp_path, t
     assert [t.kind for t in few.tasks].count(FUNCTION) == 5 and len(few.tasks) == 7  # definitions fill in
     with pytest.raises(TaskError, match="--context-tokens 50 is too small for any file"):
         build(root, tok, context=50)
+
+
+def test_caller_tasks_name_the_one_caller_in_another_file_and_the_question_hides_it(repo, tok):
+    ws = build(repo, tok, n=200)
+    callers = {t.name: t for t in ws.tasks if t.kind == CALLER}
+    assert set(callers) == {f"report_{i}" for i in range(1, 6)}  # calls within a module never qualify
+    for i in range(1, 6):
+        t = callers[f"report_{i}"]
+        assert t.path == f"pkg/mod{i}.py" and t.question.startswith(f"Which function calls `calc_{ADJ[i - 1]}_average`?")
+        assert f"report_{i}" not in t.question and t.end_line == t.start_line + 1
+        assert t.code == ws.texts[t.path].split("\n")[t.start_line - 1] + "\n" + f"    return calc_{ADJ[i - 1]}_average(items)"

@@ -61,3 +61,52 @@ def test_entry_format_roundtrip(tmp_path):
     assert cache.get("z" * 40) is None
     assert not list(tmp_path.rglob(".tmp-*"))
     assert tokens.TokenCache(None, "abc").get("k" * 40) is None
+
+
+def _fill(cache, n, size=64, start=0):
+    import numpy as np
+
+    for i in range(start, start + n):
+        cache.put(f"{i:040x}", np.arange(size, dtype=np.uint32), np.zeros(2, np.uint32))
+
+
+def test_the_cache_is_capped_and_keeps_the_recently_used(tmp_path):
+    import os
+    import time
+
+    one = tokens.TokenCache(tmp_path / "t", "abc")
+    _fill(one, 1)
+    entry_size = tokens.usage(tmp_path / "t")[1]
+    cache = tokens.TokenCache(tmp_path / "t", "abc", max_bytes=10 * entry_size)
+    _fill(cache, 9, start=1)
+    old = time.time() - 1000
+    for p in (tmp_path / "t").rglob("*.bin"):
+        os.utime(p, (old, old))
+    assert cache.get(f"{3:040x}") is not None  # a hit makes entry 3 recent
+    _fill(cache, 5, start=10)
+    n, size = tokens.usage(tmp_path / "t")
+    assert size <= 10 * entry_size and n < 14
+    assert cache.get(f"{3:040x}") is not None and cache.get(f"{14:040x}") is not None
+    assert cache.get(f"{0:040x}") is None
+
+
+def test_clear_removes_entries_and_dead_writers_temps_only(tmp_path):
+    import subprocess
+
+    cache = tokens.TokenCache(tmp_path / "t", "abc")
+    _fill(cache, 3)
+    shard = next((tmp_path / "t").rglob("*.bin")).parent
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (shard / f".tmp-p{dead.pid}-x").write_bytes(b"d" * 10)
+    import os
+
+    (shard / f".tmp-p{os.getpid()}-y").write_bytes(b"l" * 10)
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"o" * 50)
+    (shard / ("f" * 40 + ".bin")).symlink_to(outside)
+    n, size = tokens.usage(tmp_path / "t")
+    assert n == 3
+    assert tokens.clear(tmp_path / "t") == (3, size)
+    left = sorted(p.name for p in (tmp_path / "t").rglob("*") if p.is_file() or p.is_symlink())
+    assert left == [f".tmp-p{os.getpid()}-y", "f" * 40 + ".bin"] and outside.read_bytes() == b"o" * 50

@@ -138,7 +138,7 @@ def test_symlinks(tmp_path, run_pack, use_git):
     assert "s = 1" not in p.text
 
 
-def test_secrets_are_skipped_with_reasons(tmp_path, run_pack):
+def test_secret_files_are_skipped_and_secret_values_redacted(tmp_path, run_pack):
     header = "PRIVATE KEY-----"  # split so that this test file itself is not flagged as a secret
     key = f"-----BEGIN RSA {header}\nMIIEowIBAAKCAQEA\n-----END RSA {header}\n"
     write_tree(tmp_path, {
@@ -148,10 +148,11 @@ def test_secrets_are_skipped_with_reasons(tmp_path, run_pack):
     })
     p = run_pack(tmp_path)
     reasons = skipped(p)
-    assert paths(p) == {".env.example", "ok.py"}
+    assert paths(p) == {".env.example", "ok.py", "settings.py"}
     for name in (".env", "config/.env.production", "keys/id_rsa", "deploy/server.pem"):
         assert reasons[name].startswith("looks like a secret (file name)")
-    assert reasons["settings.py"].startswith("looks like a secret (private key)")
+    assert "1| KEY = " + "'" * 3 + "[REDACTED:private-key]\n2|\n3|\n4| " in p.text
+    assert p.redacted == (("settings.py", 1, "private-key"),)
     assert "PRIVATE KEY" not in p.text
     assert {".env", "settings.py", "keys/id_rsa"} <= paths(run_pack(tmp_path, allow_secrets=True))
 

@@ -37,7 +37,7 @@ def run_interpreted(script: str, *args: str):
     its last stdout line prints. Fails the test with the child's stderr when it exits non-zero."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     cmd = [sys.executable, "-c", _INTERPRETER_PRELUDE + textwrap.dedent(script), *args]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -68,28 +68,47 @@ def block_local_reference(q, k, v, block_size, scale=None):
     return s.softmax(-1) @ vf
 
 
-def csr_mismatches(got: dict, ref: dict, S: int, exact: bool = False) -> list[str]:
-    """What differs between two `build_tiles` CSRs of one blocks table with S slots ([] = nothing).
-
-    Counts, offsets and tiles must be equal and every key must hold the same entries; exact: in the
-    same order, otherwise only its own-block entries (slot 0) first, in ref's order (ref stable).
-    """
+def csr_mismatches(got: dict, ref: dict) -> list[str]:
+    """What differs between two `build_tiles` CSRs of one blocks table ([] = nothing): counts, offsets,
+    tiles and the entries of every key in the same order."""
     bad = [k for k in ("key_cnt", "key_off", "tile_end", "tile_key") if not torch.equal(got[k].long(), ref[k].long())]
     if bad:
         return bad
-    cnt, n = ref["key_cnt"].long(), int(ref["key_cnt"].sum())
-    a, r = got["perm"][:n].long(), ref["perm"][:n].long()
-    if exact:
-        return [] if torch.equal(a, r) else ["perm order"]
-    seg = torch.repeat_interleave(torch.arange(len(cnt), device=cnt.device), cnt)
-    if not torch.equal(_sorted_per_key(a, seg), _sorted_per_key(r, seg)):
-        return ["perm sets"]
-    own = r % S == 0
-    at = torch.arange(n, device=cnt.device) - ref["key_off"].long()[seg]
-    head = at < torch.bincount(seg[own], minlength=len(cnt))[seg]
-    return [] if torch.equal(a[head], r[own]) else ["own order"]
+    n = int(ref["key_cnt"].sum())
+    return [] if torch.equal(got["perm"][:n].long(), ref["perm"][:n].long()) else ["perm order"]
 
 
-def _sorted_per_key(x, seg):
-    order = x.argsort(stable=True)
-    return x[order][seg[order].argsort(stable=True)]
+def spy(monkeypatch, module, name: str) -> list:
+    """Wrap module.name so that every call is appended (args, kwargs) to the returned list."""
+    real, calls = getattr(module, name), []
+
+    def wrapped(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return calls
+
+
+def force_sparse(monkeypatch) -> list:
+    """Take away the dense shortcuts of moba.ops and moba.portable (covers_all_blocks -> causal SDPA),
+    so that every MoBA call runs the sparse code; a dense_attention call there fails the test.
+    Returns the calls of portable's sparse chunk attention (`_attend_chunk`), to assert that it ran."""
+    import moba.ops
+    import moba.portable
+
+    def no_dense(*args, **kwargs):
+        raise AssertionError("the dense shortcut ran where the sparse path was forced")
+
+    for mod in (moba.ops, moba.portable):
+        monkeypatch.setattr(mod, "covers_all_blocks", lambda *args: False)
+        monkeypatch.setattr(mod, "dense_attention", no_dense)
+    return spy(monkeypatch, moba.portable, "_attend_chunk")
+
+
+def attended_blocks(routing, n_blocks: int) -> torch.Tensor:
+    """bool [B, Hq, Tq, n_blocks]: the blocks a `moba.Routing` names for each query (-1 slots ignored)."""
+    b = routing.blocks.long()
+    hit = torch.zeros(*b.shape[:3], n_blocks + 1, dtype=torch.bool)
+    hit.scatter_(-1, torch.where(b >= 0, b, n_blocks).cpu(), True)
+    return hit[..., :n_blocks]

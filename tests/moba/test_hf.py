@@ -5,7 +5,10 @@ import torch
 from transformers import DynamicCache
 
 import moba
+import moba.ops
+import moba.portable
 from moba.hf import MobaParams, configure, dense_queries, moba_params
+from tests.moba.mobatest import attended_blocks, force_sparse, spy
 from tests.tinymodels import tiny_model
 
 ARCHS = ["llama", "qwen2", "gemma3"]
@@ -17,16 +20,31 @@ def logits(model, ids):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_moba_covering_all_blocks_equals_sdpa(arch):
+def test_moba_covering_all_blocks_equals_sdpa_on_the_sparse_path(monkeypatch, arch):
     ids = torch.randint(0, 97, (1, 180))
     ref = tiny_model(arch, "sdpa")
     m = tiny_model(arch, "moba", block_size=16, top_k=64)
-    assert torch.allclose(logits(m, ids), logits(ref, ids), atol=1e-5)
-    with moba.capture_routing(moba.RoutingRecorder()):  # forces the sparse code path
-        assert torch.allclose(logits(m, ids), logits(ref, ids), atol=1e-4)
+    sparse_chunks = force_sparse(monkeypatch)
+    assert torch.allclose(logits(m, ids), logits(ref, ids), atol=1e-4)
+    assert sparse_chunks
+    del sparse_chunks[:]
     gen_ref = ref.generate(ids, max_new_tokens=8, do_sample=False)
     gen = m.generate(ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(gen, gen_ref)
+    assert len(sparse_chunks) >= 8  # the prefill and every decode step
+
+
+def test_covering_top_k_takes_the_dense_shortcut_and_equals_the_sparse_path(monkeypatch):
+    ids = torch.randint(0, 97, (1, 180))
+    m = tiny_model("llama", "moba", block_size=16, top_k=64)
+    with pytest.MonkeyPatch.context() as mp:
+        force_sparse(mp)
+        sparse = logits(m, ids)
+    dense_calls = spy(monkeypatch, moba.ops, "dense_attention")
+    sparse_chunks = spy(monkeypatch, moba.portable, "_attend_chunk")
+    out = logits(m, ids)
+    assert len(dense_calls) == m.config.num_hidden_layers and not sparse_chunks
+    assert torch.allclose(out, sparse, atol=1e-4)
 
 
 def test_gemma_sliding_window_is_kept():
@@ -73,19 +91,37 @@ def test_params_come_from_config_with_defaults():
     assert (p.block_size, p.top_k, p.sink_blocks, p.dense_layers, p.qa_policy) == (32, 4, 0, (-1,), "dense")
 
 
+def _routed(model, ids, forced: bool) -> list:
+    """Every layer record of one forward run of model (inside `dense_queries()` when forced)."""
+    rec = moba.RoutingRecorder()
+    with moba.capture_routing(rec), dense_queries(forced):
+        logits(model, ids)
+    return [r for recs in rec.records.values() for r in recs]
+
+
 def test_dense_layers_and_qa_policy():
     ids = torch.randint(0, 97, (1, 150))
+    ref = logits(tiny_model("qwen2", "sdpa"), ids)  # the independent dense reference
     sparse = tiny_model("qwen2", "moba", block_size=8, top_k=2)
+    sparse_out = logits(sparse, ids)
+    assert (sparse_out - ref).abs().max() > 1e-3
     dense_last = tiny_model("qwen2", "moba", block_size=8, top_k=2, dense_layers=[-1])
+    assert not torch.allclose(logits(dense_last, ids), sparse_out, atol=1e-4)
+    assert not torch.allclose(logits(dense_last, ids), ref, atol=1e-4)
     all_dense = tiny_model("qwen2", "moba", block_size=8, top_k=2, dense_layers=[0, 1, 2])
-    ref = logits(tiny_model("qwen2", "sdpa"), ids)
     assert torch.allclose(logits(all_dense, ids), ref, atol=1e-5)
-    assert not torch.allclose(logits(dense_last, ids), logits(sparse, ids), atol=1e-4)
     policy = tiny_model("qwen2", "moba", block_size=8, top_k=2, qa_policy="dense")
+    assert torch.allclose(logits(policy, ids), sparse_out)  # outside dense_queries: MoBA
     with dense_queries():
         assert torch.allclose(logits(policy, ids), ref, atol=1e-5)
-    with dense_queries():
-        assert torch.allclose(logits(sparse, ids), logits(tiny_model("qwen2", "moba", block_size=8, top_k=2), ids))
+        assert torch.equal(logits(sparse, ids), sparse_out)  # the "moba" policy stays sparse inside
+    assert all(r.dense for r in _routed(policy, ids, forced=True))
+    records = _routed(sparse, ids, forced=True)
+    assert records and not any(r.dense for r in records)
+    own = torch.arange(150) // 8
+    for r in records:  # own block + top_k - 1 routed + 1 sink, out of own + 1 causal blocks
+        n = attended_blocks(moba.Routing(r.blocks[None], r.scores[None]), 19).sum(-1)[0]
+        assert (n <= 3).all() and (n[:, own >= 3] == 3).all()
 
 
 def test_recorder_shapes_and_ranges():

@@ -1,14 +1,20 @@
 """The Gluon tile kernel for Hopper (moba/triton/hopper.py) against the Triton tile kernel and the portable path.
 
-It runs only on CUDA devices of compute capability 9 (Gluon has no CPU interpreter); elsewhere the
-launcher never picks it, which `test_hopper_ok_refuses_other_inputs` checks on any machine. Outputs
-are NaN-poisoned (conftest.py), so an entry the kernel fails to write fails the comparison.
+The kernel runs only on CUDA devices of compute capability 9 (Gluon has no CPU interpreter). Its host side
+runs on any machine: `hopper_ok` (on CPU tensors that report CUDA, and a patched device capability), the
+launcher's kernel choice, the launch arguments (the kernel replaced by a recorder) and the tile geometry
+against Hopper's shared memory and registers. Outputs are NaN-poisoned (conftest.py), so an entry the
+kernel fails to write fails the comparison.
 """
+
+import functools
+import math
 
 import pytest
 import torch
 
 from moba import portable_moba_attention
+from moba.routing import block_means, select_blocks
 from tests.moba.mobatest import make_qkv, rel_err
 
 pytest.importorskip("triton.experimental.gluon", reason="needs Triton with Gluon")
@@ -35,7 +41,149 @@ def test_hopper_ok_refuses_other_inputs():
     assert not hopper_ok(q, k, v, 1)  # not CUDA
 
 
-def _partials(case, dtype, async_q=False):
+class _CudaLike(torch.Tensor):
+    """A CPU tensor that reports is_cuda, so the host-side checks run past the device test on any machine."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def _on_cuda(t: torch.Tensor) -> torch.Tensor:
+    return t.as_subclass(_CudaLike)
+
+
+@pytest.fixture
+def capability(monkeypatch):
+    """The compute capability major that torch.cuda reports (9 unless a test sets cap[0])."""
+    cap = [9]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (cap[0], 0))
+    return cap
+
+
+def _misaligned_base(*shape):
+    flat = torch.randn(math.prod(shape) + 1, dtype=torch.bfloat16)
+    return flat[1:].view(*shape)  # data_ptr 2 bytes past a 16-byte boundary
+
+
+ALIGNMENT = {
+    "aligned": lambda: torch.randn(1, 2, 64, 128, dtype=torch.bfloat16),
+    "base-off-16B": lambda: _misaligned_base(1, 2, 64, 128),
+    "rows-of-130": lambda: torch.randn(1, 2, 64, 130, dtype=torch.bfloat16)[..., :128],  # 260-byte rows
+    "d-not-innermost": lambda: torch.randn(1, 2, 128, 64, dtype=torch.bfloat16).transpose(2, 3),
+}
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("layout", list(ALIGNMENT))
+def test_hopper_ok_needs_16_byte_aligned_rows(capability, layout, which):
+    from moba.triton.hopper import hopper_ok
+
+    qkv = {n: _on_cuda(torch.randn(1, 2, 64, 128, dtype=torch.bfloat16)) for n in "qkv"}
+    qkv[which] = _on_cuda(ALIGNMENT[layout]())
+    assert hopper_ok(qkv["q"], qkv["k"], qkv["v"], 1) == (layout == "aligned")
+
+
+@pytest.mark.parametrize(
+    "D,dtype,nsplit,major,ok",
+    [
+        (128, torch.bfloat16, 1, 9, True),
+        (64, torch.float16, 1, 9, True),
+        (256, torch.bfloat16, 1, 9, False),  # no room for a 256-wide tile: the Triton kernel
+        (128, torch.bfloat16, 2, 9, False),  # one key split only
+        (128, torch.bfloat16, 1, 8, False),  # Ampere
+        (128, torch.bfloat16, 1, 10, False),  # Blackwell: wgmma is sm_90 only
+    ],
+)
+def test_hopper_ok_decides_by_head_dim_splits_and_capability(capability, D, dtype, nsplit, major, ok):
+    from moba.triton.hopper import hopper_ok
+
+    capability[0] = major
+    q, k, v = (_on_cuda(t) for t in make_qkv(1, 4, 2, 64, 64, D, dtype=dtype))
+    assert hopper_ok(q, k, v, nsplit) == ok
+
+
+@pytest.mark.parametrize("D,major,use,gluon", [(128, 9, True, True), (64, 9, True, True), (128, 9, False, False),
+                                               (128, 8, True, False), (256, 9, True, False)])  # fmt: skip
+def test_launcher_takes_the_gluon_kernel_only_where_hopper_ok(monkeypatch, capability, D, major, use, gluon):
+    import moba.triton.launcher as launcher
+    from moba.triton import hopper
+    from moba.triton.attention import attend_tiles
+
+    capability[0] = major
+    if not use:
+        monkeypatch.setattr(launcher, "_hopper_module", lambda: None)  # as where Triton has no Gluon
+    q, k, v = (_on_cuda(t) for t in make_qkv(1, 4, 2, 64, 64, D, dtype=torch.bfloat16))
+    bm, attend = launcher.tile_kernel(q, k, v, 1)
+    if gluon:
+        assert (bm, attend) == (hopper.BM, hopper.attend_tiles_hopper)  # the CSR is cut to the Gluon tile
+    else:
+        cfg = launcher.TILE_CONFIGS[D]
+        assert bm == cfg["BM"] and isinstance(attend, functools.partial) and attend.func is attend_tiles
+        assert attend.keywords == dict(nsplit=1, cfg=cfg)
+
+
+class _Recorder:
+    """Stands in for the Gluon kernel: kernel[grid](*args, **kwargs) records its launch."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
+
+
+def test_gluon_launch_arguments(monkeypatch):
+    from moba.triton import hopper
+    from moba.triton.csr import build_tiles
+
+    rec = _Recorder()
+    monkeypatch.setattr(hopper, "_ws_tile_kernel", rec)
+    B, Hq, Hkv, Tq, Tk, D, bs, top_k = 2, 4, 2, 90, 300, 128, 64, 3
+    q = torch.randn(B, 2 * Hq, Tq, D, dtype=torch.bfloat16)[:, :Hq]  # a head slice: strides not of a dense q
+    k, v = (torch.randn(B, Hkv, Tk, D, dtype=torch.bfloat16) for _ in range(2))
+    pos0, c0, C = Tk - Tq, 30, 60  # the second chunk of the queries
+    sel, _ = select_blocks(q[:, :, c0:], block_means(k, bs), pos0 + c0, block_size=bs, top_k=top_k, sink_blocks=0)
+    own = (torch.arange(pos0 + c0, Tk) // bs).expand(B, Hq, C)[..., None]
+    blk = torch.cat([own, sel], -1).to(torch.int32)
+    nb = -(-Tk // bs)
+    tiles = build_tiles(blk, Hkv, nb, hopper.BM, method="sort")
+    op, lsep = torch.empty(blk.numel(), D, dtype=q.dtype), torch.empty(blk.numel())
+    hopper.attend_tiles_hopper(q, k, v, blk, tiles, op, lsep, q_off=c0, pos0=pos0 + c0, block_size=bs, scale=0.1)
+    ((grid, args, kw),) = rec.launches
+    assert grid == (tiles["n_tiles"],)
+    assert args[0] is q and args[3] is op and args[4] is lsep
+    assert all(a is tiles[n] for a, n in zip(args[5:9], ("perm", "tile_key", "tile_row", "tile_rows")))
+    assert tuple(args[9:12]) == q.stride()[:3]
+    assert tuple(args[12:22]) == (C, Hq, top_k, Hkv, nb, tiles["n_keys"], c0, pos0 + c0, Tk, bs)
+    assert args[22] == pytest.approx(0.1 / math.log(2), rel=1e-12)  # the kernel works in base 2
+    for desc, t in zip(args[1:3], (k, v)):
+        assert desc.base is t and list(desc.shape) == list(t.shape) and list(desc.strides) == list(t.stride())
+        assert list(desc.block_shape) == [1, 1, hopper.BN, D]
+    assert kw == dict(D=D, NS=hopper.STAGES, CONSUMER_REGS=hopper.REGS[0],
+                      PRODUCER_REGS=hopper.REGS[1], num_warps=4, maxnreg=hopper.MAXNREG)  # fmt: skip
+
+
+SMEM_PER_BLOCK = 227 * 1024  # sm_90 opt-in shared memory per thread block
+REGS_PER_SM = 65536
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_tile_geometry_fits_hopper(D):
+    from moba.triton import hopper
+
+    assert hopper.BM == 2 * hopper.HALF.value  # a tile is the two consumer warpgroups' halves
+    ring = hopper.STAGES * 2 * hopper.BN * D * 2  # K and V slots, 2-byte elements
+    barriers = (2 * hopper.STAGES + 1) * 8
+    assert ring + hopper.BM * D * 2 + barriers <= SMEM_PER_BLOCK
+    warps = 4 + 4 + 4  # default partition, consumer 1, producer warp rounded up to a warpgroup
+    assert hopper.MAXNREG % 8 == 0 and hopper.MAXNREG * warps * 32 <= REGS_PER_SM
+    consumer, producer = hopper.REGS
+    assert consumer % 8 == 0 and producer % 8 == 0 and 24 <= producer <= consumer <= 256
+    assert (2 * consumer + producer) * 128 <= REGS_PER_SM  # setmaxnreg is per warpgroup of 128 threads
+
+
+def _partials(case, dtype):
     """Partials of every query from the Gluon kernel and from the Triton kernel, and which entries are live."""
     from moba.triton import hopper
     from moba.triton.attention import attend_tiles
@@ -51,20 +199,19 @@ def _partials(case, dtype, async_q=False):
     assert hopper.hopper_ok(q, k, v, 1)
     res = []
     for bm, run in ((hopper.BM, hopper.attend_tiles_hopper), (TILE_CONFIGS[D]["BM"], attend_tiles)):
-        tiles = build_tiles(blk, Hkv, nb, bm, pos0=pos0, block_size=bs)
+        tiles = build_tiles(blk, Hkv, nb, bm)
         op, lsep = partials(blk, 1, D, dtype)
-        kw = dict(async_q=async_q) if run is hopper.attend_tiles_hopper else dict(nsplit=1, cfg=TILE_CONFIGS[D])
+        kw = {} if run is hopper.attend_tiles_hopper else dict(nsplit=1, cfg=TILE_CONFIGS[D])
         run(q, k, v, blk, tiles, op, lsep, q_off=0, pos0=pos0, block_size=bs, scale=D**-0.5, **kw)
         res.append((op, lsep))
     return res, blk.reshape(-1) >= 0
 
 
 @sm90
-@pytest.mark.parametrize("async_q", [False, True], ids=["q-loads", "q-cp-async"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_kernel_matches_triton_tile_kernel(case, dtype, async_q):
-    ((op, lse), (op_ref, lse_ref)), live = _partials(case, dtype, async_q)
+def test_kernel_matches_triton_tile_kernel(case, dtype):
+    ((op, lse), (op_ref, lse_ref)), live = _partials(case, dtype)
     assert not op[live].isnan().any() and not lse[live].isnan().any()
     assert rel_err(op[live], op_ref[live]) <= 1e-2
     assert torch.allclose(lse[live], lse_ref[live], atol=1e-3, rtol=0)
@@ -79,7 +226,8 @@ def test_launcher_picks_the_hopper_kernel(monkeypatch, use):
     calls = []
     real = hopper.attend_tiles_hopper
     monkeypatch.setattr(hopper, "attend_tiles_hopper", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    monkeypatch.setattr(launcher, "USE_HOPPER", use)
+    if not use:
+        monkeypatch.setattr(launcher, "_hopper_module", lambda: None)  # as where Triton has no Gluon
     q, k, v = make_qkv(1, 8, 2, 2000, 2000, 128, dtype=torch.bfloat16, device="cuda")
     args = dict(block_size=128, top_k=4)
     out = launcher.triton_moba_attention(q, k, v, **args)

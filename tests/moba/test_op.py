@@ -1,5 +1,7 @@
 """The portable path and the public op against the spec (moba/naive.py) and dense oracles."""
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +9,9 @@ import torch.nn.functional as F
 import moba
 import moba.portable
 from moba import moba_attention, naive_moba_attention, portable_moba_attention
-from tests.moba.mobatest import block_local_reference, make_qkv, rel_err
+from moba.ops import _LOADERS
+from moba.types import MobaKernel
+from tests.moba.mobatest import attended_blocks, block_local_reference, force_sparse, make_qkv, rel_err, spy
 
 # B, Hq, Hkv, Tq, Tk, D, block, top_k, sinks
 CASES = [
@@ -65,14 +69,47 @@ def test_grouped_tiles_without_cpu_flash_match_naive(monkeypatch, case):
     assert rel_err(flash, ref) <= 1e-5 and rel_err(plain, ref) <= 1e-5
 
 
+def _causal_sdpa(q, k, v):
+    Tq, Tk = q.shape[2], k.shape[2]
+    mask = torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq)  # bottom-right aligned causal
+    g = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=mask)
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 1 << 12], ids=["gathered", "grouped"])
 @pytest.mark.parametrize("Tq,Tk", [(256, 256), (40, 256), (1, 256)])
 @pytest.mark.parametrize("fn", [naive_moba_attention, portable_moba_attention, moba_attention])
-def test_top_k_covering_all_blocks_is_dense_causal(fn, Tq, Tk):
+def test_top_k_covering_all_blocks_is_dense_causal_on_the_sparse_path(monkeypatch, fn, Tq, Tk, budget):
+    """With the dense shortcuts taken away, the sparse code itself must give causal SDPA."""
+    monkeypatch.setattr(moba.portable, "_SCORE_BUDGET", budget)
+    sparse_chunks = force_sparse(monkeypatch)
     q, k, v = make_qkv(1, 4, 2, Tq, Tk, 64)
-    out = fn(q, k, v, block_size=32, top_k=8)
-    mask = torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq)  # bottom-right aligned causal
-    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask)
-    assert rel_err(out, ref) <= 1e-5
+    out, routing = fn(q, k, v, block_size=32, top_k=8, return_routing=True)
+    assert rel_err(out, _causal_sdpa(q, k, v)) <= 1e-5
+    assert fn is naive_moba_attention or sparse_chunks  # the naive spec has no shortcut to take
+    own = torch.arange(Tk - Tq, Tk) // 32
+    assert torch.equal(attended_blocks(routing, 8), (torch.arange(8) <= own[:, None]).expand(1, 4, Tq, 8))
+
+
+@pytest.mark.parametrize("top_k,sinks,taken", [(8, 0, True), (7, 1, True), (7, 0, False)])
+@pytest.mark.parametrize("Tq,Tk", [(256, 256), (40, 256), (1, 256)])
+def test_dense_shortcut_is_taken_exactly_when_it_covers_and_equals_sparse(monkeypatch, Tq, Tk, top_k, sinks, taken):
+    q, k, v = make_qkv(1, 4, 2, Tq, Tk, 64)
+    args = dict(block_size=32, top_k=top_k, sink_blocks=sinks)
+    with pytest.MonkeyPatch.context() as mp:
+        ran = force_sparse(mp)
+        sparse = portable_moba_attention(q, k, v, **args)
+        assert ran
+    op_dense = spy(monkeypatch, moba.ops, "dense_attention")
+    portable_dense = spy(monkeypatch, moba.portable, "dense_attention")
+    chunks = spy(monkeypatch, moba.portable, "_attend_chunk")
+    out = moba_attention(q, k, v, **args)
+    assert (len(op_dense), bool(chunks)) == ((1, False) if taken else (0, True))
+    assert rel_err(out, sparse) <= 1e-5
+    del chunks[:]
+    out = portable_moba_attention(q, k, v, **args)  # portable's own per-chunk shortcut
+    assert (bool(portable_dense), bool(chunks)) == (taken, not taken)
+    assert rel_err(out, sparse) <= 1e-5
 
 
 @pytest.mark.parametrize("fn", [naive_moba_attention, portable_moba_attention, moba_attention])
@@ -82,11 +119,24 @@ def test_top_k_one_is_block_local(fn):
     assert rel_err(out, block_local_reference(q, k, v, 40)) <= 1e-5
 
 
-def test_small_top_k_is_sparse():
-    q, k, v = make_qkv(1, 4, 2, 1024, 1024, 64)
-    out = moba_attention(q, k, v, block_size=64, top_k=2)
-    dense = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
-    assert rel_err(out, dense) > 0.05
+@pytest.mark.parametrize("fn", [naive_moba_attention, portable_moba_attention, moba_attention])
+def test_small_top_k_attends_fewer_keys_than_dense(monkeypatch, fn):
+    """Sparsity guard: each query attends its own block causally plus at most top_k - 1 routed and
+    the sink blocks, far fewer keys than dense, and the output is not dense attention."""
+    q, k, v = make_qkv(1, 4, 2, 512, 512, 64)
+    bs, top_k, sinks = 32, 3, 1
+    dense_calls = spy(monkeypatch, moba.ops, "dense_attention") + spy(monkeypatch, moba.portable, "dense_attention")
+    out, routing = fn(q, k, v, block_size=bs, top_k=top_k, sink_blocks=sinks, return_routing=True)
+    assert not dense_calls
+    pos = torch.arange(512)
+    own = pos // bs
+    hit = attended_blocks(routing, 16)
+    assert hit[..., pos, own].all()
+    n = hit.sum(-1)
+    assert (n <= top_k + sinks).all() and (n[..., own >= top_k + sinks] == top_k + sinks).all()
+    keys = (hit & (torch.arange(16) < own[:, None])).sum(-1) * bs + pos % bs + 1
+    assert keys.sum() < 0.5 * (pos + 1).sum() * 4
+    assert rel_err(out, _causal_sdpa(q, k, v)) > 0.05
 
 
 def test_scale_is_honoured():
@@ -132,3 +182,13 @@ def test_bad_inputs_raise(shapes, kwargs, match):
     for fn in (moba_attention, naive_moba_attention, portable_moba_attention):
         with pytest.raises(ValueError, match=match):
             fn(q, k, k, **args)
+
+
+def _params(fn) -> list[tuple]:
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values() if p.name != "self"]
+
+
+@pytest.mark.parametrize("name", ["op", *_LOADERS])
+def test_every_backend_takes_the_kernel_contract(name):
+    fn = moba_attention if name == "op" else _LOADERS[name]()
+    assert _params(fn) == _params(MobaKernel.__call__)

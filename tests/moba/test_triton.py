@@ -64,7 +64,8 @@ def _routing_agrees(r, rr) -> None:
 def test_kernels_match_portable(monkeypatch, case, dtype, hopper):
     import moba.triton.launcher as launcher
 
-    monkeypatch.setattr(launcher, "USE_HOPPER", hopper)  # auto: the Gluon tile kernel on Hopper
+    if not hopper:  # auto: the Gluon tile kernel on Hopper
+        monkeypatch.setattr(launcher, "_hopper_module", lambda: None)
     out, ref, r, rr = _run(case, dtype, "cuda")
     assert out.dtype == dtype and not out.isnan().any()
     assert rel_err(out, ref) <= 1e-2
@@ -86,12 +87,9 @@ def test_pool_kernel_matches_block_means(case):
     assert torch.allclose(pool_means(k, bs), block_means(k, bs), rtol=1e-5, atol=1e-6)
 
 
-ROUTE_CASES = [(c, "extract") for c in CASES] + [(c, "sort") for c in CASES[1:4]]
-
-
 @gpu
-@pytest.mark.parametrize("case,method", ROUTE_CASES, ids=[f"{IDS[CASES.index(c)]}-{m}" for c, m in ROUTE_CASES])
-def test_routing_kernel_matches_select_blocks(case, method):
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_routing_kernel_matches_select_blocks(case):
     from moba.triton.routing import route_chunk
 
     B, Hq, Hkv, Tq, Tk, D, bs, top_k, sinks = case
@@ -99,7 +97,7 @@ def test_routing_kernel_matches_select_blocks(case, method):
     means = block_means(k, bs)
     c0, C = Tq // 3, Tq - Tq // 3
     blk, scr = route_chunk(
-        q, means, c0, C, Tk - Tq + c0, block_size=bs, top_k=top_k, sink_blocks=sinks, scores=True, method=method
+        q, means, c0, C, Tk - Tq + c0, block_size=bs, top_k=top_k, sink_blocks=sinks, scores=True
     )
     sel, sc = select_blocks(q[:, :, c0:], means, Tk - Tq + c0, block_size=bs, top_k=top_k, sink_blocks=sinks)
     own = torch.arange(Tk - Tq + c0, Tk, device="cuda") // bs
@@ -126,27 +124,26 @@ def _csr_cases(device):
 
 
 def _csr_agrees(blk, Hkv, nb, pos0, bs) -> dict:
-    """What each Triton CSR method gets wrong against the stable torch.sort (empty lists: nothing)."""
+    """What the Triton counting sort gets wrong against the stable torch.sort (empty list: nothing)."""
     from moba.triton.csr import build_tiles
     from tests.moba.mobatest import csr_mismatches
 
-    got = {m: build_tiles(blk, Hkv, nb, 16, pos0=pos0, block_size=bs, method=m) for m in ("count", "ticket", "sort")}
-    S = blk.shape[-1]
-    return {m: csr_mismatches(got[m], got["sort"], S, exact=m == "count") for m in ("count", "ticket")}
+    got = {m: build_tiles(blk, Hkv, nb, 16, method=m) for m in ("count", "sort")}
+    return {"count": csr_mismatches(got["count"], got["sort"])}
 
 
 @gpu
 def test_csr_methods_match_stable_sort():
     for blk, Hkv, nb, pos0, bs in _csr_cases("cuda"):
-        assert _csr_agrees(blk, Hkv, nb, pos0, bs) == {"count": [], "ticket": []}
+        assert _csr_agrees(blk, Hkv, nb, pos0, bs) == {"count": []}
 
 
 @pytest.mark.parametrize("bm", [16, 128])
 def test_tiles_know_their_rows(bm):
     from moba.triton.csr import build_tiles
 
-    for blk, Hkv, nb, pos0, bs in _csr_cases("cpu"):
-        t = build_tiles(blk, Hkv, nb, bm, pos0=pos0, block_size=bs, method="sort")
+    for blk, Hkv, nb, _, _ in _csr_cases("cpu"):
+        t = build_tiles(blk, Hkv, nb, bm, method="sort")
         first, n_live = 0, int(t["tile_end"][-1])
         assert (t["tile_key"][n_live:] == t["n_keys"]).all()
         for key, (off, cnt) in enumerate(zip(t["key_off"].tolist(), t["key_cnt"].tolist())):
@@ -155,35 +152,6 @@ def test_tiles_know_their_rows(bm):
                 assert (t["tile_row"][first], t["tile_rows"][first]) == (off + r0, min(bm, cnt - r0))
                 first += 1
         assert first == n_live
-
-
-def test_csr_check_catches_wrong_lists():
-    from moba.triton.csr import build_tiles
-    from tests.moba.mobatest import csr_mismatches
-
-    blk, Hkv, nb, pos0, bs = list(_csr_cases("cpu"))[1]
-    ref = build_tiles(blk, Hkv, nb, 16, pos0=pos0, block_size=bs, method="sort")
-    S, perm, off, cnt = blk.shape[-1], ref["perm"], ref["key_off"], ref["key_cnt"]
-    n = int(cnt.sum())
-    seg = torch.repeat_interleave(torch.arange(len(cnt)), cnt)
-    routed = perm[:n] % S != 0
-    tie = torch.where(routed, n + torch.randperm(n), torch.arange(n))  # own entries in place, routed shuffled
-    by_tie = tie.argsort()
-    good = perm.clone()
-    good[:n] = perm[:n][by_tie][(seg[by_tie] * 2 + routed[by_tie]).argsort(stable=True)]
-    assert csr_mismatches(dict(ref, perm=good), ref, S) == []
-    assert csr_mismatches(dict(ref, perm=perm), ref, S) == ["own order"]  # stable order: own entries not first
-    key = pos0 // bs + 1  # batch 0, KV head 0: a block with own entries
-    at = int(off[key])
-    swapped = good.clone()
-    swapped[[at, at + 1]] = good[[at + 1, at]]
-    assert csr_mismatches(dict(ref, perm=swapped), ref, S) == ["own order"]
-    moved = good.clone()
-    moved[[at - 1, at]] = good[[at, at - 1]]  # one entry each into the neighbouring key
-    assert csr_mismatches(dict(ref, perm=moved), ref, S) == ["perm sets"]
-    too_many = cnt.clone()
-    too_many[key] += 1  # an own count one too high
-    assert csr_mismatches(dict(ref, key_cnt=too_many), ref, S) == ["key_cnt"]
 
 
 @gpu
@@ -244,8 +212,16 @@ INTERP_CASES = [CASES[0][:3] + (300, 300, 64, 32, 3, 0), (1, 7, 1, 63, 500, 64, 
 # partial-buffer budget of each case: the last one runs in chunks of 45 queries, each starting inside a block
 INTERP_BUDGETS = [1 << 30] * (len(INTERP_CASES) - 1) + [45 * 8 * 4 * (64 * 2 + 4)]
 
+# every Triton kernel the launcher and build_tiles launch on CPU, by module (the pool kernel is CUDA only)
+INTERP_KERNELS = {
+    "routing": ["_route_kernel"],
+    "attention": ["_tile_kernel"],
+    "decode": ["_decode_kernel", "_merge_kernel"],
+    "csr": ["_count_kernel", "_scatter_kernel"],
+}
+
 _INTERP_SCRIPT = """
-    import json, sys
+    import importlib, json, sys
     import torch
     empty = torch.empty
     def poisoned(*a, **kw):
@@ -255,36 +231,74 @@ _INTERP_SCRIPT = """
     from tests.moba.mobatest import make_qkv, rel_err, run_interpreted
     from moba import portable_moba_attention
     from moba.triton import launcher, triton_moba_attention
+
+    launches, fallbacks = {}, []
+    class Launches:  # counts kernel[grid](...) launches, then runs the kernel
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+        def __getitem__(self, grid):
+            launches[self.name] = launches.get(self.name, 0) + 1
+            return self.kernel[grid]
+    cases, budgets, kernels = json.loads(sys.argv[1])
+    for mod, names in kernels.items():
+        mod = importlib.import_module("moba.triton." + mod)
+        for name in names:
+            setattr(mod, name, Launches(name, getattr(mod, name)))
+    portable = launcher.portable_moba_attention
+    launcher.portable_moba_attention = lambda *a, **kw: fallbacks.append(1) or portable(*a, **kw)
+
     torch.manual_seed(0)
     res = []
-    for (B, Hq, Hkv, Tq, Tk, D, bs, k_, s_), budget in zip(*json.loads(sys.argv[1])):
+    for (B, Hq, Hkv, Tq, Tk, D, bs, k_, s_), budget in zip(cases, budgets):
         launcher.PARTIAL_BUDGET = budget
         q, k, v = make_qkv(B, Hq, Hkv, Tq, Tk, D, dtype=torch.float16)
         a = dict(block_size=bs, top_k=k_, sink_blocks=s_, return_routing=True)
+        launches.clear()
         out, r = triton_moba_attention(q, k, v, **a)
+        ran, fell_back = dict(launches), len(fallbacks)
         ref, rr = portable_moba_attention(q, k, v, **a)
         step = launcher.chunk_queries(B, Hq, Tq, k_ + s_, D, 2)
-        res.append([rel_err(out, ref), bool(out.isnan().any()), bool(torch.equal(r.blocks, rr.blocks)), -(-Tq // step)])
+        res.append([rel_err(out, ref), bool(out.isnan().any()), bool(torch.equal(r.blocks, rr.blocks)), step, ran,
+                    fell_back])
     from tests.moba.test_triton import _csr_agrees, _csr_cases
-    res.append([_csr_agrees(*c) for c in _csr_cases("cpu")])
+    launches.clear()
+    res.append([[_csr_agrees(*c) for c in _csr_cases("cpu")], dict(launches)])
     print(json.dumps(res))
 """
 
 
 @pytest.fixture(scope="module")
 def interpreted():
-    return run_interpreted(_INTERP_SCRIPT, json.dumps([INTERP_CASES, INTERP_BUDGETS]))
+    return run_interpreted(_INTERP_SCRIPT, json.dumps([INTERP_CASES, INTERP_BUDGETS, INTERP_KERNELS]))
 
 
 @pytest.mark.skipif(CUDA, reason="the CUDA tests run these kernels for real")
 @pytest.mark.parametrize("i", range(len(INTERP_CASES)), ids=["B{}-H{}x{}-T{}of{}-D{}-bs{}-k{}-s{}".format(*c) for c in INTERP_CASES])
 def test_kernels_under_interpreter(interpreted, i):
-    err, has_nan, same_blocks, chunks = interpreted[i]
+    from moba.triton.launcher import DECODE_ROWS
+
+    B, Hq, Hkv, Tq = INTERP_CASES[i][:4]
+    err, has_nan, same_blocks, step, launches, fallbacks = interpreted[i]
     assert not has_nan and same_blocks
     assert err <= 1e-2
-    assert (chunks > 1) == (INTERP_BUDGETS[i] < 1 << 30)
+    chunks = [min(step, Tq - c0) for c0 in range(0, Tq, step)]
+    assert (len(chunks) > 1) == (INTERP_BUDGETS[i] < 1 << 30)
+    decode = sum(C * Hq // Hkv <= DECODE_ROWS for C in chunks)  # the launcher's choice per chunk
+    assert fallbacks == 0  # the Triton kernels ran, not the portable path
+    assert launches["_route_kernel"] == launches["_merge_kernel"] == len(chunks)
+    assert launches.get("_decode_kernel", 0) == decode
+    assert launches.get("_tile_kernel", 0) == launches.get("_count_kernel", 0) == len(chunks) - decode
+
+
+@pytest.mark.skipif(CUDA, reason="the CUDA tests run these kernels for real")
+def test_interpreter_cases_cover_both_attention_kernels(interpreted):
+    ran = [interpreted[i][4] for i in range(len(INTERP_CASES))]
+    assert any("_decode_kernel" in r for r in ran) and any("_tile_kernel" in r for r in ran)
 
 
 @pytest.mark.skipif(CUDA, reason="the CUDA tests run these kernels for real")
 def test_csr_methods_under_interpreter(interpreted):
-    assert interpreted[-1] == [{"count": [], "ticket": []}] * 4
+    agree, launches = interpreted[-1]
+    assert agree == [{"count": []}] * 4
+    n = len(agree)  # "count": counting_sort; "sort" launches nothing
+    assert launches == {"_count_kernel": n, "_scatter_kernel": n}
