@@ -171,7 +171,7 @@ def _record(rec, layer, q_start, routing, query, key, block_size, scaling, dense
     w = None if rec.head_weights is None else rec.head_weights[layer].to(mass.device)
     rec.add_key_mass(mass.sum(0) if w is None else w @ mass)
     if rec.per_head:
-        means = getattr(key, "_moba_block_means", None)
+        means = block_means_of(key)
         n_full = key.shape[2] // block_size
         means = block_means(key, block_size)[0] if means is None else means[0, :, :n_full]
         rec.add_head_evidence(layer, block_sum(mass, block_size), gate_block_mass(q, positions, means, block_size, scale))
