@@ -74,12 +74,12 @@ def check_routing_map(path: str) -> None:
 
 def answer_json(answer, session) -> dict:
     """The --json document: answer, citations and stats. stats.notes: where the run differed from
-    what was asked (the lines stated on stderr)."""
+    what was asked (the lines stated on stderr); stats.citation_weights: "calibrated" or "uniform"."""
     c = session.config
     stats = dict(context_tokens=session.context_len, prefill_s=answer.stats["prefill_s"],
                  decode_tok_s=answer.stats["decode_tok_s"], cache_hit=answer.stats["cache_hit"],
                  model=session.runtime.name, attention=c.attention, block_size=c.block_size, top_k=c.top_k,
-                 notes=list(session.runtime.notes))
+                 notes=list(session.runtime.notes), citation_weights=session.stats.get("citation_weights"))
     return {"answer": answer.text, "citations": [x.to_dict() for x in answer.citations], "stats": stats}
 
 

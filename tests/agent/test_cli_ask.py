@@ -52,7 +52,7 @@ def test_json_schema_and_cache_hit_on_second_question(repo, fake):
     first = json.loads(run("ask", repo, "What is MAGIC_NUMBER?", "--json", "--block-size", "64").stdout)
     assert set(first) == {"answer", "citations", "stats"}
     assert set(first["stats"]) == {"context_tokens", "prefill_s", "decode_tok_s", "cache_hit", "model",
-                                   "attention", "block_size", "top_k"}
+                                   "attention", "block_size", "top_k", "notes", "citation_weights"}
     assert first["stats"]["cache_hit"] is False and first["stats"]["block_size"] == 64
     cite = first["citations"][0]
     assert set(cite) == {"path", "start_line", "end_line", "score", "source"}
