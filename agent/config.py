@@ -118,7 +118,8 @@ def _layer_item(item: str, text: str) -> list[int]:
     try:
         return [int(item)]
     except ValueError:
-        raise ValueError(f"dense layers must be comma-separated integers or lastN/firstN, got {text!r}") from None
+        raise ValueError("dense layers must be comma-separated integers or lastN/firstN ('0,5,-1', 'last3', "
+                         f"'first2,last2'), or 'none'; got {text!r}") from None
 
 
 def check_layers(layers: tuple[int, ...], num_layers: int) -> None:

