@@ -28,7 +28,9 @@ class AskConfig:
     dense_layers: layers that stay dense; negative indices count from the end. None: the device's
         default, DENSE_LAYERS_CPU (the last 3) on CPU and none on CUDA, where a dense layer at 1M
         tokens costs ~16 s of attention (made concrete by `resolve`).
-    qa_policy: attention for question and answer tokens: "moba" or "dense".
+    qa_policy: attention for question and answer tokens: "dense" (exact, the default: a few hundred
+        tokens, and the held-out evaluation answered 0.70 with it against 0.52 with "moba"; bench/RESULTS.md)
+        or "moba".
     local_blocks: blocks just before a query's own block that it always attends (they take routed slots).
     gate_subblocks: the gate scores a block by the best of this many equal parts' mean keys.
     max_tokens: context budget; files are dropped by priority to fit (0: the model's limit).
@@ -45,7 +47,7 @@ class AskConfig:
     top_k: int = 6
     sink_blocks: int = 1
     dense_layers: tuple[int, ...] | None = None
-    qa_policy: str = "moba"
+    qa_policy: str = "dense"
     local_blocks: int = 0
     gate_subblocks: int = 1
     max_tokens: int = 0

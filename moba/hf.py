@@ -53,7 +53,7 @@ class MobaParams:
     top_k: int = 6
     sink_blocks: int = 1
     dense_layers: tuple[int, ...] = ()
-    qa_policy: str = "moba"
+    qa_policy: str = "dense"
     local_blocks: int = 0
     gate_subblocks: int = 1
 

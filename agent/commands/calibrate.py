@@ -31,7 +31,7 @@ from agent.session import ANSWER_ROUTING_TOKENS
 @click.option("--block-size", type=click.IntRange(min=1), default=AskConfig.block_size, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=1), default=AskConfig.top_k, show_default=True)
 @click.option("--sink-blocks", type=click.IntRange(min=0), default=AskConfig.sink_blocks, show_default=True)
-@click.option("--qa-policy", type=click.Choice(["moba", "dense"]), default="moba", show_default=True)
+@click.option("--qa-policy", type=click.Choice(["moba", "dense"]), default=AskConfig.qa_policy, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=ANSWER_ROUTING_TOKENS, show_default=True,
               help="Answer tokens (their routing is evidence too, as in use).")
 @click.option("--top-heads", default=",".join(map(str, cal.TOP_HEADS)), show_default=True, metavar="LIST",

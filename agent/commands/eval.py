@@ -47,7 +47,7 @@ PROGRESS_EVERY_S = 10.0
               help="Blocks per query, own block included (base).")
 @click.option("--sink-blocks", type=click.IntRange(min=0), default=AskConfig.sink_blocks, show_default=True,
               help="Leading blocks every query attends (base).")
-@click.option("--qa-policy", type=click.Choice(["moba", "dense"]), default="moba", show_default=True,
+@click.option("--qa-policy", type=click.Choice(["moba", "dense"]), default=AskConfig.qa_policy, show_default=True,
               help="Attention for the question and answer tokens (base).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
               help="Longest answer; generation also stops at the end-of-turn token.")

@@ -77,7 +77,7 @@ def test_replaced_weights_at_the_same_path_miss(repo, tmp_path, weights):
 
 CHANGES = {
     "block_size": dict(block_size=128), "top_k": dict(top_k=3), "sink_blocks": dict(sink_blocks=0),
-    "dense_layers": dict(dense_layers=(0,)), "qa_policy": dict(qa_policy="dense"),
+    "dense_layers": dict(dense_layers=(0,)), "qa_policy": dict(qa_policy="moba"),
     "attention": dict(attention="dense"), "chunk_size": dict(chunk_size=64),
 }
 

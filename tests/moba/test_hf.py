@@ -102,7 +102,7 @@ def _routed(model, ids, forced: bool) -> list:
 def test_dense_layers_and_qa_policy():
     ids = torch.randint(0, 97, (1, 150))
     ref = logits(tiny_model("qwen2", "sdpa"), ids)  # the independent dense reference
-    sparse = tiny_model("qwen2", "moba", block_size=8, top_k=2)
+    sparse = tiny_model("qwen2", "moba", block_size=8, top_k=2, qa_policy="moba")
     sparse_out = logits(sparse, ids)
     assert (sparse_out - ref).abs().max() > 1e-3
     dense_last = tiny_model("qwen2", "moba", block_size=8, top_k=2, dense_layers=[-1])
