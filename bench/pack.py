@@ -66,11 +66,11 @@ def run(path: str, model: str, repeat: int) -> dict:
     cold, warm, cold_cpu, warm_cpu = [], [], [], []
     for _ in range(repeat):
         with tempfile.TemporaryDirectory() as cache:
-            os.environ["MOBA_ASK_CACHE_DIR"] = cache
-            w, c, p = timed_pack(path, tokenizer, ingest.PackOptions())
+            options = ingest.PackOptions(token_cache=Path(cache) / "tokens")
+            w, c, p = timed_pack(path, tokenizer, options)
             cold.append(w)
             cold_cpu.append(c)
-            w, c, p2 = timed_pack(path, tokenizer, ingest.PackOptions())
+            w, c, p2 = timed_pack(path, tokenizer, options)
             warm.append(w)
             warm_cpu.append(c)
             assert (p.ids == p2.ids).all()

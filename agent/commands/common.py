@@ -13,6 +13,7 @@ from collections.abc import Callable
 import click
 
 import ingest
+from agent.paths import tokens_dir
 from agent.config import AUTO_DENSE_FACTOR, AskConfig, SettingError, auto_threshold, parse_layers, resolve
 from agent.render import pack_notes
 
@@ -77,7 +78,7 @@ def make_config(kw: dict) -> tuple[AskConfig, ingest.PackOptions]:
             device=kw.pop("device"), chunk_size=kw.pop("chunk_size"), dtype=kw.pop("dtype"),
         )
         opts = ingest.PackOptions(include=kw.pop("include"), exclude=kw.pop("exclude"), drop=not kw.pop("no_drop"),
-                                  cache=not cfg.no_cache)
+                                  token_cache=None if cfg.no_cache else tokens_dir())
     except (ValueError, ingest.PackError) as e:
         raise click.UsageError(str(e)) from None
     return cfg, opts

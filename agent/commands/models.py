@@ -10,6 +10,7 @@ import json
 import click
 
 from agent import models as m
+from agent import paths
 
 
 @click.group("models")
@@ -92,7 +93,7 @@ def _print_table(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"models in {m.cache_dir() / 'models'}")
+    table = Table(title=f"models in {paths.models_dir()}")
     for col in ("name", "kind", "download", "local", "on disk", "path"):
         table.add_column(col, overflow="fold")
     for r in rows:

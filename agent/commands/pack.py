@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 import ingest
+from agent.paths import tokens_dir
 from agent.render import pack_notes
 from ingest.records import DEFAULT_MAX_FILE_BYTES, MAX_FILE_BYTES_LIMIT
 from ingest.render import display_path
@@ -69,7 +70,7 @@ def pack(paths, model, max_tokens, include, exclude, no_line_numbers, max_file_b
         max_tokens=max_tokens or None, include=include, exclude=(*exclude, *_self_exclude(paths, output)),
         line_numbers=not no_line_numbers, max_file_bytes=max_file_bytes, drop=not no_drop,
         allow_secrets=allow_secrets, default_excludes=not no_default_excludes,
-        notebook_outputs=notebook_outputs, cache=not no_cache)
+        notebook_outputs=notebook_outputs, token_cache=None if no_cache else tokens_dir())
     tokenizer = load_tokenizer(model)
     start = time.perf_counter()
     result = _run(paths, tokenizer, options, quiet)

@@ -33,7 +33,7 @@ def weights(tmp_path):
 
 def session(repo, store, rt=None, **cfg) -> Session:
     rt = rt or FakeRuntime(answers=["The value is 7391046."] * 3)
-    pack = ingest.pack([repo], rt.tokenizer, ingest.PackOptions(cache=False))
+    pack = ingest.pack([repo], rt.tokenizer, ingest.PackOptions())
     s = Session(rt, pack, AskConfig(**cfg), "ask", store)
     s.open()
     return s

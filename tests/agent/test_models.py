@@ -81,8 +81,6 @@ def test_cache_dir_from_env_or_default(monkeypatch, tmp_path):
     monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(tmp_path))
     assert m.model_dir(m.resolve("gemma3-270m")) == tmp_path / "models" / "gemma3-270m"
     assert m.model_dir(m.ModelRef("hub", "org/x")) == tmp_path / "models" / "org--x"
-    monkeypatch.delenv("MOBA_ASK_CACHE_DIR")
-    assert m.cache_dir() == Path.home() / ".cache" / "moba-ask"
 
 
 def test_default_model(monkeypatch):
