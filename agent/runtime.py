@@ -54,13 +54,13 @@ def moba_params(config: AskConfig, num_layers: int) -> MobaParams:
 def load_runtime(config: AskConfig) -> Runtime:
     """Load `config.model` (pulled on first use) and return a Runtime.
 
-    Raises agent.models.ModelError, DeviceError, or SettingError for dense layers outside the model.
+    Raises agent.catalog.ModelError, DeviceError, or SettingError for dense layers outside the model.
     """
-    from agent import models
+    from agent import catalog, load
 
     device = device_of(config)
-    name = config.model or models.default_model(device)
-    model, tok, info = models.load_model(name, device=device, dtype=config.dtype, attn_implementation="moba")
+    name = config.model or catalog.default_model(device)
+    model, tok, info = load.load_model(name, device=device, dtype=config.dtype, attn_implementation="moba")
     identity = fingerprint(info.path)
     check_layers(config.dense_layers or (), info.num_layers)
     configure(model.config, moba_params(config, info.num_layers))

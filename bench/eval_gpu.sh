@@ -27,7 +27,7 @@ if [ ! -d "$REPOS" ]; then
   mkdir -p "$REPOS" && tar xzf evalrepos.tgz -C "$REPOS"
 fi
 mkdir -p "$OUT"
-PATHS=$(python bench/eval_repos.py paths "$REPOS")
+PATHS=$(python -m bench.eval_repos paths "$REPOS")
 echo "$(date -u +%FT%TZ) start: $MOBA eval $PATHS --model $MODEL --context-tokens $SIZES --tasks $TASKS" \
   "--attention $CONFIGS --max-new-tokens $MAX_NEW --seed $SEED $*" >&2
 # shellcheck disable=SC2086  # PATHS is a list of directories without spaces

@@ -1,7 +1,7 @@
 """Merge `moba-ask eval -o` documents of one benchmark run split over several processes (by config,
 context size or repository, e.g. to fit a 10-minute limit per command) into one document and report.
 
-    python bench/eval_merge.py A.json B.json ... [-o merged.json] > merged.md
+    python -m bench.eval_merge A.json B.json ... [-o merged.json] > merged.md
 
 The documents must share the model and the seed, and a task present in two documents (same repository,
 size and id) must be the same question with the same gold; its per-config results are joined. Every

@@ -1,11 +1,11 @@
 """The repositories of the `moba-ask eval` benchmark: pinned PyPI sdists, extracted as plain
 directories (no git), and a table of their sizes and task candidates.
 
-    python bench/eval_repos.py fetch [DEST]    # download and extract every sdist (default /work/evalrepos)
-    python bench/eval_repos.py stats [DEST]    # markdown: pack tokens (smollm2-135m tokenizer) and the
+    python -m bench.eval_repos fetch [DEST]    # download and extract every sdist (default /work/evalrepos)
+    python -m bench.eval_repos stats [DEST]    # markdown: pack tokens (smollm2-135m tokenizer) and the
                                                # candidate tasks per family at 16K and 30K context tokens
-    python bench/eval_repos.py paths [DEST]    # the evaluation package directories, one line (for `moba-ask eval`)
-    python bench/eval_repos.py bundle [DEST]   # DEST/evalrepos.tgz: every package directory (about 1 MB), to
+    python -m bench.eval_repos paths [DEST]    # the evaluation package directories, one line (for `moba-ask eval`)
+    python -m bench.eval_repos bundle [DEST]   # DEST/evalrepos.tgz: every package directory (about 1 MB), to
                                                # carry to a machine without network (bench/eval_gpu.sh unpacks it)
 
 EVAL are the evaluation repositories, CALIBRATION the ones kept out of it (for calibrating citation
@@ -71,7 +71,7 @@ def _extract(archive: Path, out: Path) -> None:
 def stats(dest: Path) -> None:
     import ingest
     from agent.evaluate.tasks import CALLER, CLASS, CONSTANT, FUNCTION, build_workspace
-    from agent.models import load_tokenizer
+    from agent.load import load_tokenizer
 
     tok = load_tokenizer("smollm2-135m")
     head = "| set | name | version | kind | package | .py pack tokens |" + "".join(

@@ -93,7 +93,7 @@ def _counts(text: str) -> tuple[int, ...]:
 
 
 def _load(cfg: AskConfig, ui):
-    from agent.models import ModelError
+    from agent.catalog import ModelError
 
     try:
         with ui.status("loading model"):

@@ -13,8 +13,8 @@ from collections.abc import Callable
 import click
 
 import ingest
-from agent.paths import tokens_dir
 from agent.config import AUTO_DENSE_FACTOR, AskConfig, SettingError, auto_threshold, parse_layers, resolve
+from agent.paths import tokens_dir
 from agent.render import pack_notes
 
 RESERVE = 512  # tokens kept free beside the pack for the prompt frame and the question
@@ -119,8 +119,8 @@ def open_session(paths, cfg: AskConfig, opts: ingest.PackOptions, mode: str, qui
     """Load the model, pack the paths to fit, check the window and memory, prefill (or hit the context
     cache); return the Session. `question`: the first question (or summary focus), checked against the
     room the session leaves for it before anything is prefilled."""
+    from agent.catalog import ModelError
     from agent.engine import MemoryBudgetError
-    from agent.models import ModelError
     from agent.session import Session
 
     ui = Progress(quiet)

@@ -164,7 +164,7 @@ def _unit_meta(u: runner.Unit) -> dict:
 
 
 def _load(cfg: AskConfig, ui):
-    from agent.models import ModelError
+    from agent.catalog import ModelError
 
     try:
         with ui.status("loading model"):

@@ -109,7 +109,7 @@ def test_load_runtime_fingerprints_the_loaded_files(weights, monkeypatch):
     info = types.SimpleNamespace(path=weights, num_layers=2, name="m", has_chat_template=True,
                                  max_position_embeddings=4096)
     model = types.SimpleNamespace(config=types.SimpleNamespace())
-    monkeypatch.setattr("agent.models.load_model", lambda *a, **k: (model, tok, info))
+    monkeypatch.setattr("agent.load.load_model", lambda *a, **k: (model, tok, info))
     rt = runtime_mod.load_runtime(AskConfig(model="m", device="cpu"))
     assert rt.identity == fingerprint(weights)
     (weights / "config.json").write_text('{"layers": 3}')
