@@ -211,7 +211,7 @@ def test_no_cache_ask_writes_no_token_cache(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(tmp_path / "cache"))
     rt = FakeRuntime(answers=["ok", "ok"], block_size=64)
-    monkeypatch.setattr("agent.commands.common.load_runtime", lambda cfg: rt)
+    monkeypatch.setattr("agent.runtime.load_runtime", lambda cfg: rt)
     repo = write_tree(tmp_path / "repo", {"a.py": "x = 1\n"})
     r = CliRunner().invoke(cli, [str(repo), "what is x?", "--no-cache"], catch_exceptions=False)
     assert r.exit_code == 0, r.stderr

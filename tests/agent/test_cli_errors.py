@@ -30,7 +30,7 @@ def repo(tmp_path):
 def fake(monkeypatch, tmp_path):
     monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(tmp_path / "cache"))
     rt = FakeRuntime(block_size=64, max_positions=100_000)
-    monkeypatch.setattr("agent.commands.common.load_runtime", lambda cfg: rt)
+    monkeypatch.setattr("agent.runtime.load_runtime", lambda cfg: rt)
     return rt
 
 
@@ -223,7 +223,7 @@ def test_a_bug_inside_the_session_is_not_turned_into_a_user_error(repo, monkeypa
     def broken(cfg):
         raise ValueError("an internal bug")
 
-    monkeypatch.setattr("agent.commands.common.load_runtime", broken)
+    monkeypatch.setattr("agent.runtime.load_runtime", broken)
     r = invoke(repo, "q?")
     assert isinstance(r.exception, ValueError)  # surfaces as a bug, not as "Error: an internal bug"
 
