@@ -112,8 +112,8 @@ def open_session(paths, cfg: AskConfig, opts: ingest.PackOptions, mode: str, qui
     """Load the model, pack the paths to fit, check the window and memory, prefill (or hit the context
     cache); return the Session. `question`: the first question (or summary focus), checked against the
     room the session leaves for it before anything is prefilled."""
-    from agent.catalog import ModelError
     from agent import runtime
+    from agent.catalog import ModelError
     from agent.engine import MemoryBudgetError
     from agent.session import Session
 
