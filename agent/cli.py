@@ -1,53 +1,91 @@
 """The `moba-ask` click group. `ask` is the default command; each command lives in agent/commands/.
 
+`moba-ask PATH... QUESTION` runs `ask`: the group, like click-default-group, puts the default command's
+name in front of arguments that do not start with a command name. Each command is imported by name in
+its loader below, only when the group needs it (chat, summarize, eval and calibrate import torch, which
+`pack`, `models` and `cache` do not need).
+
 Answers go to stdout, diagnostics to stderr. User errors are `click.ClickException`s: one
 line, exit code 1, no traceback.
 """
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
 
 import click
 
-COMMANDS = {
-    "ask": "agent.commands.ask:ask",
-    "chat": "agent.commands.chat:chat",
-    "summarize": "agent.commands.summarize:summarize",
-    "pack": "agent.commands.pack:pack",
-    "models": "agent.commands.models:models",
-    "cache": "agent.commands.cache:cache",
-    "eval": "agent.commands.eval:eval_cmd",
-    "calibrate": "agent.commands.calibrate:calibrate",
+
+def _ask() -> click.Command:
+    from agent.commands.ask import ask
+
+    return ask
+
+
+def _chat() -> click.Command:
+    from agent.commands.chat import chat
+
+    return chat
+
+
+def _summarize() -> click.Command:
+    from agent.commands.summarize import summarize
+
+    return summarize
+
+
+def _pack() -> click.Command:
+    from agent.commands.pack import pack
+
+    return pack
+
+
+def _models() -> click.Command:
+    from agent.commands.models import models
+
+    return models
+
+
+def _cache() -> click.Command:
+    from agent.commands.cache import cache
+
+    return cache
+
+
+def _eval() -> click.Command:
+    from agent.commands.eval import eval_cmd
+
+    return eval_cmd
+
+
+def _calibrate() -> click.Command:
+    from agent.commands.calibrate import calibrate
+
+    return calibrate
+
+
+COMMANDS: dict[str, Callable[[], click.Command]] = {
+    "ask": _ask, "chat": _chat, "summarize": _summarize, "pack": _pack, "models": _models, "cache": _cache,
+    "eval": _eval, "calibrate": _calibrate,
 }
 
 
 class DefaultGroup(click.Group):
-    """A group that runs `ask` when the first argument is not a command name."""
+    """A group of COMMANDS that runs `default_command` when the first argument is no command name."""
 
-    def parse_args(self, ctx, args):
-        if args and args[0] not in COMMANDS and args[0] not in ("--help", "-h", "--version"):
-            args = ["ask", *args]
+    default_command = "ask"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in COMMANDS and args[0] not in (*ctx.help_option_names, "--version"):
+            args = [self.default_command, *args]
         return super().parse_args(ctx, args)
 
-    def list_commands(self, ctx):
-        return [name for name in COMMANDS if _load(name) is not None]
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
 
-    def get_command(self, ctx, name):
-        return _load(name)
-
-
-def _load(name: str):
-    target = COMMANDS.get(name)
-    if target is None:
-        return None
-    module, attr = target.split(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except ModuleNotFoundError as e:
-        if e.name == module:
-            return None
-        raise
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        load = COMMANDS.get(name)
+        return load() if load else None
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})

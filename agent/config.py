@@ -14,7 +14,8 @@ QA_POLICIES = ("moba", "dense")
 
 
 class SettingError(ValueError):
-    """A setting that the loaded model or this machine cannot honour. One line naming the fix."""
+    """A setting that is malformed, or that the loaded model or this machine cannot honour. One line
+    naming the fix."""
 
 
 @dataclass(frozen=True)
@@ -23,11 +24,11 @@ class AskConfig:
 
     model: catalog name, hub id, directory or .gguf (None: $MOBA_ASK_MODEL or the device default).
     attention: "moba" (sparse), "dense" (exact SDPA; routing is still scored for citations) or "auto"
-        (dense for contexts under `auto_threshold`, else moba; made concrete by `resolve`).
+        (dense for contexts under `auto_threshold`, else moba; made concrete by `settle`).
     block_size, top_k, sink_blocks: MoBA parameters (see moba/README.md).
     dense_layers: layers that stay dense; negative indices count from the end. None: the device's
         default, DENSE_LAYERS_CPU (the last 3) on CPU and none on CUDA, where a dense layer at 1M
-        tokens costs ~16 s of attention (made concrete by `resolve`).
+        tokens costs ~16 s of attention (made concrete by `settle`).
     qa_policy: attention for question and answer tokens: "dense" (exact, the default: a few hundred
         tokens, and the held-out evaluation answered 0.70 with it against 0.52 with "moba"; bench/RESULTS.md)
         or "moba".
@@ -61,17 +62,17 @@ class AskConfig:
 
     def __post_init__(self):
         if self.attention not in ATTENTION:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
+            raise SettingError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
         if self.qa_policy not in QA_POLICIES:
-            raise ValueError(f"qa_policy must be one of {', '.join(QA_POLICIES)}, got {self.qa_policy!r}")
+            raise SettingError(f"qa_policy must be one of {', '.join(QA_POLICIES)}, got {self.qa_policy!r}")
         if self.block_size < 1 or self.top_k < 1 or self.sink_blocks < 0:
-            raise ValueError("block size and top-k must be >= 1 and sink blocks >= 0")
+            raise SettingError("block size and top-k must be >= 1 and sink blocks >= 0")
         if not 0 <= self.local_blocks < self.top_k:
-            raise ValueError(f"local blocks must be >= 0 and below top-k ({self.top_k}): they take routed slots")
+            raise SettingError(f"local blocks must be >= 0 and below top-k ({self.top_k}): they take routed slots")
         if self.gate_subblocks < 1 or self.block_size % self.gate_subblocks:
-            raise ValueError(f"gate sub-blocks must be >= 1 and divide the block size ({self.block_size})")
+            raise SettingError(f"gate sub-blocks must be >= 1 and divide the block size ({self.block_size})")
         if self.max_tokens < 0 or self.max_new_tokens < 1:
-            raise ValueError("max tokens must be >= 0 and max new tokens >= 1")
+            raise SettingError("max tokens must be >= 0 and max new tokens >= 1")
 
 
 def auto_threshold(config: AskConfig) -> int:
@@ -84,7 +85,7 @@ def auto_threshold(config: AskConfig) -> int:
     return AUTO_DENSE_FACTOR * config.top_k * config.block_size
 
 
-def resolve(config: AskConfig, context_tokens: int, device: str = "cpu") -> AskConfig:
+def settle(config: AskConfig, context_tokens: int, device: str = "cpu") -> AskConfig:
     """config with its defaults made concrete for a context of that many tokens on `device`:
     attention "auto" becomes "dense" or "moba" (`auto_threshold`), dense_layers None the device's."""
     if config.dense_layers is None:
@@ -99,7 +100,7 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
     -N..-1); "none" or "" -> (); None -> None (the device default).
 
     Raises:
-        ValueError: naming the forms accepted.
+        SettingError: naming the forms accepted.
     """
     if text is None:
         return None
@@ -120,7 +121,7 @@ def _layer_item(item: str, text: str) -> list[int]:
     try:
         return [int(item)]
     except ValueError:
-        raise ValueError("dense layers must be comma-separated integers or lastN/firstN ('0,5,-1', 'last3', "
+        raise SettingError("dense layers must be comma-separated integers or lastN/firstN ('0,5,-1', 'last3', "
                          f"'first2,last2'), or 'none'; got {text!r}") from None
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent import paths
 from agent.cachefs import abandoned, chunk_sha256, fsync, remove_tree, temp_name, tree_size
 
 if TYPE_CHECKING:
@@ -55,11 +56,6 @@ _OS_ERROR = re.compile(r"os error (\d+)")
 def warn(message: str) -> None:
     """Print `moba-ask: warning: <message>` as one plain line (no markup, no colour) on stderr."""
     print(f"moba-ask: warning: {message}", file=sys.stderr, flush=True)
-
-
-def default_root() -> Path:
-    """`$MOBA_ASK_CACHE_DIR/contexts`, default `~/.cache/moba-ask/contexts`."""
-    return Path(os.environ.get("MOBA_ASK_CACHE_DIR") or "~/.cache/moba-ask").expanduser() / "contexts"
 
 
 def default_max_bytes() -> int:
@@ -119,7 +115,7 @@ class ContextCache:
     """Saved prefilled contexts under one root directory, capped in size with LRU eviction.
 
     Args:
-        root: the cache directory. Default: `default_root()` ($MOBA_ASK_CACHE_DIR/contexts).
+        root: the cache directory. Default: `agent.paths.contexts_dir()` ($MOBA_ASK_CACHE_DIR/contexts).
         max_bytes: the most bytes all entries may take; 0 stores nothing. Default:
             `default_max_bytes()` ($MOBA_ASK_CACHE_MAX_GB, else 20 GiB).
         clock: the time source for created/last_used (tests pass a fake). Default: time.time.
@@ -134,7 +130,7 @@ class ContextCache:
 
     def __init__(self, root: Path | str | None = None, max_bytes: int | None = None,
                  clock: Callable[[], float] = time.time):
-        self.root = Path(root).expanduser() if root is not None else default_root()
+        self.root = Path(root).expanduser() if root is not None else paths.contexts_dir()
         self.max_bytes = default_max_bytes() if max_bytes is None else int(max_bytes)
         if self.max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")

@@ -107,7 +107,7 @@ def path_for(model: str) -> Path:
 
 def for_model(model: str, *, layers: int, heads: int, block_size: int) -> tuple[HeadWeights | None, str]:
     """(weights, "") for a model with a usable file, else (None, a one-line note on the fallback)."""
-    from agent.models import CATALOG
+    from agent.catalog import CATALOG
 
     fallback = "citations weigh every attention head equally"
     if model not in CATALOG or not path_for(model).is_file():

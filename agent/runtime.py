@@ -42,9 +42,9 @@ def device_of(config: AskConfig) -> str:
     return str(dev)
 
 
-def moba_params(config: AskConfig, num_layers: int) -> MobaParams:
+def params_for(config: AskConfig, num_layers: int) -> MobaParams:
     """MoBA settings for the model; attention="dense" makes every layer dense (routing is still scored);
-    "auto" loads as "moba", and dense_layers None as none, until `agent.config.resolve` and the
+    "auto" loads as "moba", and dense_layers None as none, until `agent.config.settle` and the
     runtime's retune settle them for the packed context."""
     dense = tuple(range(num_layers)) if config.attention == "dense" else config.dense_layers or ()
     return MobaParams(config.block_size, config.top_k, config.sink_blocks, dense, config.qa_policy,
@@ -54,16 +54,16 @@ def moba_params(config: AskConfig, num_layers: int) -> MobaParams:
 def load_runtime(config: AskConfig) -> Runtime:
     """Load `config.model` (pulled on first use) and return a Runtime.
 
-    Raises agent.models.ModelError, DeviceError, or SettingError for dense layers outside the model.
+    Raises agent.catalog.ModelError, DeviceError, or SettingError for dense layers outside the model.
     """
-    from agent import models
+    from agent import catalog, load
 
     device = device_of(config)
-    name = config.model or models.default_model(device)
-    model, tok, info = models.load_model(name, device=device, dtype=config.dtype, attn_implementation="moba")
+    name = config.model or catalog.default_model(device)
+    model, tok, info = load.load_model(name, device=device, dtype=config.dtype, attn_implementation="moba")
     identity = fingerprint(info.path)
     check_layers(config.dense_layers or (), info.num_layers)
-    configure(model.config, moba_params(config, info.num_layers))
+    configure(model.config, params_for(config, info.num_layers))
     return Runtime(
         tokenizer=tok,
         make_engine=lambda capacity: Engine(model, capacity, config.chunk_size),
@@ -71,7 +71,7 @@ def load_runtime(config: AskConfig) -> Runtime:
         chat=info.has_chat_template,
         max_positions=info.max_position_embeddings,
         stop_ids=stop_ids(tok, model),
-        retune=lambda c: configure(model.config, moba_params(c, info.num_layers)),
+        retune=lambda c: configure(model.config, params_for(c, info.num_layers)),
         device=device,
         identity=identity,
         notes=tuple(runtime_notes(config, model, info, device)),

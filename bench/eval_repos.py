@@ -71,7 +71,7 @@ def _extract(archive: Path, out: Path) -> None:
 def stats(dest: Path) -> None:
     import ingest
     from agent.evaluate.tasks import CALLER, CLASS, CONSTANT, FUNCTION, build_workspace
-    from agent.models import load_tokenizer
+    from agent.load import load_tokenizer
 
     tok = load_tokenizer("smollm2-135m")
     head = "| set | name | version | kind | package | .py pack tokens |" + "".join(

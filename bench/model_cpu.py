@@ -15,12 +15,12 @@ import torch
 
 from agent.config import AskConfig
 from agent.engine import Sampling
-from agent.runtime import load_runtime, moba_params
+from agent.runtime import load_runtime, params_for
 from moba.hf import configure
 
 
 def run(rt, model_cfg, attention: str, tokens: int, decode: int, cfg: AskConfig) -> tuple[float, float]:
-    configure(model_cfg, moba_params(AskConfig(**{**cfg.__dict__, "attention": attention}), model_cfg.num_hidden_layers))
+    configure(model_cfg, params_for(AskConfig(**{**cfg.__dict__, "attention": attention}), model_cfg.num_hidden_layers))
     engine = rt.make_engine(tokens + decode + 8)
     ids = torch.randint(100, 20000, (tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     t0 = time.perf_counter()

@@ -44,9 +44,10 @@ def main() -> None:
     parser.add_argument("name", help="catalog name, already pulled (moba-ask models pull NAME)")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    from agent import models
+    from agent.catalog import resolve
+    from agent.pull import model_dir
 
-    root = str(models.model_dir(models.resolve(args.name)))
+    root = str(model_dir(resolve(args.name)))
     results = {kind: [run(root, kind) for _ in range(args.repeats)] for kind in ("hf", "gguf")}
     diff = max(abs(a - b) for a, b in zip(results["hf"][0]["logits"], results["gguf"][0]["logits"]))
     print(f"| model | source | tokenizer load s | model load s | (runs: {args.repeats}) |")

@@ -31,18 +31,8 @@ import time
 from pathlib import Path
 
 import ingest
-from agent import models
-
-
-def load_tokenizer(model: str):
-    """A tokenizer.json file (or a directory holding only one) as is, else the agent's tokenizer of `model`."""
-    path = Path(model).expanduser()
-    bare = path / "tokenizer.json" if path.is_dir() and not (path / "config.json").is_file() else path
-    if bare.suffix == ".json" and bare.is_file():
-        from tokenizers import Tokenizer
-
-        return Tokenizer.from_file(str(bare))
-    return models.load_tokenizer(model)
+from agent.load import load_tokenizer
+from agent.pull import ensure
 
 
 def _cpu() -> float:
@@ -66,11 +56,11 @@ def run(path: str, model: str, repeat: int) -> dict:
     cold, warm, cold_cpu, warm_cpu = [], [], [], []
     for _ in range(repeat):
         with tempfile.TemporaryDirectory() as cache:
-            os.environ["MOBA_ASK_CACHE_DIR"] = cache
-            w, c, p = timed_pack(path, tokenizer, ingest.PackOptions())
+            options = ingest.PackOptions(token_cache=Path(cache) / "tokens")
+            w, c, p = timed_pack(path, tokenizer, options)
             cold.append(w)
             cold_cpu.append(c)
-            w, c, p2 = timed_pack(path, tokenizer, ingest.PackOptions())
+            w, c, p2 = timed_pack(path, tokenizer, options)
             warm.append(w)
             warm_cpu.append(c)
             assert (p.ids == p2.ids).all()
@@ -93,10 +83,10 @@ def run(path: str, model: str, repeat: int) -> dict:
 
 
 def local_model(model: str) -> str:
-    """A local path for model, resolved before the cache dir is redirected (never pulls)."""
+    """A local path for model (never pulls), for the `moba-ask pack` process whose cache dir is redirected."""
     if Path(model).exists():
         return model
-    return str(models.ensure(model, pull=False))
+    return str(ensure(model, pull=False))
 
 
 def cli_warm(path: str, model: str, cache: str) -> float:

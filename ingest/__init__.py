@@ -10,7 +10,8 @@ directory's files before its subdirectories, names compared case-insensitively).
 
 File set, default excludes, secrets, budget drop priority and the rendered layout are documented
 in ingest/README.md. The package never imports torch and never writes inside the packed tree; its
-only write is the token cache ($MOBA_ASK_CACHE_DIR/tokens, default ~/.cache/moba-ask/tokens).
+only write is the token cache, in the directory `PackOptions.token_cache` names (none when it is None).
+It reads no environment variable of moba-ask's.
 """
 
 from ingest.pack import pack

@@ -21,7 +21,7 @@ import numpy as np
 from ingest import budget, readers, render, rules, secrets, walk
 from ingest.records import FileRecord, Pack, PackError, PackOptions
 from ingest.sourcemap import SourceMap
-from ingest.tokens import BATCH_CHARS, Encoder, TokenCache, cache_dir, section_key
+from ingest.tokens import BATCH_CHARS, Encoder, TokenCache, section_key
 
 Progress = Callable[[int, int], None]
 
@@ -107,9 +107,9 @@ def _read_all(cands: list[walk.Candidate], options: PackOptions, skipped: list) 
 
 
 def _cache(options: PackOptions, root: str, tokenizer_id: str) -> TokenCache:
-    if not options.cache:
+    if options.token_cache is None:
         return TokenCache(None, tokenizer_id)
-    directory = cache_dir()
+    directory = Path(options.token_cache)
     resolved = str(directory.resolve())
     inside = os.path.commonpath([root, resolved]) == root
     return TokenCache(directory, tokenizer_id, writable=not inside)

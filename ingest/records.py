@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import os
+
     import numpy as np
 
     from ingest.sourcemap import SourceMap
@@ -43,7 +45,9 @@ class PackOptions:
             `--no-default-excludes`. Default: True.
         notebook_outputs: include text outputs of notebook code cells. `--notebook-outputs`.
             Default: False.
-        cache: read and write the on-disk token cache. `--no-cache`. Default: True.
+        token_cache: directory of the on-disk token cache, read and written; None: no token cache.
+            moba-ask passes `$MOBA_ASK_CACHE_DIR/tokens` (agent/paths.py), and None for `--no-cache`.
+            Default: None.
     """
 
     max_tokens: int | None = None
@@ -55,7 +59,7 @@ class PackOptions:
     allow_secrets: bool = False
     default_excludes: bool = True
     notebook_outputs: bool = False
-    cache: bool = True
+    token_cache: str | os.PathLike | None = None
 
     def __post_init__(self):
         if self.max_tokens is not None and self.max_tokens <= 0:

@@ -11,8 +11,8 @@ break (else after a space, else anywhere), and pieces are encoded at most BATCH_
 so one huge file cannot make the tokenizer's working memory explode; such sections get their own
 cache keys.
 
-`TokenCache` stores (ids, marks) per section under `$MOBA_ASK_CACHE_DIR/tokens/<tokenizer id>/`
-(default `~/.cache/moba-ask/tokens`), keyed by a hash of the section text. Files are a small binary
+`TokenCache` stores (ids, marks) per section under `<directory>/<tokenizer id>/` (the caller names the
+directory: moba-ask passes `$MOBA_ASK_CACHE_DIR/tokens`), keyed by a hash of the section text. Files are a small binary
 format with a checksum (never pickle), written atomically (temp file named with the writer's pid +
 rename); a corrupt entry is ignored and rewritten. The whole token cache (every tokenizer) is capped
 at TOKEN_CACHE_MAX_BYTES: a write that passes the cap deletes the least recently used entries
@@ -138,12 +138,6 @@ def _groups(pieces: list) -> list[list]:
         cur.append(p)
         size += len(p[2])
     return groups + ([cur] if cur else [])
-
-
-def cache_dir() -> Path:
-    """$MOBA_ASK_CACHE_DIR/tokens, default ~/.cache/moba-ask/tokens."""
-    base = os.environ.get("MOBA_ASK_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "moba-ask")
-    return Path(base) / "tokens"
 
 
 def section_key(text: str, extra: str) -> str:

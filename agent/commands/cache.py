@@ -1,6 +1,6 @@
 """`moba-ask cache`: list and clear the saved prefilled contexts and the token cache.
 
-Only CLI plumbing: storage, keys and eviction live in agent.ctxcache and ingest.tokens.
+Only CLI plumbing: storage, keys and eviction live in agent.ctxcache and ingest.tokens; where, in agent.paths.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 
 import click
 
+from agent import paths
 from agent.ctxcache import ContextCache, Entry, format_bytes
 from ingest import tokens
 
@@ -56,9 +57,9 @@ def list_cmd(as_json: bool):
         click.echo(f"the context cache in {store.root} is empty", err=True)
     else:
         _print_table(store, entries)
-    n, size = tokens.usage(tokens.cache_dir())
+    n, size = tokens.usage(paths.tokens_dir())
     if n:
-        click.echo(f"token cache in {tokens.cache_dir()}: {n:,} tokenized files, {format_bytes(size)} "
+        click.echo(f"token cache in {paths.tokens_dir()}: {n:,} tokenized files, {format_bytes(size)} "
                    f"of {format_bytes(tokens.TOKEN_CACHE_MAX_BYTES)}")
 
 
@@ -78,14 +79,14 @@ def clear_cmd(key_prefix: str | None, yes: bool):
     """
     store = _open()
     targets = store.entries() if key_prefix is None else [_match(store, key_prefix)]
-    token_files, token_bytes = tokens.usage(tokens.cache_dir()) if key_prefix is None else (0, 0)
+    token_files, token_bytes = tokens.usage(paths.tokens_dir()) if key_prefix is None else (0, 0)
     if not targets and not token_files:
         click.echo(f"the context cache in {store.root} is empty; nothing to clear", err=True)
         return
     size = format_bytes(sum(e.size for e in targets))
     what = f"{len(targets)} cached context{'s' * (len(targets) != 1)} ({size}) from {store.root}"
     if token_files:
-        what += f" and {token_files:,} tokenized files ({format_bytes(token_bytes)}) from {tokens.cache_dir()}"
+        what += f" and {token_files:,} tokenized files ({format_bytes(token_bytes)}) from {paths.tokens_dir()}"
     if not yes:
         click.confirm(f"Delete {what}?", abort=True, err=True)
     try:
@@ -96,7 +97,7 @@ def clear_cmd(key_prefix: str | None, yes: bool):
         ) from None
     click.echo(f"freed {removed} cached context{'s' * (removed != 1)}, {format_bytes(freed)} ({freed} bytes)")
     if token_files:
-        n, tfreed = tokens.clear(tokens.cache_dir())
+        n, tfreed = tokens.clear(paths.tokens_dir())
         click.echo(f"freed {n} tokenized file{'s' * (n != 1)} from the token cache, {format_bytes(tfreed)} "
                    f"({tfreed} bytes)")
 

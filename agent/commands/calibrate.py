@@ -10,7 +10,7 @@ import click
 
 import ingest
 from agent.commands import common
-from agent.config import AskConfig, parse_layers
+from agent.config import AskConfig, SettingError, parse_layers
 from agent.evaluate import calibrate as cal
 from agent.evaluate.tasks import TaskError, build_workspace
 from agent.session import ANSWER_ROUTING_TOKENS
@@ -63,7 +63,7 @@ def calibrate(repos, n_tasks, context_tokens, seed, top_heads, dense_layers, out
     counts = _counts(top_heads)
     try:
         cfg = AskConfig(no_cache=True, dense_layers=parse_layers(dense_layers), **kw)
-    except ValueError as e:
+    except SettingError as e:
         raise click.UsageError(str(e)) from None
     ui = common.Progress(quiet)
     rt, identity = _load(cfg, ui)
@@ -93,11 +93,12 @@ def _counts(text: str) -> tuple[int, ...]:
 
 
 def _load(cfg: AskConfig, ui):
-    from agent.models import ModelError
+    from agent import runtime
+    from agent.catalog import ModelError
 
     try:
         with ui.status("loading model"):
-            rt = common.load_runtime(cfg)
+            rt = runtime.load_runtime(cfg)
             c = rt.make_engine(1).config
     except ModelError as e:
         raise click.ClickException(str(e)) from None

@@ -131,9 +131,9 @@ def _readline_history() -> None:
         import atexit
         import readline
 
-        from agent.models import cache_dir
+        from agent import paths
 
-        path = os.path.join(str(cache_dir()), "chat_history")
+        path = str(paths.chat_history())
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             readline.read_history_file(path)

@@ -13,7 +13,8 @@ from collections.abc import Callable
 import click
 
 import ingest
-from agent.config import AUTO_DENSE_FACTOR, AskConfig, SettingError, auto_threshold, parse_layers, resolve
+from agent.config import AUTO_DENSE_FACTOR, AskConfig, SettingError, auto_threshold, parse_layers, settle
+from agent.paths import tokens_dir
 from agent.render import pack_notes
 
 RESERVE = 512  # tokens kept free beside the pack for the prompt frame and the question
@@ -79,8 +80,8 @@ def make_config(kw: dict) -> tuple[AskConfig, ingest.PackOptions]:
             device=kw.pop("device"), chunk_size=kw.pop("chunk_size"), dtype=kw.pop("dtype"),
         )
         opts = ingest.PackOptions(include=kw.pop("include"), exclude=kw.pop("exclude"), drop=not kw.pop("no_drop"),
-                                  cache=not cfg.no_cache)
-    except (ValueError, ingest.PackError) as e:
+                                  token_cache=None if cfg.no_cache else tokens_dir())
+    except (SettingError, ingest.PackError) as e:
         raise click.UsageError(str(e)) from None
     return cfg, opts
 
@@ -108,32 +109,26 @@ def check_writable(path: str, flag: str) -> None:
         raise click.ClickException(f"{flag} {path}: cannot write there ({e.strerror or e}); pick another path") from None
 
 
-def load_runtime(cfg: AskConfig):
-    """The Runtime for cfg (tests replace this function with a fake)."""
-    from agent.runtime import load_runtime as load
-
-    return load(cfg)
-
-
 def open_session(paths, cfg: AskConfig, opts: ingest.PackOptions, mode: str, quiet: bool = False,
                  question: str = ""):
     """Load the model, pack the paths to fit, check the window and memory, prefill (or hit the context
     cache); return the Session. `question`: the first question (or summary focus), checked against the
     room the session leaves for it before anything is prefilled."""
+    from agent import runtime
+    from agent.catalog import ModelError
     from agent.engine import MemoryBudgetError
-    from agent.models import ModelError
     from agent.session import Session
 
     ui = Progress(quiet)
     try:
         with ui.status("loading model"):
-            rt = load_runtime(cfg)
+            rt = runtime.load_runtime(cfg)
         for note in rt.notes:
             ui.console.print(f"note: {note}", highlight=False)
         budget = cfg.max_tokens or max(256, rt.max_positions - cfg.max_new_tokens - RESERVE)
         options = ingest.PackOptions(**{**opts.__dict__, "max_tokens": budget})
         pk = ui.pack(paths, rt.tokenizer, options)
-        given, cfg = cfg, _settle(rt, cfg, pk.total_tokens)
+        given, cfg = cfg, _settle_runtime(rt, cfg, pk.total_tokens)
         session = Session(rt, pk, cfg, mode, None if cfg.no_cache else _context_cache())
         check_fit(session, question)
         ui.report_pack(pk, budget, session)
@@ -174,10 +169,10 @@ def check_fit(session, question: str = "") -> None:
                                "--max-new-tokens, or a model with a longer window")
 
 
-def _settle(rt, cfg: AskConfig, tokens: int) -> AskConfig:
+def _settle_runtime(rt, cfg: AskConfig, tokens: int) -> AskConfig:
     """cfg's defaults made concrete for a context of `tokens` on the runtime's device; the loaded
     model is re-tuned to it."""
-    resolved = resolve(cfg, tokens, rt.device)
+    resolved = settle(cfg, tokens, rt.device)
     if resolved != cfg and rt.retune:
         rt.retune(resolved)
     return resolved

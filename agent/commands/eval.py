@@ -164,11 +164,12 @@ def _unit_meta(u: runner.Unit) -> dict:
 
 
 def _load(cfg: AskConfig, ui):
-    from agent.models import ModelError
+    from agent import runtime
+    from agent.catalog import ModelError
 
     try:
         with ui.status("loading model"):
-            return common.load_runtime(cfg)
+            return runtime.load_runtime(cfg)
     except (ModelError, SettingError) as e:
         raise click.ClickException(str(e)) from None
 

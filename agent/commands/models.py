@@ -1,6 +1,6 @@
 """`moba-ask models`: list the model catalog with what is local, and pull a model into the cache.
 
-Only CLI plumbing: catalog, cache layout and downloads live in agent.models.
+Only CLI plumbing: the catalog lives in agent.catalog, cache layout and downloads in agent.pull.
 """
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ import json
 
 import click
 
-from agent import models as m
+from agent import paths
+from agent.catalog import CATALOG, CatalogEntry, ModelError, resolve
+from agent.pull import local_path, model_dir, pull
 
 
 @click.group("models")
@@ -36,7 +38,7 @@ def list_cmd(as_json: bool):
       moba-ask models list
       moba-ask models list --json | jq '.[] | select(.local) | .path'
     """
-    rows = [_row(e) for e in m.CATALOG.values()]
+    rows = [_row(e) for e in CATALOG.values()]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -60,16 +62,16 @@ def pull_cmd(name: str, quiet: bool):
       moba-ask models pull ./my-model.Q4_K_M.gguf
     """
     try:
-        path = m.pull(name, progress=not quiet)
-    except m.ModelError as e:
+        path = pull(name, progress=not quiet)
+    except ModelError as e:
         raise click.ClickException(str(e)) from None
     click.echo(str(path))
 
 
-def _row(entry: m.CatalogEntry) -> dict:
-    ref = m.resolve(entry.name)
-    root = m.model_dir(ref)
-    hf = m.local_path(ref)
+def _row(entry: CatalogEntry) -> dict:
+    ref = resolve(entry.name)
+    root = model_dir(ref)
+    hf = local_path(ref)
     gguf = root / entry.filename if entry.filename and (root / entry.filename).is_file() else None
     disk = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
     return {
@@ -92,7 +94,7 @@ def _print_table(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"models in {m.cache_dir() / 'models'}")
+    table = Table(title=f"models in {paths.models_dir()}")
     for col in ("name", "kind", "download", "local", "on disk", "path"):
         table.add_column(col, overflow="fold")
     for r in rows:

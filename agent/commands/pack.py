@@ -1,7 +1,7 @@
 """`moba-ask pack`: pack paths into one context and report files, tokens, skipped and dropped files.
 
-Only CLI plumbing: packing lives in `ingest`, tokenizer loading in `agent.models` (imported
-lazily; local tokenizer files load without it). Summary and progress go to stderr; the packed text
+Only CLI plumbing: packing lives in `ingest`, tokenizer loading (a model's, or a bare tokenizer.json)
+in `agent.load`, imported when a command runs. Summary and progress go to stderr; the packed text
 (`-o -`) or the JSON report (`--json`) go to stdout.
 """
 
@@ -17,6 +17,8 @@ from pathlib import Path
 import click
 
 import ingest
+from agent.catalog import ModelError
+from agent.paths import tokens_dir
 from agent.render import pack_notes
 from ingest.records import DEFAULT_MAX_FILE_BYTES, MAX_FILE_BYTES_LIMIT
 from ingest.render import display_path
@@ -69,8 +71,8 @@ def pack(paths, model, max_tokens, include, exclude, no_line_numbers, max_file_b
         max_tokens=max_tokens or None, include=include, exclude=(*exclude, *_self_exclude(paths, output)),
         line_numbers=not no_line_numbers, max_file_bytes=max_file_bytes, drop=not no_drop,
         allow_secrets=allow_secrets, default_excludes=not no_default_excludes,
-        notebook_outputs=notebook_outputs, cache=not no_cache)
-    tokenizer = load_tokenizer(model)
+        notebook_outputs=notebook_outputs, token_cache=None if no_cache else tokens_dir())
+    tokenizer = _tokenizer(model)
     start = time.perf_counter()
     result = _run(paths, tokenizer, options, quiet)
     if output:
@@ -81,58 +83,17 @@ def pack(paths, model, max_tokens, include, exclude, no_line_numbers, max_file_b
         _summary(result, max_tokens, time.perf_counter() - start)
 
 
-def load_tokenizer(name: str):
-    """A tokenizer for `name`, loaded as the agent loads it. Raises ClickException.
+def _tokenizer(name: str):
+    """agent.load.load_tokenizer, checked to be fast (ingest needs its Rust backend); ClickException on failure."""
+    from agent.load import load_tokenizer
 
-    Model names, model directories (config.json or a .gguf) and .gguf files go through
-    agent.models.load_tokenizer (transformers; e.g. Qwen2 adds an NFC normalizer there), or
-    transformers' AutoTokenizer when agent.models is missing. A bare tokenizer.json file, or a
-    directory holding only one, is loaded as is with `tokenizers`.
-    """
-    path = Path(name).expanduser()
-    model_dir = path.is_dir() and ((path / "config.json").is_file() or any(path.glob("*.gguf")))
-    bare = path / "tokenizer.json" if path.is_dir() else path
-    if not model_dir and bare.suffix == ".json" and bare.is_file():
-        return _bare(bare)
-    if path.suffix == ".json":
-        raise click.ClickException(f"tokenizer file not found: {name}")
     try:
-        from agent.models import ModelError
-        from agent.models import load_tokenizer as load
-    except ImportError:
-        ModelError, load = ValueError, _transformers_tokenizer
-    try:
-        tok = load(name)
+        tok = load_tokenizer(name)
         backend_of(tok)
     except (ModelError, OSError, ValueError, TypeError) as e:  # TypeError: not a fast tokenizer (backend_of)
-        msg = _one_line(e)
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise click.ClickException(msg if name in msg else f"cannot load the tokenizer of '{name}': {msg}") from None
     return tok
-
-
-def _bare(path: Path):
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises plain Exception for every unreadable or malformed file
-        raise click.ClickException(f"cannot read tokenizer {path}: {_one_line(e)}") from None
-
-
-def _transformers_tokenizer(name: str):
-    from transformers import AutoTokenizer
-
-    path = Path(name).expanduser()
-    if path.suffix == ".gguf" and path.is_file():
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    if path.is_dir():
-        return AutoTokenizer.from_pretrained(str(path))
-    raise ValueError(f"cannot load a tokenizer for '{name}' without agent.models: pass a model directory, "
-                     "a .gguf file or a tokenizer.json")
-
-
-def _one_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _self_exclude(paths, output) -> tuple[str, ...]:

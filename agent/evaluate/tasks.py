@@ -34,6 +34,7 @@ from functools import partial
 from pathlib import Path
 
 import ingest
+from agent import paths
 from agent.evaluate.callers import caller_candidates
 
 FUNCTION, CLASS, CONSTANT, CALLER = "function", "class", "constant", "caller"
@@ -105,7 +106,7 @@ def build_workspace(root: str, tokenizer, *, context_tokens: int, n_tasks: int, 
     Raises:
         TaskError: nothing to ask about, or no file fits. ingest.PackError: the path cannot be packed.
     """
-    full = ingest.pack(root, tokenizer, ingest.PackOptions(include=include, exclude=exclude))
+    full = ingest.pack(root, tokenizer, ingest.PackOptions(include=include, exclude=exclude, token_cache=paths.tokens_dir()))
     chosen = _fit_in_order(full, context_tokens)
     if not chosen:
         raise TaskError(f"--context-tokens {context_tokens:,} is too small for any file under {root}; raise it")
@@ -133,7 +134,7 @@ def _repack(root: str, chosen: list[ingest.FileRecord], needles: list[_Cand], to
     with tempfile.TemporaryDirectory(prefix="moba-ask-eval-") as tmp:
         copy_root = os.path.join(tmp, os.path.basename(root.rstrip(os.sep)) or "repo")
         _copy(root, chosen, copy_root, needles)
-        pack = ingest.pack(copy_root, tokenizer, ingest.PackOptions())
+        pack = ingest.pack(copy_root, tokenizer, ingest.PackOptions(token_cache=paths.tokens_dir()))
         texts = {f.path: Path(copy_root, f.path).read_text("utf-8", errors="replace").replace("\r\n", "\n")
                  for f in pack.files}
     return pack, texts

@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent import models as m
-from agent import wheels
+from agent import catalog, pull, wheels
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -27,7 +26,7 @@ CHATML = (
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """The local HF directory of smollm2-135m, pulled from PyPI on first use."""
-    return m.pull("smollm2-135m", progress=False)
+    return pull.pull("smollm2-135m", progress=False)
 
 
 def _byte_tokens() -> list[str]:
@@ -111,15 +110,15 @@ def build_wheel(directory: Path, dist: str, version: str, members: dict[str, byt
 class FakeWheels:
     """A catalog entry "fake-tiny" whose GGUF is split over two local wheels; records pip calls."""
 
-    entry: m.CatalogEntry
+    entry: catalog.CatalogEntry
     wheel_dir: Path
     cache: Path
     data: bytes
     calls: list
 
-    def register(self, monkeypatch, **overrides) -> m.CatalogEntry:
+    def register(self, monkeypatch, **overrides) -> catalog.CatalogEntry:
         entry = dataclasses.replace(self.entry, **overrides)
-        monkeypatch.setitem(m.CATALOG, entry.name, entry)
+        monkeypatch.setitem(catalog.CATALOG, entry.name, entry)
         return entry
 
     def cache_files(self) -> list[Path]:
@@ -137,8 +136,8 @@ def fake_wheels(tmp_path, monkeypatch, tiny_gguf) -> FakeWheels:
     for n, chunk in ((1, data[:half]), (2, data[half:])):
         member = f"fake_tiny_part{n}/data/part{n:02d}.bin"
         build_wheel(wheel_dir, f"fake-tiny-part{n}", "0.1.0", {member: chunk})
-        sources.append(m.WheelSource(f"fake-tiny-part{n}==0.1.0", member))
-    entry = m.CatalogEntry(
+        sources.append(catalog.WheelSource(f"fake-tiny-part{n}==0.1.0", member))
+    entry = catalog.CatalogEntry(
         "fake-tiny", "nobody/fake-tiny", "tiny test model", tuple(sources), "fake-tiny.gguf",
         len(data), hashlib.sha256(data).hexdigest(), True, False,
     )

@@ -80,7 +80,7 @@ def test_bad_input_is_one_line_before_any_model_loads(tmp_path, monkeypatch, arg
     def no_model(cfg):
         raise AssertionError("loaded a model")
 
-    monkeypatch.setattr("agent.commands.common.load_runtime", no_model)
+    monkeypatch.setattr("agent.runtime.load_runtime", no_model)
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(cli, ["calibrate", *[a.replace("{tmp}", str(tmp_path)) for a in args]])
     assert res.exit_code == 2 or res.exit_code == 1

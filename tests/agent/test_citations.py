@@ -30,7 +30,7 @@ def pk(tmp_path_factory):
         "pkg/core.py": "".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(30)),
         "pkg/util.py": "import os\n\nVALUE = 42\n" + "".join(f"Z{i} = {i}\n" for i in range(40)),
     })
-    return ingest.pack([root], make_tokenizer(), ingest.PackOptions(cache=False))
+    return ingest.pack([root], make_tokenizer(), ingest.PackOptions())
 
 
 def recorder_on(smap, path, line, n_queries=3, start=None):

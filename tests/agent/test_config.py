@@ -2,20 +2,20 @@
 
 import pytest
 
-from agent.config import DENSE_LAYERS_CPU, AskConfig, auto_threshold, parse_layers, resolve
+from agent.config import DENSE_LAYERS_CPU, AskConfig, auto_threshold, parse_layers, settle
 
 
 def test_auto_attention_is_dense_below_the_threshold_and_moba_from_it():
     cfg = AskConfig(block_size=256, top_k=6)
     assert cfg.attention == "auto" and auto_threshold(cfg) == 8 * 6 * 256
-    assert resolve(cfg, 12287).attention == "dense"
-    assert resolve(cfg, 12288).attention == "moba"
+    assert settle(cfg, 12287).attention == "dense"
+    assert settle(cfg, 12288).attention == "moba"
     assert auto_threshold(AskConfig(block_size=512, top_k=3)) == 8 * 3 * 512
 
 
 def test_explicit_attention_is_kept_whatever_the_context():
-    assert resolve(AskConfig(attention="moba"), 10).attention == "moba"
-    assert resolve(AskConfig(attention="dense"), 10**6).attention == "dense"
+    assert settle(AskConfig(attention="moba"), 10).attention == "moba"
+    assert settle(AskConfig(attention="dense"), 10**6).attention == "dense"
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -31,10 +31,10 @@ def test_bad_values_raise_naming_the_field(kw, message):
 
 def test_dense_layers_default_by_device_unless_given():
     assert AskConfig().dense_layers is None
-    assert resolve(AskConfig(), 100, "cpu").dense_layers == DENSE_LAYERS_CPU == (-3, -2, -1)
-    assert resolve(AskConfig(), 100, "cuda:1").dense_layers == ()
-    assert resolve(AskConfig(dense_layers=()), 100, "cpu").dense_layers == ()
-    assert resolve(AskConfig(dense_layers=(0,)), 100, "cuda").dense_layers == (0,)
+    assert settle(AskConfig(), 100, "cpu").dense_layers == DENSE_LAYERS_CPU == (-3, -2, -1)
+    assert settle(AskConfig(), 100, "cuda:1").dense_layers == ()
+    assert settle(AskConfig(dense_layers=()), 100, "cpu").dense_layers == ()
+    assert settle(AskConfig(dense_layers=(0,)), 100, "cuda").dense_layers == (0,)
 
 
 def test_parse_layers():

@@ -33,7 +33,7 @@ def weights(tmp_path):
 
 def session(repo, store, rt=None, **cfg) -> Session:
     rt = rt or FakeRuntime(answers=["The value is 7391046."] * 3)
-    pack = ingest.pack([repo], rt.tokenizer, ingest.PackOptions(cache=False))
+    pack = ingest.pack([repo], rt.tokenizer, ingest.PackOptions())
     s = Session(rt, pack, AskConfig(**cfg), "ask", store)
     s.open()
     return s
@@ -109,7 +109,7 @@ def test_load_runtime_fingerprints_the_loaded_files(weights, monkeypatch):
     info = types.SimpleNamespace(path=weights, num_layers=2, name="m", has_chat_template=True,
                                  max_position_embeddings=4096)
     model = types.SimpleNamespace(config=types.SimpleNamespace(), modules=lambda: [])
-    monkeypatch.setattr("agent.models.load_model", lambda *a, **k: (model, tok, info))
+    monkeypatch.setattr("agent.load.load_model", lambda *a, **k: (model, tok, info))
     rt = runtime_mod.load_runtime(AskConfig(model="m", device="cpu"))
     assert rt.identity == fingerprint(weights)
     (weights / "config.json").write_text('{"layers": 3}')

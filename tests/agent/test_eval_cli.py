@@ -85,7 +85,7 @@ def oracle(repo, monkeypatch):
     rt = Oracle(())
     ws = build_workspace(str(repo), rt.tokenizer, context_tokens=20000, n_tasks=9, seed=3)
     rt.tasks = ws.tasks
-    monkeypatch.setattr("agent.commands.common.load_runtime", lambda cfg: rt)
+    monkeypatch.setattr("agent.runtime.load_runtime", lambda cfg: rt)
     return rt
 
 

@@ -67,7 +67,7 @@ def test_session_notes_the_fallback_once_and_says_so_in_stats(heads_dir, tmp_pat
     root = write_tree(tmp_path / "repo", {"settings.py": "MAGIC_NUMBER = 7391046\n"})
     rt = FakeRuntime(answers=["settings.py:1", "settings.py:1"])
     rt.name = MODEL
-    pack = ingest.pack([root], rt.tokenizer, ingest.PackOptions(cache=False))
+    pack = ingest.pack([root], rt.tokenizer, ingest.PackOptions())
     session = Session(rt, pack, AskConfig(no_cache=True, max_new_tokens=20))
     session.open()
     first, second = session.ask("What is the magic number?"), session.ask("And again?")
@@ -83,7 +83,7 @@ def test_session_uses_calibrated_weights(heads_dir, tmp_path, capsys):
     root = write_tree(tmp_path / "repo", {"settings.py": "MAGIC_NUMBER = 7391046\n"})
     rt = FakeRuntime(answers=["fine"], block_size=32)
     rt.name = MODEL
-    pack = ingest.pack([root], rt.tokenizer, ingest.PackOptions(cache=False))
+    pack = ingest.pack([root], rt.tokenizer, ingest.PackOptions())
     session = Session(rt, pack, AskConfig(no_cache=True, max_new_tokens=5, block_size=32))
     session.open = _open_with_heads(session, 4)
     session.open()

@@ -10,7 +10,7 @@ from tests.ingest.fixtures import write_tree
 def test_routing_covers_the_question_and_only_the_first_answer_tokens(tmp_path):
     root = write_tree(tmp_path / "repo", {"settings.py": "MAGIC_NUMBER = 7391046\n"})
     rt = FakeRuntime(answers=[" ".join(["word"] * (ANSWER_ROUTING_TOKENS + 30))])
-    pack = ingest.pack([root], rt.tokenizer, ingest.PackOptions(cache=False))
+    pack = ingest.pack([root], rt.tokenizer, ingest.PackOptions())
     session = Session(rt, pack, AskConfig(no_cache=True, max_new_tokens=200))
     session.open()
     answer = session.ask("What is the magic number?")

