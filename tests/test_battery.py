@@ -1,0 +1,405 @@
+"""The hostile-input battery: each row is one input a demanding user could give the real CLI (pack, ask,
+chat, summarize, eval, cache), with the outcome they expect: a clean one-line error (exit code, a message
+naming the problem and the fix, no traceback) or a clean success. Every row also checks that nothing
+planted as a secret reaches stdout or stderr, that the repository and the files outside it are left as
+they were, and that the command ends within a deadline (a hang fails the row).
+
+ask, chat and summarize run in-process on the fake runtime of tests/agent/fakes.py (real packing,
+prompts, sessions, context cache and CLI; canned answers); pack runs with a tiny tokenizer file. The
+rows that need other processes (two asks racing on one cache entry, kill -9 during a cache write) run
+the CLI in subprocesses on the same fake runtime; the chat soak runs a tiny random GGUF through the real
+runtime and is marked slow. Each row records its outcome (`record_property("outcome", ...)`), so a
+`--junitxml` run gives the figures of bench/RESULTS.md.
+
+Knows nothing of the library's internals beyond the context cache's on-disk layout (entry dirs with
+kv.safetensors and manifest.json), which the corruption rows damage on purpose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from agent.cli import cli
+from tests.agent.fakes import FakeRuntime
+from tests.ingest.fixtures import git_repo, make_tokenizer, minimal_pdf, snapshot, write_tree
+from tests.ingest.test_hostile import AKIA, AWS_SECRET, GH, PEM, deadline
+
+DEADLINE_S = 30
+ENV_SECRET = "sk_live_" + "51BatteryEnvSecretValue0000"
+SECRETS = (AKIA, AWS_SECRET, GH, "MIIEowIBAAKCAQEA", ENV_SECRET, "hunter2-outside-root")
+SETTINGS = '"""Settings."""\n\nRETRY = 5\nMAGIC_NUMBER = 7391046\n\n\ndef load():\n    return RETRY\n'
+ANSWER = "MAGIC_NUMBER is 7391046 (src/settings.py:4)."
+
+
+@dataclasses.dataclass
+class World:
+    """A repository, a directory outside it holding a secret, a private cache and the fake runtime."""
+
+    tmp: Path
+    repo: Path
+    outside: Path
+    cache: Path
+    tokenizer: Path
+    rt: FakeRuntime
+
+    def put(self, rel: str, data: str | bytes) -> Path:
+        write_tree(self.repo, {rel: data})
+        return self.repo / rel
+
+    def entries(self) -> list[Path]:
+        root = self.cache / "contexts"
+        return sorted(p for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch) -> World:
+    repo = write_tree(tmp_path / "repo", {"src/settings.py": SETTINGS, "README.md": "# Demo\n\nA demo service.\n"})
+    outside = write_tree(tmp_path / "outside", {"secret.txt": "password = hunter2-outside-root\n"})
+    tok = tmp_path / "tok" / "tokenizer.json"
+    tok.parent.mkdir()
+    make_tokenizer().save(str(tok))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(cache))
+    monkeypatch.setenv("MOBA_ASK_MODEL", str(tok))
+    monkeypatch.setenv("BATTERY_TOKEN", ENV_SECRET)
+    rt = FakeRuntime(answers=[ANSWER] * 8, block_size=64, max_positions=100_000)
+    monkeypatch.setattr("agent.commands.common.load_runtime", lambda cfg: rt)
+    return World(tmp_path, repo, outside, cache, tok, rt)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One row: argv (with {repo} {tmp} {outside} {tok} filled in), the exit code, fragments of the
+    error line (or, on success, of stdout + stderr), a setup that plants the hostile input, stdin, a
+    check of what the command left behind, and fragments that must not appear in stdout + stderr."""
+
+    id: str
+    argv: tuple[str, ...]
+    code: int
+    words: tuple[str, ...] = ()
+    setup: Callable[[World], None] | None = None
+    input: str | None = None
+    after: Callable[[World, object], None] | None = None
+    absent: tuple[str, ...] = ()
+
+
+def run_case(w: World, case: Case):
+    fill = dict(repo=w.repo, tmp=w.tmp, outside=w.outside, tok=w.tokenizer)
+    argv = [a.format(**fill) for a in case.argv]
+    with deadline(DEADLINE_S):
+        return CliRunner().invoke(cli, argv, input=case.input)
+
+
+def outcome(r, case: Case, before: dict, w: World) -> str:
+    """The row's outcome in the battery's terms; the first property that fails names it."""
+    seen = r.stdout + r.stderr
+    if isinstance(r.exception, TimeoutError):
+        return "hang"
+    if "Traceback" in seen or not (r.exception is None or isinstance(r.exception, SystemExit)):
+        return "traceback"
+    if any(s in seen for s in SECRETS):
+        return "leak"
+    if snapshot(w.repo) != before["repo"] or snapshot(w.outside) != before["outside"]:
+        return "written"
+    return "clean error" if r.exit_code else "clean success"
+
+
+def check(r, case: Case) -> None:
+    assert r.exit_code == case.code, (r.exit_code, r.stdout[-2000:], r.stderr[-2000:])
+    if case.code:
+        errors = [line for line in r.stderr.splitlines() if line.startswith("Error")]
+        assert len(errors) == 1, r.stderr
+        assert all(word in errors[0] for word in case.words), (errors[0], case.words)
+    else:
+        assert all(word in r.stdout + r.stderr for word in case.words), (case.words, r.stdout, r.stderr)
+    assert not any(word in r.stdout + r.stderr for word in case.absent), case.absent
+
+
+def battery_case(case: Case, w: World, record_property) -> None:
+    """Plant, run, classify, record; then assert the row's expectations."""
+    if case.setup:
+        case.setup(w)
+    before = {"repo": snapshot(w.repo), "outside": snapshot(w.outside)}
+    r = run_case(w, case)
+    got = outcome(r, case, before, w)
+    record_property("outcome", got)
+    assert got in ("clean error", "clean success"), (got, r.exception, r.stderr[-3000:])
+    check(r, case)
+    if case.after:
+        case.after(w, r)
+
+
+def fifo(rel: str) -> Callable[[World], None]:
+    return lambda w: os.mkfifo(w.repo / rel)
+
+
+def link(rel: str, target: str) -> Callable[[World], None]:
+    def make(w: World) -> None:
+        (w.repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(target.format(repo=w.repo, outside=w.outside), w.repo / rel)
+    return make
+
+
+def files(**tree: str | bytes) -> Callable[[World], None]:
+    return lambda w: write_tree(w.repo, {k.replace("__", "/"): v for k, v in tree.items()})
+
+
+def bind_socket(w: World) -> None:
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(w.repo / "agent.sock"))
+    w.sock = s
+
+
+def sparse(rel: str, size: int) -> Callable[[World], None]:
+    def make(w: World) -> None:
+        with open(w.repo / rel, "wb") as f:
+            f.truncate(size)
+    return make
+
+
+def packed(*names: str, present: bool = True) -> Callable[[World, object], None]:
+    def after(w: World, r) -> None:
+        paths = {f["path"] for f in json.loads(r.stdout)["files"]}
+        for name in names:
+            assert (name in paths) == present, (name, paths)
+    return after
+
+
+def nothing_written(rel: str) -> Callable[[World, object], None]:
+    return lambda w, r: not (w.tmp / rel).exists() or pytest.fail(f"{rel} was written")
+
+
+def hostile_git(w: World) -> None:
+    git_repo(w.repo, commit=["src/settings.py"])
+    marker = w.tmp / "pwned"
+    with open(w.repo / ".git" / "config", "a") as f:
+        f.write(f"[core]\n\tfsmonitor = touch {marker}; false\n")
+
+
+PACK = ("pack", "{repo}", "--json", "--no-cache")
+ASK = ("ask", "{repo}", "What is MAGIC_NUMBER?", "--json", "--no-cache")
+NB = json.dumps({"cells": [{"cell_type": "code", "source": [f"key = '{AKIA}'\n"], "metadata": {},
+                            "outputs": [{"output_type": "stream", "name": "stdout", "text": [GH]}]}],
+                 "metadata": {}, "nbformat": 4, "nbformat_minor": 5})
+
+PATH_CASES = [
+    Case("missing-path-pack", ("pack", "{tmp}/nope"), 1, ("path not found", "check the spelling")),
+    Case("broken-link-as-path", ("pack", "{repo}/dangling"), 1, ("broken symlink",), link("dangling", "{repo}/gone")),
+    Case("missing-path-chat", ("chat", "{tmp}/nope"), 1, ("path not found",)),
+    Case("missing-path-summarize", ("summarize", "{tmp}/nope"), 1, ("path not found",)),
+    Case("file-as-path", ("pack", "{repo}/src/settings.py", "--json", "--no-cache"), 0, ("settings.py",)),
+    Case("eval-on-a-file", ("eval", "{repo}/README.md"), 2, ("REPO must be a directory",)),
+    Case("empty-dir", ("pack", "{tmp}/empty", "--no-cache"), 1, (), lambda w: (w.tmp / "empty").mkdir()),
+    Case("symlink-loop-files", PACK, 0, (), link("a", "{repo}/b"), after=packed("a", present=False)),
+    Case("symlink-dir-loop", PACK, 0, (), link("src/up", "{repo}"), after=packed("src/up/README.md", present=False)),
+    Case("link-outside-root", PACK, 0, (), link("leak.txt", "{outside}/secret.txt"), after=packed("leak.txt", present=False)),
+    Case("dir-link-outside-root", PACK, 0, (), link("ext", "{outside}")),
+    Case("link-to-etc-shadow", PACK, 0, (), link("shadow", "/etc/shadow"), after=packed("shadow", present=False)),
+    Case("fifo-in-tree", PACK, 0, (), fifo("pipe.py"), after=packed("pipe.py", present=False)),
+    Case("fifo-as-path", ("pack", "{repo}/pipe", "--no-cache"), 1, (), fifo("pipe")),
+    Case("fifo-in-tree-ask", ASK, 0, ("7391046",), fifo("pipe.txt")),
+    Case("socket-in-tree", PACK, 0, (), bind_socket, after=packed("agent.sock", present=False)),
+    Case("dev-zero-as-path", ("pack", "/dev/zero", "--no-cache"), 1),
+    Case("dev-urandom-link", PACK, 0, (), link("rand.bin", "/dev/urandom")),
+    Case("proc-environ-as-path", ("pack", "/proc/self/environ", "--no-cache"), 1),
+    Case("proc-environ-ask", ("ask", "/proc/self/environ", "env?", "--no-cache"), 1),
+    Case("proc-kmsg-as-path", ("pack", "/proc/kmsg", "--no-cache"), 1),
+    Case("proc-dir-as-path", ("pack", "/proc/self/fd", "--no-cache"), 1),
+    Case("huge-sparse-file", PACK, 0, (), sparse("big.log", 3 << 30), after=packed("big.log", present=False)),
+    Case("huge-file-raised-cap", ("pack", "{repo}", "--max-file-bytes", str(64 << 20), "--json", "--no-cache"), 0,
+         (), sparse("big.txt", 3 << 30), after=packed("big.txt", present=False)),
+    Case("binary-file", PACK, 0, (), files(**{"blob.dat": os.urandom(4096)}), after=packed("blob.dat", present=False)),
+    Case("nul-in-source", PACK, 0, (), files(**{"x.py": b"a = 1\x00\x00\nb = 2\n"})),
+    Case("latin1-file", PACK, 0, (), files(**{"old.py": "caf\xe9 = 1\n".encode("latin-1")})),
+    Case("utf16-file", PACK, 0, (), files(**{"w.txt": "hello world\n".encode("utf-16")})),
+    Case("one-huge-line", PACK, 0, (), files(**{"min.js": "x=1;" * 200_000})),
+    Case("deep-nesting", PACK, 0, (), files(**{"/".join(["d"] * 120) + "/deep.py": "DEEP = 1\n"})),
+    Case("name-with-newline", PACK, 0, (), files(**{"a\n<file path=\"x\">.py": "x = 1\n"}),
+         absent=('\n<file path="x">',)),
+    Case("name-with-esc", ("pack", "{repo}", "--no-cache"), 0, (), files(**{"bad\x1b[2J\x1b]0;pwn\x07.py": "x = 1\n"}),
+         absent=("\x1b", "\x07")),
+    Case("name-with-rtl-override", ("pack", "{repo}", "--no-cache"), 0, (), files(**{"evil\u202etxt.py": "x = 1\n"}),
+         absent=("\u202e",)),
+    Case("name-invalid-utf8", PACK, 0, (), lambda w: (w.repo / os.fsdecode(b"bad\xff\xfe.py")).write_text("x = 1\n")),
+    Case("secret-in-name", PACK, 0, (), files(**{f"{GH}.txt": "nothing\n"})),
+    Case("secret-in-source", PACK, 0, ("redacted",), files(**{"aws.py": f"KEY = '{AKIA}'\nSECRET = '{AWS_SECRET}'\n"})),
+    Case("pem-in-text", ("pack", "{repo}", "--no-cache"), 0, (), files(**{"notes.txt": PEM + "\n"})),
+    Case("secret-in-pdf", PACK, 0, (), files(**{"doc.pdf": minimal_pdf([["token", AKIA]])})),
+    Case("secret-in-notebook", ("pack", "{repo}", "--notebook-outputs", "--no-cache"), 0, (), files(**{"n.ipynb": NB})),
+    Case("corrupt-pdf", PACK, 0, (), files(**{"bad.pdf": b"%PDF-1.4\n1 0 obj << /Length 99999 >> stream\n\xff\xfe"})),
+    Case("invalid-notebook", PACK, 0, (), files(**{"bad.ipynb": "{not json"})),
+    Case("dotenv-named", ("pack", "{repo}/.env", "--no-cache"), 1, (".env",), files(**{".env": f"TOKEN={GH}\n"})),
+    Case("aws-credentials-named", ("pack", "{repo}/home/.aws/credentials", "--no-cache"), 1, (),
+         files(**{"home__.aws__credentials": f"aws_secret_access_key={AWS_SECRET}\n"})),
+    Case("secret-in-ask-json", ASK, 0, ("7391046",), files(**{"k.py": f"K = '{GH}'\n"})),
+    Case("git-fsmonitor", PACK, 0, (), hostile_git, after=nothing_written("pwned")),
+    Case("bare-repo", ("pack", "{tmp}/bare.git", "--no-cache"), 1, (),
+         lambda w: subprocess.run(["git", "init", "-q", "--bare", str(w.tmp / "bare.git")], check=True)),
+]
+
+NUMERIC = [  # flag, value, exit code of ask with it
+    ("--block-size", "0", 2), ("--block-size", "-1", 2), ("--block-size", "1000000000", 0),
+    ("--top-k", "0", 2), ("--top-k", "-5", 2), ("--top-k", "100000", 0),
+    ("--sink-blocks", "-1", 2), ("--sink-blocks", "1000000", 0),
+    ("--local-blocks", "-1", 2), ("--local-blocks", "1000000", 0),
+    ("--gate-subblocks", "0", 2), ("--gate-subblocks", "1000000", 0),
+    ("--max-tokens", "-1", 2), ("--max-tokens", "1", 1), ("--max-tokens", "1000000000", 0),
+    ("--max-new-tokens", "0", 2), ("--max-new-tokens", "-3", 2), ("--max-new-tokens", "1000000000", 1),
+    ("--temperature", "-1", 2), ("--temperature", "1e308", 0), ("--temperature", "nan", 2), ("--temperature", "inf", 2),
+    ("--top-p", "0", 2), ("--top-p", "1.5", 2), ("--chunk-size", "0", 2), ("--chunk-size", "1000000000", 0),
+]
+NUMERIC_CASES = [
+    Case(f"ask{flag}={value}", (*ASK, "--attention", "moba", flag, value), code, (flag,) if code == 2 else ())
+    for flag, value, code in NUMERIC
+] + [
+    Case(f"{cmd}{flag}={value}", (cmd, "{repo}", "--no-cache", flag, value), code, (flag,) if code == 2 else (),
+         input="What is MAGIC_NUMBER?\n/exit\n" if cmd == "chat" else None)
+    for cmd in ("chat", "summarize")
+    for flag, value, code in [("--block-size", "0", 2), ("--top-k", "1000000000", 0), ("--max-new-tokens", "0", 2)]
+] + [
+    Case("pack--max-tokens=-1", ("pack", "{repo}", "--max-tokens", "-1"), 2, ("--max-tokens",)),
+    Case("pack--max-tokens=1", ("pack", "{repo}", "--max-tokens", "1", "--no-cache"), 1, ("--max-tokens 1", "raise it")),
+    Case("pack--max-tokens=1e12", ("pack", "{repo}", "--max-tokens", str(10**12), "--no-cache"), 0),
+    Case("pack--max-file-bytes=0", ("pack", "{repo}", "--max-file-bytes", "0"), 2, ("--max-file-bytes",)),
+    Case("pack--max-file-bytes=huge", ("pack", "{repo}", "--max-file-bytes", str(10**12)), 2, ("--max-file-bytes",)),
+    Case("eval--tasks=0", ("eval", "{repo}", "--tasks", "0"), 2, ("--tasks",)),
+    Case("eval--tasks=-1", ("eval", "{repo}", "--tasks", "-1"), 2, ("--tasks",)),
+    Case("eval--context-tokens=0", ("eval", "{repo}", "--context-tokens", "0"), 2, ("--context-tokens",)),
+    Case("eval--context-tokens=-5", ("eval", "{repo}", "--context-tokens", "-5"), 2, ("--context-tokens",)),
+    Case("eval--context-tokens=abc", ("eval", "{repo}", "--context-tokens", "abc"), 2, ("--context-tokens",)),
+    Case("eval--context-tokens=1e12", ("eval", "{repo}", "--context-tokens", str(10**12)), 2, ("--context-tokens", "use at most")),
+    Case("eval--max-new-tokens=0", ("eval", "{repo}", "--max-new-tokens", "0"), 2, ("--max-new-tokens",)),
+    Case("eval--block-size=-1", ("eval", "{repo}", "--block-size", "-1"), 2, ("--block-size",)),
+    Case("eval--top-k=0", ("eval", "{repo}", "--top-k", "0"), 2, ("--top-k",)),
+]
+
+
+@pytest.mark.parametrize("case", PATH_CASES + NUMERIC_CASES, ids=lambda c: c.id)
+def test_hostile_input(world, record_property, case):
+    battery_case(case, world, record_property)
+
+
+ASK_CACHED = ("ask", "{repo}", "What is MAGIC_NUMBER?", "--json")
+
+
+def cached(damage: Callable[[Path, World], None]) -> Callable[[World], None]:
+    """Fill the context cache with one real entry (one ask), then damage that entry."""
+    def make(w: World) -> None:
+        r = CliRunner().invoke(cli, [a.format(repo=w.repo) for a in ASK_CACHED])
+        assert r.exit_code == 0 and len(w.entries()) == 1, r.stderr
+        damage(w.entries()[0], w)
+    return make
+
+
+def prefilled_again(w: World, r) -> None:
+    """No stale KV served: the context was prefilled in full, and the entry saved again is whole."""
+    stats = json.loads(r.stdout)["stats"]
+    assert stats["cache_hit"] is False and w.rt.engines[-1].prefills[0] == stats["context_tokens"]
+    again = CliRunner().invoke(cli, [a.format(repo=w.repo) for a in ASK_CACHED])
+    assert json.loads(again.stdout)["stats"]["cache_hit"] is True, again.stderr
+    assert w.rt.engines[-1].ids[: stats["context_tokens"]] == w.rt.engines[-2].ids[: stats["context_tokens"]]
+
+
+def flip_byte(entry: Path, w: World) -> None:
+    kv = entry / "kv.safetensors"
+    data = bytearray(kv.read_bytes())
+    data[-3] ^= 0xFF
+    kv.write_bytes(bytes(data))
+
+
+def edit_manifest(**changes) -> Callable[[Path, World], None]:
+    def edit(entry: Path, w: World) -> None:
+        m = json.loads((entry / "manifest.json").read_text())
+        for key, value in changes.items():
+            if key == "tokens":
+                m["meta"]["tokens"] = value
+            else:
+                m[key] = value
+        (entry / "manifest.json").write_text(json.dumps(m))
+    return edit
+
+
+def short_kv_valid_checksum(entry: Path, w: World) -> None:
+    """A whole, checksummed entry that holds fewer tokens than the context (a poisoned restore)."""
+    from safetensors.torch import load_file, save_file
+
+    from agent.ctxcache import ContextCache
+
+    key = entry.name
+    tensors = {k: v[: max(1, v.shape[0] // 2)] for k, v in load_file(entry / "kv.safetensors").items()}
+    meta = json.loads((entry / "manifest.json").read_text())["meta"]
+    ContextCache().save(key, tensors, meta)
+    del save_file
+
+
+def relink(name: str) -> Callable[[Path, World], None]:
+    """Move entry/name outside the cache and leave a link to it in its place."""
+    def move(entry: Path, w: World) -> None:
+        target = w.outside / f"moved-{name}"
+        os.replace(entry / name, target)
+        os.symlink(target, entry / name)
+    return move
+
+
+def entry_linked_outside(entry: Path, w: World) -> None:
+    target = w.outside / "entry"
+    os.replace(entry, target)
+    os.symlink(target, entry)
+
+
+def stray_temp(entry: Path, w: World) -> None:
+    tmp = entry.parent / ".tmp-999999999-dead"
+    tmp.mkdir()
+    (tmp / "kv.safetensors").write_bytes(b"\0" * (1 << 20))
+    os.utime(tmp, (0, 0))
+
+
+def write_text(name: str, text: str) -> Callable[[Path, World], None]:
+    return lambda entry, w: (entry / name).write_text(text)
+
+
+def no_temp_left(w: World, r) -> None:
+    root = w.cache / "contexts"
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")] if root.is_dir() else True
+
+
+CACHE_CASES = [
+    Case("cache-flipped-byte", ASK_CACHED, 0, ("7391046", "warning"), cached(flip_byte), after=prefilled_again),
+    Case("cache-truncated-kv", ASK_CACHED, 0, ("7391046",),
+         cached(lambda e, w: os.truncate(e / "kv.safetensors", 40)), after=prefilled_again),
+    Case("cache-empty-kv", ASK_CACHED, 0, ("7391046",), cached(write_text("kv.safetensors", "")), after=prefilled_again),
+    Case("cache-kv-deleted", ASK_CACHED, 0, ("7391046",), cached(lambda e, w: (e / "kv.safetensors").unlink()),
+         after=prefilled_again),
+    Case("cache-manifest-not-json", ASK_CACHED, 0, ("7391046",), cached(write_text("manifest.json", "{oops")),
+         after=prefilled_again),
+    Case("cache-manifest-truncated", ASK_CACHED, 0, ("7391046",),
+         cached(lambda e, w: os.truncate(e / "manifest.json", 30)), after=prefilled_again),
+    Case("cache-manifest-wrong-key", ASK_CACHED, 0, ("7391046",), cached(edit_manifest(key="0" * 64)),
+         after=prefilled_again),
+    Case("cache-manifest-wrong-size", ASK_CACHED, 0, ("7391046",), cached(edit_manifest(size=1)), after=prefilled_again),
+    Case("cache-short-tokens-meta", ASK_CACHED, 0, ("7391046",), cached(edit_manifest(tokens=3)), after=prefilled_again),
+    Case("cache-short-kv-valid-checksum", ASK_CACHED, 0, ("7391046",), cached(short_kv_valid_checksum),
+         after=prefilled_again),
+    Case("cache-manifest-links-outside", ASK_CACHED, 0, ("7391046",), cached(relink("manifest.json")),
+         after=prefilled_again),
+    Case("cache-kv-links-outside", ASK_CACHED, 0, ("7391046",), cached(relink("kv.safetensors")),
+         after=prefilled_again),
+    Case("cache-entry-links-outside", ASK_CACHED, 0, ("7391046",), cached(entry_linked_outside)),
+    Case("cache-dead-writer-temp", ASK_CACHED, 0, ("7391046",), cached(stray_temp), after=no_temp_left),
+    Case("cache-dir-is-a-file", ASK_CACHED, 0, ("7391046",),
+         lambda w: w.cache.parent.joinpath("cache").write_text("not a dir")),
+]
+
+
+@pytest.mark.parametrize("case", CACHE_CASES, ids=lambda c: c.id)
+def test_hostile_cache(world, record_property, case):
+    battery_case(case, world, record_property)
