@@ -22,6 +22,8 @@ import json
 import os
 import socket
 import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,6 +52,7 @@ class World:
     cache: Path
     tokenizer: Path
     rt: FakeRuntime
+    mounts: list[Path] = dataclasses.field(default_factory=list)
 
     def put(self, rel: str, data: str | bytes) -> Path:
         write_tree(self.repo, {rel: data})
@@ -73,7 +76,10 @@ def world(tmp_path, monkeypatch) -> World:
     monkeypatch.setenv("BATTERY_TOKEN", ENV_SECRET)
     rt = FakeRuntime(answers=[ANSWER] * 8, block_size=64, max_positions=100_000)
     monkeypatch.setattr("agent.commands.common.load_runtime", lambda cfg: rt)
-    return World(tmp_path, repo, outside, cache, tok, rt)
+    w = World(tmp_path, repo, outside, cache, tok, rt)
+    yield w
+    for mount in w.mounts:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,3 +409,88 @@ CACHE_CASES = [
 @pytest.mark.parametrize("case", CACHE_CASES, ids=lambda c: c.id)
 def test_hostile_cache(world, record_property, case):
     battery_case(case, world, record_property)
+
+
+def tmpfs(options: str, fill: bool = False) -> Callable[[World], None]:
+    """Mount a small tmpfs as the cache dir (unmounted by the world fixture); fill: leave it full."""
+    def make(w: World) -> None:
+        w.cache.mkdir()
+        opts = options.replace("ro,", "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(w.cache)], capture_output=True)
+        if done.returncode:
+            pytest.skip(f"mount refused ({done.stderr.decode().strip()}): needs root in a mount namespace")
+        w.mounts.append(w.cache)
+        if fill:
+            with open(w.cache / "filler", "wb", buffering=0) as f, pytest.raises(OSError):
+                while True:
+                    f.write(b"\0" * 4096)
+        if "ro," in options:
+            subprocess.run(["mount", "-o", "remount,ro", str(w.cache)], check=True)
+    return make
+
+
+def clear_during_answer(w: World) -> None:
+    """At the answer's second token another process runs `moba-ask cache clear -y`."""
+    def clear(n: int) -> None:
+        if n == 2:
+            subprocess.run([sys.executable, "-c", "from agent.cli import main; main()", "cache", "clear", "-y"],
+                           check=True, capture_output=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    w.rt.on_token_hook = clear
+
+
+FS_CASES = [
+    Case("cache-read-only-fs", ASK_CACHED, 0, ("7391046", "warning"), tmpfs("ro,size=256k")),
+    Case("cache-full-fs", ASK_CACHED, 0, ("7391046", "warning"), tmpfs("size=256k", fill=True), after=no_temp_left),
+    Case("cache-clear-during-miss", ASK_CACHED, 0, ("7391046",), clear_during_answer, after=prefilled_again),
+    Case("cache-clear-during-hit", ASK_CACHED, 0, ("7391046",),
+         lambda w: (cached(lambda e, w: None)(w), clear_during_answer(w))),
+]
+
+
+@pytest.mark.parametrize("case", FS_CASES, ids=lambda c: c.id)
+def test_hostile_cache_filesystem(world, record_property, case):
+    battery_case(case, world, record_property)
+
+
+def fake_cli(w: World, *args: str, **env: str) -> subprocess.Popen:
+    """The CLI on the fake runtime in its own process (tests/agent/fakecli.py)."""
+    argv = [a.format(repo=w.repo) for a in args]
+    return subprocess.Popen([sys.executable, "-m", "tests.agent.fakecli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd(), **env})
+
+
+def finished(proc: subprocess.Popen) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=DEADLINE_S * 4)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("hang: the CLI process did not finish")
+    return proc.returncode, out, err
+
+
+def test_two_asks_racing_on_one_cache_entry(world, record_property):
+    procs = [fake_cli(world, *ASK_CACHED, FAKECLI_STALL_SAVE="1") for _ in range(2)]
+    results = [finished(p) for p in procs]
+    ok = all(code == 0 and "7391046" in out and "Traceback" not in out + err for code, out, err in results)
+    record_property("outcome", "clean success" if ok else "traceback")
+    assert ok, results
+    assert len(world.entries()) == 1
+    hit = CliRunner().invoke(cli, [a.format(repo=world.repo) for a in ASK_CACHED])
+    assert json.loads(hit.stdout)["stats"]["cache_hit"] is True and "warning" not in hit.stderr
+    no_temp_left(world, hit)
+
+
+def test_kill_9_during_a_cache_write(world, record_property):
+    marker = world.tmp / "written"
+    proc = fake_cli(world, *ASK_CACHED, FAKECLI_STALL_SAVE="600", FAKECLI_MARKER=str(marker))
+    try:
+        start = time.monotonic()
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() - start < DEADLINE_S * 4, proc.stderr.read()
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.communicate()
+    battery_case(Case("kill-9-during-write", ASK_CACHED, 0, ("7391046",), after=prefilled_again), world,
+                 record_property)
+    no_temp_left(world, None)
