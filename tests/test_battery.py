@@ -31,6 +31,8 @@ import pytest
 from click.testing import CliRunner
 
 from agent.cli import cli
+from agent.commands.common import load_runtime as real_load_runtime
+from tests.agent.conftest import write_tiny_gguf
 from tests.agent.fakes import FakeRuntime
 from tests.ingest.fixtures import git_repo, make_tokenizer, minimal_pdf, snapshot, write_tree
 from tests.ingest.test_hostile import AKIA, AWS_SECRET, GH, PEM, deadline
@@ -494,3 +496,57 @@ def test_kill_9_during_a_cache_write(world, record_property):
     battery_case(Case("kill-9-during-write", ASK_CACHED, 0, ("7391046",), after=prefilled_again), world,
                  record_property)
     no_temp_left(world, None)
+
+
+@pytest.fixture(scope="module")
+def ggufs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random Llama GGUFs: a 4096-position one, another seed of it, and a 512-position one."""
+    d = tmp_path_factory.mktemp("ggufs")
+    return {"tiny": write_tiny_gguf(d / "tiny.gguf", context=4096),
+            "other": write_tiny_gguf(d / "other.gguf", context=4096, seed=1),
+            "short": write_tiny_gguf(d / "short.gguf")}
+
+
+@pytest.fixture
+def real_world(world, ggufs, monkeypatch) -> World:
+    """The world on the real runtime with the tiny GGUF (random weights: answers are noise)."""
+    monkeypatch.setattr("agent.commands.common.load_runtime", real_load_runtime)
+    model = world.tmp / "model.gguf"
+    model.write_bytes(ggufs["tiny"].read_bytes())
+    monkeypatch.setenv("MOBA_ASK_MODEL", str(model))
+    world.ggufs = ggufs
+    return world
+
+
+def replace_weights(w: World) -> None:
+    """Ask once (filling the cache), then put other weights at the same model path."""
+    r = CliRunner().invoke(cli, [a.format(repo=w.repo) for a in ASK_CACHED])
+    assert r.exit_code == 0 and len(w.entries()) == 1, r.stderr
+    (w.tmp / "model.gguf").write_bytes(w.ggufs["other"].read_bytes())
+
+
+def not_a_hit(w: World, r) -> None:
+    assert json.loads(r.stdout)["stats"]["cache_hit"] is False
+
+
+REAL = ("ask", "{repo}", "What is MAGIC_NUMBER?", "--max-new-tokens", "4")
+REAL_CASES = [
+    Case("real-temperature-1e-320", (*REAL, "--temperature", "1e-320", "--no-cache"), 0),
+    Case("real-temperature-1e308", (*REAL, "--temperature", "1e308", "--no-cache"), 0),
+    Case("real-top-k-100000", (*REAL, "--attention", "moba", "--block-size", "16", "--top-k", "100000", "--no-cache"), 0),
+    Case("real-block-size-1e9", (*REAL, "--attention", "moba", "--block-size", "1000000000", "--no-cache"), 0),
+    Case("real-max-new-tokens-1e9", ("ask", "{repo}", "q?", "--max-new-tokens", "1000000000", "--no-cache"), 1,
+         ("window", "--max-new-tokens")),
+    Case("real-window-below-prompt", (*REAL, "-m", "{tmp}/short.gguf", "--no-cache"), 1, ("window", "longer window"),
+         lambda w: (w.tmp / "short.gguf").write_bytes(w.ggufs["short"].read_bytes()), absent=("use --max-tokens",)),
+    Case("real-truncated-gguf", (*REAL, "-m", "{tmp}/cut.gguf"), 1, ("cut.gguf",),
+         lambda w: (w.tmp / "cut.gguf").write_bytes(w.ggufs["tiny"].read_bytes()[:5000])),
+    Case("real-gguf-is-dev-zero", (*REAL, "-m", "/dev/zero"), 1, ("/dev/zero",)),
+    Case("real-new-weights-same-path", (*ASK_CACHED[:-1], "--json", "--max-new-tokens", "4"), 0, (), replace_weights,
+         after=not_a_hit),
+]
+
+
+@pytest.mark.parametrize("case", REAL_CASES, ids=lambda c: c.id)
+def test_hostile_input_real_model(real_world, record_property, case):
+    battery_case(case, real_world, record_property)
