@@ -520,7 +520,7 @@ def real_world(world, ggufs, monkeypatch) -> World:
 
 def replace_weights(w: World) -> None:
     """Ask once (filling the cache), then put other weights at the same model path."""
-    r = CliRunner().invoke(cli, [a.format(repo=w.repo) for a in ASK_CACHED])
+    r = CliRunner().invoke(cli, [a.format(repo=w.repo) for a in (*ASK_CACHED, "--max-new-tokens", "4")])
     assert r.exit_code == 0 and len(w.entries()) == 1, r.stderr
     (w.tmp / "model.gguf").write_bytes(w.ggufs["other"].read_bytes())
 
@@ -550,3 +550,58 @@ REAL_CASES = [
 @pytest.mark.parametrize("case", REAL_CASES, ids=lambda c: c.id)
 def test_hostile_input_real_model(real_world, record_property, case):
     battery_case(case, real_world, record_property)
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.mark.slow
+def test_chat_soak_100_questions_memory(real_world, record_property):
+    """100 questions in one chat on the tiny GGUF (/reset every 25, as the 4,096 chat tokens fill): every
+    turn answers within the deadline, RSS is sampled after the prefill and after 10 and 100 questions,
+    and the last 90 questions add less than 64 MiB."""
+    import queue
+    import threading
+
+    argv = [sys.executable, "-c", "from agent.cli import main; main()", "chat", str(real_world.repo),
+            "--max-new-tokens", "8", "--no-cache"]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.getcwd(), "PYTHONUNBUFFERED": "1"})
+    lines, errors = queue.Queue(), []
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True).start()
+
+    def turn(text: str) -> None:
+        proc.stdin.write(f"{text}\n/tokens\n")
+        proc.stdin.flush()
+        while "  history " not in lines.get(timeout=DEADLINE_S * 2):
+            pass
+
+    rss = {}
+    try:
+        turn("/help")
+        rss["start"] = rss_mib(proc.pid)
+        for i in range(1, 101):
+            turn(f"What does load() return, question {i}?")
+            if i in (10, 100):
+                rss[f"after {i}"] = rss_mib(proc.pid)
+            if i % 25 == 0:
+                turn("/reset")
+        proc.stdin.write("/exit\n")
+        proc.stdin.close()
+        code = proc.wait(timeout=DEADLINE_S)
+    except queue.Empty:
+        record_property("outcome", "hang")
+        raise
+    finally:
+        proc.kill()
+    for name, value in rss.items():
+        record_property(f"rss_mib {name}", round(value, 1))
+    seen = "".join(errors)
+    got = "traceback" if code or "Traceback" in seen else "clean success"
+    record_property("outcome", got)
+    assert got == "clean success", seen[-3000:]
+    assert "does not fit" not in seen
+    assert rss["after 100"] - rss["after 10"] < 64, rss
