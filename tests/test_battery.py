@@ -470,12 +470,21 @@ def finished(proc: subprocess.Popen) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
+def wait_for(marker: Path, proc: subprocess.Popen) -> None:
+    start = time.monotonic()
+    while not marker.exists():
+        assert proc.poll() is None and time.monotonic() - start < DEADLINE_S * 4, proc.stderr.read()
+        time.sleep(0.1)
+
+
 def test_two_asks_racing_on_one_cache_entry(world, record_property):
-    procs = [fake_cli(world, *ASK_CACHED, FAKECLI_STALL_SAVE="1") for _ in range(2)]
-    results = [finished(p) for p in procs]
-    ok = all(code == 0 and "7391046" in out and "Traceback" not in out + err for code, out, err in results)
-    record_property("outcome", "clean success" if ok else "traceback")
-    assert ok, results
+    """A second process asks while the first is inside its cache write; both install a whole entry."""
+    marker = world.tmp / "written"
+    proc = fake_cli(world, *ASK_CACHED, FAKECLI_STALL_SAVE="3", FAKECLI_MARKER=str(marker))
+    wait_for(marker, proc)
+    battery_case(Case("race-second-ask", ASK_CACHED, 0, ("7391046",)), world, record_property)
+    code, out, err = finished(proc)
+    assert code == 0 and "7391046" in out and "Traceback" not in out + err, err
     assert len(world.entries()) == 1
     hit = CliRunner().invoke(cli, [a.format(repo=world.repo) for a in ASK_CACHED])
     assert json.loads(hit.stdout)["stats"]["cache_hit"] is True and "warning" not in hit.stderr
@@ -486,10 +495,7 @@ def test_kill_9_during_a_cache_write(world, record_property):
     marker = world.tmp / "written"
     proc = fake_cli(world, *ASK_CACHED, FAKECLI_STALL_SAVE="600", FAKECLI_MARKER=str(marker))
     try:
-        start = time.monotonic()
-        while not marker.exists():
-            assert proc.poll() is None and time.monotonic() - start < DEADLINE_S * 4, proc.stderr.read()
-            time.sleep(0.1)
+        wait_for(marker, proc)
     finally:
         proc.kill()
         proc.communicate()
