@@ -11,8 +11,8 @@ the CLI in subprocesses on the same fake runtime; the chat soak runs a tiny rand
 runtime and is marked slow. Each row records its outcome (`record_property("outcome", ...)`), so a
 `--junitxml` run gives the figures of bench/RESULTS.md.
 
-Knows nothing of the library's internals beyond the context cache's on-disk layout (entry dirs with
-kv.safetensors and manifest.json), which the corruption rows damage on purpose.
+The setups that plant the inputs live in tests/hostile.py. Knows nothing of the library's internals
+beyond the context cache's on-disk layout, which the corruption rows damage on purpose.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -34,7 +33,25 @@ from agent.cli import cli
 from agent.commands.common import load_runtime as real_load_runtime
 from tests.agent.conftest import write_tiny_gguf
 from tests.agent.fakes import FakeRuntime
-from tests.ingest.fixtures import git_repo, make_tokenizer, minimal_pdf, snapshot, write_tree
+from tests.hostile import (
+    World,
+    bind_socket,
+    edit_manifest,
+    entry_linked_outside,
+    fifo,
+    files,
+    flip_byte,
+    hostile_git,
+    link,
+    relink,
+    rss_mib,
+    short_kv_valid_checksum,
+    sparse,
+    stray_temp,
+    tmpfs,
+    write_text,
+)
+from tests.ingest.fixtures import make_tokenizer, minimal_pdf, snapshot, write_tree
 from tests.ingest.test_hostile import AKIA, AWS_SECRET, GH, PEM, deadline
 
 DEADLINE_S = 30
@@ -42,27 +59,6 @@ ENV_SECRET = "sk_live_" + "51BatteryEnvSecretValue0000"
 SECRETS = (AKIA, AWS_SECRET, GH, "MIIEowIBAAKCAQEA", ENV_SECRET, "hunter2-outside-root")
 SETTINGS = '"""Settings."""\n\nRETRY = 5\nMAGIC_NUMBER = 7391046\n\n\ndef load():\n    return RETRY\n'
 ANSWER = "MAGIC_NUMBER is 7391046 (src/settings.py:4)."
-
-
-@dataclasses.dataclass
-class World:
-    """A repository, a directory outside it holding a secret, a private cache and the fake runtime."""
-
-    tmp: Path
-    repo: Path
-    outside: Path
-    cache: Path
-    tokenizer: Path
-    rt: FakeRuntime
-    mounts: list[Path] = dataclasses.field(default_factory=list)
-
-    def put(self, rel: str, data: str | bytes) -> Path:
-        write_tree(self.repo, {rel: data})
-        return self.repo / rel
-
-    def entries(self) -> list[Path]:
-        root = self.cache / "contexts"
-        return sorted(p for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
 
 
 @pytest.fixture
@@ -146,34 +142,6 @@ def battery_case(case: Case, w: World, record_property) -> None:
         case.after(w, r)
 
 
-def fifo(rel: str) -> Callable[[World], None]:
-    return lambda w: os.mkfifo(w.repo / rel)
-
-
-def link(rel: str, target: str) -> Callable[[World], None]:
-    def make(w: World) -> None:
-        (w.repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(target.format(repo=w.repo, outside=w.outside), w.repo / rel)
-    return make
-
-
-def files(**tree: str | bytes) -> Callable[[World], None]:
-    return lambda w: write_tree(w.repo, {k.replace("__", "/"): v for k, v in tree.items()})
-
-
-def bind_socket(w: World) -> None:
-    s = socket.socket(socket.AF_UNIX)
-    s.bind(str(w.repo / "agent.sock"))
-    w.sock = s
-
-
-def sparse(rel: str, size: int) -> Callable[[World], None]:
-    def make(w: World) -> None:
-        with open(w.repo / rel, "wb") as f:
-            f.truncate(size)
-    return make
-
-
 def packed(*names: str, present: bool = True) -> Callable[[World, object], None]:
     def after(w: World, r) -> None:
         paths = {f["path"] for f in json.loads(r.stdout)["files"]}
@@ -184,13 +152,6 @@ def packed(*names: str, present: bool = True) -> Callable[[World, object], None]
 
 def nothing_written(rel: str) -> Callable[[World, object], None]:
     return lambda w, r: not (w.tmp / rel).exists() or pytest.fail(f"{rel} was written")
-
-
-def hostile_git(w: World) -> None:
-    git_repo(w.repo, commit=["src/settings.py"])
-    marker = w.tmp / "pwned"
-    with open(w.repo / ".git" / "config", "a") as f:
-        f.write(f"[core]\n\tfsmonitor = touch {marker}; false\n")
 
 
 PACK = ("pack", "{repo}", "--json", "--no-cache")
@@ -317,64 +278,6 @@ def prefilled_again(w: World, r) -> None:
     assert w.rt.engines[-1].ids[: stats["context_tokens"]] == w.rt.engines[-2].ids[: stats["context_tokens"]]
 
 
-def flip_byte(entry: Path, w: World) -> None:
-    kv = entry / "kv.safetensors"
-    data = bytearray(kv.read_bytes())
-    data[-3] ^= 0xFF
-    kv.write_bytes(bytes(data))
-
-
-def edit_manifest(**changes) -> Callable[[Path, World], None]:
-    def edit(entry: Path, w: World) -> None:
-        m = json.loads((entry / "manifest.json").read_text())
-        for key, value in changes.items():
-            if key == "tokens":
-                m["meta"]["tokens"] = value
-            else:
-                m[key] = value
-        (entry / "manifest.json").write_text(json.dumps(m))
-    return edit
-
-
-def short_kv_valid_checksum(entry: Path, w: World) -> None:
-    """A whole, checksummed entry that holds fewer tokens than the context (a poisoned restore)."""
-    from safetensors.torch import load_file, save_file
-
-    from agent.ctxcache import ContextCache
-
-    key = entry.name
-    tensors = {k: v[: max(1, v.shape[0] // 2)] for k, v in load_file(entry / "kv.safetensors").items()}
-    meta = json.loads((entry / "manifest.json").read_text())["meta"]
-    ContextCache().save(key, tensors, meta)
-    del save_file
-
-
-def relink(name: str) -> Callable[[Path, World], None]:
-    """Move entry/name outside the cache and leave a link to it in its place."""
-    def move(entry: Path, w: World) -> None:
-        target = w.outside / f"moved-{name}"
-        os.replace(entry / name, target)
-        os.symlink(target, entry / name)
-    return move
-
-
-def entry_linked_outside(entry: Path, w: World) -> None:
-    target = w.outside / "entry"
-    os.replace(entry, target)
-    os.symlink(target, entry)
-
-
-def stray_temp(entry: Path, w: World) -> None:
-    tmp = entry.parent / ".tmp-999999999-dead"
-    tmp.mkdir()
-    (tmp / "kv.safetensors").write_bytes(b"\0" * (1 << 20))
-    os.utime(tmp, (0, 0))
-
-
-def write_text(name: str, text: str) -> Callable[[Path, World], None]:
-    return lambda entry, w: (entry / name).write_text(text)
-
-
 def no_temp_left(w: World, r) -> None:
     root = w.cache / "contexts"
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")] if root.is_dir() else True
@@ -411,24 +314,6 @@ CACHE_CASES = [
 @pytest.mark.parametrize("case", CACHE_CASES, ids=lambda c: c.id)
 def test_hostile_cache(world, record_property, case):
     battery_case(case, world, record_property)
-
-
-def tmpfs(options: str, fill: bool = False) -> Callable[[World], None]:
-    """Mount a small tmpfs as the cache dir (unmounted by the world fixture); fill: leave it full."""
-    def make(w: World) -> None:
-        w.cache.mkdir()
-        opts = options.replace("ro,", "")
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(w.cache)], capture_output=True)
-        if done.returncode:
-            pytest.skip(f"mount refused ({done.stderr.decode().strip()}): needs root in a mount namespace")
-        w.mounts.append(w.cache)
-        if fill:
-            with open(w.cache / "filler", "wb", buffering=0) as f, pytest.raises(OSError):
-                while True:
-                    f.write(b"\0" * 4096)
-        if "ro," in options:
-            subprocess.run(["mount", "-o", "remount,ro", str(w.cache)], check=True)
-    return make
 
 
 def clear_during_answer(w: World) -> None:
@@ -556,11 +441,6 @@ REAL_CASES = [
 @pytest.mark.parametrize("case", REAL_CASES, ids=lambda c: c.id)
 def test_hostile_input_real_model(real_world, record_property, case):
     battery_case(case, real_world, record_property)
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
 @pytest.mark.slow
