@@ -92,8 +92,10 @@ def candidate_blocks(smap, n_blocks: int, block_size: int, sink_blocks: int) -> 
     """bool [n_blocks]: the block holds packed source lines, is no sink, and ends inside the pack
     (a block that reaches into the question holds the question's own recency mass)."""
     ends = (np.arange(n_blocks) + 1) * block_size
-    files, lines = smap.locate_array(np.arange(n_blocks * block_size))
-    source = ((files >= 0) & (lines > 0)).reshape(n_blocks, block_size).any(1)
+    positions = np.arange(min(n_blocks * block_size, smap.total))  # past the pack no block is a candidate
+    files, lines = smap.locate_array(positions)
+    source = np.zeros(n_blocks, dtype=bool)
+    source[positions[(files >= 0) & (lines > 0)] // block_size] = True
     return source & (np.arange(n_blocks) >= sink_blocks) & (ends <= smap.total)
 
 

@@ -4,6 +4,7 @@ common CLI flags. Knows nothing of models or files beyond names and numbers.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 
@@ -73,6 +74,8 @@ class AskConfig:
             raise SettingError(f"gate sub-blocks must be >= 1 and divide the block size ({self.block_size})")
         if self.max_tokens < 0 or self.max_new_tokens < 1:
             raise SettingError("max tokens must be >= 0 and max new tokens >= 1")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise SettingError(f"--temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}")
 
 
 def auto_threshold(config: AskConfig) -> int:

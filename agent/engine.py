@@ -214,7 +214,9 @@ def sample(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None
     """Greedy at temperature 0, else temperature + nucleus (top_p) sampling on CPU."""
     if sampling.temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float().cpu() / sampling.temperature, -1)
+    logits = logits.float().cpu()
+    scaled = (logits - logits.max()) / sampling.temperature  # a temperature that underflows fp32: 0/0 at the max
+    probs = torch.softmax(scaled.nan_to_num(nan=0.0), -1)
     sorted_p, order = probs.sort(descending=True)
     keep = sorted_p.cumsum(-1) - sorted_p < sampling.top_p
     sorted_p = sorted_p * keep

@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import struct
 import tempfile
 import time
 from collections.abc import Iterator
@@ -165,7 +166,7 @@ def convert_gguf(gguf: Path, hf: Path) -> Path:
                 del model.config.quantization_config
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-    except (OSError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError, struct.error) as e:  # struct.error: a truncated GGUF header
         fix = "check the file and that the gguf and accelerate packages are installed"
         raise ModelError(f"cannot convert {gguf}: {first_line(e)}: {fix}") from e
     return hf

@@ -95,7 +95,7 @@ def resolve_paths(paths: list[str]) -> tuple[str, list[Path]]:
         except (OSError, RuntimeError):
             if os.path.lexists(p):
                 raise PackError(f"cannot resolve {p}: a broken symlink or a symlink loop") from None
-            raise PackError(f"path does not exist: {p}") from None
+            raise PackError(f"path not found: {p} (check the spelling, or cd to the repository)") from None
     bases = [str(r if r.is_dir() else r.parent) for r in resolved]
     return os.path.commonpath(bases), resolved
 

@@ -221,6 +221,7 @@ def dense_key_mass(q, positions, k, scale: float) -> torch.Tensor:
 def block_sum(mass: torch.Tensor, block_size: int) -> torch.Tensor:
     """[H, Tk] per-key mass -> [H, ceil(Tk / block_size)] per-block mass (the tail block included)."""
     H, Tk = mass.shape
+    block_size = min(block_size, max(Tk, 1))  # one block holds every key: pad to Tk, not to block_size
     nb = -(-Tk // block_size)
     return torch.nn.functional.pad(mass, (0, nb * block_size - Tk)).view(H, nb, block_size).sum(-1)
 

@@ -165,7 +165,10 @@ def check_fit(session, question: str = "") -> None:
     if cfg.max_new_tokens > rt.max_positions // 2 and answer_room > 0:
         raise click.ClickException(f"{head}: use --max-new-tokens {answer_room:,} or less")
     fit = rt.max_positions - cfg.max_new_tokens - asked - (session.context_len - session.pack.total_tokens)
-    raise click.ClickException(f"{head}: use --max-tokens {max(fit, 1):,} or less (0 fits the window), a lower "
+    if fit < 1:
+        raise click.ClickException(f"{head}, and no --max-tokens fits: the prompt, question and answer alone fill it; "
+                                   "use a model with a longer window, a lower --max-new-tokens or a shorter question")
+    raise click.ClickException(f"{head}: use --max-tokens {fit:,} or less (0 fits the window), a lower "
                                "--max-new-tokens, or a model with a longer window")
 
 

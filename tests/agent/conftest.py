@@ -35,14 +35,15 @@ def _byte_tokens() -> list[str]:
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
 
-def write_tiny_gguf(path: Path, layers=2, hidden=32, ffn=64, heads=4, kv_heads=2, seed=0) -> Path:
-    """A tiny random Llama GGUF that transformers loads (fp32 tensors, gpt2-style tokenizer)."""
+def write_tiny_gguf(path: Path, layers=2, hidden=32, ffn=64, heads=4, kv_heads=2, seed=0, context=512) -> Path:
+    """A tiny random Llama GGUF that transformers loads (fp32 tensors, gpt2-style tokenizer); `context`:
+    its window in positions."""
     import gguf
 
     tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *_byte_tokens(), "Ġt", "he"]
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(layers)
-    w.add_context_length(512)
+    w.add_context_length(context)
     w.add_embedding_length(hidden)
     w.add_feed_forward_length(ffn)
     w.add_head_count(heads)

@@ -110,7 +110,7 @@ def test_include_exclude_and_flags(env):
 
 def test_bad_inputs_exit_with_one_line(env, tmp_path):
     repo, _ = env
-    one_line_error(run(tmp_path / "missing"), "path does not exist")
+    one_line_error(run(tmp_path / "missing"), "path not found", "check the spelling")
     empty = tmp_path / "empty"
     empty.mkdir()
     git_repo(empty)

@@ -158,7 +158,7 @@ def test_secret_files_are_skipped_and_secret_values_redacted(tmp_path, run_pack)
 
 
 def test_missing_path_and_empty_repository(tmp_path, run_pack):
-    with pytest.raises(ingest.PackError, match="path does not exist: .*nope"):
+    with pytest.raises(ingest.PackError, match="path not found: .*nope"):
         run_pack(tmp_path / "nope")
     empty = tmp_path / "empty"
     empty.mkdir()
