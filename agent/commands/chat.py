@@ -10,7 +10,7 @@ import threading
 import click
 
 from agent import citations
-from agent.commands.common import check_paths, common_options, make_config, open_session
+from agent.commands.common import check_paths, common_options, make_config, open_session, print_notes
 from agent.render import AnswerStream, citation_lines, sources_block, strength_lines
 
 HELP = """commands:
@@ -54,10 +54,10 @@ def chat(paths, quiet, **kw):
             if _command(line, session, last) == "exit":
                 return
             continue
-        last = _answer(session, line) or last
+        last = _answer(session, line, quiet) or last
 
 
-def _answer(session, question: str):
+def _answer(session, question: str, quiet: bool):
     from agent.kvcache import CacheFullError
 
     try:
@@ -70,6 +70,8 @@ def _answer(session, question: str):
         return None
     if answer.interrupted:
         click.echo("[stopped]", err=True)
+    if not quiet:
+        print_notes(answer.notes)
     click.echo(sources_block(answer.citations), nl=False)
     return answer
 

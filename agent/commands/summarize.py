@@ -8,7 +8,7 @@ import click
 
 from agent import citations
 from agent.commands.ask import answer_json, stats_line
-from agent.commands.common import check_paths, common_options, make_config, open_session
+from agent.commands.common import check_paths, common_options, make_config, open_session, print_notes
 from agent.render import AnswerStream, sources_block, strength_lines
 
 
@@ -32,7 +32,7 @@ def summarize(paths, focus, as_json, quiet, **kw):
     """
     check_paths(paths)
     cfg, opts = make_config(kw)
-    session = open_session(paths, cfg, opts, "summarize", quiet or as_json, question=focus)
+    session = open_session(paths, cfg, opts, "summarize", quiet, question=focus)
     if as_json:
         answer = session.ask(focus)
         click.echo(json.dumps(answer_json(answer, session), indent=1))
@@ -46,4 +46,5 @@ def summarize(paths, focus, as_json, quiet, **kw):
     if strengths:
         click.echo("\nFiles by routing strength:\n" + "\n".join(strength_lines(strengths)))
     if not quiet:
+        print_notes(answer.notes)
         click.echo(stats_line(answer.stats), err=True)
