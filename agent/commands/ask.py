@@ -9,9 +9,11 @@ import os
 import click
 
 from agent.commands.common import (
+    absolute_paths_option,
     check_paths,
     check_writable,
     common_options,
+    for_display,
     make_config,
     open_session,
     print_notes,
@@ -25,13 +27,15 @@ from agent.render import AnswerStream, sources_block
 @click.option("--json", "as_json", is_flag=True, help="Print {answer, citations, stats} as JSON.")
 @click.option("--routing-map", type=click.Path(dir_okay=False, writable=True),
               help="Write a heat map of the routing (.html or .png).")
+@absolute_paths_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress or notes on stderr (--json keeps them there).")
-def ask(args, as_json, routing_map, quiet, **kw):
+def ask(args, as_json, routing_map, absolute_paths, quiet, **kw):
     """Answer QUESTION about the files under PATH... (ask is the default command).
 
     The whole repository is packed into one context and prefilled once (cached on disk for the
     next question). The answer streams to stdout, then the citations: the lines the attention
-    was routed to, and the path:line references the model wrote.
+    was routed to, and the path:line references the model wrote, with paths relative to the
+    current directory (--absolute-paths: absolute).
 
     \b
     Examples:
@@ -51,10 +55,10 @@ def ask(args, as_json, routing_map, quiet, **kw):
     cfg, opts = make_config(kw)
     session = open_session(paths, cfg, opts, "ask", quiet, question=question)
     if as_json:
-        answer = session.ask(question)
+        answer = for_display(session.ask(question), session, absolute_paths)
     else:
         with AnswerStream() as out:
-            answer = session.ask(question, on_token=out.write)
+            answer = for_display(session.ask(question, on_token=out.write), session, absolute_paths)
         click.echo(sources_block(answer.citations), nl=False)
     if not quiet:
         print_notes(answer.notes)

@@ -4,6 +4,7 @@ opening a session with progress on stderr, and turning known errors into one-lin
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -107,6 +108,30 @@ def check_paths(paths) -> None:
     for p in paths:
         if not os.path.exists(p):
             raise click.ClickException(f"path not found: {p} (check the spelling, or cd to the repository)")
+
+
+def absolute_paths_option(fn: Callable) -> Callable:
+    """The --absolute-paths flag of the commands that print citations."""
+    return click.option("--absolute-paths", is_flag=True,
+                        help="Print cited paths absolute. [default: relative to the current directory]")(fn)
+
+
+def for_display(answer, session, absolute: bool):
+    """`answer` with its citation paths made openable from here: relative to the current directory (the
+    pack keeps them relative to its root), or absolute."""
+    from agent.citations import relocate
+
+    return dataclasses.replace(answer, citations=relocate(answer.citations, session.pack.root, absolute))
+
+
+def file_strengths(answer, session, absolute: bool) -> dict[str, float]:
+    """Routing strength per file for `answer`, keyed by paths shown as `for_display` shows them."""
+    from agent.citations import display_path
+    from agent.citations import file_strengths as strengths
+
+    c = session.config
+    got = strengths(answer.recorder, session.smap, block_size=c.block_size, sink_blocks=c.sink_blocks)
+    return {display_path(p, session.pack.root, absolute): s for p, s in got.items()}
 
 
 def print_notes(notes) -> None:

@@ -47,7 +47,8 @@ def test_ask_is_the_default_command_and_streams_answer_then_citations(repo, fake
     assert "Traceback" not in r.stdout + r.stderr
 
 
-def test_json_schema_and_cache_hit_on_second_question(repo, fake):
+def test_json_schema_and_cache_hit_on_second_question(repo, fake, monkeypatch):
+    monkeypatch.chdir(repo)
     fake.answers = ["It is 7391046.", "Still 7391046."]
     first = json.loads(run("ask", repo, "What is MAGIC_NUMBER?", "--json", "--block-size", "64").stdout)
     assert set(first) == {"answer", "citations", "stats"}
@@ -67,7 +68,8 @@ def test_json_schema_and_cache_hit_on_second_question(repo, fake):
     assert len(fake.engines[1].prefills) == 1 and fake.engines[1].prefills[0] < context / 2  # only the question
 
 
-def test_text_citations_are_kept_only_when_the_source_map_resolves_them(repo, fake):
+def test_text_citations_are_kept_only_when_the_source_map_resolves_them(repo, fake, monkeypatch):
+    monkeypatch.chdir(repo)
     fake.answers = ["See settings.py:3 and src/app.py:2-4, not src/nope.py:1 or src/app.py:999."]
     r = json.loads(run("ask", repo, "where?", "--json", "--no-cache").stdout)
     text = {(c["path"], c["start_line"], c["end_line"]) for c in r["citations"] if c["source"] == "text"}
@@ -263,3 +265,23 @@ def test_a_slow_step_announces_itself_without_a_terminal(monkeypatch):
         pass
     time.sleep(0.2)
     assert lines == ["loading model ..."]
+
+
+def test_citation_paths_open_from_the_current_directory(repo, fake, monkeypatch):
+    monkeypatch.chdir(repo.parent)
+    fake.answers = ["It is 7391046 (src/settings.py:4).", "Again 7391046.", "Once more 7391046."]
+    shown = run("ask", "repo/src", "What is MAGIC_NUMBER?", "--no-cache", "--block-size", "64")
+    assert "  repo/src/settings.py:4" in shown.stdout and "  settings.py:4" not in shown.stdout
+    doc = json.loads(run("ask", "repo/src", "What?", "--json", "--no-cache", "--block-size", "64").stdout)
+    assert {c["path"] for c in doc["citations"]} == {"repo/src/settings.py"}
+    absolute = run("ask", "repo/src", "What?", "--json", "--no-cache", "--block-size", "64", "--absolute-paths")
+    paths = {c["path"] for c in json.loads(absolute.stdout)["citations"]}
+    assert paths == {str(repo / "src" / "settings.py")}
+
+
+def test_summarize_says_how_many_sections_cite_nothing(repo, fake):
+    fake.answers = ["Overview: a demo.\n\nSettings: RETRY and MAGIC_NUMBER (src/settings.py:3-4).\n\nApp: main."]
+    r = run("summarize", repo, "--json", "--no-cache", "--block-size", "64")
+    doc = json.loads(r.stdout)
+    assert "2 of 3 section(s) of the summary cite no lines of the pack" in " ".join(doc["stats"]["notes"])
+    assert "note: 2 of 3 section(s)" in r.stderr and any(p.endswith("src/settings.py") for p in doc["files"])
