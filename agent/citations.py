@@ -12,6 +12,7 @@ them. Nothing here renders; the CLI does. Knows no model, only a recorder and a 
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, replace
 
@@ -225,3 +226,20 @@ def file_strengths(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: 
                           max_lines=10**9, weights=weights, signal=signal):
         out[c.path] = out.get(c.path, 0.0) + c.score
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def display_path(path: str, root: str, absolute: bool = False, cwd: str | None = None) -> str:
+    """A pack path (relative to `root`) as the user can open it: relative to `cwd` (default: the current
+    directory), or absolute. Falls back to the absolute path where no relative one exists (another drive)."""
+    full = os.path.normpath(os.path.join(root, path))
+    if absolute:
+        return full
+    try:
+        return os.path.relpath(full, cwd or os.getcwd())
+    except ValueError:
+        return full
+
+
+def relocate(cites: list[Citation], root: str, absolute: bool = False, cwd: str | None = None) -> list[Citation]:
+    """`cites` with their paths made openable from `cwd` (`display_path`)."""
+    return [replace(c, path=display_path(c.path, root, absolute, cwd)) for c in cites]

@@ -12,6 +12,11 @@ ATTENTION = ("auto", "moba", "dense")
 AUTO_DENSE_FACTOR = 8  # "auto" is dense below AUTO_DENSE_FACTOR x top_k x block_size context tokens
 DENSE_LAYERS_CPU = (-3, -2, -1)  # the CPU default (bench/RESULTS.md, evaluation); none on CUDA
 QA_POLICIES = ("moba", "dense")
+ANSWER_ROOM = 1024  # tokens the default context budget keeps for the answer, whatever --max-new-tokens says
+MIN_ANSWER_ROOM = 32  # a question must leave the answer at least this many tokens of the window
+ANSWER_TOKENS = {"short": 256, "explain": 512, "summarize": 1024}  # default answer length by question type
+_EXPLAIN = re.compile(r"\s*(how|why|explain|describe|compare|walk|outline|list|summari[sz]e|what happens|"
+                      r"what are the steps)\b", re.IGNORECASE)
 
 
 class SettingError(ValueError):
@@ -36,7 +41,10 @@ class AskConfig:
     local_blocks: blocks just before a query's own block that it always attends (they take routed slots).
     gate_subblocks: the gate scores a block by the best of this many equal parts' mean keys.
     max_tokens: context budget; files are dropped by priority to fit (0: the model's limit).
-    max_new_tokens, temperature, top_p: decoding.
+    max_new_tokens: the longest answer (None: by question type, `answer_tokens`).
+    temperature, top_p: sampling.
+    repetition_penalty: divides the logits of the answer's recent tokens (1: off; agent.engine.Sampling).
+    repeat_stop: stop when the answer's tail is this many copies of one phrase (0: never).
     no_cache: do not read or write the context cache.
     device: "cpu", "cuda", "cuda:1"... (None: cuda when available).
     chunk_size: prefill chunk (None: 1024 on CPU, 16384 on CUDA).
@@ -53,9 +61,11 @@ class AskConfig:
     local_blocks: int = 0
     gate_subblocks: int = 1
     max_tokens: int = 0
-    max_new_tokens: int = 512
+    max_new_tokens: int | None = None
     temperature: float = 0.0
     top_p: float = 0.95
+    repetition_penalty: float = 1.1
+    repeat_stop: int = 3
     no_cache: bool = False
     device: str | None = None
     chunk_size: int | None = None
@@ -72,10 +82,31 @@ class AskConfig:
             raise SettingError(f"local blocks must be >= 0 and below top-k ({self.top_k}): they take routed slots")
         if self.gate_subblocks < 1 or self.block_size % self.gate_subblocks:
             raise SettingError(f"gate sub-blocks must be >= 1 and divide the block size ({self.block_size})")
-        if self.max_tokens < 0 or self.max_new_tokens < 1:
+        if self.max_tokens < 0 or (self.max_new_tokens is not None and self.max_new_tokens < 1):
             raise SettingError("max tokens must be >= 0 and max new tokens >= 1")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise SettingError(f"--temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}")
+        if self.repetition_penalty < 1 or self.repeat_stop < 0:
+            raise SettingError("repetition penalty must be >= 1 (1 is off) and repeat stop >= 0 (0 is off)")
+
+
+def answer_room(window: int) -> int:
+    """Tokens the default context budget keeps for the answer in a window of `window` positions:
+    ANSWER_ROOM, or a quarter of a small window. It never depends on --max-new-tokens, so the pack,
+    and with it the context cache key, stays the same whatever the answer length."""
+    return min(ANSWER_ROOM, window // 4)
+
+
+def answer_tokens(config: AskConfig, mode: str, question: str) -> int:
+    """The longest answer for `question`: config.max_new_tokens when given, else by question type
+    (ANSWER_TOKENS): "summarize" for a summary, "explain" for how/why/explain... questions and long
+    ones (over 40 words), "short" for the rest (what/where/which...)."""
+    if config.max_new_tokens:
+        return config.max_new_tokens
+    if mode == "summarize":
+        return ANSWER_TOKENS["summarize"]
+    explain = _EXPLAIN.match(question) or len(question.split()) > 40
+    return ANSWER_TOKENS["explain" if explain else "short"]
 
 
 def auto_threshold(config: AskConfig) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -27,6 +28,10 @@ from moba.capture import active_recorder
 from moba.hf import forced_dense
 
 DECODE_PATHS = ("auto", "dynamic", "static", "graph")
+PENALTY_WINDOW = 64  # the repetition penalty weighs the answer's last this many tokens (llama.cpp's default)
+REPEAT_CHECK_EVERY = 8  # tokens between two looks for a repeating tail (on the host, never in the step)
+REPEAT_MIN_SPAN = 32  # a repeating tail counts once its copies cover this many tokens
+REPEAT_MAX_PERIOD = 64  # the longest repeated phrase looked for, in tokens
 
 
 class MemoryBudgetError(Exception):
@@ -35,12 +40,20 @@ class MemoryBudgetError(Exception):
 
 @dataclass(frozen=True)
 class Sampling:
-    """Decoding settings. temperature 0 is greedy; top_p applies when temperature > 0."""
+    """Decoding settings. temperature 0 is greedy; top_p applies when temperature > 0.
+
+    repetition_penalty: logits of tokens among the answer's last PENALTY_WINDOW are divided by it
+        (multiplied when negative), as in CTRL; 1 is off. Only answer tokens count, never the context.
+    repeat_stop: stop once the answer's tail is this many copies in a row of one phrase (covering at
+        least REPEAT_MIN_SPAN tokens); 0 never stops.
+    """
 
     max_new_tokens: int = 512
     temperature: float = 0.0
     top_p: float = 0.95
     seed: int | None = None
+    repetition_penalty: float = 1.0
+    repeat_stop: int = 0
 
 
 def default_chunk_size(device: torch.device | str) -> int:
@@ -74,6 +87,7 @@ class Engine:
         self.last_logits: torch.Tensor | None = None
         self._decoder: StaticDecoder | None = None
         self.decode = decode
+        self.stop_reason = ""
 
     @property
     def decode(self) -> str:
@@ -134,15 +148,24 @@ class Engine:
         on_token: Callable[[int], bool | None] | None = None,
     ) -> list[int]:
         """Decode from `logits` (the prefill's last logits). Stops at a stop id, max_new_tokens,
-        or when on_token(token) returns True. Stop ids are not returned and not fed back."""
+        when on_token(token) returns True, or when the answer repeats itself (`Sampling.repeat_stop`).
+        Stop ids are not returned and not fed back. `stop_reason` then says which: "end", "length",
+        "callback" or "repetition"."""
         gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        guard = RepetitionGuard(sampling.repetition_penalty, sampling.repeat_stop)
         out: list[int] = []
+        self.stop_reason = "length"
         for _ in range(sampling.max_new_tokens):
-            tok = sample(logits, sampling, gen)
+            tok = sample(guard.penalize(logits), sampling, gen)
             if tok in stop_ids:
+                self.stop_reason = "end"
                 break
             out.append(tok)
             if on_token and on_token(tok):
+                self.stop_reason = "callback"
+                break
+            if guard.loops(tok, out):
+                self.stop_reason = "repetition"
                 break
             logits = self.step(tok)
         return out
@@ -221,6 +244,62 @@ def sample(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None
     keep = sorted_p.cumsum(-1) - sorted_p < sampling.top_p
     sorted_p = sorted_p * keep
     return int(order[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)])
+
+
+class RepetitionGuard:
+    """The repetition penalty and the loop stop of one answer.
+
+    The penalty keeps a bool mask [V] on the logits' device, set for the tokens among the last
+    PENALTY_WINDOW; the host keeps their counts. Marking a token writes one element, so nothing here
+    waits for the device. The loop stop compares token ids on the host every REPEAT_CHECK_EVERY tokens.
+    """
+
+    def __init__(self, penalty: float, copies: int):
+        self.penalty, self.copies = penalty, copies
+        self.mask: torch.Tensor | None = None
+        self.recent: deque[int] = deque()
+        self.counts: Counter[int] = Counter()
+        self.period = 0
+
+    def penalize(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.penalty == 1.0:
+            return logits
+        if self.mask is None:
+            self.mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            return logits
+        scaled = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
+        return torch.where(self.mask, scaled, logits)
+
+    def loops(self, token: int, out: list[int]) -> bool:
+        """Record `token` (the last of `out`); True when `out` ends in a loop (`period` is its phrase length)."""
+        if self.mask is not None:
+            self._remember(token)
+        if self.copies and len(out) % REPEAT_CHECK_EVERY == 0:
+            self.period = repeating_tail(out, self.copies)
+        return self.period > 0
+
+    def _remember(self, token: int) -> None:
+        self.recent.append(token)
+        self.counts[token] += 1
+        if self.counts[token] == 1:
+            self.mask[token] = True
+        if len(self.recent) > PENALTY_WINDOW:
+            old = self.recent.popleft()
+            self.counts[old] -= 1
+            if not self.counts[old]:
+                del self.counts[old]
+                self.mask[old] = False
+
+
+def repeating_tail(tokens: list[int], copies: int, min_span: int = REPEAT_MIN_SPAN,
+                   max_period: int = REPEAT_MAX_PERIOD) -> int:
+    """The length of the shortest phrase whose copies end `tokens`, at least `copies` of them in a row
+    and at least `min_span` tokens in all; 0 when there is none."""
+    for period in range(1, max_period + 1):
+        n = max(copies, -(-min_span // period))
+        if n * period <= len(tokens) and tokens[-n * period:] == tokens[-period:] * n:
+            return period
+    return 0
 
 
 def _cache_argument(model) -> str:

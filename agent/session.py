@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import prompts
 from agent import citations as cit
 from agent import headweights
-from agent.config import AskConfig
+from agent.config import AskConfig, answer_room, answer_tokens
 from agent.engine import Sampling
 from ingest import tokens
 from moba.capture import RoutingRecorder, capture_routing
@@ -63,6 +63,7 @@ class Answer:
     stats: dict
     recorder: RoutingRecorder | None = None
     interrupted: bool = False
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Session:
     """One packed context, prefilled once, asked many questions.
 
     mode: "ask" (the ask template), "chat" (plain turns) or "summarize".
+    notes: lines already stated about this session (the CLI's window check); answers add their own.
     """
 
     runtime: Runtime
@@ -93,11 +95,21 @@ class Session:
         self.head_weights: headweights.HeadWeights | None = None
         self._pending_save: str | None = None
         self.turn_ids: list[int] = []
+        self.notes: list[str] = []
         self.stats: dict = {"context_tokens": self.context_len, "cache_hit": False, "prefill_s": 0.0}
 
     def capacity(self) -> int:
-        reserve = self.config.max_new_tokens + (4096 if self.mode == "chat" else 1024)
-        return self.context_len + reserve
+        """KV cache tokens: the context, the room for turns (1024, 4096 in chat) and the longest answer
+        asked (`answer_room` by default), never more than the model's window."""
+        answer = self.config.max_new_tokens or answer_room(self.runtime.max_positions)
+        turns = 4096 if self.mode == "chat" else 1024
+        return min(self.context_len + turns + answer, max(self.runtime.max_positions, self.context_len + 1))
+
+    def answer_limit(self, question: str, used: int) -> int:
+        """The longest answer to `question` once `used` tokens fill the cache: `answer_tokens`, cut to
+        what is left of the window and the cache."""
+        left = min(self.runtime.max_positions, self.capacity()) - used
+        return max(1, min(answer_tokens(self.config, self.mode, question), left))
 
     def turn_length(self, question: str) -> int:
         """Tokens the first turn with `question` adds after the context (prompt frame included)."""
@@ -136,17 +148,19 @@ class Session:
             t0 = time.perf_counter()
             logits = self.engine.prefill(turn[start:])
             t1 = time.perf_counter()
-            tokens, text, stopped = self._decode(logits, on_token, should_stop)
+            limit = self.answer_limit(question, self.engine.length)
+            tokens, text, stopped = self._decode(logits, limit, on_token, should_stop)
         decode_s = time.perf_counter() - t1
         self.turn_ids = (turn + tokens)[: self.engine.length - self.context_len]
         self.history.append(Turn(question, text))
         self._save_cached(self._pending_save)  # after the first answer, so it never delays one
         self._pending_save = None
         cites = self._citations(rec, text)
+        reason = "interrupted" if stopped else getattr(self.engine, "stop_reason", "") or "end"
         stats = dict(self.stats, decode_tok_s=round(len(tokens) / max(decode_s, 1e-9), 2),
                      answer_tokens=len(tokens), question_tokens=len(turn) - start,
-                     question_s=round(t1 - t0, 3))
-        return Answer(text, tokens, cites, stats, rec, stopped)
+                     question_s=round(t1 - t0, 3), answer_limit=limit, stopped=reason)
+        return Answer(text, tokens, cites, stats, rec, stopped, _stop_notes(reason, limit, self.config, bool(self.notes)))
 
     def reset(self) -> None:
         """Forget the chat history; the context stays prefilled."""
@@ -154,7 +168,7 @@ class Session:
         self.engine.truncate(self.context_len)
         self.turn_ids = []
 
-    def _decode(self, logits, on_token, should_stop):
+    def _decode(self, logits, limit: int, on_token, should_stop):
         tok = self.runtime.tokenizer
         stop_text = None if self.runtime.chat else "\nQuestion:"  # a base model starts the next turn
         tokens: list[int] = []
@@ -170,7 +184,9 @@ class Session:
                 shown = visible
             return ended or bool(should_stop and should_stop())
 
-        sampling = Sampling(self.config.max_new_tokens, self.config.temperature, self.config.top_p)
+        c = self.config
+        sampling = Sampling(limit, c.temperature, c.top_p, repetition_penalty=c.repetition_penalty,
+                            repeat_stop=c.repeat_stop)
         self.engine.generate(logits, sampling, self.runtime.stop_ids, step)
         text = _cut(tok.decode(tokens, skip_special_tokens=True), stop_text)[0].rstrip()
         if on_token and len(text) > len(shown):
@@ -293,6 +309,24 @@ class Session:
         tensors = {k: v.contiguous() for k, v in self.engine.cache.export(self.context_len).items()}
         meta = dict(model=self.runtime.name, root=self.pack.root, tokens=self.context_len)
         self.ctx_cache.save(key, tensors, meta)
+
+
+def _stop_notes(reason: str, limit: int, config: AskConfig, warned: bool) -> list[str]:
+    """A note when the answer was cut: it looped, or it reached its length limit (`warned`: the cut by the
+    window was already stated before the run)."""
+    if reason == "repetition":
+        return ["the answer stopped because it was repeating itself (--repeat-stop 0 lets it run on, "
+                "--repetition-penalty above 1.1 steers away sooner)"]
+    if reason != "length":
+        return []
+    asked = config.max_new_tokens
+    if asked and asked > limit:
+        return [] if warned else [f"the answer stopped at {limit:,} tokens, all the window and cache leave after the "
+                                  f"context and question (--max-new-tokens {asked:,}): lower --max-tokens for more"]
+    if asked:
+        return []
+    return [f"the answer stopped at {limit:,} tokens, the default for this kind of question: --max-new-tokens "
+            "allows a longer one"]
 
 
 def _cut(text: str, stop: str | None) -> tuple[str, bool]:

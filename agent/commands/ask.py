@@ -8,7 +8,16 @@ import os
 
 import click
 
-from agent.commands.common import check_paths, check_writable, common_options, make_config, open_session
+from agent.commands.common import (
+    absolute_paths_option,
+    check_paths,
+    check_writable,
+    common_options,
+    for_display,
+    make_config,
+    open_session,
+    print_notes,
+)
 from agent.render import AnswerStream, sources_block
 
 
@@ -18,13 +27,15 @@ from agent.render import AnswerStream, sources_block
 @click.option("--json", "as_json", is_flag=True, help="Print {answer, citations, stats} as JSON.")
 @click.option("--routing-map", type=click.Path(dir_okay=False, writable=True),
               help="Write a heat map of the routing (.html or .png).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress or notes on stderr.")
-def ask(args, as_json, routing_map, quiet, **kw):
+@absolute_paths_option
+@click.option("-q", "--quiet", is_flag=True, help="No progress or notes on stderr (--json keeps them there).")
+def ask(args, as_json, routing_map, absolute_paths, quiet, **kw):
     """Answer QUESTION about the files under PATH... (ask is the default command).
 
     The whole repository is packed into one context and prefilled once (cached on disk for the
     next question). The answer streams to stdout, then the citations: the lines the attention
-    was routed to, and the path:line references the model wrote.
+    was routed to, and the path:line references the model wrote, with paths relative to the
+    current directory (--absolute-paths: absolute).
 
     \b
     Examples:
@@ -42,13 +53,15 @@ def ask(args, as_json, routing_map, quiet, **kw):
     if routing_map:
         check_routing_map(routing_map)
     cfg, opts = make_config(kw)
-    session = open_session(paths, cfg, opts, "ask", quiet or as_json, question=question)
+    session = open_session(paths, cfg, opts, "ask", quiet, question=question)
     if as_json:
-        answer = session.ask(question)
+        answer = for_display(session.ask(question), session, absolute_paths)
     else:
         with AnswerStream() as out:
-            answer = session.ask(question, on_token=out.write)
+            answer = for_display(session.ask(question, on_token=out.write), session, absolute_paths)
         click.echo(sources_block(answer.citations), nl=False)
+    if not quiet:
+        print_notes(answer.notes)
     if routing_map:
         from agent.routingmap import write_routing_map
 
@@ -74,12 +87,16 @@ def check_routing_map(path: str) -> None:
 
 def answer_json(answer, session) -> dict:
     """The --json document: answer, citations and stats. stats.notes: where the run differed from
-    what was asked (the lines stated on stderr); stats.citation_weights: "calibrated" or "uniform"."""
+    what was asked (the lines stated on stderr); stats.citation_weights: "calibrated" or "uniform";
+    stats.stopped: why the answer ended ("end", "length", "repetition", "interrupted"), stats.answer_limit
+    the most tokens it could take."""
     c = session.config
+    notes = [*session.runtime.notes, *session.notes, *answer.notes]
     stats = dict(context_tokens=session.context_len, prefill_s=answer.stats["prefill_s"],
                  decode_tok_s=answer.stats["decode_tok_s"], cache_hit=answer.stats["cache_hit"],
                  model=session.runtime.name, attention=c.attention, block_size=c.block_size, top_k=c.top_k,
-                 notes=list(session.runtime.notes), citation_weights=session.stats.get("citation_weights"))
+                 notes=notes, citation_weights=session.stats.get("citation_weights"),
+                 stopped=answer.stats["stopped"], answer_limit=answer.stats["answer_limit"])
     return {"answer": answer.text, "citations": [x.to_dict() for x in answer.citations], "stats": stats}
 
 

@@ -9,8 +9,17 @@ import threading
 
 import click
 
-from agent import citations
-from agent.commands.common import check_paths, common_options, make_config, open_session
+from agent.citations import display_path
+from agent.commands.common import (
+    absolute_paths_option,
+    check_paths,
+    common_options,
+    file_strengths,
+    for_display,
+    make_config,
+    open_session,
+    print_notes,
+)
 from agent.render import AnswerStream, citation_lines, sources_block, strength_lines
 
 HELP = """commands:
@@ -26,8 +35,9 @@ Ctrl-C stops the current answer, not the chat."""
 @click.command("chat")
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
 @common_options
+@absolute_paths_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress or notes on stderr.")
-def chat(paths, quiet, **kw):
+def chat(paths, absolute_paths, quiet, **kw):
     """Chat about the files under PATH...: the context is prefilled once, every turn reuses it.
 
     \b
@@ -51,13 +61,13 @@ def chat(paths, quiet, **kw):
         if not line:
             continue
         if line.startswith("/"):
-            if _command(line, session, last) == "exit":
+            if _command(line, session, last, absolute_paths) == "exit":
                 return
             continue
-        last = _answer(session, line) or last
+        last = _answer(session, line, quiet, absolute_paths) or last
 
 
-def _answer(session, question: str):
+def _answer(session, question: str, quiet: bool, absolute: bool):
     from agent.kvcache import CacheFullError
 
     try:
@@ -68,13 +78,16 @@ def _answer(session, question: str):
         click.echo(f"this turn does not fit the {free:,} tokens kept for the conversation: /reset to start "
                    "over, or ask something shorter", err=True)
         return None
+    answer = for_display(answer, session, absolute)
     if answer.interrupted:
         click.echo("[stopped]", err=True)
+    if not quiet:
+        print_notes(answer.notes)
     click.echo(sources_block(answer.citations), nl=False)
     return answer
 
 
-def _command(line: str, session, last) -> str | None:
+def _command(line: str, session, last, absolute: bool) -> str | None:
     cmd = line.split()[0].lower()
     if cmd in ("/exit", "/quit"):
         return "exit"
@@ -82,13 +95,14 @@ def _command(line: str, session, last) -> str | None:
         click.echo(HELP)
     elif cmd == "/files":
         for f in session.pack.files:
-            click.echo(f"  {f.path:<60} {f.tokens:>8,} tokens  {f.lines:>6,} lines")
+            path = display_path(f.path, session.pack.root, absolute)
+            click.echo(f"  {path:<60} {f.tokens:>8,} tokens  {f.lines:>6,} lines")
     elif cmd == "/tokens":
         used = session.engine.length
         click.echo(f"  context {session.context_len:,}  history {used - session.context_len:,}  "
                    f"free {session.capacity() - used:,} of {session.capacity():,}")
     elif cmd == "/citations":
-        _show_citations(session, last)
+        _show_citations(session, last, absolute)
     elif cmd == "/reset":
         session.reset()
         click.echo("  conversation cleared; the context stays prefilled")
@@ -97,14 +111,12 @@ def _command(line: str, session, last) -> str | None:
     return None
 
 
-def _show_citations(session, last) -> None:
+def _show_citations(session, last, absolute: bool) -> None:
     if last is None:
         click.echo("  no answer yet")
         return
     click.echo("\n".join(citation_lines(last.citations)) or "  no citations")
-    c = session.config
-    strengths = citations.file_strengths(last.recorder, session.smap, block_size=c.block_size,
-                                         sink_blocks=c.sink_blocks)
+    strengths = file_strengths(last, session, absolute)
     click.echo("routing strength per file:")
     click.echo("\n".join(strength_lines(strengths)) or "  none")
 

@@ -4,6 +4,7 @@ opening a session with progress on stderr, and turning known errors into one-lin
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -13,7 +14,17 @@ from collections.abc import Callable
 import click
 
 import ingest
-from agent.config import AUTO_DENSE_FACTOR, AskConfig, SettingError, auto_threshold, parse_layers, settle
+from agent.commands.progress import announce, track
+from agent.config import (
+    AUTO_DENSE_FACTOR,
+    MIN_ANSWER_ROOM,
+    AskConfig,
+    SettingError,
+    answer_room,
+    auto_threshold,
+    parse_layers,
+    settle,
+)
 from agent.paths import tokens_dir
 from agent.render import pack_notes
 
@@ -48,9 +59,15 @@ def common_options(fn: Callable) -> Callable:
                      show_default=True, help="The gate scores a block by the best of this many equal parts."),
         click.option("--max-tokens", type=click.IntRange(min=0), default=0,
                      help="Context budget in tokens; files are dropped by priority to fit. 0: the model's "
-                          "window less the answer and question room. [default: 0]"),
-        click.option("--max-new-tokens", type=click.IntRange(min=1), default=AskConfig.max_new_tokens,
-                     show_default=True, help="Longest answer."),
+                          "window less a fixed room for the question (512) and the answer (1024, a quarter of "
+                          "a smaller window), whatever --max-new-tokens says. [default: 0]"),
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+                     help="Longest answer; an answer longer than the window leaves stops there, with a note. "
+                          "[default: 256 for what/where questions, 512 for how/why/explain, 1024 for summaries]"),
+        click.option("--repetition-penalty", type=click.FloatRange(min=1), default=AskConfig.repetition_penalty,
+                     show_default=True, help="Divide the logits of the answer's last 64 tokens by this (1: off)."),
+        click.option("--repeat-stop", type=click.IntRange(min=0), default=AskConfig.repeat_stop, show_default=True,
+                     help="Stop the answer when it ends in this many copies of one phrase (0: never)."),
         click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
                      help="0 is greedy."),
         click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=AskConfig.top_p,
@@ -77,6 +94,7 @@ def make_config(kw: dict) -> tuple[AskConfig, ingest.PackOptions]:
             dense_layers=parse_layers(kw.pop("dense_layers")), qa_policy=kw.pop("qa_policy"),
             max_tokens=kw.pop("max_tokens"), max_new_tokens=kw.pop("max_new_tokens"),
             temperature=kw.pop("temperature"), top_p=kw.pop("top_p"), no_cache=kw.pop("no_cache"),
+            repetition_penalty=kw.pop("repetition_penalty"), repeat_stop=kw.pop("repeat_stop"),
             device=kw.pop("device"), chunk_size=kw.pop("chunk_size"), dtype=kw.pop("dtype"),
         )
         opts = ingest.PackOptions(include=kw.pop("include"), exclude=kw.pop("exclude"), drop=not kw.pop("no_drop"),
@@ -93,6 +111,36 @@ def check_paths(paths) -> None:
     for p in paths:
         if not os.path.exists(p):
             raise click.ClickException(f"path not found: {p} (check the spelling, or cd to the repository)")
+
+
+def absolute_paths_option(fn: Callable) -> Callable:
+    """The --absolute-paths flag of the commands that print citations."""
+    return click.option("--absolute-paths", is_flag=True,
+                        help="Print cited paths absolute. [default: relative to the current directory]")(fn)
+
+
+def for_display(answer, session, absolute: bool):
+    """`answer` with its citation paths made openable from here: relative to the current directory (the
+    pack keeps them relative to its root), or absolute."""
+    from agent.citations import relocate
+
+    return dataclasses.replace(answer, citations=relocate(answer.citations, session.pack.root, absolute))
+
+
+def file_strengths(answer, session, absolute: bool) -> dict[str, float]:
+    """Routing strength per file for `answer`, keyed by paths shown as `for_display` shows them."""
+    from agent.citations import display_path
+    from agent.citations import file_strengths as strengths
+
+    c = session.config
+    got = strengths(answer.recorder, session.smap, block_size=c.block_size, sink_blocks=c.sink_blocks)
+    return {display_path(p, session.pack.root, absolute): s for p, s in got.items()}
+
+
+def print_notes(notes) -> None:
+    """Each note as one `note: ...` line on stderr."""
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
 
 
 def check_writable(path: str, flag: str) -> None:
@@ -125,12 +173,14 @@ def open_session(paths, cfg: AskConfig, opts: ingest.PackOptions, mode: str, qui
             rt = runtime.load_runtime(cfg)
         for note in rt.notes:
             ui.console.print(f"note: {note}", highlight=False)
-        budget = cfg.max_tokens or max(256, rt.max_positions - cfg.max_new_tokens - RESERVE)
+        budget = context_budget(rt, cfg)
         options = ingest.PackOptions(**{**opts.__dict__, "max_tokens": budget})
         pk = ui.pack(paths, rt.tokenizer, options)
         given, cfg = cfg, _settle_runtime(rt, cfg, pk.total_tokens)
         session = Session(rt, pk, cfg, mode, None if cfg.no_cache else _context_cache())
-        check_fit(session, question)
+        session.notes = check_fit(session, question)
+        for note in session.notes:
+            ui.console.print(f"note: {note}", highlight=False, markup=False)
         ui.report_pack(pk, budget, session)
         ui.console.print(f"attention: {_describe(cfg)}{_why(given, cfg, pk.total_tokens)}", highlight=False)
         ui.prefill(session)
@@ -148,28 +198,38 @@ def _context_cache():
         raise click.ClickException(str(e).splitlines()[0]) from None
 
 
-def check_fit(session, question: str = "") -> None:
-    """Fail before prefill when the question exceeds the room the KV cache keeps for it, or the context,
-    the question and the longest answer exceed the model's window. Raises ClickException naming the flag."""
+def context_budget(rt, cfg: AskConfig) -> int:
+    """The pack's token budget: --max-tokens, else the window less RESERVE (prompt frame and question)
+    and `answer_room`; never --max-new-tokens, so the pack and its context cache entry stay the same
+    whatever the answer length. Raises ClickException, before anything is packed, for a --max-tokens
+    that would leave the question and answer no room in the model's window."""
+    most = max(256, rt.max_positions - RESERVE - answer_room(rt.max_positions))
+    if cfg.max_tokens > most:
+        raise click.ClickException(
+            f"--max-tokens {cfg.max_tokens:,} does not fit {rt.name}'s window of {rt.max_positions:,} positions "
+            f"with {RESERVE:,} tokens for the question and {answer_room(rt.max_positions):,} for the answer: use "
+            f"--max-tokens {most:,} or less (0 picks that), or a model with a longer window")
+    return cfg.max_tokens or most
+
+
+def check_fit(session, question: str = "") -> list[str]:
+    """Fail before prefill when the context and question leave the answer no room in the model's window
+    (ClickException naming the flag). Return a note when the answer asked for is longer than that room:
+    the answer will stop there."""
     rt, cfg = session.runtime, session.config
     asked = session.turn_length(question)
-    room = session.capacity() - session.context_len - cfg.max_new_tokens
-    if asked > room:
-        raise click.ClickException(f"the question takes {asked:,} tokens with its prompt; {room:,} fit beside the "
-                                   "context: shorten it (put long text in a file under PATH instead)")
-    if session.context_len + asked + cfg.max_new_tokens <= rt.max_positions:
-        return
-    head = (f"{session.context_len:,} context + {asked:,} question + {cfg.max_new_tokens:,} answer tokens exceed "
-            f"{rt.name}'s window of {rt.max_positions:,} positions")
-    answer_room = rt.max_positions - session.context_len - asked
-    if cfg.max_new_tokens > rt.max_positions // 2 and answer_room > 0:
-        raise click.ClickException(f"{head}: use --max-new-tokens {answer_room:,} or less")
-    fit = rt.max_positions - cfg.max_new_tokens - asked - (session.context_len - session.pack.total_tokens)
-    if fit < 1:
-        raise click.ClickException(f"{head}, and no --max-tokens fits: the prompt, question and answer alone fill it; "
-                                   "use a model with a longer window, a lower --max-new-tokens or a shorter question")
-    raise click.ClickException(f"{head}: use --max-tokens {fit:,} or less (0 fits the window), a lower "
-                               "--max-new-tokens, or a model with a longer window")
+    room = min(rt.max_positions, session.capacity()) - session.context_len - asked
+    if room < MIN_ANSWER_ROOM:
+        raise click.ClickException(
+            f"the question takes {asked:,} tokens with its prompt; {max(0, asked + room - MIN_ANSWER_ROOM):,} fit "
+            f"beside the context ({session.context_len:,} tokens) and a {MIN_ANSWER_ROOM}-token answer in "
+            f"{rt.name}'s window of {rt.max_positions:,} positions: shorten it (put long text in a file under PATH "
+            "instead) or lower --max-tokens")
+    if cfg.max_new_tokens and cfg.max_new_tokens > room:
+        return [f"--max-new-tokens {cfg.max_new_tokens:,} is more than the {room:,} tokens {rt.name}'s window "
+                f"of {rt.max_positions:,} leaves after the context and question: the answer stops there "
+                "(lower --max-tokens for more)"]
+    return []
 
 
 def _settle_runtime(rt, cfg: AskConfig, tokens: int) -> AskConfig:
@@ -197,21 +257,31 @@ def _why(cfg: AskConfig, resolved: AskConfig, tokens: int) -> str:
 
 
 class Progress:
-    """Progress bars and notes on stderr (rich); silent when quiet. NO_COLOR is honoured by rich."""
+    """Progress and notes on stderr (agent.commands.progress: a bar on a terminal, plain lines elsewhere);
+    silent when quiet. NO_COLOR is honoured by rich."""
 
     def __init__(self, quiet: bool):
         from rich.console import Console
 
         self.quiet = quiet
-        self.console = Console(stderr=True, quiet=quiet)
+        self.console = Console(stderr=True, quiet=quiet, soft_wrap=True)
 
     def status(self, text: str):
-        return self.console.status(text)
+        """A spinner on a terminal; elsewhere the text as a plain line once the step runs a few seconds."""
+        if self.quiet or sys.stderr.isatty():
+            return self.console.status(text)
+        return announce(self._plain, text)
+
+    def _plain(self, text: str) -> None:
+        self.console.print(text, highlight=False, markup=False)
+
+    def track(self, label: str, unit: str):
+        """A context manager giving update(done, total) for one long step."""
+        return track(self.console, label, unit, self.quiet)
 
     def pack(self, paths, tokenizer, options):
-        with self._bar("packing", "files") as (bar, task):
-            return ingest.pack(list(paths), tokenizer, options,
-                               progress=lambda d, t: bar.update(task, completed=d, total=t))
+        with self.track("packing", "files") as update:
+            return ingest.pack(list(paths), tokenizer, options, progress=update)
 
     def report_pack(self, pk, budget: int, session) -> None:
         self.console.print(f"packed {len(pk.files)} files, {pk.total_tokens:,} tokens (budget {budget:,}); "
@@ -222,8 +292,8 @@ class Progress:
             self.console.print(line, highlight=False, markup=False)
 
     def prefill(self, session) -> None:
-        with self._bar("prefill", "tokens") as (bar, task):
-            session.open(progress=lambda d, t: bar.update(task, completed=d, total=t), on_engine=self.kv_note)
+        with self.track("prefill", "tokens") as update:
+            session.open(progress=update, on_engine=self.kv_note)
         s = session.stats
         how = "context cache hit" if s["cache_hit"] else f"prefilled in {s['prefill_s']:.1f}s"
         self.console.print(f"{session.context_len:,} context tokens: {how}", highlight=False)
@@ -238,45 +308,3 @@ class Progress:
         self.console.print(f"KV cache: {engine.kv_bytes() / 2**20:,.0f} MiB = 2 x {c.num_hidden_layers} layers x "
                            f"{c.num_key_value_heads} KV heads x {head_dim} x {n:,} tokens x "
                            f"{engine.dtype.itemsize} B", highlight=False)
-
-    def _bar(self, label: str, unit: str):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            TaskProgressColumn,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        cols = [TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TaskProgressColumn(),
-                TimeRemainingColumn()]
-        if unit == "tokens":
-            cols.insert(4, TextColumn("{task.fields[rate]}"))
-        bar = _RichBar(cols, self.console, disable=self.quiet or not sys.stderr.isatty())
-        return bar
-
-
-class _RichBar:
-    def __init__(self, cols, console, disable: bool):
-        from rich.progress import Progress as RichProgress
-
-        self.p = RichProgress(*cols, console=console, transient=True, disable=disable)
-
-    def __enter__(self):
-        self.p.__enter__()
-        return _Updater(self.p), self.p.add_task("", total=None, rate="")
-
-    def __exit__(self, *exc):
-        return self.p.__exit__(*exc)
-
-
-class _Updater:
-    """Forwards update() to rich and adds a tokens/s field computed from rich's speed estimate."""
-
-    def __init__(self, progress):
-        self.p = progress
-
-    def update(self, task, **kw):
-        self.p.update(task, **kw)
-        speed = self.p.tasks[0].speed if self.p.tasks else None
-        self.p.update(task, rate=f"{speed:,.0f} tok/s" if speed else "")

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from functools import partial
 
 import click
 
 import ingest
 from agent.commands import common
+from agent.commands.progress import Ticker
 from agent.config import AskConfig, SettingError
 from agent.engine import MemoryBudgetError
 from agent.evaluate import report as rep
@@ -22,7 +22,7 @@ from agent.evaluate.configs import parse_specs
 from agent.evaluate.tasks import KINDS, TaskError, build_workspace
 
 DEFAULT_CONFIGS = "dense,moba,moba:qa=dense"
-PROGRESS_EVERY_S = 10.0
+PROGRESS_EVERY_S = 10.0  # questions take seconds each; one line per 10 s is enough
 
 
 @click.command("eval")
@@ -234,21 +234,18 @@ def _workspace(path, label, size, *, rt, ui, n_tasks, seed, include, exclude):
 
 
 class _QuestionLog:
-    """on_task callback: plain progress lines on stderr (no TTY needed), at the first question of a
-    config, then every PROGRESS_EVERY_S seconds with an ETA, and a line with the time taken at the end."""
+    """on_task callback: plain progress lines on stderr (no TTY needed, agent.commands.progress.Ticker),
+    at the first question of a config, then every PROGRESS_EVERY_S seconds with an ETA, and a line with
+    the time taken at the end."""
 
     def __init__(self, ui):
-        self.ui, self.t0, self.last = ui, 0.0, 0.0
+        self.ui, self.ticker = ui, None
 
     def __call__(self, unit, name: str, done: int, total: int) -> None:
-        now = time.perf_counter()
-        where = f"{unit.repo} @ {unit.context_tokens:,}, {name}"
         if done == 0:
-            self.t0 = self.last = now
-            self.ui.console.print(f"{where}: 0/{total} questions", highlight=False)
-        elif done >= total:
-            self.ui.console.print(f"{where}: {total} questions in {now - self.t0:.1f}s", highlight=False)
-        elif now - self.last >= PROGRESS_EVERY_S:
-            self.last = now
-            eta = (now - self.t0) / done * (total - done)
-            self.ui.console.print(f"{where}: {done}/{total} questions, ETA {eta:.0f}s", highlight=False)
+            self.ticker = Ticker(self._emit, f"{unit.repo} @ {unit.context_tokens:,}, {name}", "questions",
+                                 every_s=PROGRESS_EVERY_S, first=True, final=True)
+        self.ticker.update(done, total)
+
+    def _emit(self, text: str) -> None:
+        self.ui.console.print(text, highlight=False, markup=False)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import click
 
 import ingest
 from agent.catalog import ModelError
+from agent.commands.progress import track
 from agent.paths import tokens_dir
 from agent.render import pack_notes
 from ingest.records import DEFAULT_MAX_FILE_BYTES, MAX_FILE_BYTES_LIMIT
@@ -110,20 +110,11 @@ def _self_exclude(paths, output) -> tuple[str, ...]:
 
 
 def _run(paths, tokenizer, options, quiet: bool) -> ingest.Pack:
-    bar = None
-    if not quiet and sys.stderr.isatty():
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.console import Console
 
-        bar = Progress(TextColumn("packing"), BarColumn(), MofNCompleteColumn(), TextColumn("files"),
-                       console=Console(stderr=True), transient=True)
     try:
-        if bar is None:
-            return ingest.pack(list(paths), tokenizer, options)
-        with bar:
-            task = bar.add_task("pack", total=None)
-            return ingest.pack(list(paths), tokenizer, options,
-                               progress=lambda done, total: bar.update(task, completed=done, total=total))
+        with track(Console(stderr=True, soft_wrap=True), "packing", "files", quiet) as update:
+            return ingest.pack(list(paths), tokenizer, options, progress=update)
     except ingest.PackError as e:
         raise click.ClickException(str(e)) from None
 

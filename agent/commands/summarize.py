@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import json
+import re
 
 import click
 
 from agent import citations
 from agent.commands.ask import answer_json, stats_line
-from agent.commands.common import check_paths, common_options, make_config, open_session
+from agent.commands.common import (
+    absolute_paths_option,
+    check_paths,
+    common_options,
+    file_strengths,
+    for_display,
+    make_config,
+    open_session,
+    print_notes,
+)
 from agent.render import AnswerStream, sources_block, strength_lines
 
 
@@ -16,13 +26,17 @@ from agent.render import AnswerStream, sources_block, strength_lines
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
 @common_options
 @click.option("--focus", default="", help="What the summary should concentrate on.")
-@click.option("--json", "as_json", is_flag=True, help="Print {answer, citations, stats} as JSON.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress or notes on stderr.")
-def summarize(paths, focus, as_json, quiet, **kw):
+@click.option("--json", "as_json", is_flag=True, help="Print {answer, citations, files, stats} as JSON.")
+@absolute_paths_option
+@click.option("-q", "--quiet", is_flag=True, help="No progress or notes on stderr (--json keeps them there).")
+def summarize(paths, focus, as_json, absolute_paths, quiet, **kw):
     """Summarize the documents or code under PATH... in one pass over the whole text.
 
-    Every section of the summary cites its source; the files the attention was routed to are
-    listed with their routing strength.
+    The model is asked for an overview, then one short section per part, each ending with its
+    source as path:start-end. A reference it writes is kept as a citation only when those lines
+    are in the pack; a note says how many sections cite none (small models often skip them).
+    The lines the attention was routed to while reading the focus and the summary's first 48
+    tokens follow as routing citations, then every file by its routing strength.
 
     \b
     Examples:
@@ -32,18 +46,33 @@ def summarize(paths, focus, as_json, quiet, **kw):
     """
     check_paths(paths)
     cfg, opts = make_config(kw)
-    session = open_session(paths, cfg, opts, "summarize", quiet or as_json, question=focus)
+    session = open_session(paths, cfg, opts, "summarize", quiet, question=focus)
     if as_json:
         answer = session.ask(focus)
-        click.echo(json.dumps(answer_json(answer, session), indent=1))
+    else:
+        with AnswerStream() as out:
+            answer = session.ask(focus, on_token=out.write)
+    answer.notes.extend(uncited_note(answer.text, session.smap))
+    strengths = file_strengths(answer, session, absolute_paths)
+    answer = for_display(answer, session, absolute_paths)
+    if not quiet:
+        print_notes(answer.notes)
+    if as_json:
+        doc = answer_json(answer, session)
+        click.echo(json.dumps({**doc, "files": {p: round(s, 4) for p, s in strengths.items()}}, indent=1))
         return
-    with AnswerStream() as out:
-        answer = session.ask(focus, on_token=out.write)
     click.echo(sources_block(answer.citations), nl=False)
-    c = session.config
-    strengths = citations.file_strengths(answer.recorder, session.smap, block_size=c.block_size,
-                                         sink_blocks=c.sink_blocks)
     if strengths:
         click.echo("\nFiles by routing strength:\n" + "\n".join(strength_lines(strengths)))
     if not quiet:
         click.echo(stats_line(answer.stats), err=True)
+
+
+def uncited_note(text: str, smap) -> list[str]:
+    """A note when sections of the summary (its blank-line separated paragraphs) cite no packed lines."""
+    sections = [s for s in re.split(r"\n\s*\n", text) if s.strip()]
+    bare = sum(not citations.from_text(s, smap) for s in sections)
+    if not bare:
+        return []
+    return [f"{bare} of {len(sections)} section(s) of the summary cite no lines of the pack; see the routing "
+            "citations and the files by routing strength"]

@@ -50,14 +50,17 @@ class FakeEngine:
 
     def generate(self, logits, sampling, stop_ids=frozenset(), on_token=None):
         text = self.rt.answers.pop(0) if self.rt.answers else "no more canned answers"
+        ids = self.rt.tokenizer(text, add_special_tokens=False)["input_ids"]
+        self.stop_reason = "length" if len(ids) > sampling.max_new_tokens else "end"
         out = []
-        for tok in self.rt.tokenizer(text, add_special_tokens=False)["input_ids"][: sampling.max_new_tokens]:
+        for tok in ids[: sampling.max_new_tokens]:
             out.append(tok)
             self.ids.append(tok)
             self._record(len(self.ids) - 1, len(self.ids))
             if self.rt.on_token_hook:
                 self.rt.on_token_hook(len(out))
             if on_token and on_token(tok):
+                self.stop_reason = "callback"
                 break
         return out
 

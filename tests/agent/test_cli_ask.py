@@ -47,13 +47,16 @@ def test_ask_is_the_default_command_and_streams_answer_then_citations(repo, fake
     assert "Traceback" not in r.stdout + r.stderr
 
 
-def test_json_schema_and_cache_hit_on_second_question(repo, fake):
+def test_json_schema_and_cache_hit_on_second_question(repo, fake, monkeypatch):
+    monkeypatch.chdir(repo)
     fake.answers = ["It is 7391046.", "Still 7391046."]
     first = json.loads(run("ask", repo, "What is MAGIC_NUMBER?", "--json", "--block-size", "64").stdout)
     assert set(first) == {"answer", "citations", "stats"}
     assert set(first["stats"]) == {"context_tokens", "prefill_s", "decode_tok_s", "cache_hit", "model",
-                                   "attention", "block_size", "top_k", "notes", "citation_weights"}
+                                   "attention", "block_size", "top_k", "notes", "citation_weights", "stopped",
+                                   "answer_limit"}
     assert first["stats"]["cache_hit"] is False and first["stats"]["block_size"] == 64
+    assert first["stats"]["stopped"] == "end" and first["stats"]["answer_limit"] == 256  # a what-question
     cite = first["citations"][0]
     assert set(cite) == {"path", "start_line", "end_line", "score", "source"}
     assert (cite["path"], cite["start_line"], cite["source"]) == ("src/settings.py", 4, "routing")
@@ -65,7 +68,8 @@ def test_json_schema_and_cache_hit_on_second_question(repo, fake):
     assert len(fake.engines[1].prefills) == 1 and fake.engines[1].prefills[0] < context / 2  # only the question
 
 
-def test_text_citations_are_kept_only_when_the_source_map_resolves_them(repo, fake):
+def test_text_citations_are_kept_only_when_the_source_map_resolves_them(repo, fake, monkeypatch):
+    monkeypatch.chdir(repo)
     fake.answers = ["See settings.py:3 and src/app.py:2-4, not src/nope.py:1 or src/app.py:999."]
     r = json.loads(run("ask", repo, "where?", "--json", "--no-cache").stdout)
     text = {(c["path"], c["start_line"], c["end_line"]) for c in r["citations"] if c["source"] == "text"}
@@ -204,3 +208,80 @@ def test_auto_attention_is_dense_for_a_small_context_and_says_so(repo, fake):
     assert "attention: moba, block 4, top-k 2, 1 sink block(s), dense layers -3,-2,-1 (auto:" in sparse.stderr
     forced = run("ask", repo, "What is MAGIC_NUMBER?", "--json", "--no-cache", "--attention", "moba")
     assert json.loads(forced.stdout)["stats"]["attention"] == "moba"
+
+
+def test_answer_length_does_not_change_the_pack_so_the_context_cache_hits(tmp_path, fake):
+    files = {f"src/mod{i}.py": "".join(f"def f{i}_{j}():\n    return {j}\n" for j in range(12)) for i in range(12)}
+    big = write_tree(tmp_path / "big", files)
+    fake.max_positions, fake.answers = 1400, ["short", "longer"]
+    first = run("ask", big, "What is f3_2?", "--json", "--max-new-tokens", "50")
+    second = run("ask", big, "What is f3_2?", "--json", "--max-new-tokens", "300")
+    one, two = json.loads(first.stdout)["stats"], json.loads(second.stdout)["stats"]
+    assert one["cache_hit"] is False and two["cache_hit"] is True
+    assert one["context_tokens"] == two["context_tokens"]
+    assert " 0 dropped" not in first.stderr  # over budget: the budget decides what is packed
+
+
+@pytest.mark.parametrize("extra", [[], ["--json"]])
+def test_progress_without_a_terminal_is_plain_lines_on_stderr(repo, fake, monkeypatch, extra):
+    monkeypatch.setattr("agent.commands.progress.PROGRESS_EVERY_S", 0.0)
+    fake.answers = ["7391046"]
+    r = run("ask", repo, "What is MAGIC_NUMBER?", "--no-cache", *extra)
+    assert r.exit_code == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert any(line.startswith("packing: ") and " files" in line for line in lines)
+    prefill = [line for line in lines if line.startswith("prefill: ")]
+    assert prefill and "tokens" in prefill[-1] and "\x1b" not in r.stderr
+    quiet = run("ask", repo, "What is MAGIC_NUMBER?", "--no-cache", "-q", *extra)
+    assert quiet.stderr == ""
+
+
+def test_ticker_lines_carry_rate_and_eta(monkeypatch):
+    from agent.commands import progress
+
+    clock = iter([0.0, 1.0, 2.0, 3.0, 9.0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    lines = []
+    t = progress.Ticker(lines.append, "prefill", "tokens", every_s=5.0)
+    t.update(100, 1000)
+    t.update(200, 1000)
+    t.update(600, 1000)
+    t.update(800, 1000)
+    assert lines == ["prefill: 800/1,000 tokens (80%), 89 tokens/s, ETA 2s"]  # t=9s, 5 s after the start
+
+
+def test_a_slow_step_announces_itself_without_a_terminal(monkeypatch):
+    import time
+
+    from agent.commands import common, progress
+
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.05)
+    lines = []
+    ui = common.Progress(quiet=False)
+    monkeypatch.setattr(ui, "_plain", lines.append)
+    with ui.status("loading model"):
+        time.sleep(0.5)
+    with ui.status("quick"):
+        pass
+    time.sleep(0.2)
+    assert lines == ["loading model ..."]
+
+
+def test_citation_paths_open_from_the_current_directory(repo, fake, monkeypatch):
+    monkeypatch.chdir(repo.parent)
+    fake.answers = ["It is 7391046 (src/settings.py:4).", "Again 7391046.", "Once more 7391046."]
+    shown = run("ask", "repo/src", "What is MAGIC_NUMBER?", "--no-cache", "--block-size", "64")
+    assert "  repo/src/settings.py:4" in shown.stdout and "  settings.py:4" not in shown.stdout
+    doc = json.loads(run("ask", "repo/src", "What?", "--json", "--no-cache", "--block-size", "64").stdout)
+    assert {c["path"] for c in doc["citations"]} == {"repo/src/settings.py"}
+    absolute = run("ask", "repo/src", "What?", "--json", "--no-cache", "--block-size", "64", "--absolute-paths")
+    paths = {c["path"] for c in json.loads(absolute.stdout)["citations"]}
+    assert paths == {str(repo / "src" / "settings.py")}
+
+
+def test_summarize_says_how_many_sections_cite_nothing(repo, fake):
+    fake.answers = ["Overview: a demo.\n\nSettings: RETRY and MAGIC_NUMBER (src/settings.py:3-4).\n\nApp: main."]
+    r = run("summarize", repo, "--json", "--no-cache", "--block-size", "64")
+    doc = json.loads(r.stdout)
+    assert "2 of 3 section(s) of the summary cite no lines of the pack" in " ".join(doc["stats"]["notes"])
+    assert "note: 2 of 3 section(s)" in r.stderr and any(p.endswith("src/settings.py") for p in doc["files"])

@@ -111,12 +111,23 @@ def test_broken_config_json_is_a_one_line_error(repo, tmp_path, monkeypatch):
     assert_clean_error(invoke(repo, "q?", "-m", bad, "--device", "cpu"), 1, str(bad))
 
 
-@pytest.mark.parametrize("flag,value", [("--max-tokens", 1_000_000_000), ("--max-new-tokens", 1_000_000_000)])
-def test_window_is_checked_before_prefill(repo, fake, flag, value):
-    fake.max_positions = 600
-    r = invoke(repo, "q?", flag, value)
-    assert_clean_error(r, 1, "fake-model's window of 600 positions", "--max-tokens", "--max-new-tokens")
+def test_max_tokens_over_the_window_is_refused_before_packing(repo, fake, monkeypatch):
+    fake.max_positions = 4096
+    monkeypatch.setattr("ingest.pack", lambda *a, **k: pytest.fail("packed before the window check"))
+    r = invoke(repo, "q?", "--max-tokens", 40_000)
+    assert_clean_error(r, 1, "--max-tokens 40,000 does not fit fake-model's window of 4,096 positions",
+                       "use --max-tokens 2,560 or less")
     assert fake.engines == []  # no KV cache made, nothing prefilled
+
+
+def test_an_answer_longer_than_the_window_leaves_is_a_note_not_an_error(repo, fake):
+    fake.max_positions, fake.answers = 1400, ["7391046 " * 400]
+    r = invoke(repo, "q?", "--max-new-tokens", 1_000_000_000, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert "note: --max-new-tokens 1,000,000,000 is more than the" in r.stderr and "the answer stops there" in r.stderr
+    stats = json.loads(r.stdout)["stats"]
+    assert stats["stopped"] == "length" and stats["context_tokens"] + stats["answer_limit"] < 1400
+    assert fake.engines[0].capacity <= 1400 and any("--max-new-tokens" in n for n in stats["notes"])
 
 
 def test_the_default_budget_fits_the_window(repo, fake):

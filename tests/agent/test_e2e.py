@@ -19,6 +19,7 @@ QUESTION = "What is the value of MAGIC_NUMBER? Answer with the number."
 def test_ask_recalls_the_planted_constant_then_hits_the_context_cache(smollm2_path, tmp_path, monkeypatch):
     monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(tmp_path / "cache"))
     repo = planted_repo(tmp_path / "repo", modules=4, funcs=11)
+    monkeypatch.chdir(repo)  # citation paths are relative to the current directory
     args = [str(repo), QUESTION, "--json", "--max-new-tokens", "20", "-m", str(smollm2_path), "--attention", "moba"]
     first = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert first.exit_code == 0, first.stderr
