@@ -219,6 +219,12 @@ def check_fit(session, question: str = "") -> list[str]:
     rt, cfg = session.runtime, session.config
     asked = session.turn_length(question)
     room = min(rt.max_positions, session.capacity()) - session.context_len - asked
+    prompt_only = session.context_len - session.pack.total_tokens + asked  # template and question, no files
+    if rt.max_positions - prompt_only < MIN_ANSWER_ROOM:
+        raise click.ClickException(
+            f"{rt.name}'s window of {rt.max_positions:,} positions cannot hold the prompt and question ({prompt_only:,} "
+            f"tokens) and a {MIN_ANSWER_ROOM}-token answer even with no file: no --max-tokens fits; use a model "
+            "with a longer window or a shorter question")
     if room < MIN_ANSWER_ROOM:
         raise click.ClickException(
             f"the question takes {asked:,} tokens with its prompt; {max(0, asked + room - MIN_ANSWER_ROOM):,} fit "

@@ -33,7 +33,7 @@ class FakeEngine:
     def __init__(self, runtime: FakeRuntime, capacity: int):
         self.rt, self.capacity, self.ids = runtime, capacity, []
         self.cache = self
-        self.found: int | None = None  # the target's token index, kept while the ids before it stay
+        self._target_at: int | None = None  # the target's token index, kept while the ids before it stay
         self.prefills: list[int] = []
 
     @property
@@ -66,8 +66,8 @@ class FakeEngine:
 
     def truncate(self, n):
         del self.ids[n:]
-        if self.found is not None and self.found >= n:
-            self.found = None
+        if self._target_at is not None and self._target_at >= n:
+            self._target_at = None
 
     config = type("Cfg", (), dict(num_hidden_layers=2, num_key_value_heads=1, head_dim=4))
     dtype = torch.float32
@@ -79,7 +79,7 @@ class FakeEngine:
         return {f"k.{i}": torch.tensor(self.ids[:n]) for i in range(2)} | {f"v.{i}": torch.zeros(n) for i in range(2)}
 
     def restore(self, tensors):
-        self.ids, self.found = tensors["k.0"].tolist(), None
+        self.ids, self._target_at = tensors["k.0"].tolist(), None
         return len(self.ids)
 
     def _record(self, start: int, end: int) -> None:
@@ -98,11 +98,11 @@ class FakeEngine:
         rec.add_key_mass(mass)
 
     def _target(self) -> int | None:
-        if self.found is None:
+        if self._target_at is None:
             tok = self.rt.tokenizer
-            self.found = next((i for i in range(len(self.ids)) if self.rt.target in tok.decode(self.ids[: i + 1])),
+            self._target_at = next((i for i in range(len(self.ids)) if self.rt.target in tok.decode(self.ids[: i + 1])),
                               None)
-        return self.found
+        return self._target_at
 
 
 class FakeRuntime(Runtime):
