@@ -15,6 +15,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ingest.tokens import pid_alive
+
 _READ = 8 << 20
 _EDGE = 64 << 10
 _OWNER = re.compile(r"\.[a-z]+-p(\d+)-")
@@ -29,17 +31,6 @@ def owner_pid(name: str) -> int | None:
     """The writer's pid in a `temp_name`, or None for a name without one."""
     m = _OWNER.match(name)
     return int(m.group(1)) if m else None
-
-
-def pid_alive(pid: int) -> bool:
-    """True when a process with this pid exists (ours included)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def abandoned(path: Path, now: float, max_age: float) -> bool:

@@ -276,11 +276,12 @@ def _sweep(directory: Path) -> None:
     """Remove temp files whose writer (the pid in the name) is dead."""
     for path in _files(directory):
         m = _OWNER.match(path.name)
-        if m and not _alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             _unlink(path)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True when a process with this pid exists (ours included): its temp files are not abandoned."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
