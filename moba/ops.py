@@ -30,8 +30,6 @@ _LOADERS: dict[str, Callable[[], MobaKernel]] = {
     "naive": lambda: naive_moba_attention,
 }
 BACKENDS = ("auto", *_LOADERS)
-DEFAULT_LEVERS = {"local_blocks": 0, "gate_subblocks": 1}  # gate options and their neutral values
-TRITON_LEVERS: frozenset[str] = frozenset()  # the gate options the Triton kernels implement
 _backend = "auto"
 
 
@@ -106,12 +104,12 @@ def moba_routing(
 
 def backend_for(q: torch.Tensor, local_blocks: int = 0, gate_subblocks: int = 1) -> str:
     """The backend a call with query q uses: the forced one, else "triton" on CUDA when Triton
-    imports and the Triton kernels implement the gate options (`TRITON_LEVERS`), else "portable"."""
+    imports and the gate is the plain one (the Triton kernels implement neither local blocks nor
+    sub-block gates), else "portable"."""
     if _backend != "auto":
         return _backend
-    levers = dict(local_blocks=local_blocks, gate_subblocks=gate_subblocks)
-    served = all(levers[n] == d or n in TRITON_LEVERS for n, d in DEFAULT_LEVERS.items())
-    return "triton" if q.is_cuda and served and _triton_available() else "portable"
+    plain_gate = local_blocks == 0 and gate_subblocks == 1
+    return "triton" if q.is_cuda and plain_gate and _triton_available() else "portable"
 
 
 def _resolve(q: torch.Tensor, **levers) -> MobaKernel:
