@@ -89,6 +89,9 @@ def runtime_notes(config: AskConfig, model, info, device: str) -> list[str]:
                      "computed densely, not MoBA")
     if device.startswith("cuda"):
         notes += _kernel_notes(info)
+        if config.local_blocks or config.gate_subblocks != 1:
+            notes.append("--local-blocks/--gate-subblocks: the Triton kernels implement the plain gate only, so "
+                         "MoBA runs on the portable PyTorch path (slower)")
     return notes
 
 

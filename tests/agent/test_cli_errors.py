@@ -213,6 +213,9 @@ def test_runtime_notes_name_sliding_windows_and_the_portable_path():
     assert any("head dim 80" in n and "portable" in n for n in notes)
     info.dtype, info.head_dim = torch.bfloat16, 128
     assert not any("portable" in n for n in runtime_notes(AskConfig(device="cuda"), model, info, "cuda"))
+    for levers in (dict(local_blocks=1), dict(gate_subblocks=2)):
+        notes = runtime_notes(AskConfig(device="cuda", **levers), model, info, "cuda")
+        assert any("--local-blocks/--gate-subblocks" in n and "portable" in n for n in notes)
 
 
 def test_a_turn_that_overflows_the_chat_cache_is_a_message_not_a_crash(repo, fake, monkeypatch):
