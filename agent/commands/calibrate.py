@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import click
@@ -75,7 +74,7 @@ def calibrate(repos, n_tasks, context_tokens, seed, top_heads, dense_layers, out
         hw = cal.calibrate(samples, model=rt.name, identity=identity, cfg=cfg, repos=list(repos), top_heads=counts)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    _write(output, hw.to_json())
+    common.write_json(output, hw.to_json())
     m = hw.meta["metrics"]
     click.echo(f"{output}: {len(hw.weights)} heads, signal {hw.signal}, {len(samples)} tasks; block hit@1 "
                f"{m['chosen']['block_hit_at_1']} (every head alike: {m['uniform']['block_hit_at_1']}, "
@@ -123,14 +122,3 @@ def _workspace(repo, rt, ui, context_tokens, n_tasks, seed, include, exclude):
         raise click.ClickException(str(e)) from None
 
 
-def _write(path: str, doc: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise click.ClickException(f"cannot write {path}: {e.strerror}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import sys
 import tempfile
@@ -141,6 +142,20 @@ def print_notes(notes) -> None:
     """Each note as one `note: ...` line on stderr."""
     for note in notes:
         click.echo(f"note: {note}", err=True)
+
+
+def write_json(path: str, doc: dict, flag: str = "-o") -> None:
+    """Write the document whole or not at all (a run killed mid-write keeps the previous file)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise click.ClickException(f"cannot write {flag} {path}: {e.strerror}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def check_writable(path: str, flag: str) -> None:

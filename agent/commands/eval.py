@@ -117,7 +117,7 @@ def _run(rt, units, cfg: AskConfig, specs, seed: int, ui, output: str | None) ->
     def save(tasks, timings, complete=False):
         doc = rep.build(tasks, timings, names, dict(meta, complete=complete), seed)
         if output:
-            _write(output, doc)
+            common.write_json(output, doc)
         return doc
 
     tasks, timings = runner.run(rt, units, cfg, specs, seed=seed, open_session=ui.prefill,
@@ -125,15 +125,6 @@ def _run(rt, units, cfg: AskConfig, specs, seed: int, ui, output: str | None) ->
     return save(tasks, timings, complete=True)
 
 
-def _write(path: str, doc: dict) -> None:
-    """Write the document whole or not at all (a run killed mid-write keeps the previous one)."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise click.ClickException(f"cannot write -o {path}: {e.strerror}") from None
 
 
 def _sizes(text: str) -> list[int]:

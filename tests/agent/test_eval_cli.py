@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from agent.cli import cli
+from agent.commands import common
 from agent.evaluate.report import HEADLINE, RATES
 from agent.evaluate.tasks import FUNCTION, build_workspace
 from tests.agent.fakes import FakeEngine, FakeRuntime
@@ -210,13 +211,13 @@ def test_bad_paths_are_one_line_errors(tmp_path, oracle):
 
 def test_output_is_rewritten_after_each_workspace_and_marked_complete_at_the_end(tmp_path, repo, oracle,
                                                                                  monkeypatch):
-    from agent.commands import eval as eval_cmd
 
     other = make_repo(tmp_path / "other" / "repo")
     oracle.tasks = build_workspace(str(repo), oracle.tokenizer, context_tokens=20000, n_tasks=5, seed=3).tasks
     written = []
-    real = eval_cmd._write
-    monkeypatch.setattr(eval_cmd, "_write", lambda path, doc: (written.append(json.loads(json.dumps(doc))), real(path, doc)))
+    real = common.write_json
+    monkeypatch.setattr(common, "write_json",
+                        lambda path, doc, *a: (written.append(json.loads(json.dumps(doc))), real(path, doc, *a)))
     out = tmp_path / "run.json"
     r = run("eval", repo, other, *ARGS, "--tasks", "10", "--context-tokens", "20000", "-o", out)
     assert r.exit_code == 0, r.stderr
