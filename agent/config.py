@@ -40,6 +40,9 @@ class AskConfig:
         or "moba".
     local_blocks: blocks just before a query's own block that it always attends (they take routed slots).
     gate_subblocks: the gate scores a block by the best of this many equal parts' mean keys.
+    head_weights: citation head weights: None for the model's shipped file (every head alike, with a
+        note, when it has none), "uniform" for every head alike, else a weights file written by
+        `moba-ask calibrate` (a file that cannot be used is an error, not a fallback).
     max_tokens: context budget; files are dropped by priority to fit (0: the model's limit).
     max_new_tokens: the longest answer (None: by question type, `answer_tokens`).
     temperature, top_p: sampling.
@@ -60,6 +63,7 @@ class AskConfig:
     qa_policy: str = "dense"
     local_blocks: int = 0
     gate_subblocks: int = 1
+    head_weights: str | None = None
     max_tokens: int = 0
     max_new_tokens: int | None = None
     temperature: float = 0.0

@@ -120,6 +120,21 @@ def for_model(model: str, *, layers: int, heads: int, block_size: int) -> tuple[
     return hw, ""
 
 
+UNIFORM = "uniform"
+
+
+def chosen(spec: str | None, model: str, *, layers: int, heads: int, block_size: int) -> tuple[HeadWeights | None, str]:
+    """The weights a run asked for: spec None -> `for_model` (fallback with a note); "uniform" -> (None,
+    ""); else the file at spec, which must fit the model. Raises WeightsError for a file that does not."""
+    if spec is None:
+        return for_model(model, layers=layers, heads=heads, block_size=block_size)
+    if spec == UNIFORM:
+        return None, ""
+    hw = read(Path(spec))
+    check(hw, layers=layers, heads=heads, block_size=block_size, source=spec)
+    return hw, ""
+
+
 def note_once(message: str) -> None:
     """Print `moba-ask: note: <message>` on stderr, once per process per message."""
     if message and message not in _NOTED:

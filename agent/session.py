@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import prompts
 from agent import citations as cit
 from agent import headweights
-from agent.config import AskConfig, answer_room, answer_tokens
+from agent.config import AskConfig, SettingError, answer_room, answer_tokens
 from agent.engine import Sampling
 from ingest import tokens
 from moba.capture import RoutingRecorder, capture_routing
@@ -208,11 +208,16 @@ class Session:
         return RoutingRecorder(start=start, end=end, per_head=True, head_weights=hw and hw.matrix())
 
     def _load_weights(self) -> headweights.HeadWeights | None:
-        """The model's calibrated citation weights (a note on stderr, once, when there are none)."""
+        """The citation weights `config.head_weights` names (the model's shipped ones by default, a note
+        on stderr, once, when there are none). Raises SettingError for a named file that does not fit."""
         cfg = self.engine.config
-        hw, note = headweights.for_model(self.runtime.name, layers=int(getattr(cfg, "num_hidden_layers", 0)),
-                                         heads=int(getattr(cfg, "num_attention_heads", 0)),
-                                         block_size=self.config.block_size)
+        try:
+            hw, note = headweights.chosen(self.config.head_weights, self.runtime.name,
+                                          layers=int(getattr(cfg, "num_hidden_layers", 0)),
+                                          heads=int(getattr(cfg, "num_attention_heads", 0)),
+                                          block_size=self.config.block_size)
+        except headweights.WeightsError as e:
+            raise SettingError(f"--head-weights: {e}") from None
         headweights.note_once(note)
         self.stats["citation_weights"] = "calibrated" if hw else "uniform"
         return hw

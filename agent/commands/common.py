@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 
@@ -58,6 +59,9 @@ def common_options(fn: Callable) -> Callable:
                                              "(they take routed slots, so fewer than --top-k)."),
         click.option("--gate-subblocks", type=click.IntRange(min=1), default=AskConfig.gate_subblocks,
                      show_default=True, help="The gate scores a block by the best of this many equal parts."),
+        click.option("--head-weights", metavar="FILE|uniform",
+                     help="Citation head weights: a file from `moba-ask calibrate`, or 'uniform' for every head "
+                          "alike. [default: the model's shipped weights, else uniform with a note]"),
         click.option("--max-tokens", type=click.IntRange(min=0), default=0,
                      help="Context budget in tokens; files are dropped by priority to fit. 0: the model's "
                           "window less a fixed room for the question (512) and the answer (1024, a quarter of "
@@ -93,6 +97,8 @@ def make_config(kw: dict) -> tuple[AskConfig, ingest.PackOptions]:
             model=kw.pop("model"), attention=kw.pop("attention"), block_size=kw.pop("block_size"),
             top_k=kw.pop("top_k"), sink_blocks=kw.pop("sink_blocks"),
             dense_layers=parse_layers(kw.pop("dense_layers")), qa_policy=kw.pop("qa_policy"),
+            local_blocks=kw.pop("local_blocks"), gate_subblocks=kw.pop("gate_subblocks"),
+            head_weights=check_head_weights(kw.pop("head_weights")),
             max_tokens=kw.pop("max_tokens"), max_new_tokens=kw.pop("max_new_tokens"),
             temperature=kw.pop("temperature"), top_p=kw.pop("top_p"), no_cache=kw.pop("no_cache"),
             repetition_penalty=kw.pop("repetition_penalty"), repeat_stop=kw.pop("repeat_stop"),
@@ -103,6 +109,18 @@ def make_config(kw: dict) -> tuple[AskConfig, ingest.PackOptions]:
     except (SettingError, ingest.PackError) as e:
         raise click.UsageError(str(e)) from None
     return cfg, opts
+
+
+def check_head_weights(spec: str | None) -> str | None:
+    """Fail before any model loads on a --head-weights file that cannot be read; return spec."""
+    from agent import headweights
+
+    if spec not in (None, headweights.UNIFORM):
+        try:
+            headweights.read(Path(spec))
+        except headweights.WeightsError as e:
+            raise SettingError(f"--head-weights: {e}") from None
+    return spec
 
 
 def check_paths(paths) -> None:

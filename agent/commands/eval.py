@@ -49,6 +49,9 @@ PROGRESS_EVERY_S = 10.0  # questions take seconds each; one line per 10 s is eno
               help="Leading blocks every query attends (base).")
 @click.option("--qa-policy", type=click.Choice(["moba", "dense"]), default=AskConfig.qa_policy, show_default=True,
               help="Attention for the question and answer tokens (base).")
+@click.option("--head-weights", metavar="FILE|uniform",
+              help="Citation head weights: a file from `moba-ask calibrate`, or 'uniform'. [default: the model's "
+                   "shipped weights, else uniform with a note]")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
               help="Longest answer; generation also stops at the end-of-turn token.")
 @click.option("--device", help="cpu, cuda, cuda:1 ... [default: cuda when available]")
@@ -91,6 +94,7 @@ def eval_cmd(paths, n_tasks, sizes, seed, configs, as_json, output, quiet, inclu
         specs = parse_specs(configs)
         budgets = _sizes(sizes)
         cfg = AskConfig(no_cache=True, **kw)
+        common.check_head_weights(cfg.head_weights)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     ui = common.Progress(quiet)
@@ -100,7 +104,7 @@ def eval_cmd(paths, n_tasks, sizes, seed, configs, as_json, output, quiet, inclu
     units = _units(list(paths), budgets, rt, ui, n_tasks, seed, include, exclude)
     try:
         doc = _run(rt, units, cfg, specs, seed, ui, output)
-    except MemoryBudgetError as e:
+    except (MemoryBudgetError, SettingError) as e:
         raise click.ClickException(str(e)) from None
     if as_json:
         click.echo(json.dumps(doc, indent=1))

@@ -264,3 +264,23 @@ def test_only_hub_errors_fall_back(fake_wheels, monkeypatch):
     with pytest.raises(RuntimeError, match="a bug in the caller"):
         pull.pull("fake-tiny", progress=False)
     assert fake_wheels.calls == []  # no silent fallback to PyPI
+
+
+def test_gate_and_citation_flags_reach_the_run_config(repo, monkeypatch, tmp_path):
+    monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(tmp_path / "cache"))
+    seen = []
+    rt = FakeRuntime(block_size=64, max_positions=100_000, answers=["ok"])
+    monkeypatch.setattr("agent.runtime.load_runtime", lambda cfg: seen.append(cfg) or rt)
+    r = invoke(repo, "q?", "--local-blocks", "1", "--gate-subblocks", "2", "--head-weights", "uniform")
+    assert r.exit_code == 0, r.stderr
+    assert (seen[0].local_blocks, seen[0].gate_subblocks, seen[0].head_weights) == (1, 2, "uniform")
+
+
+@pytest.mark.parametrize("content", [None, "{not json"], ids=["missing", "corrupt"])
+def test_an_unusable_head_weights_file_is_refused_before_the_model_loads(repo, fake, tmp_path, content):
+    path = tmp_path / "w.json"
+    if content is not None:
+        path.write_text(content)
+    r = invoke(repo, "q?", "--head-weights", path)
+    assert_clean_error(r, 2, "--head-weights", str(path))
+    assert fake.engines == []

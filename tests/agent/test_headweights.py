@@ -110,3 +110,30 @@ def _open_with_heads(session, heads):
         original(progress, on_engine)
 
     return open_
+
+
+def test_chosen_uniform_and_a_named_file(heads_dir, tmp_path):
+    (heads_dir / f"{MODEL}.json").write_text(json.dumps(GOOD))
+    dims = {"layers": 30, "heads": 9, "block_size": 256}
+    assert hwm.chosen("uniform", MODEL, **dims) == (None, "")
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps({**GOOD, "weights": [[5, 5, 1.0]]}))
+    hw, note = hwm.chosen(str(mine), MODEL, **dims)
+    assert note == "" and hw.weights == ((5, 5, 1.0),)
+    with pytest.raises(hwm.WeightsError, match="calibrated for 30 layers x 9 heads, the model has 24 x 9"):
+        hwm.chosen(str(mine), MODEL, **{**dims, "layers": 24})
+
+
+def test_session_with_a_named_file_that_does_not_fit_is_a_setting_error(heads_dir, tmp_path):
+    from agent.config import SettingError
+
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps(GOOD))  # 30 x 9 heads; the fake model has 2 x 4
+    root = write_tree(tmp_path / "repo", {"settings.py": "MAGIC_NUMBER = 7391046\n"})
+    rt = FakeRuntime(answers=["fine"], block_size=32)
+    rt.name = MODEL
+    pack = ingest.pack([root], rt.tokenizer, ingest.PackOptions())
+    session = Session(rt, pack, AskConfig(no_cache=True, max_new_tokens=5, head_weights=str(mine)))
+    session.open = _open_with_heads(session, 4)
+    with pytest.raises(SettingError, match="--head-weights: .*has 2 x 4"):
+        session.open()
