@@ -2,12 +2,19 @@
 
 A `RoutingRecorder` is made active with `capture_routing(recorder)`. While none is active the
 attention function pays one ContextVar lookup. While one is active, every layer whose queries
-overlap the recorder's span stores, on CPU, the attended block ids and gate scores of those
-queries, and adds the attention probabilities the layer really computed (a dense layer: over all
-past keys; a MoBA layer: over its attended keys) into a per-key mass vector, each query head
-weighted by `head_weights` when set (used to narrow citations to lines). With `per_head` on it
-also sums, per (layer, query head), that attention mass per key block and the gate's softmax over
-past blocks: the evidence that calibrated citation weights read. Knows nothing of files.
+overlap the recorder's span stores the attended block ids and gate scores of those queries, and
+the attention probabilities the layer really computed (a dense layer: over all past keys; a MoBA
+layer: over its attended keys) are added into a per-key mass vector, each query head weighted by
+`head_weights` when set (used to narrow citations to lines). With `per_head` on it also sums, per
+(layer, query head), that attention mass per key block and the gate's softmax over past blocks: the
+evidence that calibrated citation weights read.
+
+The mass is computed late: a layer call only keeps its recorded queries (and a reference to its
+keys), and `finish()` (run when `capture_routing` exits, or once a layer holds PENDING_BYTES of
+queries) computes every query of a layer in one batch against the layer's last keys. A recorded
+query at position p attends keys <= p, which later calls only append to, so the result is the
+same as computing it call by call, with a few batched operations instead of dozens per layer per
+decoded token, and no device-to-host copy before the end. Knows nothing of files.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moba.routing import gate_scores
+from moba.routing import block_means, gate_scores
 from moba.types import Routing
 
 _ACTIVE: ContextVar[RoutingRecorder | None] = ContextVar("moba_routing_recorder", default=None)
@@ -41,6 +48,19 @@ class LayerRecord:
 MASS, GATE = "mass", "gate"
 SIGNALS = (MASS, GATE)
 _CHUNK = 1 << 22  # elements of one fp32 scratch tile (16 MiB): bounds memory at any context length
+PENDING_BYTES = 1 << 28  # recorded queries a layer keeps before its mass is computed early
+
+
+@dataclass
+class _Pending:
+    """Recorded queries of one layer whose mass is not computed yet, and the layer's latest keys."""
+
+    queries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]  # (q [Hq, n, D], positions [n], blocks)
+    key: torch.Tensor  # [Hkv, Tk, D], the longest seen
+    means: torch.Tensor | None  # cached block means [1, Hkv, n_blocks, D] that came with `key`, if any
+    block_size: int
+    scale: float
+    nbytes: int = 0
 
 
 @dataclass
@@ -63,6 +83,7 @@ class RoutingRecorder:
     key_mass: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     head_mass: dict[int, torch.Tensor] = field(default_factory=dict)
     gate_mass: dict[int, torch.Tensor] = field(default_factory=dict)
+    _pending: dict[int, _Pending] = field(default_factory=dict, repr=False)
 
     def wants(self, layer: int, q_start: int, q_end: int) -> bool:
         in_layers = self.layers is None or layer in self.layers
@@ -79,12 +100,62 @@ class RoutingRecorder:
         hi = tq if self.end is None else min(self.end - q_start, tq)
         rec = LayerRecord(
             positions=torch.arange(q_start + lo, q_start + hi),
-            blocks=routing.blocks[0, :, lo:hi].to("cpu", torch.int32),
-            scores=routing.scores[0, :, lo:hi].float().cpu(),
+            blocks=routing.blocks[0, :, lo:hi].to(torch.int32),
+            scores=routing.scores[0, :, lo:hi].float(),
             dense=dense,
         )
         self.records.setdefault(layer, []).append(rec)
         return slice(lo, hi)
+
+    def defer(self, layer: int, q: torch.Tensor, positions: torch.Tensor, key: torch.Tensor,
+              means: torch.Tensor | None, blocks: torch.Tensor | None, *, block_size: int, scale: float) -> None:
+        """Keep recorded queries q [Hq, n, D] at `positions` [n] of one layer call with keys key [Hkv, Tk, D]
+        (the call's cached block means, if any), attending all past keys (blocks None: a dense layer) or
+        the key blocks `blocks` [Hq, n, S]; their mass is added by `finish`."""
+        p = self._pending.get(layer)
+        if p is None or p.block_size != block_size or p.scale != scale:
+            self._flush(layer)
+            p = self._pending[layer] = _Pending([], key, means, block_size, scale)
+        if key.shape[1] >= p.key.shape[1]:
+            p.key, p.means = key, means
+        p.queries.append((q, positions, blocks))
+        p.nbytes += q.numel() * q.element_size()
+        if p.nbytes >= PENDING_BYTES:
+            self._flush(layer)
+
+    def finish(self) -> None:
+        """Compute the mass of every deferred query and move the records to the CPU (idempotent)."""
+        for layer in list(self._pending):
+            self._flush(layer)
+        for recs in self.records.values():
+            for r in recs:
+                r.blocks, r.scores = r.blocks.cpu(), r.scores.cpu()
+
+    def _flush(self, layer: int) -> None:
+        p = self._pending.pop(layer, None)
+        if p is None:
+            return
+        for dense in (True, False):
+            group = [x for x in p.queries if (x[2] is None) == dense]
+            if group:
+                self._add_mass(layer, p, group, dense)
+
+    def _add_mass(self, layer: int, p: _Pending, group: list, dense: bool) -> None:
+        q = torch.cat([x[0] for x in group], 1)
+        positions = torch.cat([x[1] for x in group])
+        if dense:
+            mass = dense_key_mass(q, positions, p.key, p.scale)
+        else:
+            width = max(x[2].shape[-1] for x in group)
+            blocks = torch.cat([torch.nn.functional.pad(x[2], (0, width - x[2].shape[-1]), value=-1) for x in group], 1)
+            mass = head_key_mass(q, positions, p.key, blocks, p.block_size, p.scale)
+        w = None if self.head_weights is None else self.head_weights[layer].to(mass.device)
+        self.add_key_mass(mass.sum(0) if w is None else w @ mass)
+        if self.per_head:
+            n_full = p.key.shape[1] // p.block_size
+            means = block_means(p.key[None], p.block_size)[0] if p.means is None else p.means[0, :, :n_full]
+            self.add_head_evidence(layer, block_sum(mass, p.block_size),
+                                   gate_block_mass(q, positions, means, p.block_size, p.scale))
 
     def add_key_mass(self, mass: torch.Tensor) -> None:
         """Add a [Tk] mass vector (any device) into key_mass, growing it as needed."""
@@ -132,12 +203,14 @@ class RoutingRecorder:
 
 @contextlib.contextmanager
 def capture_routing(recorder: RoutingRecorder):
-    """Make `recorder` active for MoBA attention calls inside the `with` block."""
+    """Make `recorder` active for MoBA attention calls inside the `with` block; on exit its deferred
+    mass is computed (`RoutingRecorder.finish`)."""
     token = _ACTIVE.set(recorder)
     try:
         yield recorder
     finally:
         _ACTIVE.reset(token)
+        recorder.finish()
 
 
 def active_recorder() -> RoutingRecorder | None:

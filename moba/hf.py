@@ -29,9 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from moba.cachekeys import block_means_of, static_of
-from moba.capture import active_recorder, block_sum, dense_key_mass, gate_block_mass, head_key_mass
+from moba.capture import active_recorder
 from moba.ops import dense_attention, moba_attention, moba_routing
-from moba.routing import block_means
 from moba.static import static_dense_decode, static_moba_decode, static_sliding_decode
 
 NAME = "moba"
@@ -158,23 +157,14 @@ def _moba_or_dense(module, query, key, value, scaling):
 
 
 def _record(rec, layer, q_start, routing, query, key, block_size, scaling, dense) -> None:
-    """Store the routing of the recorded queries and add the attention mass this layer computed
-    (dense: over all past keys; MoBA: over the attended keys) into the recorder."""
+    """Store the routing of the recorded queries and hand them to the recorder, whose `finish` adds the
+    attention mass this layer computed (dense: over all past keys; MoBA: over the attended keys)."""
     sl = rec.record(layer, q_start, routing, dense=dense)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    q = query[0, :, sl]
-    positions = torch.arange(q_start + sl.start, q_start + sl.stop, device=q.device)
-    if dense:
-        mass = dense_key_mass(q, positions, key[0], scale)  # [Hq, Tk]
-    else:
-        mass = head_key_mass(q, positions, key[0], routing.blocks[0, :, sl], block_size, scale)
-    w = None if rec.head_weights is None else rec.head_weights[layer].to(mass.device)
-    rec.add_key_mass(mass.sum(0) if w is None else w @ mass)
-    if rec.per_head:
-        means = block_means_of(key)
-        n_full = key.shape[2] // block_size
-        means = block_means(key, block_size)[0] if means is None else means[0, :, :n_full]
-        rec.add_head_evidence(layer, block_sum(mass, block_size), gate_block_mass(q, positions, means, block_size, scale))
+    positions = torch.arange(q_start + sl.start, q_start + sl.stop, device=query.device)
+    blocks = None if dense else routing.blocks[0, :, sl]
+    rec.defer(layer, query[0, :, sl], positions, key[0], block_means_of(key), blocks,
+              block_size=block_size, scale=scale)
 
 
 def _sliding(query, key, value, window, scaling):

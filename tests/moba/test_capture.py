@@ -1,6 +1,7 @@
 """Per-head evidence capture: the attention mass each layer really computed, per (layer, head, block),
 checked against softmaxes written out by hand; and nothing at all when capture is off."""
 
+import inspect
 import math
 
 import pytest
@@ -115,15 +116,51 @@ def test_capture_off_costs_nothing(monkeypatch):
 
     ids = torch.randint(0, 97, (1, 60))
     m = tiny_model("llama", "moba", block_size=8, top_k=2, dense_layers=[1])
-    for name in ("dense_key_mass", "head_key_mass", "gate_block_mass", "_record"):
-        monkeypatch.setattr(hf, name, boom)
+    for name in ("dense_key_mass", "head_key_mass", "gate_block_mass"):
+        monkeypatch.setattr(capture, name, boom)
+    monkeypatch.setattr(hf, "_record", boom)
     with torch.inference_mode():
         m(ids)
     monkeypatch.undo()
-    monkeypatch.setattr(hf, "gate_block_mass", boom)
+    monkeypatch.setattr(capture, "gate_block_mass", boom)
     monkeypatch.setattr(capture.RoutingRecorder, "add_head_evidence", boom)
     rec = moba.RoutingRecorder(start=50)
     with torch.inference_mode(), moba.capture_routing(rec):
         m(ids)
     assert rec.records and rec.head_mass == {} and rec.gate_mass == {}
     assert rec.evidence("mass").numel() == 0
+
+
+def _decode_capture(m, ids, start):
+    """Prefill ids[:start] unrecorded, then feed the rest one token a call with a recorder from `start`."""
+    rec = moba.RoutingRecorder(start=start, per_head=True)
+    arg = "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values"
+    with torch.inference_mode():
+        pkv = m(ids[:, :start], use_cache=True).past_key_values
+        with moba.capture_routing(rec):
+            for t in range(start, ids.shape[1]):
+                pkv = m(ids[:, t : t + 1], use_cache=True, **{arg: pkv}).past_key_values
+    return rec
+
+
+@pytest.mark.parametrize("pending_bytes", [capture.PENDING_BYTES, 1], ids=["at-exit", "every-call"])
+def test_mass_is_computed_late_in_one_batch_and_equals_one_forward(monkeypatch, pending_bytes):
+    """Token-by-token decode under a recorder computes each layer's mass once, at exit, and gets the
+    same key mass and per-head evidence as one forward over every token (MoBA layer 0, dense layer 2);
+    flushing after every call (a small PENDING_BYTES) gives the same again."""
+    ids = torch.randint(0, 97, (1, 100))
+    m = tiny_model("llama", "moba", block_size=8, top_k=2, sink_blocks=1, dense_layers=[2])
+    whole = moba.RoutingRecorder(start=92, per_head=True)
+    with torch.inference_mode(), moba.capture_routing(whole):
+        m(ids)
+    calls = []
+    for name in ("dense_key_mass", "head_key_mass"):
+        real = getattr(capture, name)
+        monkeypatch.setattr(capture, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    monkeypatch.setattr(capture, "PENDING_BYTES", pending_bytes)
+    rec = _decode_capture(m, ids, 92)
+    assert len(calls) == (3 if pending_bytes > 1 else 3 * 8)
+    torch.testing.assert_close(rec.key_mass, whole.key_mass, rtol=1e-4, atol=1e-5)
+    for signal in capture.SIGNALS:
+        torch.testing.assert_close(rec.evidence(signal), whole.evidence(signal), rtol=1e-4, atol=1e-5)
+    assert all(r.blocks.device.type == "cpu" for recs in rec.records.values() for r in recs)
