@@ -115,7 +115,7 @@ def eval_cmd(paths, n_tasks, sizes, seed, configs, as_json, output, quiet, inclu
 def _run(rt, units, cfg: AskConfig, specs, seed: int, ui, output: str | None) -> dict:
     """Ask everything; the document, also written to `output` after each unit and at the end."""
     meta = dict(model=rt.name, configs=[_config_meta(s, cfg) for s in specs], repos=[_unit_meta(u) for u in units],
-                max_new_tokens=cfg.max_new_tokens)
+                max_new_tokens=cfg.max_new_tokens, head_weights=cfg.head_weights or "shipped")
     names = [s.name for s in specs]
 
     def save(tasks, timings, complete=False):
