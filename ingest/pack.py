@@ -195,7 +195,12 @@ def _encode_tree(rels: list[str], name: str, encoder: Encoder, cache: TokenCache
 
 
 def _fit(sections: list[_Section], encoder: Encoder, cache: TokenCache, options: PackOptions, name: str):
-    """(tree, kept sections in pack order (outlines among them), outlined, dropped) within max_tokens."""
+    """(tree, kept sections in pack order (outlines among them), outlined, dropped) within max_tokens.
+
+    The tree is budgeted first as listing every file, each one with an outline marked "(outline)"
+    (an upper bound); a plan that still overshoots (tokens merge differently) is redone with the
+    room lowered by the overshoot. From the room the fitting plan's real tree leaves, a few wider
+    plans are tried the same way, and the first that fits is taken."""
     limit = options.max_tokens
     tree = _encode_tree([s.doc.rel for s in sections], name, encoder, cache, options.line_numbers)
     total = len(tree[1]) + sum(len(s.ids) for s in sections)
@@ -206,24 +211,40 @@ def _fit(sections: list[_Section], encoder: Encoder, cache: TokenCache, options:
                         "dropping files (remove --no-drop), raise --max-tokens, or narrow with --exclude")
     outlines = _encode_outlines(sections, encoder, cache)
     items = [_item(s, *outlines[s.doc.rel]) for s in sections]
-    widest = frozenset(s.doc.rel for s in sections if outlines[s.doc.rel][0] is not None)
-    room = limit - len(_encode_tree([s.doc.rel for s in sections], name, encoder, cache, options.line_numbers,
-                                    widest)[1])
+    marked = frozenset(rel for rel, (o, _) in outlines.items() if o is not None)
+    room = limit - len(_encode_tree(list(outlines), name, encoder, cache, options.line_numbers, marked)[1])
+    fit = None
     for _ in range(8):
-        choices = {c.item.path: c for c in budget.plan(items, room)}
-        kept = [s if choices[s.doc.rel].form == budget.FULL else outlines[s.doc.rel][0]
-                for s in sections if choices[s.doc.rel].form != budget.DROP]
-        if not kept:
-            raise PackError(f"--max-tokens {limit:,} is too small for any file here (the smallest needs about "
-                            f"{min(it.smallest for it in items) + len(tree[1]) // len(sections):,} tokens with "
-                            "the tree); raise it or narrow the paths")
-        marked = frozenset(s.doc.rel for s in kept if s.shown is not None)
-        tree = _encode_tree([s.doc.rel for s in kept], name, encoder, cache, options.line_numbers, marked)
-        over = len(tree[1]) + sum(len(s.ids) for s in kept) - limit
+        fit, over = _attempt(sections, items, outlines, room, encoder, cache, options, name)
         if over <= 0:
-            return tree, kept, _outlined(kept, choices), _dropped(choices)
+            break
         room -= over
-    raise PackError(f"could not fit the pack into --max-tokens {limit:,}; raise it or narrow the paths")
+    else:
+        raise PackError(f"could not fit the pack into --max-tokens {limit:,}; raise it or narrow the paths")
+    wider = limit - len(fit[0][1])
+    for _ in range(4):
+        if wider <= room:
+            break
+        better, over = _attempt(sections, items, outlines, wider, encoder, cache, options, name)
+        if over <= 0:
+            return better
+        wider -= over
+    return fit
+
+
+def _attempt(sections, items, outlines, room: int, encoder, cache, options: PackOptions, name: str):
+    """((tree, kept, outlined, dropped), tokens over max_tokens) for the budget plan at `room`."""
+    choices = {c.item.path: c for c in budget.plan(items, room)}
+    kept = [s if choices[s.doc.rel].form == budget.FULL else outlines[s.doc.rel][0]
+            for s in sections if choices[s.doc.rel].form != budget.DROP]
+    if not kept:
+        smallest = min(it.smallest for it in items) + len(_encode_tree([], name, encoder, cache, True)[1])
+        raise PackError(f"--max-tokens {options.max_tokens:,} is too small for any file here (the smallest "
+                        f"needs about {smallest:,} tokens with the tree); raise it or narrow the paths")
+    marked = frozenset(s.doc.rel for s in kept if s.shown is not None)
+    tree = _encode_tree([s.doc.rel for s in kept], name, encoder, cache, options.line_numbers, marked)
+    over = len(tree[1]) + sum(len(s.ids) for s in kept) - options.max_tokens
+    return (tree, kept, _outlined(kept, choices), _dropped(choices)), over
 
 
 def _item(s: _Section, small: _Section | None, note: str) -> budget.Item:

@@ -126,8 +126,7 @@ def tree_section(root_name: str, rels: list[str], line_numbers: bool,
     head = (f"Packed repository {root_name}: {len(rels)} files. Each file is in "
             f'<file path="..." lines="N"> ... </file>{numbered}.\n')
     if outlined:
-        head += (f'{len(outlined)} of them are outlines (outline="signatures only"): only their class and '
-                 "function signatures, each line with its real number.\n")
+        head += "Files marked (outline) show only their signature lines.\n"
     return head + "<tree>\n" + "".join(_tree_lines(rels, outlined)) + "</tree>\n\n"
 
 

@@ -122,3 +122,80 @@ def test_markdown_outline_is_its_headings_outside_code_fences():
 def test_files_without_an_outline_say_why(rel, text, why):
     with pytest.raises(NoOutline, match=why):
         outline(rel, text)
+
+
+REPO = {
+    "README.md": "# Demo\n\nA demo.\n",
+    "pkg/config.py": PY,
+    "pkg/core.py": "import config\n\n" + "".join(f"def step_{i}(x):\n    return x + {i}\n\n" for i in range(30)),
+    "web/app.js": SOURCES["web/app.js"][0] * 3,
+    "bad.py": "import os\n\ndef ok(a):\n    return a\n\nclass Broken(:\n    pass\n" + "x = 1\n" * 40,
+    "notes.txt": "plain words here\n" * 30,
+}
+
+
+@pytest.fixture
+def outlined(tmp_path, run_pack):
+    from tests.ingest.fixtures import write_tree
+
+    write_tree(tmp_path, REPO)
+    full = run_pack(tmp_path)
+    limit = full.total_tokens // 2
+    p = run_pack(tmp_path, max_tokens=limit)
+    assert p.total_tokens <= limit and p.outlined
+    return p
+
+
+def test_outline_tokens_map_to_the_real_lines_they_show(outlined, tok):
+    from tests.ingest.test_sourcemap import reference, section_text
+
+    p, ref, sm = outlined, reference(tok), outlined.source_map
+    for path, n, _, _ in p.outlined:
+        f = next(f for f in p.files if f.path == path)
+        real = REPO[path].split("\n")
+        text = section_text(p, path)
+        enc = ref.encode(text, add_special_tokens=False)
+        assert enc.ids == p.ids[f.token_start:f.token_end].tolist() and len(enc.ids) == n == f.tokens
+        rendered = text.split("\n")
+        assert rendered[0].endswith(f'lines="{len(real) - (real[-1] == "")}" outline="signatures only">')
+        for i, (s, _) in enumerate(enc.offsets):
+            k = text.count("\n", 0, s)
+            if 1 <= k < len(rendered) - 3:  # a shown line: "  12| text"
+                number, _, body = rendered[k].partition("|")
+                assert sm.locate(f.token_start + i) == (path, int(number)), (path, i)
+                assert body.removeprefix(" ") == real[int(number) - 1]
+            else:
+                assert sm.locate(f.token_start + i) == (path, 0)
+        shown = [int(line.partition("|")[0]) for line in rendered[1:-3]]
+        assert shown == sorted(shown) and len(shown) < len(real) - 1
+        for line in shown:
+            a, b = sm.line_tokens(path, line)
+            assert ref.decode(p.ids[a:b].tolist()).startswith(rendered[1 + shown.index(line)][:8])
+            assert sm.has(path, line)
+        hidden = next(k for k in range(1, len(real)) if k not in shown)
+        assert not sm.has(path, hidden)
+        with pytest.raises(KeyError):
+            sm.line_tokens(path, hidden)
+        assert sm.span_lines(f.token_start, f.token_end) == [(path, shown[0], shown[-1])]
+        assert sm.file_tokens(path) == (f.token_start, f.token_end)
+
+
+def test_report_lists_every_outlined_and_dropped_file_once(outlined):
+    p = outlined
+    kept = {f.path for f in p.files}
+    assert kept | {d[0] for d in p.dropped} == set(REPO) and not kept & {d[0] for d in p.dropped}
+    assert {o[0] for o in p.outlined} == {f.path for f in p.files if "outline" in f.flags}
+    for path, _, _, _ in p.outlined:
+        assert f"{path.rsplit('/', 1)[-1]} (outline)\n" in p.text
+
+
+def test_syntax_error_file_is_outlined_by_line_scan_and_says_so(tmp_path, run_pack):
+    from tests.ingest.fixtures import write_tree
+
+    write_tree(tmp_path, {"bad.py": REPO["bad.py"], "notes.txt": REPO["notes.txt"]})
+    full = run_pack(tmp_path)
+    p = run_pack(tmp_path, max_tokens=full.total_tokens - 30)
+    reasons = {path: reason for path, _, _, reason in p.outlined}
+    assert reasons == {"bad.py": "over budget: least central (0 files mention 'bad'); "
+                                 "outline by line scan (syntax error at line 6)"}
+    assert '<file path="bad.py" lines="47" outline="signatures only">\n 3| def ok(a):\n 6| class Broken(:\n</file>' in p.text
