@@ -7,7 +7,7 @@ import json
 import pytest
 
 import ingest
-from ingest import budget
+from ingest import budget, rules
 from tests.ingest.fixtures import write_tree
 
 FILES = {
@@ -156,3 +156,12 @@ def test_centrality_counts_module_mentions():
     assert budget.module_name("pkg/__init__.py") == "pkg" and budget.module_name("a/b/util.py") == "util"
     order = [it.path for it, _ in budget.drop_order(items)]
     assert order[0] == "src/lonely.py" and order[-1] == "src/core.py"
+
+
+@pytest.mark.parametrize(("rel", "kind"), [
+    ("README.md", "readme"), ("src/pkg/README.md", "doc"), ("tests/certs/server/README.md", "test"),
+    ("ext/LICENSE", "licence"), ("LICENSE-MIT.txt", "licence"), ("COPYING", "licence"), ("src/notice.py", "source"),
+    ("docs/index.md", "doc"), ("data/rows.csv", "data"), ("api_pb2.py", "generated"), ("src/sessions.py", "source"),
+])
+def test_file_kinds_rank_fixtures_and_licences_apart_from_source(rel, kind):
+    assert rules.file_kind(rel) == kind
