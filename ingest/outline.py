@@ -23,7 +23,7 @@ import ast
 import importlib
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 try:
     import tree_sitter
@@ -180,7 +180,7 @@ def _markdown(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _parser(ext: str):
     """(language name, tree_sitter.Parser or None when the grammar package is missing)."""
     name, module, function = _TS_LANGUAGES[ext]

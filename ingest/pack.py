@@ -211,11 +211,27 @@ def _fit(sections: list[_Section], encoder: Encoder, cache: TokenCache, options:
                         "dropping files (remove --no-drop), raise --max-tokens, or narrow with --exclude")
     outlines = _encode_outlines(sections, encoder, cache)
     items = [_item(s, *outlines[s.doc.rel]) for s in sections]
-    marked = frozenset(rel for rel, (o, _) in outlines.items() if o is not None)
-    room = limit - len(_encode_tree(list(outlines), name, encoder, cache, options.line_numbers, marked)[1])
-    fit = None
+
+    def tree_of(secs: list[_Section]):
+        marked = frozenset(s.doc.rel for s in secs if s.shown is not None)
+        return _encode_tree([s.doc.rel for s in secs], name, encoder, cache, options.line_numbers, marked)
+
+    def attempt(room: int):
+        """((tree, kept, outlined, dropped), tokens over the limit) for the budget plan at `room`."""
+        choices = {c.item.path: c for c in budget.plan(items, room)}
+        kept = [s if choices[s.doc.rel].form == budget.FULL else outlines[s.doc.rel][0]
+                for s in sections if choices[s.doc.rel].form != budget.DROP]
+        if not kept:
+            need = min(it.smallest for it in items) + len(tree_of([])[1])
+            raise PackError(f"--max-tokens {limit:,} is too small for any file here (the smallest needs about "
+                            f"{need:,} tokens with the tree); raise it or narrow the paths")
+        tree = tree_of(kept)
+        over = len(tree[1]) + sum(len(s.ids) for s in kept) - limit
+        return (tree, kept, _outlined(kept, choices), _dropped(choices)), over
+
+    room = limit - len(tree_of([outlines[s.doc.rel][0] or s for s in sections])[1])
     for _ in range(8):
-        fit, over = _attempt(sections, items, outlines, room, encoder, cache, options, name)
+        fit, over = attempt(room)
         if over <= 0:
             break
         room -= over
@@ -225,26 +241,11 @@ def _fit(sections: list[_Section], encoder: Encoder, cache: TokenCache, options:
     for _ in range(4):
         if wider <= room:
             break
-        better, over = _attempt(sections, items, outlines, wider, encoder, cache, options, name)
+        better, over = attempt(wider)
         if over <= 0:
             return better
         wider -= over
     return fit
-
-
-def _attempt(sections, items, outlines, room: int, encoder, cache, options: PackOptions, name: str):
-    """((tree, kept, outlined, dropped), tokens over max_tokens) for the budget plan at `room`."""
-    choices = {c.item.path: c for c in budget.plan(items, room)}
-    kept = [s if choices[s.doc.rel].form == budget.FULL else outlines[s.doc.rel][0]
-            for s in sections if choices[s.doc.rel].form != budget.DROP]
-    if not kept:
-        smallest = min(it.smallest for it in items) + len(_encode_tree([], name, encoder, cache, True)[1])
-        raise PackError(f"--max-tokens {options.max_tokens:,} is too small for any file here (the smallest "
-                        f"needs about {smallest:,} tokens with the tree); raise it or narrow the paths")
-    marked = frozenset(s.doc.rel for s in kept if s.shown is not None)
-    tree = _encode_tree([s.doc.rel for s in kept], name, encoder, cache, options.line_numbers, marked)
-    over = len(tree[1]) + sum(len(s.ids) for s in kept) - options.max_tokens
-    return (tree, kept, _outlined(kept, choices), _dropped(choices)), over
 
 
 def _item(s: _Section, small: _Section | None, note: str) -> budget.Item:
