@@ -113,6 +113,18 @@ def test_markdown_outline_is_its_headings_outside_code_fences():
     assert outline("docs/guide.md", text).lines == (1, 7, 9)
 
 
+def test_a_missing_grammar_means_no_outline_with_the_reason(monkeypatch):
+    import ingest.outline as mod
+
+    monkeypatch.setattr(mod, "tree_sitter", None)
+    mod._parser.cache_clear()
+    try:
+        with pytest.raises(NoOutline, match=r"no outline parser for \.go files \(the tree-sitter go grammar is not"):
+            outline("srv/main.go", SOURCES["srv/main.go"][0])
+    finally:
+        mod._parser.cache_clear()
+
+
 @pytest.mark.parametrize(("rel", "text", "why"), [
     ("LICENSE", "MIT License\n", "no outline parser for this file type"),
     ("data/rows.json", '{"a": 1}\n', "no outline parser for .json files"),
@@ -134,14 +146,15 @@ REPO = {
 }
 
 
-@pytest.fixture
-def outlined(tmp_path, run_pack):
+@pytest.fixture(params=[True, False], ids=["numbered", "plain"])
+def outlined(request, tmp_path, run_pack):
+    """A pack at half its size: outlines carry real line numbers with or without --no-line-numbers."""
     from tests.ingest.fixtures import write_tree
 
     write_tree(tmp_path, REPO)
-    full = run_pack(tmp_path)
+    full = run_pack(tmp_path, line_numbers=request.param)
     limit = full.total_tokens // 2
-    p = run_pack(tmp_path, max_tokens=limit)
+    p = run_pack(tmp_path, max_tokens=limit, line_numbers=request.param)
     assert p.total_tokens <= limit and p.outlined
     return p
 
