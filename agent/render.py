@@ -1,13 +1,16 @@
 """Terminal rendering of answers and citations: markdown on a TTY, plain text otherwise.
 
 Citations arrive as data (agent.citations.Citation); only this module and the CLI format them. Pack
-notes (fallbacks, redacted secrets) are formatted here for every command that packs.
+notes (fallbacks, redacted secrets) and the files outlined or dropped to fit the budget are formatted
+here for every command that packs.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+
+SHOW = 10  # files listed per group on stderr; --json lists all
 
 
 class AnswerStream:
@@ -54,6 +57,21 @@ def pack_notes(pk) -> list[str]:
         more = f" (+{len(where) - 5} more)" if len(where) > 5 else ""
         lines.append(f"redacted {len(pk.redacted)} secret value(s) as [REDACTED:kind]: {', '.join(where[:5])}{more}")
     return lines
+
+
+def budget_lines(pk) -> list[str]:
+    """Lines for stderr listing the files packed as outlines and the files dropped to fit the budget:
+    the first SHOW of each, then "... and N more (see --json)"."""
+    outlined = [f"  {n:>9,} of {full:,}  {path}: {reason}" for path, n, full, reason in pk.outlined]
+    dropped = [f"  {n:>9,}  {path}: {reason}" for path, n, reason in pk.dropped]
+    return _listing("outlined (signatures only, over budget)", outlined) + _listing("dropped (over budget)", dropped)
+
+
+def _listing(title: str, rows: list[str]) -> list[str]:
+    if not rows:
+        return []
+    more = [f"  ... and {len(rows) - SHOW} more (see --json)"] if len(rows) > SHOW else []
+    return [f"{title} {len(rows)}:", *rows[:SHOW], *more]
 
 
 def citation_lines(cites) -> list[str]:

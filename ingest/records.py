@@ -37,8 +37,8 @@ class PackOptions:
             turns it off. Default: True.
         max_file_bytes: per-file size cap in bytes (for .ipynb/.pdf: of the extracted text), at
             most MAX_FILE_BYTES_LIMIT (64 MiB). `--max-file-bytes N`. Default: 1 MiB.
-        drop: when over `max_tokens`, drop whole files by priority; False = error instead.
-            `--no-drop`. Default: True.
+        drop: when over `max_tokens`, pack files as outlines and drop files by priority
+            (`ingest.budget`); False = error instead. `--no-drop`. Default: True.
         allow_secrets: pack files that look like secrets instead of skipping them.
             `--allow-secrets`. Default: False.
         default_excludes: apply the built-in exclude list (lockfiles, vendored, build outputs, ...).
@@ -76,10 +76,11 @@ class FileRecord:
     """One packed file. `token_start:token_end` covers its whole section (header, lines, footer).
 
     `path` is relative to the pack root with '/' separators, control characters and backslashes
-    escaped as in the rendered text (`ingest.render.display_path`); `lines` counts the rendered lines
+    escaped as in the rendered text (`ingest.render.display_path`); `lines` counts the file's lines
     (for notebooks and PDFs: lines of the extracted text); `flags` holds markers such as
-    "non_utf8" (decoded with U+FFFD replacement), "notebook"/"pdf", or "redacted" (secret values
-    replaced, see `Pack.redacted`).
+    "non_utf8" (decoded with U+FFFD replacement), "notebook"/"pdf", "redacted" (secret values
+    replaced, see `Pack.redacted`) or "outline" (only its signature lines are packed, see
+    `Pack.outlined`).
     """
 
     path: str
@@ -100,7 +101,9 @@ class Pack:
         text: the packed text; `ids` is its section-by-section encoding.
         files: packed files in pack order.
         skipped: (path, reason) for files left out before tokenizing (binary, secret, size, ...).
-        dropped: (path, tokens, reason) for files dropped to fit `max_tokens`.
+        dropped: (path, tokens, reason) for files dropped to fit `max_tokens`, in drop order.
+        outlined: (path, outline tokens, full tokens, reason) for files packed as outlines to fit
+            `max_tokens` (they are in `files` too, flagged "outline"), in pack order.
         redacted: (path, line, kind) for each secret value replaced by `[REDACTED:kind]` in the text.
         notes: one line per fallback that changed how files were chosen (e.g. git could not list a
             tree); callers print them on stderr.
@@ -120,6 +123,7 @@ class Pack:
     tree_tokens: int = field(default=0)
     redacted: tuple[tuple[str, int, str], ...] = ()
     notes: tuple[str, ...] = ()
+    outlined: tuple[tuple[str, int, int, str], ...] = ()
 
     @property
     def total_tokens(self) -> int:

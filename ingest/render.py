@@ -14,7 +14,10 @@ Layout of a pack:
     2| text
     </file>
 
-Line numbers are right-aligned to the file's widest number and followed by "| ". Large trees
+A file packed as an outline (`outline_section`) shows only its signature lines, each with its real
+number whatever `line_numbers` says, in `<file path="..." lines="N" outline="signatures only">`,
+and is listed as `path (outline)` in the tree. Line numbers are right-aligned to the file's widest
+number and followed by "| ". Large trees
 collapse to directories with file counts. Order (deterministic): READMEs (shallowest first), then
 other docs, then everything else; within a group, files of a directory come before its
 subdirectories, names compared case-insensitively.
@@ -73,9 +76,7 @@ def file_section(rel: str, text: str, line_numbers: bool) -> tuple[str, list[int
     The section is header + numbered lines + footer. Line count = number of "\\n"-separated lines
     (a final newline does not start a new line; an empty file has 0 lines).
     """
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
+    lines = _lines(text)
     n = len(lines)
     header = f'<file path="{_attr(rel)}" lines="{n}">\n'
     if line_numbers:
@@ -88,26 +89,55 @@ def file_section(rel: str, text: str, line_numbers: bool) -> tuple[str, list[int
     return header + "".join(body) + "</file>\n\n", starts, footer
 
 
+def outline_section(rel: str, text: str, shown: tuple[int, ...]) -> tuple[str, list[int], int]:
+    """Like `file_section` for an outline: only the lines numbered in `shown` (sorted, 1-based),
+    each prefixed with its real number; the header still gives the file's full line count."""
+    lines = _lines(text)
+    n = len(lines)
+    header = f'<file path="{_attr(rel)}" lines="{n}" outline="signatures only">\n'
+    w = len(str(n))
+    body = [f"{i:>{w}}| {lines[i - 1]}\n" if lines[i - 1] else f"{i:>{w}}|\n" for i in shown]
+    starts = list(accumulate(map(len, body), initial=len(header)))
+    footer = starts.pop()
+    return header + "".join(body) + "</file>\n\n", starts, footer
+
+
+def line_count(text: str) -> int:
+    """The number of lines `file_section` shows for text."""
+    return len(_lines(text))
+
+
+def _lines(text: str) -> list[str]:
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
 def _attr(rel: str) -> str:
     return rel.replace("&", "&amp;").replace('"', "&quot;")
 
 
-def tree_section(root_name: str, rels: list[str], line_numbers: bool) -> str:
-    """The preamble and <tree> of the included files (collapsed to directories when large)."""
+def tree_section(root_name: str, rels: list[str], line_numbers: bool,
+                 outlined: frozenset[str] = frozenset()) -> str:
+    """The preamble and <tree> of the included files (collapsed to directories when large); files
+    in `outlined` are marked "(outline)"."""
     numbered = ", each line prefixed with its number" if line_numbers else ""
     head = (f"Packed repository {root_name}: {len(rels)} files. Each file is in "
-            f'<file path="..." lines="N"> ... </file>{numbered}.\n<tree>\n')
-    return head + "".join(_tree_lines(rels)) + "</tree>\n\n"
+            f'<file path="..." lines="N"> ... </file>{numbered}.\n')
+    if outlined:
+        head += "Files marked (outline) show only their signature lines.\n"
+    return head + "<tree>\n" + "".join(_tree_lines(rels, outlined)) + "</tree>\n\n"
 
 
-def _tree_lines(rels: list[str]) -> list[str]:
+def _tree_lines(rels: list[str], outlined: frozenset[str]) -> list[str]:
     paths = sorted(rels, key=lambda r: (tuple(p.casefold() for p in r.split("/")[:-1]), r.casefold()))
     if len(paths) <= TREE_MAX_ENTRIES:
-        return _full_tree(paths)
+        return _full_tree(paths, outlined)
     return _dir_tree(paths)
 
 
-def _full_tree(paths: list[str]) -> list[str]:
+def _full_tree(paths: list[str], outlined: frozenset[str]) -> list[str]:
     out, shown = [], ()
     for p in paths:
         parts = p.split("/")
@@ -116,7 +146,8 @@ def _full_tree(paths: list[str]) -> list[str]:
         while common < min(len(dirs), len(shown)) and dirs[common] == shown[common]:
             common += 1
         out += [f"{'  ' * d}{dirs[d]}/\n" for d in range(common, len(dirs))]
-        out.append(f"{'  ' * len(dirs)}{parts[-1]}\n")
+        mark = " (outline)" if p in outlined else ""
+        out.append(f"{'  ' * len(dirs)}{parts[-1]}{mark}\n")
         shown = dirs
     return out
 

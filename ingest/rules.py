@@ -73,6 +73,8 @@ DATA = ("*.json", "*.jsonl", "*.ndjson", "*.csv", "*.tsv", "*.xml", "*.sql", "*.
         "*.geojson", "*.po", "*.pot", "fixtures/", "testdata/", "test_data/", "data/")
 TESTS = ("test/", "tests/", "testing/", "__tests__/", "spec/", "test_*.py", "*_test.py", "*_test.go",
          "*.test.*", "*.spec.*", "conftest.py")
+LICENCE_NAMES = re.compile(r"(?i:licen[cs]e|copying|notice|copyright|patents)([-_][\w.-]*|\.[A-Z0-9]+)?"
+                           r"(?i:\.(?:txt|md|rst|markdown|adoc|org))?$")
 DOC_EXTENSIONS = ("md", "markdown", "rst", "txt", "adoc", "asciidoc", "org", "pdf", "tex")
 DOC_DIRS = ("doc/", "docs/", "documentation/")
 
@@ -154,19 +156,22 @@ def pseudo_fs_reason(abs_path: str) -> str | None:
 
 
 def file_kind(rel: str, head: str = "") -> str:
-    """Budget category: 'generated', 'data', 'test', 'doc', 'readme' or 'source'.
+    """Budget category: 'generated', 'test', 'data', 'licence', 'readme' (top-level README only),
+    'doc' (other READMEs too) or 'source', checked in that order.
 
     `head` is the start of the file text; a generated-code marker in it makes the file 'generated'.
     """
     name = rel.rsplit("/", 1)[-1]
-    if name.lower().startswith("readme"):
-        return "readme"
     if globs(GENERATED).match(rel) or GENERATED_MARKERS.search(head[:400]):
         return "generated"
     if globs(TESTS).match(rel):
         return "test"
     if globs(DATA).match(rel):
         return "data"
+    if LICENCE_NAMES.match(name):
+        return "licence"
+    if name.lower().startswith("readme"):
+        return "readme" if "/" not in rel else "doc"
     if is_doc(rel):
         return "doc"
     return "source"

@@ -11,6 +11,8 @@ Conventions:
   the pack (after `shifted`) or past its end map to None.
 - A line may own no tokens (an empty line whose "\\n" merged into the previous token); then
   `line_tokens` returns an empty range and `has` is still True.
+- A file packed as an outline has marks only for the lines it shows, each carrying its real line
+  number; `has` and `line_tokens` know only those lines, `span_lines` reports real numbers.
 
 It knows nothing about files, tokenizers or rendering; `ingest.pack` builds it.
 """
@@ -33,7 +35,8 @@ class SourceMap:
         line: int32 [n_marks], 1-based line number, 0 for a file header/footer.
         paths: file paths, pack order.
         first_mark: int64 [n_files], index of each file's header mark.
-        n_lines: int32 [n_files], line count of each file.
+        n_lines: int32 [n_files], number of line marks of each file: its line count, or for an
+            outline the number of lines shown.
     """
 
     starts: np.ndarray
@@ -44,11 +47,13 @@ class SourceMap:
     n_lines: np.ndarray
 
     @classmethod
-    def from_sections(cls, sections: Sequence[tuple[str | None, int, np.ndarray, int]], total: int):
-        """Build from (path or None, section token start, marks relative to it, line count) in order.
+    def from_sections(cls, sections: Sequence[tuple[str | None, int, np.ndarray, int | Sequence[int]]],
+                      total: int):
+        """Build from (path or None, section token start, marks relative to it, lines) in order.
 
-        For a file, marks are [header, line 1, ..., line n, footer] (n + 2 entries); for a non-file
-        section, [0]. `total` is the token count of the whole pack (end sentinel).
+        `lines` is the line count n (lines 1..n are shown), or for an outline the increasing real
+        line numbers of the lines shown. For a file, marks are [header, one per line, footer];
+        for a non-file section, [0]. `total` is the token count of the whole pack (end sentinel).
         """
         starts, fidx, lines, paths, first, n_lines = [], [], [], [], [], []
         offset = 0
@@ -59,10 +64,11 @@ class SourceMap:
                 lines.append(np.zeros(len(marks), np.int32))
             else:
                 fidx.append(np.full(len(marks), len(paths), np.int32))
-                lines.append(np.concatenate([np.arange(n + 1, dtype=np.int32), [0]]).astype(np.int32))
+                shown = np.arange(1, n + 1) if isinstance(n, (int, np.integer)) else np.asarray(n)
+                lines.append(np.concatenate([[0], shown, [0]]).astype(np.int32))
                 paths.append(path)
                 first.append(offset)
-                n_lines.append(n)
+                n_lines.append(len(shown))
             offset += len(marks)
         starts.append(np.array([total], np.int64))
         fidx.append(np.array([-1], np.int32))
@@ -116,9 +122,9 @@ class SourceMap:
 
     def line_tokens(self, path: str, line: int) -> tuple[int, int]:
         """Token range [start, end) of one line (possibly empty). Raises KeyError for an unknown path:line."""
-        if not self.has(path, line):
+        m = self._line_mark(path, line)
+        if m is None:
             raise KeyError(f"{path}:{line} is not in this pack")
-        m = int(self.first_mark[self._index[path]]) + line
         return int(self.starts[m]), int(self.starts[m + 1])
 
     def file_tokens(self, path: str) -> tuple[int, int]:
@@ -128,9 +134,18 @@ class SourceMap:
         return int(self.starts[m]), int(self.starts[m + int(self.n_lines[f]) + 2])
 
     def has(self, path: str, line: int) -> bool:
-        """True when `path` is packed and 1 <= line <= its line count."""
+        """True when `path` is packed and shows `line` (1 <= line <= its line count; for an outline,
+        one of the lines shown)."""
+        return self._line_mark(path, line) is not None
+
+    def _line_mark(self, path: str, line: int) -> int | None:
         f = self._index.get(path)
-        return f is not None and 1 <= line <= int(self.n_lines[f])
+        if f is None or line < 1:
+            return None
+        lo = int(self.first_mark[f]) + 1
+        shown = self.line[lo:lo + int(self.n_lines[f])]
+        k = int(np.searchsorted(shown, line))
+        return lo + k if k < len(shown) and shown[k] == line else None
 
     def shifted(self, offset: int) -> SourceMap:
         """The same map for the pack embedded at token `offset` of a longer sequence.

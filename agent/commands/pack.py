@@ -19,14 +19,13 @@ import ingest
 from agent.catalog import ModelError
 from agent.commands.progress import track
 from agent.paths import tokens_dir
-from agent.render import pack_notes
+from agent.render import SHOW, budget_lines, pack_notes
 from ingest.records import DEFAULT_MAX_FILE_BYTES, MAX_FILE_BYTES_LIMIT
 from ingest.render import display_path
 from ingest.tokens import backend_of
 from ingest.walk import resolve_paths
 
 DEFAULT_MODEL = "qwen2.5-coder-1.5b"
-SHOW = 10
 
 
 @click.command("pack")
@@ -35,14 +34,14 @@ SHOW = 10
               show_default="$MOBA_ASK_MODEL or " + DEFAULT_MODEL,
               help="Model whose tokenizer counts tokens: catalog name, HF dir, .gguf, or a tokenizer.json.")
 @click.option("--max-tokens", type=click.IntRange(min=0), default=0,
-              help="Token budget; whole files are dropped to fit. 0: no budget (pack counts for no model "
-                   "window; ask uses the model's). [default: 0]")
+              help="Token budget; files that do not fit go in as outlines (signatures), then are dropped. "
+                   "0: no budget (pack counts for no model window; ask uses the model's). [default: 0]")
 @click.option("--include", multiple=True, metavar="GLOB", help="Only pack files matching GLOB (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out files matching GLOB (repeatable).")
 @click.option("--no-line-numbers", is_flag=True, help="Do not prefix lines with their numbers.")
 @click.option("--max-file-bytes", type=click.IntRange(min=1, max=MAX_FILE_BYTES_LIMIT), default=DEFAULT_MAX_FILE_BYTES, show_default=True,
               help="Skip files larger than this (for .ipynb/.pdf: extracted text).")
-@click.option("--no-drop", is_flag=True, help="Fail instead of dropping files when over --max-tokens.")
+@click.option("--no-drop", is_flag=True, help="Fail instead of outlining or dropping files when over --max-tokens.")
 @click.option("--allow-secrets", is_flag=True, help="Pack files that look like secrets (.env, keys, ...).")
 @click.option("--no-default-excludes", is_flag=True, help="Keep lockfiles, vendored and build dirs, ...")
 @click.option("--notebook-outputs", is_flag=True, help="Include text outputs of notebook cells.")
@@ -142,6 +141,8 @@ def report(p: ingest.Pack) -> dict:
         "files": [{"path": f.path, "tokens": f.tokens, "token_start": f.token_start, "token_end": f.token_end,
                    "lines": f.lines, "flags": list(f.flags)} for f in p.files],
         "skipped": [{"path": path, "reason": reason} for path, reason in p.skipped],
+        "outlined": [{"path": path, "tokens": n, "full_tokens": full, "reason": reason}
+                     for path, n, full, reason in p.outlined],
         "dropped": [{"path": path, "tokens": n, "reason": reason} for path, n, reason in p.dropped],
         "redacted": [{"path": path, "line": line, "kind": kind} for path, line, kind in p.redacted],
         "notes": list(p.notes),
@@ -150,7 +151,8 @@ def report(p: ingest.Pack) -> dict:
 
 def _summary(p: ingest.Pack, max_tokens: int | None, seconds: float) -> None:
     budget = f" of {max_tokens:,} allowed" if max_tokens else ""
-    lines = [f"packed {len(p.files):,} files, {p.total_tokens:,} tokens{budget} from {display_path(p.root)} "
+    outlines = f" ({len(p.outlined):,} as outlines)" if p.outlined else ""
+    lines = [f"packed {len(p.files):,} files{outlines}, {p.total_tokens:,} tokens{budget} from {display_path(p.root)} "
              f"in {seconds:.2f} s (tree {p.tree_tokens:,} tokens)", "largest files:"]
     lines += [f"  {f.tokens:>9,}  {f.path}" for f in sorted(p.files, key=lambda f: -f.tokens)[:5]]
     flagged = [f for f in p.files if "non_utf8" in f.flags]
@@ -158,7 +160,7 @@ def _summary(p: ingest.Pack, max_tokens: int | None, seconds: float) -> None:
         lines.append(f"decoded with replacement characters (not UTF-8): {', '.join(f.path for f in flagged[:SHOW])}")
     lines += pack_notes(p)
     lines += _skipped(p.skipped)
-    lines += _listing("dropped", [f"  {n:>9,}  {path}: {reason}" for path, n, reason in p.dropped])
+    lines += budget_lines(p)
     click.echo("\n".join(lines), err=True)
 
 
@@ -171,10 +173,3 @@ def _skipped(skipped) -> list[str]:
         more = f" (+{len(paths) - 3} more)" if len(paths) > 3 else ""
         rows.append(f"  {reason}: {', '.join(paths[:3])}{more}")
     return [f"skipped {len(skipped)}:", *rows] if rows else []
-
-
-def _listing(title: str, rows: list[str]) -> list[str]:
-    if not rows:
-        return []
-    more = [f"  ... and {len(rows) - SHOW} more (see --json)"] if len(rows) > SHOW else []
-    return [f"{title} {len(rows)}:", *rows[:SHOW], *more]

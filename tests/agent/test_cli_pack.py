@@ -90,14 +90,41 @@ def test_output_file_and_no_writes_in_tree(env, tmp_path):
     assert "ctx.txt" not in {f["path"] for f in again["files"]}
 
 
-def test_budget_drops_and_no_drop(env):
+def test_budget_outlines_drops_and_no_drop(env):
     repo, _ = env
     full = json.loads(run(repo, "--json", "-q").stdout)["total_tokens"]
     data = json.loads(run(repo, "--json", "--max-tokens", full - 10).stdout)
-    assert data["total_tokens"] <= full - 10 and data["dropped"][0]["path"] == "tests/test_app.py"
-    assert data["dropped"][0]["reason"] == "over budget: test file"
+    assert data["total_tokens"] <= full - 10 and data["dropped"] == []
+    assert [o["path"] for o in data["outlined"]] == ["src/util/helpers.py"]
+    assert data["outlined"][0]["reason"] == ("over budget: least central (0 files mention 'helpers'); "
+                                             "outline by python ast")
+    assert data["outlined"][0]["tokens"] < data["outlined"][0]["full_tokens"]
+    assert {f["path"]: f["flags"] for f in data["files"]}["src/util/helpers.py"] == ["outline"]
     one_line_error(run(repo, "--max-tokens", full - 10, "--no-drop"), "over --max-tokens", "--no-drop")
     one_line_error(run(repo, "--max-tokens", 3), "too small")
+
+
+def test_every_outlined_and_dropped_file_is_reported(tmp_path, env):
+    many = {f"src/mod_{i:02}.py": "".join(f"def fn_{i}_{k}(a, b):\n    return a + b * {k}\n\n" for k in range(12))
+            for i in range(14)}
+    many |= {f"notes/note_{i:02}.txt": f"note {i}: some words about the project\n" * 12 for i in range(13)}
+    repo = write_tree(tmp_path / "many", many)
+    full = json.loads(run(repo, "--json", "-q").stdout)["total_tokens"]
+    result = run(repo, "--json", "--max-tokens", full // 3)
+    data = json.loads(result.stdout)
+    outlined, dropped = [o["path"] for o in data["outlined"]], [d["path"] for d in data["dropped"]]
+    assert len(outlined) > 10 and len(dropped) > 10 and set(outlined) | set(dropped) <= set(many)
+    assert {f["path"] for f in data["files"]} | set(dropped) == set(many)
+    assert set(outlined) == {f["path"] for f in data["files"] if "outline" in f["flags"]}
+    assert all(set(o) == {"path", "tokens", "full_tokens", "reason"} for o in data["outlined"])
+    assert all(set(d) == {"path", "tokens", "reason"} for d in data["dropped"])
+    err = result.stderr.splitlines()
+    for title, paths in (("outlined (signatures only, over budget)", outlined), ("dropped (over budget)", dropped)):
+        at = err.index(f"{title} {len(paths)}:")
+        listed = err[at + 1:at + 11]
+        assert all(any(p + ":" in row for row in listed) for p in paths[:10])
+        assert not any(p + ":" in row for p in paths[10:] for row in listed)
+        assert err[at + 11] == f"  ... and {len(paths) - 10} more (see --json)"
 
 
 def test_include_exclude_and_flags(env):

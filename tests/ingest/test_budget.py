@@ -1,4 +1,4 @@
-"""--max-tokens: whole files dropped by the documented priority, reported, never truncated."""
+"""--max-tokens: files outlined, then dropped, by the documented priority; reported, never cut mid-file."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 import ingest
-from ingest import budget
+from ingest import budget, rules
 from tests.ingest.fixtures import write_tree
 
 FILES = {
@@ -38,20 +38,84 @@ def test_fits_without_dropping(repo, run_pack):
     assert same.dropped == () and same.total_tokens == full.total_tokens
 
 
-def test_generated_then_data_then_tests_then_least_central(repo, run_pack):
+def test_over_budget_files_are_outlined_before_any_is_dropped(repo, run_pack):
+    full = run_pack(repo)
+    p = run_pack(repo, max_tokens=full.total_tokens - 40)
+    assert p.dropped == () and set(tokens(p)) == set(FILES) and p.total_tokens <= full.total_tokens - 40
+    assert [o[0] for o in p.outlined] == ["tests/test_core.py"]
+    path, n, whole, reason = p.outlined[0]
+    assert n == tokens(p)[path] < whole == tokens(full)[path]
+    assert reason == "over budget: test file; outline by python ast"
+    assert "outline" in {f.path: f for f in p.files}[path].flags
+    assert "test_core.py (outline)\n" in p.text and '<file path="tests/test_core.py" lines="12" outline=' in p.text
+
+
+def test_drop_when_even_outlines_do_not_fit_with_reasons(repo, run_pack):
     full = run_pack(repo)
     size = tokens(full)
-    p = run_pack(repo, max_tokens=full.total_tokens - size["gen/api_pb2.py"])
-    assert [d[0] for d in p.dropped] == ["gen/api_pb2.py"] and p.dropped[0][2] == "over budget: generated file"
-    assert p.dropped[0][1] == size["gen/api_pb2.py"]
-    cut = sum(size[k] for k in ("gen/api_pb2.py", "data/table.json", "tests/test_core.py", "src/lonely.py"))
-    p = run_pack(repo, max_tokens=full.total_tokens - cut)
+    p = run_pack(repo, max_tokens=int(full.total_tokens * 0.3))
     reasons = {path: reason for path, _, reason in p.dropped}
-    assert set(reasons) == {"gen/api_pb2.py", "data/table.json", "tests/test_core.py", "src/lonely.py"}
-    assert reasons["data/table.json"] == "over budget: data file"
-    assert reasons["tests/test_core.py"] == "over budget: test file"
-    assert reasons["src/lonely.py"] == "over budget: least central (0 files mention 'lonely')"
-    assert {"README.md", "src/core.py"} <= set(tokens(p)) and p.total_tokens <= full.total_tokens - cut
+    assert reasons == {"data/table.json": "over budget: data file; no outline parser for .json files",
+                       "gen/api_pb2.py": "over budget: generated file; its outline did not fit either"}
+    assert {d[1] for d in p.dropped} == {size["data/table.json"], size["gen/api_pb2.py"]}
+    p = run_pack(repo, max_tokens=int(full.total_tokens * 0.2))
+    reasons = {path: reason for path, _, reason in p.dropped}
+    assert reasons["src/lonely.py"] == "over budget: least central (0 files mention 'lonely'); its outline did not fit either"
+    assert {"README.md", "src/core.py"} <= set(tokens(p))
+
+
+KINDS = {  # path -> (kind, tokens, outline tokens or None, text)
+    "README.md": ("readme", 50, 10, "# Demo"),
+    "ext/LICENSE": ("licence", 300, None, "MIT"),
+    "tests/certs/server/README.md": ("test", 40, 8, "certs"),
+    "docs/guide/usage.md": ("doc", 200, 30, "guide"),
+    "docs/intro.md": ("doc", 200, 30, "intro"),
+    "src/sessions.py": ("source", 500, 60, "import models"),
+    "src/models.py": ("source", 400, 50, "class Model: sessions"),
+    "src/compat.py": ("source", 100, 20, "import sessions"),
+    "gen/api_pb2.py": ("generated", 90, 40, "X = 1"),
+    "data/table.json": ("data", 900, None, "[]"),
+}
+
+
+def kind_items() -> list[budget.Item]:
+    return [budget.Item(p, kind, n, text, o, "python ast" if o else "no outline parser")
+            for p, (kind, n, o, text) in KINDS.items()]
+
+
+def test_drop_order_favours_source_over_docs_licences_and_test_fixtures():
+    order = [it.path for it, _ in budget.drop_order(kind_items())]
+    assert order == ["gen/api_pb2.py", "data/table.json", "ext/LICENSE", "tests/certs/server/README.md",
+                     "docs/guide/usage.md", "docs/intro.md", "src/compat.py", "src/models.py", "src/sessions.py",
+                     "README.md"]
+
+
+def test_plan_meets_every_limit_and_never_drops_for_a_less_important_file():
+    items = kind_items()
+    rank = {it.path: i for i, (it, _) in enumerate(budget.drop_order(items))}  # higher = more important
+    for limit in range(0, sum(it.tokens for it in items) + 8, 7):
+        plan = budget.plan(items, limit)
+        size = {"full": lambda it: it.tokens, "outline": lambda it: it.outline_tokens, "drop": lambda it: 0}
+        assert sum(size[c.form](c.item) for c in plan) <= limit
+        if sum(it.smallest for it in items) <= limit:
+            assert all(c.form != "drop" for c in plan), limit
+        assert all((c.form == "full") == (c.reason == "") for c in plan)
+        for x in (c for c in plan if c.form == "drop"):  # a kept less important file is smaller than x
+            assert all(y.item.smallest < x.item.smallest for y in plan
+                       if y.form != "drop" and rank[y.item.path] < rank[x.item.path]), (limit, x.item.path)
+        for x in (c for c in plan if c.form == "outline"):  # a whole less important file grew by less
+            assert all(y.item.tokens - y.item.smallest < x.item.tokens - x.item.smallest for y in plan
+                       if y.form == "full" and rank[y.item.path] < rank[x.item.path]), (limit, x.item.path)
+
+
+def test_licence_and_data_go_before_any_source_leaves_the_view():
+    form = {c.item.path: (c.form, c.reason) for c in budget.plan(kind_items(), 480)}
+    assert form["ext/LICENSE"] == ("drop", "over budget: licence; no outline parser")
+    assert form["data/table.json"][0] == "drop" and form["README.md"] == ("full", "")
+    assert form["src/sessions.py"] == ("outline", "over budget: least central (2 files mention 'sessions'); "
+                                                  "outline by python ast")
+    assert form["src/models.py"][0] == "outline" and form["src/compat.py"][0] == "full"
+    assert form["docs/intro.md"][0] == form["docs/guide/usage.md"][0] == "outline"
 
 
 @pytest.mark.parametrize("fraction", [0.9, 0.7, 0.5, 0.3, 0.15])
@@ -61,7 +125,12 @@ def test_budget_is_met_and_nothing_is_truncated(repo, run_pack, fraction):
     p = run_pack(repo, max_tokens=limit)
     assert p.total_tokens <= limit and len(p.ids) == p.source_map.total
     assert set(tokens(p)) | {d[0] for d in p.dropped} == set(FILES)
+    assert not set(tokens(p)) & {d[0] for d in p.dropped}
+    outlined = {o[0] for o in p.outlined}
     for f in p.files:
+        assert ("outline" in f.flags) == (f.path in outlined)
+        if f.path in outlined:
+            continue
         assert f.tokens == tokens(full)[f.path]
         assert all(f"| {line}" in p.text for line in FILES[f.path].splitlines() if line)
     for path, _, _ in p.dropped:
@@ -87,3 +156,12 @@ def test_centrality_counts_module_mentions():
     assert budget.module_name("pkg/__init__.py") == "pkg" and budget.module_name("a/b/util.py") == "util"
     order = [it.path for it, _ in budget.drop_order(items)]
     assert order[0] == "src/lonely.py" and order[-1] == "src/core.py"
+
+
+@pytest.mark.parametrize(("rel", "kind"), [
+    ("README.md", "readme"), ("src/pkg/README.md", "doc"), ("tests/certs/server/README.md", "test"),
+    ("ext/LICENSE", "licence"), ("LICENSE-MIT.txt", "licence"), ("COPYING", "licence"), ("src/notice.py", "source"),
+    ("docs/index.md", "doc"), ("data/rows.csv", "data"), ("api_pb2.py", "generated"), ("src/sessions.py", "source"),
+])
+def test_file_kinds_rank_fixtures_and_licences_apart_from_source(rel, kind):
+    assert rules.file_kind(rel) == kind
