@@ -96,7 +96,7 @@ def test_engine_dtype_chunk_and_device_kind_change_the_key(repo, tmp_path):
     for attr, value in (("dtype", torch.bfloat16), ("chunk_size", 64)):
         rt = FakeRuntime(answers=["ok"])
         engine_type = type("E", (rt._make(1).__class__,), {attr: value})
-        rt.make_engine = lambda capacity, rt=rt, t=engine_type: t(rt, capacity)
+        rt.make_engine = lambda capacity, params=None, rt=rt, t=engine_type: t(rt, capacity, params)
         assert session(repo, store, rt=rt).stats["cache_hit"] is False, attr
     rt = FakeRuntime(answers=["ok"])
     rt.device = "cuda:1"

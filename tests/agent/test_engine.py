@@ -11,7 +11,7 @@ from agent.engine import Engine, Sampling, sample
 from agent.kvcache import CacheFullError, MobaCache
 from moba import block_means
 from moba.cachekeys import block_means_of
-from moba.hf import MobaParams, configure, dense_queries
+from moba.hf import MobaParams, dense_queries
 from tests.tinymodels import COMMON, tiny_model
 
 ARCHS = ["llama", "qwen2", "gemma3"]
@@ -242,7 +242,7 @@ def test_cuda_graph_decode_gives_the_eager_tokens(dtype, head_dim):
         e.prefill(ids_of(9, 2))
     both(30)
     assert graph._decoder.captures == 1  # the graph outlived truncate and prefill
-    configure(m.config, MobaParams(block_size=32, top_k=2, sink_blocks=0))
+    graph.params = MobaParams(block_size=32, top_k=2, sink_blocks=0)  # the shared model's config follows
     for e in (eager, graph):
         e.prefill(ids_of(5, 3))
     both(20)
