@@ -79,6 +79,7 @@ CHANGES = {
     "block_size": dict(block_size=128), "top_k": dict(top_k=3), "sink_blocks": dict(sink_blocks=0),
     "dense_layers": dict(dense_layers=(0,)), "qa_policy": dict(qa_policy="moba"),
     "attention": dict(attention="dense"), "chunk_size": dict(chunk_size=64),
+    "local_blocks": dict(local_blocks=1), "gate_subblocks": dict(gate_subblocks=2),
 }
 
 
