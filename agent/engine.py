@@ -118,8 +118,9 @@ class Engine:
     @property
     def params(self) -> MobaParams:
         """The MoBA settings the engine runs. Settable between calls: the model's config takes them
-        (engines sharing the model follow) and a captured decode step is captured again.
-        Raises ValueError for another block size: the cache's blocks are fixed."""
+        (another engine on the same model runs them too, its `params` unchanged: one engine per model
+        at a time) and a captured decode step is captured again. Raises ValueError for another block
+        size: the cache's blocks are fixed."""
         return self._params
 
     @params.setter
