@@ -123,20 +123,46 @@ def _block_ranges(smap, mass: np.ndarray, lo: int, hi: int, share: float, max_li
 
 
 def routed_blocks(rec: RoutingRecorder, sink_blocks: int) -> dict[int, int]:
-    """Block id -> times it was routed to (own block and sink blocks excluded) over all records.
+    """Block id -> times it was routed to over all layers (`routed_by_layer`)."""
+    counts: dict[int, int] = {}
+    for per_layer in routed_by_layer(rec, sink_blocks).values():
+        for b, n in per_layer.items():
+            counts[b] = counts.get(b, 0) + n
+    return counts
+
+
+def routed_by_layer(rec: RoutingRecorder, sink_blocks: int) -> dict[int, dict[int, int]]:
+    """Recorded layer -> block id -> times the gate routed to it (own, sink and local blocks excluded).
 
     Sinks are told by id (< sink_blocks), not by slot: a record's slots may be capped at its number
     of blocks (`moba.types.clamp_blocks`), and routed slots never hold a sink id.
     """
-    counts: dict[int, int] = {}
-    for records in rec.records.values():
+    out: dict[int, dict[int, int]] = {}
+    for layer, records in rec.records.items():
+        counts = out.setdefault(layer, {})
         for r in records:
             slots = slice(1, r.blocks.shape[-1] - sink_blocks)
             ids, scores = r.blocks[..., slots], r.scores[..., slots]
             ids = ids[(ids >= sink_blocks) & (scores < float("inf"))]  # local blocks are forced, not routed
             for b, n in zip(*np.unique(ids.numpy(), return_counts=True)):
                 counts[int(b)] = counts.get(int(b), 0) + int(n)
-    return counts
+    return out
+
+
+@dataclass(frozen=True)
+class RoutingCounts:
+    """What the gate routed one answer's recorded tokens to: per layer, block id -> times routed
+    (`routed_by_layer`), and the packed lines each routed block holds, (path, first, last) per file."""
+
+    per_layer: dict[int, dict[int, int]]
+    spans: dict[int, list[tuple[str, int, int]]]
+
+
+def routing_counts(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: int) -> RoutingCounts:
+    """The RoutingCounts of a recorder over a source map in absolute token positions."""
+    per_layer = routed_by_layer(rec, sink_blocks)
+    blocks = sorted({b for counts in per_layer.values() for b in counts})
+    return RoutingCounts(per_layer, {b: smap.span_lines(b * block_size, (b + 1) * block_size) for b in blocks})
 
 
 def attended_blocks(rec: RoutingRecorder) -> dict[int, int]:
@@ -226,6 +252,12 @@ def file_strengths(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: 
                           max_lines=10**9, weights=weights, signal=signal):
         out[c.path] = out.get(c.path, 0.0) + c.score
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def uncited_sections(text: str, smap) -> tuple[int, int]:
+    """(sections citing no packed line, sections) of `text`, its blank-line separated paragraphs."""
+    sections = [x for x in re.split(r"\n\s*\n", text) if x.strip()]
+    return sum(not from_text(x, smap) for x in sections), len(sections)
 
 
 def display_path(path: str, root: str, absolute: bool = False, cwd: str | None = None) -> str:

@@ -2,8 +2,8 @@
 
 `moba-ask PATH... QUESTION` runs `ask`: the group, like click-default-group, puts the default command's
 name in front of arguments that do not start with a command name. Each command is imported by name in
-its loader below, only when the group needs it (chat, summarize, eval and calibrate import torch, which
-`pack`, `models` and `cache` do not need).
+its loader below, only when the group needs it (ask, chat, summarize, eval and calibrate import torch, the
+first through the MoBA defaults of `moba.hf.MobaParams`; `pack`, `models` and `cache` do not need it).
 
 Answers go to stdout, diagnostics to stderr. User errors are `click.ClickException`s: one
 line, exit code 1, no traceback.

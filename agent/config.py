@@ -1,5 +1,9 @@
 """The run configuration of moba-ask: one frozen dataclass whose fields map one-to-one onto the
-common CLI flags. Knows nothing of models or files beyond names and numbers.
+common CLI flags, and the rules that make its defaults concrete for a run (`settle`, `params_for`).
+
+The MoBA settings' defaults and checks live in `moba.hf.MobaParams`; AskConfig's MoBA fields take
+their defaults from it and `params_for` turns them back into the MobaParams the engine, the session
+and the citations use. Knows nothing of models or files beyond names and numbers.
 """
 
 from __future__ import annotations
@@ -8,10 +12,12 @@ import math
 import re
 from dataclasses import dataclass, replace
 
+from moba.hf import MobaParams
+
 ATTENTION = ("auto", "moba", "dense")
 AUTO_DENSE_FACTOR = 8  # "auto" is dense below AUTO_DENSE_FACTOR x top_k x block_size context tokens
 DENSE_LAYERS_CPU = (-3, -2, -1)  # the CPU default (bench/RESULTS.md, evaluation); none on CUDA
-QA_POLICIES = ("moba", "dense")
+RESERVE = 512  # tokens the default context budget keeps beside the pack for the prompt frame and the question
 ANSWER_ROOM = 1024  # tokens the default context budget keeps for the answer, whatever --max-new-tokens says
 MIN_ANSWER_ROOM = 32  # a question must leave the answer at least this many tokens of the window
 ANSWER_TOKENS = {"short": 256, "explain": 512, "summarize": 1024}  # default answer length by question type
@@ -31,15 +37,13 @@ class AskConfig:
     model: catalog name, hub id, directory or .gguf (None: $MOBA_ASK_MODEL or the device default).
     attention: "moba" (sparse), "dense" (exact SDPA; routing is still scored for citations) or "auto"
         (dense for contexts under `auto_threshold`, else moba; made concrete by `settle`).
-    block_size, top_k, sink_blocks: MoBA parameters (see moba/README.md).
+    block_size, top_k, sink_blocks, qa_policy, local_blocks, gate_subblocks: the MoBA settings, with
+        MobaParams' defaults and checks (moba/hf.py; moba/README.md). qa_policy "dense", the default,
+        keeps the question and answer tokens exact: a few hundred tokens, and the held-out
+        evaluation answered 0.70 with it against 0.52 with "moba" (bench/RESULTS.md).
     dense_layers: layers that stay dense; negative indices count from the end. None: the device's
         default, DENSE_LAYERS_CPU (the last 3) on CPU and none on CUDA, where a dense layer at 1M
         tokens costs ~16 s of attention (made concrete by `settle`).
-    qa_policy: attention for question and answer tokens: "dense" (exact, the default: a few hundred
-        tokens, and the held-out evaluation answered 0.70 with it against 0.52 with "moba"; bench/RESULTS.md)
-        or "moba".
-    local_blocks: blocks just before a query's own block that it always attends (they take routed slots).
-    gate_subblocks: the gate scores a block by the best of this many equal parts' mean keys.
     head_weights: citation head weights: None for the model's shipped file (every head alike, with a
         note, when it has none), "uniform" for every head alike, else a weights file written by
         `moba-ask calibrate` (a file that cannot be used is an error, not a fallback).
@@ -56,13 +60,13 @@ class AskConfig:
 
     model: str | None = None
     attention: str = "auto"
-    block_size: int = 256
-    top_k: int = 6
-    sink_blocks: int = 1
+    block_size: int = MobaParams.block_size
+    top_k: int = MobaParams.top_k
+    sink_blocks: int = MobaParams.sink_blocks
     dense_layers: tuple[int, ...] | None = None
-    qa_policy: str = "dense"
-    local_blocks: int = 0
-    gate_subblocks: int = 1
+    qa_policy: str = MobaParams.qa_policy
+    local_blocks: int = MobaParams.local_blocks
+    gate_subblocks: int = MobaParams.gate_subblocks
     head_weights: str | None = None
     max_tokens: int = 0
     max_new_tokens: int | None = None
@@ -78,20 +82,28 @@ class AskConfig:
     def __post_init__(self):
         if self.attention not in ATTENTION:
             raise SettingError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
-        if self.qa_policy not in QA_POLICIES:
-            raise SettingError(f"qa_policy must be one of {', '.join(QA_POLICIES)}, got {self.qa_policy!r}")
-        if self.block_size < 1 or self.top_k < 1 or self.sink_blocks < 0:
-            raise SettingError("block size and top-k must be >= 1 and sink blocks >= 0")
-        if not 0 <= self.local_blocks < self.top_k:
-            raise SettingError(f"local blocks must be >= 0 and below top-k ({self.top_k}): they take routed slots")
-        if self.gate_subblocks < 1 or self.block_size % self.gate_subblocks:
-            raise SettingError(f"gate sub-blocks must be >= 1 and divide the block size ({self.block_size})")
+        params_for(self, 0)  # MobaParams' checks, as SettingError
         if self.max_tokens < 0 or (self.max_new_tokens is not None and self.max_new_tokens < 1):
             raise SettingError("max tokens must be >= 0 and max new tokens >= 1")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise SettingError(f"--temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}")
         if self.repetition_penalty < 1 or self.repeat_stop < 0:
             raise SettingError("repetition penalty must be >= 1 (1 is off) and repeat stop >= 0 (0 is off)")
+
+
+def params_for(config: AskConfig, num_layers: int) -> MobaParams:
+    """The MoBA settings of `config` for a model of `num_layers` layers: attention "dense" makes every
+    layer dense (routing is still scored); "auto" counts as "moba", and dense_layers None as none,
+    until `settle` makes them concrete for the packed context.
+
+    Raises SettingError for MoBA settings MobaParams refuses.
+    """
+    dense = tuple(range(num_layers)) if config.attention == "dense" else config.dense_layers or ()
+    try:
+        return MobaParams(config.block_size, config.top_k, config.sink_blocks, dense, config.qa_policy,
+                          config.local_blocks, config.gate_subblocks)
+    except ValueError as e:
+        raise SettingError(str(e)) from None
 
 
 def answer_room(window: int) -> int:

@@ -5,9 +5,9 @@ A step reads only tensors that live as long as the decoder: the token id and its
 agent/kvcache.py) and the model's weights; it writes the logits into a tensor it keeps. So the
 step can be captured once and replayed for every token, whatever the cache length, after
 `truncate` or a further prefill too. Capture happens after `warmup` eager steps (Triton compiles
-its kernels on first use); a change of the model's MoBA parameters, which the capture bakes in,
-re-captures. Needs a model with attn_implementation "moba" (the attention function must take
-whole buffers). Knows nothing of sampling, stop ids or prompts.
+its kernels on first use); a change of the MoBA settings each step is given (the ones the model's
+config carries), which the capture bakes in, re-captures. Needs a model with attn_implementation
+"moba" (the attention function must take whole buffers). Knows nothing of sampling, stop ids or prompts.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from agent.kvcache import MobaCache
-from moba.hf import moba_params
+from moba.hf import MobaParams
 
 
 class StaticDecoder:
@@ -45,14 +45,15 @@ class StaticDecoder:
         self._params = None
         self._eager_steps = 0
 
-    def step(self, token: int) -> torch.Tensor:
-        """Append `token` at the cache's length; return fp32 logits [V] after it.
+    def step(self, token: int, params: MobaParams) -> torch.Tensor:
+        """Append `token` at the cache's length; return fp32 logits [V] after it. `params`: the MoBA
+        settings the model's config carries (`agent.engine.Engine.params`).
 
         The result is the decoder's own buffer when a graph runs: read it before the next step.
         Raises CacheFullError when the cache is full.
         """
         n = self.cache.check_room(1) - 1
-        self._check_params()
+        self._check_params(params)
         self.ids.fill_(token)
         self.positions.fill_(n)
         if self._graph is None and self.graph and self._eager_steps >= self.warmup:
@@ -64,8 +65,7 @@ class StaticDecoder:
         self.cache.advance(1)
         return self._logits
 
-    def _check_params(self) -> None:
-        params = moba_params(self.model.config)
+    def _check_params(self, params: MobaParams) -> None:
         if params != self._params:
             self._graph, self._params, self._eager_steps = None, params, 0
 

@@ -1,8 +1,9 @@
 """The inference engine: chunked prefill into a MobaCache, sparse decode, sampling, streaming.
 
 Works on token ids only; knows nothing of files, prompts or citations. The model is any
-transformers causal LM; with `attn_implementation="moba"` its attention reads MoBA settings
-from the config and block means from the cache. Only the last position's logits are computed.
+transformers causal LM; with `attn_implementation="moba"` its attention reads the MoBA settings
+from the model config, which the engine writes from the MobaParams it is given (`Engine.params`),
+and block means from the cache. Only the last position's logits are computed.
 
 Decode paths (`Engine.decode`): "dynamic" runs the model on the cache's filled part, token by token
 (launch- and Python-bound on a GPU); "static" runs agent/decoder.py's static-shape step eagerly;
@@ -25,7 +26,7 @@ import torch
 from agent.decoder import StaticDecoder
 from agent.kvcache import MobaCache, kv_bytes
 from moba.capture import active_recorder
-from moba.hf import forced_dense
+from moba.hf import MobaParams, configure, forced_dense, moba_params
 
 DECODE_PATHS = ("auto", "dynamic", "static", "graph")
 PENALTY_WINDOW = 64  # the repetition penalty weighs the answer's last this many tokens (llama.cpp's default)
@@ -70,19 +71,24 @@ class Engine:
         capacity: the most tokens the cache holds (context + question + answer).
         chunk_size: prefill chunk; None picks `default_chunk_size` for the model's device.
         decode: one of DECODE_PATHS (module docstring); default "auto".
+        params: the MoBA settings to run, written onto the model's config (see `params`); None
+            takes those the config carries (`moba.hf.moba_params`). The cache's blocks are theirs.
     Raises:
         ValueError: an unknown decode path, "static"/"graph" without attn_implementation "moba",
             or "graph" off CUDA.
     """
 
-    def __init__(self, model, capacity: int, chunk_size: int | None = None, decode: str = "auto"):
+    def __init__(self, model, capacity: int, chunk_size: int | None = None, decode: str = "auto",
+                 params: MobaParams | None = None):
         self.model = model
         self.config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.chunk_size = chunk_size or default_chunk_size(self.device)
-        block = int(getattr(self.config, "moba_block_size", None) or 256)
-        self.cache = MobaCache(self.config.num_hidden_layers, capacity, block)
+        self._params = params or moba_params(self.config)
+        if params is not None:
+            configure(model.config, params)
+        self.cache = MobaCache(self.config.num_hidden_layers, capacity, self._params.block_size)
         self._cache_kw = _cache_argument(model)
         self.last_logits: torch.Tensor | None = None
         self._decoder: StaticDecoder | None = None
@@ -108,6 +114,22 @@ class Engine:
             path = "graph" if moba and self.device.type == "cuda" else "dynamic"
         self._decode = path
         self._decoder = None
+
+    @property
+    def params(self) -> MobaParams:
+        """The MoBA settings the engine runs. Settable between calls: the model's config takes them
+        (another engine on the same model runs them too, its `params` unchanged: one engine per model
+        at a time) and a captured decode step is captured again. Raises ValueError for another block
+        size: the cache's blocks are fixed."""
+        return self._params
+
+    @params.setter
+    def params(self, params: MobaParams) -> None:
+        if params.block_size != self.cache.block_size:
+            raise ValueError(f"this engine's cache uses blocks of {self.cache.block_size} tokens, not "
+                             f"{params.block_size}: make a new Engine for another block size")
+        configure(self.model.config, params)
+        self._params = params
 
     @property
     def length(self) -> int:
@@ -179,13 +201,13 @@ class Engine:
             return self._forward(torch.tensor([token]))
         if self._decoder is None:
             self._decoder = StaticDecoder(self.model, self.cache, self._cache_kw, graph=self.decode == "graph")
-        return self._decoder.step(token)
+        return self._decoder.step(token, self._params)
 
     @property
     def decode_path(self) -> str:
         """The path the next `step` takes: `decode`, or "dynamic" where the module docstring says."""
         rec = active_recorder()
-        if self.decode == "dynamic" or (rec is not None and rec.overlaps(self.length, self.length + 1)) or forced_dense(self.config):
+        if self.decode == "dynamic" or (rec is not None and rec.overlaps(self.length, self.length + 1)) or forced_dense(self._params):
             return "dynamic"
         return self.decode if self.cache.is_allocated else "dynamic"
 
@@ -202,7 +224,7 @@ def cache_bytes(engine) -> int:
     sums, layers x KV heads x ceil(capacity / block size) x head dim x 4 B."""
     c = engine.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    blocks = -(-engine.cache.capacity // int(getattr(c, "moba_block_size", None) or 256))
+    blocks = -(-engine.cache.capacity // engine.cache.block_size)
     return engine.kv_bytes() + c.num_hidden_layers * c.num_key_value_heads * blocks * head_dim * 4
 
 

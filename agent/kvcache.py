@@ -121,7 +121,7 @@ class MobaCache(Cache):
 
     def __init__(self, num_layers: int, capacity: int, block_size: int):
         super().__init__(layers=[MobaLayer(capacity, block_size) for _ in range(num_layers)])
-        self.capacity = capacity
+        self.capacity, self.block_size = capacity, block_size
 
     def truncate(self, n: int) -> None:
         """Crop every layer back to its first n positions. Copies nothing but one partial block."""

@@ -1,4 +1,5 @@
-"""Terminal rendering of answers and citations: markdown on a TTY, plain text otherwise.
+"""Terminal rendering of answers and citations: markdown on a TTY, plain text otherwise; the --json
+document and the stats line of an answer.
 
 Citations arrive as data (agent.citations.Citation); only this module and the CLI format them. Pack
 notes (fallbacks, redacted secrets) and the files outlined or dropped to fit the budget are formatted
@@ -94,3 +95,23 @@ def sources_block(cites) -> str:
 def strength_lines(strengths: dict[str, float], width: int = 24) -> list[str]:
     """Per-file routing strength as bars: `path  ████  12.3%`."""
     return [f"  {p:<48} {'█' * max(1, round(s * width)):<{width}} {s:6.1%}" for p, s in strengths.items()]
+
+
+def answer_json(answer, session) -> dict:
+    """The --json document: answer, citations and stats. stats.notes: where the run differed from
+    what was asked (the lines stated on stderr); stats.citation_weights: "calibrated" or "uniform";
+    stats.stopped: why the answer ended ("end", "length", "repetition", "interrupted"), stats.answer_limit
+    the most tokens it could take."""
+    p = session.params
+    notes = [*session.runtime.notes, *session.notes, *answer.notes]
+    stats = dict(context_tokens=session.context_len, prefill_s=answer.stats["prefill_s"],
+                 decode_tok_s=answer.stats["decode_tok_s"], cache_hit=answer.stats["cache_hit"],
+                 model=session.runtime.name, attention=session.config.attention, block_size=p.block_size, top_k=p.top_k,
+                 notes=notes, citation_weights=session.stats.get("citation_weights"),
+                 stopped=answer.stats["stopped"], answer_limit=answer.stats["answer_limit"])
+    return {"answer": answer.text, "citations": [x.to_dict() for x in answer.citations], "stats": stats}
+
+
+def stats_line(stats: dict) -> str:
+    how = "cache hit" if stats["cache_hit"] else f"prefill {stats['prefill_s']:.1f}s"
+    return f"[{stats['context_tokens']:,} tokens, {how}, {stats['decode_tok_s']:.1f} tok/s decode]"

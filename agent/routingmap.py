@@ -1,6 +1,7 @@
 """The routing picture: a heat map of routed blocks x layers, columns labelled by file:lines.
 
-HTML needs nothing; PNG needs matplotlib (optional). Knows recorders and source maps, not models.
+Drawn from an answer's routing counts (`agent.citations.RoutingCounts`); HTML needs nothing, PNG
+needs matplotlib (optional). Knows no models, recorders or sessions.
 """
 
 from __future__ import annotations
@@ -12,25 +13,19 @@ import click
 import numpy as np
 
 
-def routing_matrix(rec, smap, block_size: int, sink_blocks: int) -> tuple[np.ndarray, list[int], list[str], list[int]]:
-    """(counts [layers, blocks], layer ids, column labels, block ids) of routed selections."""
-    layers = sorted(rec.records)
-    counts: dict[tuple[int, int], int] = {}
-    for li, layer in enumerate(layers):
-        for r in rec.records[layer]:
-            ids = r.blocks[..., 1 : r.blocks.shape[-1] - sink_blocks]
-            for b, n in zip(*np.unique(ids[ids >= sink_blocks].numpy(), return_counts=True)):
-                counts[li, int(b)] = counts.get((li, int(b)), 0) + int(n)
-    blocks = sorted({b for _, b in counts})
+def routing_matrix(routing) -> tuple[np.ndarray, list[int], list[str], list[int]]:
+    """(counts [layers, blocks], layer ids, column labels, block ids) of a RoutingCounts."""
+    layers = sorted(routing.per_layer)
+    blocks = sorted({b for counts in routing.per_layer.values() for b in counts})
+    column = {b: i for i, b in enumerate(blocks)}
     mat = np.zeros((len(layers), len(blocks)))
-    for (li, b), n in counts.items():
-        mat[li, blocks.index(b)] = n
-    labels = [_label(smap, b, block_size) for b in blocks]
-    return mat, layers, labels, blocks
+    for li, layer in enumerate(layers):
+        for b, n in routing.per_layer[layer].items():
+            mat[li, column[b]] = n
+    return mat, layers, [_label(routing.spans[b], b) for b in blocks], blocks
 
 
-def _label(smap, b: int, block_size: int) -> str:
-    spans = smap.span_lines(b * block_size, (b + 1) * block_size)
+def _label(spans: list[tuple[str, int, int]], b: int) -> str:
     if not spans:
         return f"block {b} (prompt)"
     path, lo, hi = spans[0]
@@ -38,9 +33,10 @@ def _label(smap, b: int, block_size: int) -> str:
     return f"{path}:{lo}-{hi}{more}"
 
 
-def write_routing_map(path: str, rec, session) -> None:
-    """Write the heat map of `rec` to path (.html or .png). Raises ClickException on other suffixes."""
-    mat, layers, labels, _ = routing_matrix(rec, session.smap, session.config.block_size, session.config.sink_blocks)
+def write_routing_map(path: str, routing) -> None:
+    """Write the heat map of `routing` (RoutingCounts) to path (.html or .png). Raises ClickException on
+    other suffixes."""
+    mat, layers, labels, _ = routing_matrix(routing)
     suffix = Path(path).suffix.lower()
     if suffix == ".html":
         Path(path).write_text(_html(mat, layers, labels), encoding="utf-8")

@@ -1,7 +1,7 @@
 """Turn an AskConfig into a Runtime: check the device, load the model with attn_implementation="moba",
-write the MoBA parameters onto its config, make engines, and say (as notes) where the model will not
-run what was asked: the default device falling back to CPU, sliding-window layers kept dense, the
-portable path instead of the Triton kernels. Knows nothing of files or prompts.
+write the MoBA settings onto its config (`agent.config.params_for`), make engines, and say (as notes)
+where the model will not run what was asked: the default device falling back to CPU, sliding-window
+layers kept dense, the portable path instead of the Triton kernels. Knows nothing of files or prompts.
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 
 from agent.cachefs import fingerprint
-from agent.config import AskConfig, SettingError, check_layers
+from agent.config import AskConfig, SettingError, check_layers, params_for
 from agent.engine import Engine
 from agent.session import Runtime
-from moba.hf import MobaParams, configure
+from moba.hf import configure
 
 
 class DeviceError(SettingError):
@@ -42,15 +42,6 @@ def device_of(config: AskConfig) -> str:
     return str(dev)
 
 
-def params_for(config: AskConfig, num_layers: int) -> MobaParams:
-    """MoBA settings for the model; attention="dense" makes every layer dense (routing is still scored);
-    "auto" loads as "moba", and dense_layers None as none, until `agent.config.settle` and the
-    runtime's retune settle them for the packed context."""
-    dense = tuple(range(num_layers)) if config.attention == "dense" else config.dense_layers or ()
-    return MobaParams(config.block_size, config.top_k, config.sink_blocks, dense, config.qa_policy,
-                      config.local_blocks, config.gate_subblocks)
-
-
 def load_runtime(config: AskConfig) -> Runtime:
     """Load `config.model` (pulled on first use) and return a Runtime.
 
@@ -66,10 +57,11 @@ def load_runtime(config: AskConfig) -> Runtime:
     configure(model.config, params_for(config, info.num_layers))
     return Runtime(
         tokenizer=tok,
-        make_engine=lambda capacity: Engine(model, capacity, config.chunk_size),
+        make_engine=lambda capacity, params=None: Engine(model, capacity, config.chunk_size, params=params),
         name=info.name,
         chat=info.has_chat_template,
         max_positions=info.max_position_embeddings,
+        num_layers=info.num_layers,
         stop_ids=stop_ids(tok, model),
         retune=lambda c: configure(model.config, params_for(c, info.num_layers)),
         device=device,

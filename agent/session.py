@@ -4,20 +4,23 @@ cache hit), turns that reuse the prefilled context, routing capture and citation
 Routing (for citations) is recorded for the question tokens and the first ANSWER_ROUTING_TOKENS
 answer tokens; later answer tokens decode on the engine's fast path (a CUDA graph on a GPU), which
 records nothing. Citations weigh the recorded per-head evidence with the model's calibrated head
-weights (`agent.headweights`), or every head alike with a note when it has none. It composes a runtime (tokenizer + engine), an `ingest.Pack` and the prompts. It knows nothing of
-terminals: callbacks report progress and stream tokens; the CLI renders.
+weights (`agent.headweights`), or every head alike with a note when it has none; routing becomes an
+answer's citations, per-file strengths and routing counts here (`Session.ask`), with the session's
+MobaParams (`agent.config.params_for`), the same ones its engine runs. It composes a runtime
+(tokenizer + engine), an `ingest.Pack` and the prompts. It knows nothing of terminals: callbacks
+report progress and stream tokens; the CLI renders.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import prompts
 from agent import citations as cit
 from agent import headweights
-from agent.config import AskConfig, SettingError, answer_room, answer_tokens
+from agent.config import AskConfig, SettingError, answer_room, answer_tokens, params_for
 from agent.engine import Sampling
 from ingest import tokens
 from moba.capture import RoutingRecorder, capture_routing
@@ -31,11 +34,12 @@ ANSWER_ROUTING_TOKENS = 48
 class Runtime:
     """What a session needs from a loaded model.
 
-    tokenizer: a transformers fast tokenizer. make_engine(capacity) -> an `agent.engine.Engine`
-    (or a test double with prefill/generate/truncate/length/cache). name: the model name.
-    chat: the tokenizer has a chat template. max_positions: the model's context limit.
-    retune(config): writes config's MoBA settings onto the loaded model (engines made after it
-    use them), or None when the runtime cannot be re-tuned. device: where the model runs.
+    tokenizer: a transformers fast tokenizer. make_engine(capacity, params) -> an `agent.engine.Engine`
+    running those MobaParams (or a test double with prefill/generate/truncate/length/cache). name: the
+    model name. chat: the tokenizer has a chat template. max_positions: the model's context limit.
+    num_layers: the model's decoder layers. retune(config): writes config's MoBA settings onto the
+    loaded model, for engines made without params, or None when the runtime cannot be re-tuned.
+    device: where the model runs.
     identity: a fingerprint of the loaded weight, config and tokenizer files (agent.cachefs.fingerprint);
     the context cache key includes it, so new weights under the same name never reuse old KV.
     notes: one line each where the run differs from what was asked (stated on stderr and in --json).
@@ -46,6 +50,7 @@ class Runtime:
     name: str
     chat: bool
     max_positions: int
+    num_layers: int
     stop_ids: frozenset[int] = frozenset()
     retune: Callable[[AskConfig], None] | None = None
     device: str = "cpu"
@@ -55,7 +60,9 @@ class Runtime:
 
 @dataclass
 class Answer:
-    """One answer: text, generated token ids, citations (data) and stats."""
+    """One answer: text, generated token ids, stats, and its routing products: citations (data),
+    per-file routing strength (`strengths`, pack path -> share, strongest first) and what the gate
+    routed to (`routing`)."""
 
     text: str
     tokens: list[int]
@@ -64,6 +71,8 @@ class Answer:
     recorder: RoutingRecorder | None = None
     interrupted: bool = False
     notes: list[str] = field(default_factory=list)
+    strengths: dict[str, float] = field(default_factory=dict)
+    routing: cit.RoutingCounts | None = None
 
 
 @dataclass
@@ -78,6 +87,7 @@ class Session:
 
     mode: "ask" (the ask template), "chat" (plain turns) or "summarize".
     notes: lines already stated about this session (the CLI's window check); answers add their own.
+    params: the MoBA settings of `config` for the runtime's model, which its engine runs.
     """
 
     runtime: Runtime
@@ -91,6 +101,7 @@ class Session:
         self.prefix_ids = self._bos() + self._encode(self._split(self._render([], ""))[0])
         self.context_len = len(self.prefix_ids) + len(self.pack.ids)
         self.smap = self.pack.source_map.shifted(len(self.prefix_ids))
+        self.params = params_for(self.config, self.runtime.num_layers)
         self.engine = None
         self.head_weights: headweights.HeadWeights | None = None
         self._pending_save: str | None = None
@@ -121,7 +132,7 @@ class Session:
 
         on_engine(engine) runs once the engine (and its KV cache size) exists, before any prefill.
         """
-        self.engine = self.runtime.make_engine(self.capacity())
+        self.engine = self.runtime.make_engine(self.capacity(), self.params)
         self.head_weights = self._load_weights()
         if on_engine:
             on_engine(self.engine)
@@ -155,12 +166,13 @@ class Session:
         self.history.append(Turn(question, text))
         self._save_cached(self._pending_save)  # after the first answer, so it never delays one
         self._pending_save = None
-        cites = self._citations(rec, text)
+        routing = self._routing_products(rec, text)
         reason = "interrupted" if stopped else getattr(self.engine, "stop_reason", "") or "end"
         stats = dict(self.stats, decode_tok_s=round(len(tokens) / max(decode_s, 1e-9), 2),
                      answer_tokens=len(tokens), question_tokens=len(turn) - start,
                      question_s=round(t1 - t0, 3), answer_limit=limit, stopped=reason)
-        return Answer(text, tokens, cites, stats, rec, stopped, _stop_notes(reason, limit, self.config, bool(self.notes)))
+        notes = _stop_notes(reason, limit, self.config, bool(self.notes)) + self._uncited_note(text)
+        return Answer(text, tokens, stats=stats, recorder=rec, interrupted=stopped, notes=notes, **routing)
 
     def reset(self) -> None:
         """Forget the chat history; the context stays prefilled."""
@@ -215,18 +227,32 @@ class Session:
             hw, note = headweights.chosen(self.config.head_weights, self.runtime.name,
                                           layers=int(getattr(cfg, "num_hidden_layers", 0)),
                                           heads=int(getattr(cfg, "num_attention_heads", 0)),
-                                          block_size=self.config.block_size)
+                                          block_size=self.params.block_size)
         except headweights.WeightsError as e:
             raise SettingError(f"--head-weights: {e}") from None
         headweights.note_once(note)
         self.stats["citation_weights"] = "calibrated" if hw else "uniform"
         return hw
 
-    def _citations(self, rec: RoutingRecorder, text: str) -> list[cit.Citation]:
-        hw = self.head_weights
-        kw = dict(block_size=self.config.block_size, sink_blocks=self.config.sink_blocks,
-                  weights=hw and hw.matrix(), signal=hw.signal if hw else "mass")
-        return cit.combine(cit.from_routing(rec, self.smap, **kw), cit.from_text(text, self.smap))
+    def _routing_products(self, rec: RoutingRecorder, text: str) -> dict:
+        """The answer's citations (routing and text), per-file strengths (the same head weights) and
+        routing counts."""
+        hw, p = self.head_weights, self.params
+        blocks = dict(block_size=p.block_size, sink_blocks=p.sink_blocks)
+        kw = dict(blocks, weights=hw and hw.matrix(), signal=hw.signal if hw else "mass")
+        return dict(citations=cit.combine(cit.from_routing(rec, self.smap, **kw), cit.from_text(text, self.smap)),
+                    strengths=cit.file_strengths(rec, self.smap, **kw),
+                    routing=cit.routing_counts(rec, self.smap, **blocks))
+
+    def _uncited_note(self, text: str) -> list[str]:
+        """For a summary: a note when some of its sections cite no packed lines."""
+        if self.mode != "summarize":
+            return []
+        bare, total = cit.uncited_sections(text, self.smap)
+        if not bare:
+            return []
+        return [f"{bare} of {total} section(s) of the summary cite no lines of the pack; see the routing "
+                "citations and the files by routing strength"]
 
     def _render(self, history: list[Turn], question: str) -> str:
         template = {"ask": "ask", "chat": "chat", "summarize": "summarize"}[self.mode]
@@ -273,15 +299,15 @@ class Session:
 
     def _cache_key(self) -> str | None:
         """The context cache key: model identity (name, weight-file fingerprint, tokenizer), dtype,
-        device kind, prefill chunk, every MoBA setting and the prompt prefix, plus the packed content."""
+        device kind, prefill chunk, the attention choice and every MoBA setting (`params`), the prompt
+        prefix, plus the packed content."""
         if self.ctx_cache is None or self.config.no_cache:
             return None
         c, e = self.config, self.engine
         device = str(getattr(e, "device", self.runtime.device))
         model = dict(name=self.runtime.name, weights=self.runtime.identity,
                      tokenizer=tokens.identity(self.runtime.tokenizer))
-        attention = dict(kind=c.attention, block_size=c.block_size, top_k=c.top_k, sink_blocks=c.sink_blocks,
-                         dense_layers=list(c.dense_layers or ()), qa_policy=c.qa_policy,
+        attention = dict(asdict(self.params), kind=c.attention, dense_layers=list(self.params.dense_layers),
                          dtype=str(getattr(e, "dtype", c.dtype)), device=device.split(":")[0],
                          chunk_size=getattr(e, "chunk_size", c.chunk_size), prefix=self.prefix_ids)
         return self.ctx_cache.make_key(model, attention, self.pack.content_hash)

@@ -35,17 +35,21 @@ from moba.static import static_dense_decode, static_moba_decode, static_sliding_
 
 NAME = "moba"
 _FORCE_DENSE: ContextVar[bool] = ContextVar("moba_force_dense", default=False)
+QA_POLICIES = ("moba", "dense")
 
 
 @dataclass(frozen=True)
 class MobaParams:
-    """MoBA settings of one model, read from `config.moba_*` attributes.
+    """The MoBA settings of one run: the one place their defaults are written and checked.
 
     Defaults suit pretrained models never trained with MoBA: small blocks route well, and the
     first block is kept as an attention sink (see moba/README.md and bench/RESULTS.md).
+    block_size, top_k, sink_blocks, local_blocks, gate_subblocks: the arguments of
+        `moba.moba_attention` (`op_kwargs`).
     dense_layers: layer indices that stay dense; negative counts from the end (-1 = last).
-    qa_policy: "moba" or "dense" for the tokens run inside `dense_queries()`.
-    local_blocks, gate_subblocks: gate options of `moba.moba_attention`.
+    qa_policy: "dense" (exact attention for the tokens run inside `dense_queries()`, the question
+        and answer) or "moba".
+    Raises ValueError, naming the setting and the values it takes, for settings no run can use.
     """
 
     block_size: int = 256
@@ -55,6 +59,16 @@ class MobaParams:
     qa_policy: str = "dense"
     local_blocks: int = 0
     gate_subblocks: int = 1
+
+    def __post_init__(self):
+        if self.qa_policy not in QA_POLICIES:
+            raise ValueError(f"qa_policy must be one of {', '.join(QA_POLICIES)}, got {self.qa_policy!r}")
+        if self.block_size < 1 or self.top_k < 1 or self.sink_blocks < 0:
+            raise ValueError("block size and top-k must be >= 1 and sink blocks >= 0")
+        if not 0 <= self.local_blocks < self.top_k:
+            raise ValueError(f"local blocks must be >= 0 and below top-k ({self.top_k}): they take routed slots")
+        if self.gate_subblocks < 1 or self.block_size % self.gate_subblocks:
+            raise ValueError(f"gate sub-blocks must be >= 1 and divide the block size ({self.block_size})")
 
     def op_kwargs(self) -> dict:
         """The keyword arguments of `moba.moba_attention` these settings fix."""
@@ -113,15 +127,15 @@ def moba_attention_forward(module, query, key, value, attention_mask, scaling=No
     return out.transpose(1, 2).contiguous(), None
 
 
-def forced_dense(config) -> bool:
-    """True inside `dense_queries()` when the config's question/answer policy is "dense"."""
-    return _FORCE_DENSE.get() and moba_params(config).qa_policy == "dense"
+def forced_dense(params: MobaParams) -> bool:
+    """True inside `dense_queries()` when the question/answer policy of `params` is "dense"."""
+    return _FORCE_DENSE.get() and params.qa_policy == "dense"
 
 
 def _is_dense(module, p: MobaParams) -> bool:
     layer = getattr(module, "layer_idx", 0)
     n_layers = getattr(module.config, "num_hidden_layers", layer + 1)
-    return layer in {i % n_layers for i in p.dense_layers} or forced_dense(module.config)
+    return layer in {i % n_layers for i in p.dense_layers} or forced_dense(p)
 
 
 def _static(module, query, key, value, attention_mask, static, window, scaling):

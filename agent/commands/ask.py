@@ -9,16 +9,17 @@ import os
 import click
 
 from agent.commands.common import (
+    Progress,
     absolute_paths_option,
     check_paths,
     check_writable,
+    cli_errors,
     common_options,
     for_display,
     make_config,
-    open_session,
     print_notes,
 )
-from agent.render import AnswerStream, sources_block
+from agent.render import AnswerStream, answer_json, sources_block, stats_line
 
 
 @click.command("ask")
@@ -53,7 +54,10 @@ def ask(args, as_json, routing_map, absolute_paths, quiet, **kw):
     if routing_map:
         check_routing_map(routing_map)
     cfg, opts = make_config(kw)
-    session = open_session(paths, cfg, opts, "ask", quiet, question=question)
+    from agent import app
+
+    with cli_errors():
+        session = app.open_session(paths, cfg, opts, "ask", Progress(quiet), question=question)
     if as_json:
         answer = for_display(session.ask(question), session, absolute_paths)
     else:
@@ -66,7 +70,7 @@ def ask(args, as_json, routing_map, absolute_paths, quiet, **kw):
         from agent.routingmap import write_routing_map
 
         try:
-            write_routing_map(routing_map, answer.recorder, session)
+            write_routing_map(routing_map, answer.routing)
         except OSError as e:
             raise click.ClickException(f"cannot write the routing map {routing_map}: {e.strerror or e}") from None
     if as_json:
@@ -83,23 +87,3 @@ def check_routing_map(path: str) -> None:
     if suffix == ".png" and importlib.util.find_spec("matplotlib") is None:
         raise click.ClickException("a PNG routing map needs matplotlib: pip install matplotlib, or use .html")
     check_writable(path, "--routing-map")
-
-
-def answer_json(answer, session) -> dict:
-    """The --json document: answer, citations and stats. stats.notes: where the run differed from
-    what was asked (the lines stated on stderr); stats.citation_weights: "calibrated" or "uniform";
-    stats.stopped: why the answer ended ("end", "length", "repetition", "interrupted"), stats.answer_limit
-    the most tokens it could take."""
-    c = session.config
-    notes = [*session.runtime.notes, *session.notes, *answer.notes]
-    stats = dict(context_tokens=session.context_len, prefill_s=answer.stats["prefill_s"],
-                 decode_tok_s=answer.stats["decode_tok_s"], cache_hit=answer.stats["cache_hit"],
-                 model=session.runtime.name, attention=c.attention, block_size=c.block_size, top_k=c.top_k,
-                 notes=notes, citation_weights=session.stats.get("citation_weights"),
-                 stopped=answer.stats["stopped"], answer_limit=answer.stats["answer_limit"])
-    return {"answer": answer.text, "citations": [x.to_dict() for x in answer.citations], "stats": stats}
-
-
-def stats_line(stats: dict) -> str:
-    how = "cache hit" if stats["cache_hit"] else f"prefill {stats['prefill_s']:.1f}s"
-    return f"[{stats['context_tokens']:,} tokens, {how}, {stats['decode_tok_s']:.1f} tok/s decode]"

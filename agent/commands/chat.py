@@ -11,13 +11,13 @@ import click
 
 from agent.citations import display_path
 from agent.commands.common import (
+    Progress,
     absolute_paths_option,
     check_paths,
+    cli_errors,
     common_options,
-    file_strengths,
     for_display,
     make_config,
-    open_session,
     print_notes,
 )
 from agent.render import AnswerStream, citation_lines, sources_block, strength_lines
@@ -48,7 +48,10 @@ def chat(paths, absolute_paths, quiet, **kw):
     """
     check_paths(paths)
     cfg, opts = make_config(kw)
-    session = open_session(paths, cfg, opts, "chat", quiet)
+    from agent import app
+
+    with cli_errors():
+        session = app.open_session(paths, cfg, opts, "chat", Progress(quiet))
     _readline_history()
     click.echo("Ask about the files; /help for commands, /exit to leave.", err=True)
     last = None
@@ -102,7 +105,7 @@ def _command(line: str, session, last, absolute: bool) -> str | None:
         click.echo(f"  context {session.context_len:,}  history {used - session.context_len:,}  "
                    f"free {session.capacity() - used:,} of {session.capacity():,}")
     elif cmd == "/citations":
-        _show_citations(session, last, absolute)
+        _show_citations(last)
     elif cmd == "/reset":
         session.reset()
         click.echo("  conversation cleared; the context stays prefilled")
@@ -111,14 +114,13 @@ def _command(line: str, session, last, absolute: bool) -> str | None:
     return None
 
 
-def _show_citations(session, last, absolute: bool) -> None:
+def _show_citations(last) -> None:
     if last is None:
         click.echo("  no answer yet")
         return
     click.echo("\n".join(citation_lines(last.citations)) or "  no citations")
-    strengths = file_strengths(last, session, absolute)
     click.echo("routing strength per file:")
-    click.echo("\n".join(strength_lines(strengths)) or "  none")
+    click.echo("\n".join(strength_lines(last.strengths)) or "  none")
 
 
 class _StopOnCtrlC:

@@ -1,9 +1,11 @@
-"""Plumbing shared by ask, chat and summarize: the common flags (one-to-one with AskConfig),
-opening a session with progress on stderr, and turning known errors into one-line messages.
+"""Plumbing shared by ask, chat and summarize: the common flags (one-to-one with AskConfig), the
+checks that run before any model loads, progress on stderr for `agent.app` (`Progress`), answers
+shown with openable paths, and known errors turned into one-line messages (`cli_errors`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -18,19 +20,14 @@ import click
 import ingest
 from agent.commands.progress import announce, track
 from agent.config import (
-    AUTO_DENSE_FACTOR,
-    MIN_ANSWER_ROOM,
+    ATTENTION,
+    RESERVE,  # noqa: F401 (agent.commands.eval reads it here)
     AskConfig,
     SettingError,
-    answer_room,
-    auto_threshold,
     parse_layers,
-    settle,
 )
 from agent.paths import tokens_dir
-from agent.render import pack_notes
-
-RESERVE = 512  # tokens kept free beside the pack for the prompt frame and the question
+from moba.hf import QA_POLICIES
 
 
 def common_options(fn: Callable) -> Callable:
@@ -39,7 +36,7 @@ def common_options(fn: Callable) -> Callable:
         click.option("-m", "--model", envvar="MOBA_ASK_MODEL",
                      help="Catalog name, hub id, local dir or .gguf. [default: $MOBA_ASK_MODEL, else "
                           "qwen2.5-7b-1m on CUDA, qwen2.5-coder-1.5b on CPU]"),
-        click.option("--attention", type=click.Choice(["auto", "moba", "dense"]), default="auto", show_default=True,
+        click.option("--attention", type=click.Choice(ATTENTION), default=AskConfig.attention, show_default=True,
                      help="moba: sparse block attention; dense: exact attention (routing still scored); auto: "
                           "dense for contexts under 8 x top-k x block size tokens, else moba."),
         click.option("--block-size", type=click.IntRange(min=1), default=AskConfig.block_size, show_default=True,
@@ -50,7 +47,7 @@ def common_options(fn: Callable) -> Callable:
                      show_default=True, help="Leading blocks every query attends."),
         click.option("--dense-layers", default=None, metavar="LIST",
                      help="Layers kept dense: '-1,-2', 'last3' or 'none'. [default: last3 on CPU, none on CUDA]"),
-        click.option("--qa-policy", type=click.Choice(["moba", "dense"]), default=AskConfig.qa_policy,
+        click.option("--qa-policy", type=click.Choice(QA_POLICIES), default=AskConfig.qa_policy,
                      help="Attention for the question and answer tokens: dense (exact; a question is a few "
                           "hundred tokens) or moba. [default: dense, which answered 0.70 against 0.52 for moba on "
                           "the held-out evaluation; bench/RESULTS.md]"),
@@ -73,7 +70,7 @@ def common_options(fn: Callable) -> Callable:
                      show_default=True, help="Divide the logits of the answer's last 64 tokens by this (1: off)."),
         click.option("--repeat-stop", type=click.IntRange(min=0), default=AskConfig.repeat_stop, show_default=True,
                      help="Stop the answer when it ends in this many copies of one phrase (0: never)."),
-        click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+        click.option("--temperature", type=click.FloatRange(min=0), default=AskConfig.temperature, show_default=True,
                      help="0 is greedy."),
         click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=AskConfig.top_p,
                      show_default=True, help="Nucleus sampling when temperature > 0."),
@@ -139,21 +136,24 @@ def absolute_paths_option(fn: Callable) -> Callable:
 
 
 def for_display(answer, session, absolute: bool):
-    """`answer` with its citation paths made openable from here: relative to the current directory (the
-    pack keeps them relative to its root), or absolute."""
-    from agent.citations import relocate
+    """`answer` with its citation and strength paths made openable from here: relative to the current
+    directory (the pack keeps them relative to its root), or absolute."""
+    from agent.citations import display_path, relocate
 
-    return dataclasses.replace(answer, citations=relocate(answer.citations, session.pack.root, absolute))
+    root = session.pack.root
+    strengths = {display_path(p, root, absolute): s for p, s in answer.strengths.items()}
+    return dataclasses.replace(answer, citations=relocate(answer.citations, root, absolute), strengths=strengths)
 
 
-def file_strengths(answer, session, absolute: bool) -> dict[str, float]:
-    """Routing strength per file for `answer`, keyed by paths shown as `for_display` shows them."""
-    from agent.citations import display_path
-    from agent.citations import file_strengths as strengths
+@contextlib.contextmanager
+def cli_errors():
+    """Turn the application's user errors (`agent.app.USER_ERRORS`) into one-line ClickExceptions."""
+    from agent.app import USER_ERRORS
 
-    c = session.config
-    got = strengths(answer.recorder, session.smap, block_size=c.block_size, sink_blocks=c.sink_blocks)
-    return {display_path(p, session.pack.root, absolute): s for p, s in got.items()}
+    try:
+        yield
+    except USER_ERRORS as e:
+        raise click.ClickException(str(e)) from None
 
 
 def print_notes(notes) -> None:
@@ -190,111 +190,6 @@ def check_writable(path: str, flag: str) -> None:
         raise click.ClickException(f"{flag} {path}: cannot write there ({e.strerror or e}); pick another path") from None
 
 
-def open_session(paths, cfg: AskConfig, opts: ingest.PackOptions, mode: str, quiet: bool = False,
-                 question: str = ""):
-    """Load the model, pack the paths to fit, check the window and memory, prefill (or hit the context
-    cache); return the Session. `question`: the first question (or summary focus), checked against the
-    room the session leaves for it before anything is prefilled."""
-    from agent import runtime
-    from agent.catalog import ModelError
-    from agent.engine import MemoryBudgetError
-    from agent.session import Session
-
-    ui = Progress(quiet)
-    try:
-        with ui.status("loading model"):
-            rt = runtime.load_runtime(cfg)
-        for note in rt.notes:
-            ui.console.print(f"note: {note}", highlight=False)
-        budget = context_budget(rt, cfg)
-        options = ingest.PackOptions(**{**opts.__dict__, "max_tokens": budget})
-        pk = ui.pack(paths, rt.tokenizer, options)
-        given, cfg = cfg, _settle_runtime(rt, cfg, pk.total_tokens)
-        session = Session(rt, pk, cfg, mode, None if cfg.no_cache else _context_cache())
-        session.notes = check_fit(session, question)
-        for note in session.notes:
-            ui.console.print(f"note: {note}", highlight=False, markup=False)
-        ui.report_pack(pk, budget, session)
-        ui.console.print(f"attention: {_describe(cfg)}{_why(given, cfg, pk.total_tokens)}", highlight=False)
-        ui.prefill(session)
-    except (ModelError, SettingError, MemoryBudgetError, ingest.PackError) as e:
-        raise click.ClickException(str(e)) from None
-    return session
-
-
-def _context_cache():
-    from agent.ctxcache import ContextCache
-
-    try:
-        return ContextCache()
-    except ValueError as e:  # a bad MOBA_ASK_CACHE_MAX_GB
-        raise click.ClickException(str(e).splitlines()[0]) from None
-
-
-def context_budget(rt, cfg: AskConfig) -> int:
-    """The pack's token budget: --max-tokens, else the window less RESERVE (prompt frame and question)
-    and `answer_room`; never --max-new-tokens, so the pack and its context cache entry stay the same
-    whatever the answer length. Raises ClickException, before anything is packed, for a --max-tokens
-    that would leave the question and answer no room in the model's window."""
-    most = max(256, rt.max_positions - RESERVE - answer_room(rt.max_positions))
-    if cfg.max_tokens > most:
-        raise click.ClickException(
-            f"--max-tokens {cfg.max_tokens:,} does not fit {rt.name}'s window of {rt.max_positions:,} positions "
-            f"with {RESERVE:,} tokens for the question and {answer_room(rt.max_positions):,} for the answer: use "
-            f"--max-tokens {most:,} or less (0 picks that), or a model with a longer window")
-    return cfg.max_tokens or most
-
-
-def check_fit(session, question: str = "") -> list[str]:
-    """Fail before prefill when the context and question leave the answer no room in the model's window
-    (ClickException naming the flag). Return a note when the answer asked for is longer than that room:
-    the answer will stop there."""
-    rt, cfg = session.runtime, session.config
-    asked = session.turn_length(question)
-    room = min(rt.max_positions, session.capacity()) - session.context_len - asked
-    prompt_only = session.context_len - session.pack.total_tokens + asked  # template and question, no files
-    if rt.max_positions - prompt_only < MIN_ANSWER_ROOM:
-        raise click.ClickException(
-            f"{rt.name}'s window of {rt.max_positions:,} positions cannot hold the prompt and question ({prompt_only:,} "
-            f"tokens) and a {MIN_ANSWER_ROOM}-token answer even with no file: no --max-tokens fits; use a model "
-            "with a longer window or a shorter question")
-    if room < MIN_ANSWER_ROOM:
-        raise click.ClickException(
-            f"the question takes {asked:,} tokens with its prompt; {max(0, asked + room - MIN_ANSWER_ROOM):,} fit "
-            f"beside the context ({session.context_len:,} tokens) and a {MIN_ANSWER_ROOM}-token answer in "
-            f"{rt.name}'s window of {rt.max_positions:,} positions: shorten it (put long text in a file under PATH "
-            "instead) or lower --max-tokens")
-    if cfg.max_new_tokens and cfg.max_new_tokens > room:
-        return [f"--max-new-tokens {cfg.max_new_tokens:,} is more than the {room:,} tokens {rt.name}'s window "
-                f"of {rt.max_positions:,} leaves after the context and question: the answer stops there "
-                "(lower --max-tokens for more)"]
-    return []
-
-
-def _settle_runtime(rt, cfg: AskConfig, tokens: int) -> AskConfig:
-    """cfg's defaults made concrete for a context of `tokens` on the runtime's device; the loaded
-    model is re-tuned to it."""
-    resolved = settle(cfg, tokens, rt.device)
-    if resolved != cfg and rt.retune:
-        rt.retune(resolved)
-    return resolved
-
-
-def _describe(c: AskConfig) -> str:
-    if c.attention == "dense":
-        return "dense"
-    layers = ",".join(map(str, c.dense_layers)) or "none"
-    return f"moba, block {c.block_size}, top-k {c.top_k}, {c.sink_blocks} sink block(s), dense layers {layers}"
-
-
-def _why(cfg: AskConfig, resolved: AskConfig, tokens: int) -> str:
-    if cfg.attention != "auto":
-        return ""
-    side = "<" if resolved.attention == "dense" else ">="
-    return (f" (auto: {tokens:,} tokens {side} {auto_threshold(cfg):,} = {AUTO_DENSE_FACTOR} x top-k {cfg.top_k} x "
-            f"block {cfg.block_size}; --attention moba|dense to choose)")
-
-
 class Progress:
     """Progress and notes on stderr (agent.commands.progress: a bar on a terminal, plain lines elsewhere);
     silent when quiet. NO_COLOR is honoured by rich."""
@@ -318,32 +213,12 @@ class Progress:
         """A context manager giving update(done, total) for one long step."""
         return track(self.console, label, unit, self.quiet)
 
-    def pack(self, paths, tokenizer, options):
-        with self.track("packing", "files") as update:
-            return ingest.pack(list(paths), tokenizer, options, progress=update)
-
-    def report_pack(self, pk, budget: int, session) -> None:
-        self.console.print(f"packed {len(pk.files)} files, {pk.total_tokens:,} tokens (budget {budget:,}); "
-                           f"{len(pk.skipped)} skipped, {len(pk.dropped)} dropped to fit", highlight=False)
-        for path, tokens, reason in pk.dropped[:5]:
-            self.console.print(f"  dropped {path} ({tokens:,} tokens): {reason}", highlight=False, markup=False)
-        for line in pack_notes(pk):
-            self.console.print(line, highlight=False, markup=False)
+    def say(self, line: str) -> None:
+        """One line on stderr, printed as it is."""
+        self._plain(line)
 
     def prefill(self, session) -> None:
-        with self.track("prefill", "tokens") as update:
-            session.open(progress=update, on_engine=self.kv_note)
-        s = session.stats
-        how = "context cache hit" if s["cache_hit"] else f"prefilled in {s['prefill_s']:.1f}s"
-        self.console.print(f"{session.context_len:,} context tokens: {how}", highlight=False)
+        """Open `session` with its progress here (`agent.app.prefill`)."""
+        from agent import app
 
-    def kv_note(self, engine) -> None:
-        """State the KV cache's memory before prefill starts; raise MemoryBudgetError when it does not fit."""
-        from agent.engine import check_memory
-
-        check_memory(engine)
-        c, n = engine.config, engine.cache.capacity
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        self.console.print(f"KV cache: {engine.kv_bytes() / 2**20:,.0f} MiB = 2 x {c.num_hidden_layers} layers x "
-                           f"{c.num_key_value_heads} KV heads x {head_dim} x {n:,} tokens x "
-                           f"{engine.dtype.itemsize} B", highlight=False)
+        app.prefill(session, self)

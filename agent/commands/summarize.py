@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import json
-import re
 
 import click
 
-from agent import citations
-from agent.commands.ask import answer_json, stats_line
 from agent.commands.common import (
+    Progress,
     absolute_paths_option,
     check_paths,
+    cli_errors,
     common_options,
-    file_strengths,
     for_display,
     make_config,
-    open_session,
     print_notes,
 )
-from agent.render import AnswerStream, sources_block, strength_lines
+from agent.render import AnswerStream, answer_json, sources_block, stats_line, strength_lines
 
 
 @click.command("summarize")
@@ -46,33 +43,25 @@ def summarize(paths, focus, as_json, absolute_paths, quiet, **kw):
     """
     check_paths(paths)
     cfg, opts = make_config(kw)
-    session = open_session(paths, cfg, opts, "summarize", quiet, question=focus)
+    from agent import app
+
+    with cli_errors():
+        session = app.open_session(paths, cfg, opts, "summarize", Progress(quiet), question=focus)
     if as_json:
         answer = session.ask(focus)
     else:
         with AnswerStream() as out:
             answer = session.ask(focus, on_token=out.write)
-    answer.notes.extend(uncited_note(answer.text, session.smap))
-    strengths = file_strengths(answer, session, absolute_paths)
     answer = for_display(answer, session, absolute_paths)
     if not quiet:
         print_notes(answer.notes)
     if as_json:
         doc = answer_json(answer, session)
-        click.echo(json.dumps({**doc, "files": {p: round(s, 4) for p, s in strengths.items()}}, indent=1))
+        click.echo(json.dumps({**doc, "files": {p: round(s, 4) for p, s in answer.strengths.items()}}, indent=1))
         return
     click.echo(sources_block(answer.citations), nl=False)
-    if strengths:
-        click.echo("\nFiles by routing strength:\n" + "\n".join(strength_lines(strengths)))
+    if answer.strengths:
+        click.echo("\nFiles by routing strength:\n" + "\n".join(strength_lines(answer.strengths)))
     if not quiet:
         click.echo(stats_line(answer.stats), err=True)
 
-
-def uncited_note(text: str, smap) -> list[str]:
-    """A note when sections of the summary (its blank-line separated paragraphs) cite no packed lines."""
-    sections = [s for s in re.split(r"\n\s*\n", text) if s.strip()]
-    bare = sum(not citations.from_text(s, smap) for s in sections)
-    if not bare:
-        return []
-    return [f"{bare} of {len(sections)} section(s) of the summary cite no lines of the pack; see the routing "
-            "citations and the files by routing strength"]

@@ -30,9 +30,10 @@ class FakeEngine:
     """Engine double: tracks the token ids in its 'cache', replays canned answers, and records
     routing that points at the first token whose text contains `target` (the evidence)."""
 
-    def __init__(self, runtime: FakeRuntime, capacity: int):
-        self.rt, self.capacity, self.ids = runtime, capacity, []
+    def __init__(self, runtime: FakeRuntime, capacity: int, params=None):
+        self.rt, self.capacity, self.ids, self.params = runtime, capacity, [], params
         self.cache = self
+        self.block_size = runtime.block_size
         self._target_at: int | None = None  # the target's token index, kept while the ids before it stay
         self.prefills: list[int] = []
 
@@ -110,11 +111,12 @@ class FakeRuntime(Runtime):
 
     def __init__(self, answers=(), target="7391046", chat=True, block_size=256, max_positions=4096):
         tok = fake_tokenizer(chat)
-        super().__init__(tok, self._make, "fake-model", chat, max_positions, frozenset({tok.eos_token_id}))
+        super().__init__(tok, self._make, "fake-model", chat, max_positions, num_layers=2,
+                         stop_ids=frozenset({tok.eos_token_id}))
         self.answers, self.target, self.block_size = list(answers), target, block_size
         self.engines: list[FakeEngine] = []
         self.on_token_hook = None
 
-    def _make(self, capacity: int) -> FakeEngine:
-        self.engines.append(FakeEngine(self, capacity))
+    def _make(self, capacity: int, params=None) -> FakeEngine:
+        self.engines.append(FakeEngine(self, capacity, params))
         return self.engines[-1]

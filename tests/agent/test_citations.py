@@ -15,7 +15,10 @@ from agent.citations import (
     from_routing,
     from_text,
     merge,
+    routed_blocks,
+    routing_counts,
 )
+from agent.routingmap import routing_matrix
 from moba.capture import RoutingRecorder
 from moba.types import Routing
 from tests.ingest.fixtures import make_tokenizer, write_tree
@@ -165,3 +168,19 @@ def test_gate_signal_is_read_when_the_weights_say_so(pk):
     by_gate = from_routing(rec, smap, block_size=BS, sink_blocks=1, weights=_w(), signal="gate")
     by_mass = from_routing(rec, smap, block_size=BS, sink_blocks=1, weights=_w(), signal="mass")
     assert by_gate[0].path == "pkg/core.py" and by_mass[0].path == "pkg/util.py"
+
+
+def test_routing_counts_leave_out_forced_blocks_as_routed_blocks_does(pk):
+    lo, _ = pk.source_map.line_tokens("pkg/core.py", 40)
+    start, n = pk.source_map.total, 3
+    blocks = torch.full((1, 2, n, 4), -1, dtype=torch.long)
+    blocks[..., 0], blocks[..., 1], blocks[..., 2], blocks[..., 3] = start // BS, start // BS - 1, lo // BS, 0
+    scores = torch.ones(blocks.shape)
+    scores[..., :2] = float("inf")  # the own block and a local block: attended by rule, not routed
+    rec = RoutingRecorder(start=start)
+    rec.record(0, start, Routing(blocks, scores), dense=False)
+    counts = routing_counts(rec, pk.source_map, block_size=BS, sink_blocks=1)
+    assert counts.per_layer == {0: {lo // BS: 2 * n}} == {0: routed_blocks(rec, 1)}
+    mat, layers, labels, ids = routing_matrix(counts)
+    assert ids == [lo // BS] and layers == [0] and mat.tolist() == [[2 * n]]
+    assert labels[0].startswith("pkg/core.py:")

@@ -1,8 +1,17 @@
-"""AskConfig: validation, "auto" attention, dense-layer parsing."""
+"""AskConfig: validation, "auto" attention, dense-layer parsing, the MobaParams it stands for."""
 
 import pytest
 
-from agent.config import DENSE_LAYERS_CPU, AskConfig, auto_threshold, parse_layers, settle
+from agent.config import (
+    DENSE_LAYERS_CPU,
+    AskConfig,
+    SettingError,
+    auto_threshold,
+    params_for,
+    parse_layers,
+    settle,
+)
+from moba.hf import MobaParams
 
 
 def test_auto_attention_is_dense_below_the_threshold_and_moba_from_it():
@@ -44,3 +53,12 @@ def test_parse_layers():
     assert parse_layers("") == ()
     with pytest.raises(ValueError, match="comma-separated integers or lastN"):
         parse_layers("a,b")
+
+
+def test_moba_settings_have_one_home():
+    assert params_for(AskConfig(), 4) == MobaParams()  # every default from MobaParams; dense layers none
+    assert params_for(AskConfig(attention="dense", top_k=3), 3) == MobaParams(top_k=3, dense_layers=(0, 1, 2))
+    with pytest.raises(ValueError, match="local blocks must be >= 0 and below top-k"):
+        MobaParams(top_k=2, local_blocks=2)
+    with pytest.raises(SettingError, match="local blocks must be >= 0 and below top-k"):
+        AskConfig(top_k=2, local_blocks=2)

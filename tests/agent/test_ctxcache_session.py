@@ -79,6 +79,7 @@ CHANGES = {
     "block_size": dict(block_size=128), "top_k": dict(top_k=3), "sink_blocks": dict(sink_blocks=0),
     "dense_layers": dict(dense_layers=(0,)), "qa_policy": dict(qa_policy="moba"),
     "attention": dict(attention="dense"), "chunk_size": dict(chunk_size=64),
+    "local_blocks": dict(local_blocks=1), "gate_subblocks": dict(gate_subblocks=2),
 }
 
 
@@ -96,7 +97,7 @@ def test_engine_dtype_chunk_and_device_kind_change_the_key(repo, tmp_path):
     for attr, value in (("dtype", torch.bfloat16), ("chunk_size", 64)):
         rt = FakeRuntime(answers=["ok"])
         engine_type = type("E", (rt._make(1).__class__,), {attr: value})
-        rt.make_engine = lambda capacity, rt=rt, t=engine_type: t(rt, capacity)
+        rt.make_engine = lambda capacity, params=None, rt=rt, t=engine_type: t(rt, capacity, params)
         assert session(repo, store, rt=rt).stats["cache_hit"] is False, attr
     rt = FakeRuntime(answers=["ok"])
     rt.device = "cuda:1"

@@ -7,11 +7,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import moba
 from agent.decoder import StaticDecoder
-from agent.engine import Engine, Sampling, sample
+from agent.engine import Engine, Sampling, cache_bytes, sample
 from agent.kvcache import CacheFullError, MobaCache
 from moba import block_means
 from moba.cachekeys import block_means_of
-from moba.hf import MobaParams, configure, dense_queries
+from moba.hf import MobaParams, dense_queries, moba_params
 from tests.tinymodels import COMMON, tiny_model
 
 ARCHS = ["llama", "qwen2", "gemma3"]
@@ -242,8 +242,23 @@ def test_cuda_graph_decode_gives_the_eager_tokens(dtype, head_dim):
         e.prefill(ids_of(9, 2))
     both(30)
     assert graph._decoder.captures == 1  # the graph outlived truncate and prefill
-    configure(m.config, MobaParams(block_size=32, top_k=2, sink_blocks=0))
+    graph.params = MobaParams(block_size=32, top_k=2, sink_blocks=0)  # the shared model's config follows
     for e in (eager, graph):
         e.prefill(ids_of(5, 3))
     both(20)
     assert graph._decoder.captures == 2
+
+
+def test_the_engine_runs_the_params_it_is_given():
+    m = tiny_model("llama", block_size=16, top_k=3, sink_blocks=1)
+    p = MobaParams(block_size=32, top_k=2, sink_blocks=0)
+    e = Engine(m, capacity=100, params=p)
+    assert e.params == moba_params(m.config) == p and e.cache.block_size == 32
+    c = e.config
+    blocks = -(-100 // 32)
+    assert cache_bytes(e) == e.kv_bytes() + c.num_hidden_layers * c.num_key_value_heads * blocks * c.head_dim * 4
+    assert Engine(m, capacity=100).params == p  # without params: the model's
+    e.params = MobaParams(block_size=32, top_k=4, sink_blocks=0)
+    assert moba_params(m.config).top_k == 4
+    with pytest.raises(ValueError, match="blocks of 32 tokens"):
+        e.params = MobaParams(block_size=64)

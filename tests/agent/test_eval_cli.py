@@ -23,8 +23,8 @@ ONE = [*ARGS, "--tasks", "9", "--context-tokens", "20000"]
 class OracleEngine(FakeEngine):
     """Routes to the oracle's current target; a question turn picks the answer and the target."""
 
-    def __init__(self, runtime, capacity):
-        super().__init__(runtime, capacity)
+    def __init__(self, runtime, capacity, params=None):
+        super().__init__(runtime, capacity, params)
         self.found: dict[str, int] = {}
 
     def prefill(self, ids, progress=None):
@@ -59,8 +59,8 @@ class Oracle(FakeRuntime):
         self.retuned.append((cfg.attention, cfg.dense_layers, cfg.block_size, cfg.no_cache))
         self.mode = "dense" if cfg.attention == "dense" else "hybrid" if cfg.dense_layers else "moba"
 
-    def _make(self, capacity):
-        self.engines.append(OracleEngine(self, capacity))
+    def _make(self, capacity, params=None):
+        self.engines.append(OracleEngine(self, capacity, params))
         return self.engines[-1]
 
     def question_turn(self, text):

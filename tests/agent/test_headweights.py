@@ -101,8 +101,8 @@ def _open_with_heads(session, heads):
     def open_(progress=None, on_engine=None):
         real_make = session.runtime.make_engine
 
-        def make(capacity):
-            engine = real_make(capacity)
+        def make(capacity, params=None):
+            engine = real_make(capacity, params)
             engine.config = type("Cfg", (), dict(num_hidden_layers=2, num_attention_heads=heads))
             return engine
 
