@@ -81,6 +81,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.chunk_size = chunk_size or default_chunk_size(self.device)
+        self.kv_heads = self.config.num_key_value_heads  # KV heads this process holds (agent.parallel shards them)
         block = int(getattr(self.config, "moba_block_size", None) or 256)
         self.cache = MobaCache(self.config.num_hidden_layers, capacity, block)
         self._cache_kw = _cache_argument(model)
@@ -119,7 +120,7 @@ class Engine:
         c = self.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         n = self.cache.capacity if tokens is None else tokens
-        return kv_bytes(c.num_hidden_layers, c.num_key_value_heads, head_dim, n, next(self.model.parameters()).dtype)
+        return kv_bytes(c.num_hidden_layers, self.kv_heads, head_dim, n, next(self.model.parameters()).dtype)
 
     @torch.no_grad()
     def prefill(self, ids: Sequence[int], progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
@@ -156,7 +157,7 @@ class Engine:
         out: list[int] = []
         self.stop_reason = "length"
         for _ in range(sampling.max_new_tokens):
-            tok = sample(guard.penalize(logits), sampling, gen)
+            tok = self.pick(guard.penalize(logits), sampling, gen)
             if tok in stop_ids:
                 self.stop_reason = "end"
                 break
@@ -169,6 +170,10 @@ class Engine:
                 break
             logits = self.step(tok)
         return out
+
+    def pick(self, logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None) -> int:
+        """The next token from `logits` (`sample`); agent.parallel's engine broadcasts rank 0's."""
+        return sample(logits, sampling, gen)
 
     @torch.no_grad()
     def step(self, token: int) -> torch.Tensor:
@@ -199,11 +204,11 @@ class Engine:
 
 def cache_bytes(engine) -> int:
     """Bytes the engine's cache takes once allocated: K and V (`Engine.kv_bytes`) plus the fp32 block
-    sums, layers x KV heads x ceil(capacity / block size) x head dim x 4 B."""
+    sums, layers x KV heads (this process's) x ceil(capacity / block size) x head dim x 4 B."""
     c = engine.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     blocks = -(-engine.cache.capacity // int(getattr(c, "moba_block_size", None) or 256))
-    return engine.kv_bytes() + c.num_hidden_layers * c.num_key_value_heads * blocks * head_dim * 4
+    return engine.kv_bytes() + c.num_hidden_layers * engine.kv_heads * blocks * head_dim * 4
 
 
 def free_bytes(device: torch.device | str) -> int:

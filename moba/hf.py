@@ -13,6 +13,8 @@ What runs where:
 - all other layers run `moba.moba_attention`, with cached block means when the cache attaches
   them to the key tensor (moba/cachekeys.py).
 Batches with padding get a real mask from transformers and fall back to dense SDPA.
+Sharded heads (tensor parallel): the function sees only the heads of its process; an attention module
+whose `moba_head_offset` attribute is set reads the citation head weights of its own heads from there.
 Static decode (CUDA graphs): when the key tensor carries a static length (`cachekeys.static_of`) the
 cache handed over its whole buffers; the one query sits at length - 1 and moba/static.py attends
 with the same per-layer choices (window, dense, MoBA over the block sums), without recording routing.
@@ -35,6 +37,7 @@ from moba.routing import block_means
 from moba.static import static_dense_decode, static_moba_decode, static_sliding_decode
 
 NAME = "moba"
+HEAD_OFFSET = "moba_head_offset"  # attention-module attribute: its first query head's global index when sharded
 _FORCE_DENSE: ContextVar[bool] = ContextVar("moba_force_dense", default=False)
 
 
@@ -153,11 +156,18 @@ def _moba_or_dense(module, query, key, value, scaling):
     else:
         return moba_attention(query, key, value, scale=scaling, key_means=means, **kw)
     if want:
-        _record(rec, layer, q_start, routing, query, key, p.block_size, scaling, dense)
+        _record(module, rec, layer, q_start, routing, query, key, p.block_size, scaling, dense)
     return out
 
 
-def _record(rec, layer, q_start, routing, query, key, block_size, scaling, dense) -> None:
+def _own_heads(module, weights: torch.Tensor, heads: int) -> torch.Tensor:
+    """The entries of a per-query-head vector that belong to the `heads` heads this module computes:
+    all of them, or the run from `module.moba_head_offset` when the heads are sharded (agent.parallel)."""
+    start = getattr(module, HEAD_OFFSET, 0)
+    return weights[start : start + heads]
+
+
+def _record(module, rec, layer, q_start, routing, query, key, block_size, scaling, dense) -> None:
     """Store the routing of the recorded queries and add the attention mass this layer computed
     (dense: over all past keys; MoBA: over the attended keys) into the recorder."""
     sl = rec.record(layer, q_start, routing, dense=dense)
@@ -168,7 +178,7 @@ def _record(rec, layer, q_start, routing, query, key, block_size, scaling, dense
         mass = dense_key_mass(q, positions, key[0], scale)  # [Hq, Tk]
     else:
         mass = head_key_mass(q, positions, key[0], routing.blocks[0, :, sl], block_size, scale)
-    w = None if rec.head_weights is None else rec.head_weights[layer].to(mass.device)
+    w = None if rec.head_weights is None else _own_heads(module, rec.head_weights[layer], len(mass)).to(mass.device)
     rec.add_key_mass(mass.sum(0) if w is None else w @ mass)
     if rec.per_head:
         means = block_means_of(key)

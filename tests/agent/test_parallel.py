@@ -1,0 +1,121 @@
+"""Tensor parallelism on the CPU: two gloo ranks (agent.parallel.launch) against one process, on a tiny
+random Qwen2 (4 query / 2 KV heads) saved as a local model directory, through agent.runtime.
+
+The two-rank run must give the greedy tokens and (within fp32 tolerance) the logits of one process, and
+after the gather the routing evidence citations read (per-head block and gate mass, key mass weighted by
+citation head weights, routed blocks) must equal one process's; sampled tokens must agree across ranks.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from agent import parallel
+from tests.agent import tp_worker
+from tests.agent.fakes import fake_tokenizer
+
+WORKER = Path(tp_worker.__file__)
+
+
+def save_model(path: Path, heads: int = 4, kv_heads: int = 2) -> Path:
+    tok = fake_tokenizer(chat=True)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(one process, rank 0, rank 1) of tp_worker on the same model."""
+    tmp = tmp_path_factory.mktemp("tp")
+    model = save_model(tmp / "model")
+    one = tp_worker.run(str(model))
+    assert parallel.launch(2, [str(WORKER), str(model), str(tmp / "out")]) == 0
+    return one, torch.load(f"{tmp / 'out'}.rank0"), torch.load(f"{tmp / 'out'}.rank1")
+
+
+def test_two_ranks_decode_what_one_process_decodes(runs):
+    one, r0, r1 = runs
+    assert r0["local_kv_heads"] == r0["kv_heads"] == 1 and one["local_kv_heads"] == 2
+    assert torch.allclose(r0["context_logits"], one["context_logits"], atol=1e-4, rtol=1e-4)
+    assert torch.allclose(r0["question_logits"], one["question_logits"], atol=1e-4, rtol=1e-4)
+    assert r0["greedy"] == r1["greedy"] == one["greedy"]
+    assert r0["sampled"] == r1["sampled"]  # no seed: rank 0 samples, rank 1 takes its tokens
+    assert any("tensor parallel over 2 CPU processes" in n for n in r0["notes"])
+    assert not any("tensor parallel" in n for n in one["notes"])
+
+
+def test_gathered_evidence_equals_one_process(runs):
+    one, r0, r1 = runs
+    for name in ("mass", "gate", "key_mass"):
+        assert r0[name].shape == one[name].shape, name
+        assert torch.allclose(r0[name], one[name], atol=1e-4, rtol=1e-4), name
+        assert torch.equal(r0[name], r1[name]), name
+    assert r0["mass"].shape[1] == 4  # every query head, not this rank's two
+    for a, b in zip(r0["blocks"], one["blocks"], strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(r0["scores"], one["scores"], strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_heads_that_do_not_divide_are_a_one_line_error(tmp_path):
+    model = save_model(tmp_path / "model", heads=6, kv_heads=3)
+    out = tmp_path / "err"
+    code = parallel.launch(2, ["-c", _ERR_SCRIPT, str(model), str(out)])
+    assert code == 0, out.read_text() if out.exists() else code
+    assert out.read_text() == ("the model has 6 query and 3 KV heads, which 2 ranks cannot split evenly: "
+                               "use --gpus 1 or 3")
+
+
+_ERR_SCRIPT = """
+from pathlib import Path
+from agent.config import AskConfig
+from agent.parallel import ParallelError
+from agent.runtime import load_runtime
+try:
+    load_runtime(AskConfig(model=sys.argv[1], device="cpu"))
+except ParallelError as e:
+    import torch.distributed as dist
+    if dist.get_rank() == 0:
+        Path(sys.argv[2]).write_text(str(e))
+"""
+
+
+def test_one_process_never_starts_torch_distributed(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert parallel.world() is None
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize(("env", "fix"), [({"WORLD_SIZE": "2"}, "torchrun"), ({"WORLD_SIZE": "two"}, "torchrun")])
+def test_a_half_set_environment_is_a_one_line_error(monkeypatch, env, fix):
+    for k in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(parallel.ParallelError, match=fix):
+        parallel.world()
+
+
+def test_cuda_checks_name_the_fix(monkeypatch):
+    w = parallel.World(rank=0, size=4, local_rank=0, local_size=4)
+    with pytest.raises(parallel.ParallelError, match="use --device cuda or leave --device out"):
+        parallel.setup(w, "cuda:1")
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
+    with pytest.raises(parallel.ParallelError, match="needs NCCL"):
+        parallel.setup(w, "cuda")
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(parallel.ParallelError, match="has 2 CUDA device.*use --gpus 2 or fewer"):
+        parallel.setup(w, "cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(parallel.ParallelError, match="sees no CUDA device"):
+        parallel.setup(w, "cuda")
+    assert not torch.distributed.is_initialized()
