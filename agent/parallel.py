@@ -94,6 +94,19 @@ def _cuda_device(w: World, device: str) -> torch.device:
     return dev
 
 
+def check_gpus(n: int) -> None:
+    """Before starting n ranks: raise ParallelError when ranks are already running (torchrun), this torch has
+    no NCCL, or this host has fewer than n CUDA devices."""
+    if world() is not None:
+        raise ParallelError(f"--gpus {n} under torchrun: the ranks are already started; drop --gpus")
+    if not dist.is_nccl_available():
+        raise ParallelError(f"--gpus {n} needs NCCL and this torch build has none: install a CUDA build of torch")
+    have = torch.cuda.device_count()
+    if have < n:
+        raise ParallelError(f"--gpus {n}: this machine has {have} CUDA device(s): use --gpus {have} or fewer"
+                            if have > 1 else f"--gpus {n}: this machine has {have} CUDA device(s): leave --gpus out")
+
+
 def _silence() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     for fd in (1, 2):

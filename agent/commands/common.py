@@ -195,7 +195,7 @@ def open_session(paths, cfg: AskConfig, opts: ingest.PackOptions, mode: str, qui
     """Load the model, pack the paths to fit, check the window and memory, prefill (or hit the context
     cache); return the Session. `question`: the first question (or summary focus), checked against the
     room the session leaves for it before anything is prefilled."""
-    from agent import runtime
+    from agent import parallel, runtime
     from agent.catalog import ModelError
     from agent.engine import MemoryBudgetError
     from agent.session import Session
@@ -210,7 +210,7 @@ def open_session(paths, cfg: AskConfig, opts: ingest.PackOptions, mode: str, qui
         options = ingest.PackOptions(**{**opts.__dict__, "max_tokens": budget})
         pk = ui.pack(paths, rt.tokenizer, options)
         given, cfg = cfg, _settle_runtime(rt, cfg, pk.total_tokens)
-        session = Session(rt, pk, cfg, mode, None if cfg.no_cache else _context_cache())
+        session = Session(rt, pk, cfg, mode, None if cfg.no_cache or parallel.world() else _context_cache())
         session.notes = check_fit(session, question)
         for note in session.notes:
             ui.console.print(f"note: {note}", highlight=False, markup=False)

@@ -63,27 +63,14 @@ def test_gathered_evidence_equals_one_process(runs):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_heads_that_do_not_divide_are_a_one_line_error(tmp_path):
+def test_heads_that_do_not_divide_are_a_one_line_error_before_loading(tmp_path, monkeypatch):
     model = save_model(tmp_path / "model", heads=6, kv_heads=3)
-    out = tmp_path / "err"
-    code = parallel.launch(2, ["-c", _ERR_SCRIPT, str(model), str(out)])
-    assert code == 0, out.read_text() if out.exists() else code
-    assert out.read_text() == ("the model has 6 query and 3 KV heads, which 2 ranks cannot split evenly: "
-                               "use --gpus 1 or 3")
-
-
-_ERR_SCRIPT = """
-from pathlib import Path
-from agent.config import AskConfig
-from agent.parallel import ParallelError
-from agent.runtime import load_runtime
-try:
-    load_runtime(AskConfig(model=sys.argv[1], device="cpu"))
-except ParallelError as e:
-    import torch.distributed as dist
-    if dist.get_rank() == 0:
-        Path(sys.argv[2]).write_text(str(e))
-"""
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    with pytest.raises(parallel.ParallelError) as e:
+        parallel.shard_kwargs(model)
+    assert str(e.value) == "the model has 6 query and 3 KV heads, which 2 ranks cannot split evenly: use --gpus 1 or 3"
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 3)
+    assert parallel.shard_kwargs(model)["distributed_config"].tp_plan == "auto"
 
 
 def test_one_process_never_starts_torch_distributed(monkeypatch):
@@ -119,3 +106,57 @@ def test_cuda_checks_name_the_fix(monkeypatch):
     with pytest.raises(parallel.ParallelError, match="sees no CUDA device"):
         parallel.setup(w, "cuda")
     assert not torch.distributed.is_initialized()
+
+
+def test_cli_on_two_ranks_answers_and_cites_as_one_process(tmp_path, monkeypatch, capfd):
+    """`python -m agent.cli` as two gloo ranks (what `--gpus 2` starts on a GPU host): the same JSON answer and
+    citations as one process, one copy of the output (rank 0's), and no context cache written."""
+    import json
+
+    from click.testing import CliRunner
+
+    from agent.cli import cli
+    from tests.agent.repogen import planted_repo
+
+    monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(tmp_path / "cache"))
+    model = save_model(tmp_path / "model")
+    repo = planted_repo(tmp_path / "repo", modules=2, funcs=4)
+    args = [str(repo), "Where is MAGIC_NUMBER defined?", "--json", "-m", str(model), "--device", "cpu",
+            "--block-size", "32", "--top-k", "3", "--max-new-tokens", "24", "--no-cache"]
+    one = json.loads(CliRunner().invoke(cli, args, catch_exceptions=False).stdout)
+    capfd.readouterr()
+    assert parallel.launch(2, ["-m", "agent.cli", *args[:-1]]) == 0
+    out, err = capfd.readouterr()
+    two = json.loads(out)
+    assert two["answer"] == one["answer"] and two["citations"] == one["citations"] and one["citations"]
+    assert err.count("tensor parallel over 2 CPU processes") == 1
+    assert not list((tmp_path / "cache").glob("contexts/*"))
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--gpus", "2", ".", "q"], "--gpus 2: this machine has 0 CUDA device(s): leave --gpus out"),
+    (["--gpus", "3", "summarize", "."], "--gpus 3: this machine has 2 CUDA device(s): use --gpus 2 or fewer"),
+    (["--gpus", "2", "chat", "."], "tensor parallel (--gpus N, torchrun) runs ask and summarize, not chat"),
+    (["--gpus", "0", ".", "q"], "Invalid value for '--gpus'"),
+])
+def test_gpus_flag_refuses_what_it_cannot_run_in_one_line(args, message, monkeypatch):
+    from click.testing import CliRunner
+
+    from agent.cli import cli
+
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0 if args[1] == "2" else 2)
+    monkeypatch.setattr(parallel, "launch", lambda *a: pytest.fail("started ranks"))
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code in (1, 2) and message in result.stderr and "Traceback" not in result.output
+
+
+def test_gpus_flag_without_nccl_names_the_fix(monkeypatch):
+    from click.testing import CliRunner
+
+    from agent.cli import cli
+
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
+    result = CliRunner().invoke(cli, ["--gpus", "2", ".", "q"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "Error: --gpus 2 needs NCCL and this torch build has none: install a CUDA build of torch"
