@@ -14,6 +14,7 @@ Knows nothing of files, prompts or the CLI.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import uuid
@@ -112,6 +113,11 @@ def _silence() -> None:
     for fd in (1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
+
+
+def leader() -> bool:
+    """True for the process that writes output files: a lone process, or rank 0."""
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def check_heads(config, ranks: int) -> None:
@@ -229,14 +235,38 @@ def notes(w: World | None, device: str) -> list[str]:
 
 def launch(ranks: int, argv: list[str]) -> int:
     """Run `python ARGV...` as `ranks` ranks on this host, as torchrun --standalone does, and return the
-    exit code: 0, or the first failed rank's (rank 0's one-line error is already on stderr)."""
+    exit code: 0, or rank 0's when it failed (its one-line error is already on stderr); when another rank
+    failed first and rank 0 was stopped, one line on stderr names that rank."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=ranks, run_id=uuid.uuid4().hex,
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+    # the elastic agent logs each rank's failure and each signal; rank 0 (or _failure_code) says it in one line
+    logs = {name: logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+            if name.startswith("torch.distributed.elastic")}
+    levels = {name: log.level for name, log in logs.items()}
+    for log in logs.values():
+        log.setLevel(logging.CRITICAL)
     try:
         elastic_launch(config, entrypoint=sys.executable)(*argv)
     except ChildFailedError as e:
-        return next(iter(sorted(e.failures.items())))[1].exitcode or 1
+        return _failure_code(e, ranks)
+    except SignalException as e:  # Ctrl-C or a kill: the ranks were stopped with it
+        print(f"Error: stopped by signal {e.sigval.name}", file=sys.stderr)
+        return 128 + int(e.sigval)
+    finally:
+        for name, log in logs.items():
+            log.setLevel(levels[name])
     return 0
+
+
+def _failure_code(e, ranks: int) -> int:
+    rank, failure = e.get_first_failure()
+    own = e.failures.get(0)
+    if own is not None and own.exitcode > 0:
+        return own.exitcode
+    print(f"Error: rank {rank} of {ranks} stopped with exit code {failure.exitcode} (ranks other than 0 print "
+          "nothing; the others were stopped)", file=sys.stderr)
+    return failure.exitcode if failure.exitcode > 0 else 1

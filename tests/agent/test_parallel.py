@@ -110,7 +110,7 @@ def test_cuda_checks_name_the_fix(monkeypatch):
 
 def test_cli_on_two_ranks_answers_and_cites_as_one_process(tmp_path, monkeypatch, capfd):
     """`python -m agent.cli` as two gloo ranks (what `--gpus 2` starts on a GPU host): the same JSON answer and
-    citations as one process, one copy of the output (rank 0's), and no context cache written."""
+    citations and routing map as one process, one copy of the output (rank 0's), and no context cache written."""
     import json
 
     from click.testing import CliRunner
@@ -123,12 +123,14 @@ def test_cli_on_two_ranks_answers_and_cites_as_one_process(tmp_path, monkeypatch
     repo = planted_repo(tmp_path / "repo", modules=2, funcs=4)
     args = [str(repo), "Where is MAGIC_NUMBER defined?", "--json", "-m", str(model), "--device", "cpu",
             "--block-size", "32", "--top-k", "3", "--max-new-tokens", "24", "--no-cache"]
-    one = json.loads(CliRunner().invoke(cli, args, catch_exceptions=False).stdout)
+    maps = tmp_path / "one.html", tmp_path / "two.html"
+    one = json.loads(CliRunner().invoke(cli, [*args, "--routing-map", str(maps[0])], catch_exceptions=False).stdout)
     capfd.readouterr()
-    assert parallel.launch(2, ["-m", "agent.cli", *args[:-1]]) == 0
+    assert parallel.launch(2, ["-m", "agent.cli", *args[:-1], "--routing-map", str(maps[1])]) == 0
     out, err = capfd.readouterr()
     two = json.loads(out)
     assert two["answer"] == one["answer"] and two["citations"] == one["citations"] and one["citations"]
+    assert maps[1].read_text() == maps[0].read_text()
     assert err.count("tensor parallel over 2 CPU processes") == 1
     assert not list((tmp_path / "cache").glob("contexts/*"))
 
@@ -160,3 +162,10 @@ def test_gpus_flag_without_nccl_names_the_fix(monkeypatch):
     result = CliRunner().invoke(cli, ["--gpus", "2", ".", "q"])
     assert result.exit_code == 1
     assert result.stderr.strip() == "Error: --gpus 2 needs NCCL and this torch build has none: install a CUDA build of torch"
+
+
+def test_a_rank_that_fails_alone_is_named_in_one_line(capfd):
+    script = "import os, sys, time\nif os.environ['RANK'] == '1':\n    sys.exit(3)\ntime.sleep(60)"
+    assert parallel.launch(2, ["-c", script]) == 3
+    err = capfd.readouterr().err
+    assert err == "Error: rank 1 of 2 stopped with exit code 3 (ranks other than 0 print nothing; the others were stopped)\n"
