@@ -46,12 +46,13 @@ CASES = {"scaling": ("7b", QWEN7B_1M, 1_048_576), "7b-2m": ("7b", QWEN7B_1M, 2_0
 
 
 def checkpoint(name: str, shape: dict, root: Path, tokens: int, device: torch.device) -> Path:
-    """The random bf16 checkpoint of `shape` (seed 0) under root/name, written by rank 0 if missing.
-    max_position_embeddings covers `tokens` (a 2M run of the 1M shape is a systems measurement)."""
+    """The random bf16 checkpoint of `shape` (seed 0) under root/name, written by rank 0 if missing. Its
+    max_position_embeddings covers 2M tokens and `tokens` (a 2M run of a 1M shape measures the system)."""
     path = root / name
     if dist.get_rank() == 0 and not (path / "config.json").is_file():
         torch.manual_seed(0)
-        cfg = Qwen2Config(**{**shape, "max_position_embeddings": max(shape["max_position_embeddings"], tokens + 1024)})
+        positions = max(shape["max_position_embeddings"], 2_097_152 + 1024, tokens + 1024)
+        cfg = Qwen2Config(**{**shape, "max_position_embeddings": positions})
         with device:
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
         model.save_pretrained(path)
