@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 import ingest
-from agent import runtime
+from agent import parallel, runtime
 from agent.catalog import ModelError
 from agent.config import (
     AUTO_DENSE_FACTOR,
@@ -30,7 +30,7 @@ from agent.config import (
 )
 from agent.ctxcache import ContextCache
 from agent.engine import MemoryBudgetError, check_memory
-from agent.render import pack_notes
+from agent.render import budget_lines, pack_notes
 from agent.session import Runtime, Session
 from moba.hf import MobaParams
 
@@ -66,7 +66,7 @@ def open_session(paths, config: AskConfig, options: ingest.PackOptions, mode: st
     with ui.track("packing", "files") as update:
         pk = ingest.pack(list(paths), rt.tokenizer, dataclasses.replace(options, max_tokens=budget), progress=update)
     settled = settle(config, pk.total_tokens, rt.device)
-    session = Session(rt, pk, settled, mode, None if settled.no_cache else _context_cache())
+    session = Session(rt, pk, settled, mode, None if settled.no_cache or parallel.world() else _context_cache())
     session.notes = check_fit(session, question)
     for line in [*(f"note: {n}" for n in session.notes), *pack_lines(pk, budget)]:
         ui.say(line)
@@ -131,11 +131,11 @@ def check_fit(session: Session, question: str = "") -> list[str]:
 
 
 def pack_lines(pk, budget: int) -> list[str]:
-    """What packing did: files and tokens against the budget, the first dropped files, its notes."""
+    """What packing did: files and tokens against the budget, the outlined and dropped files (the first
+    of each, `agent.render.budget_lines`), its notes."""
     lines = [f"packed {len(pk.files)} files, {pk.total_tokens:,} tokens (budget {budget:,}); "
-             f"{len(pk.skipped)} skipped, {len(pk.dropped)} dropped to fit"]
-    lines += [f"  dropped {path} ({tokens:,} tokens): {reason}" for path, tokens, reason in pk.dropped[:5]]
-    return lines + pack_notes(pk)
+             f"{len(pk.skipped)} skipped, {len(pk.outlined)} outlined and {len(pk.dropped)} dropped to fit"]
+    return lines + budget_lines(pk) + pack_notes(pk)
 
 
 def describe(attention: str, p: MobaParams) -> str:
@@ -151,7 +151,7 @@ def kv_line(engine) -> str:
     c, n = engine.config, engine.cache.capacity
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     return (f"KV cache: {engine.kv_bytes() / 2**20:,.0f} MiB = 2 x {c.num_hidden_layers} layers x "
-            f"{c.num_key_value_heads} KV heads x {head_dim} x {n:,} tokens x {engine.dtype.itemsize} B")
+            f"{engine.kv_heads} KV heads x {head_dim} x {n:,} tokens x {engine.dtype.itemsize} B")
 
 
 def _why(given: AskConfig, settled: AskConfig, tokens: int) -> str:

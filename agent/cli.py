@@ -11,6 +11,7 @@ line, exit code 1, no traceback.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import click
@@ -70,15 +71,21 @@ COMMANDS: dict[str, Callable[[], click.Command]] = {
 }
 
 
+SHARDED_COMMANDS = ("ask", "summarize")  # --gpus N: one question, no stdin (chat would read it on every rank)
+
+
 class DefaultGroup(click.Group):
     """A group of COMMANDS that runs `default_command` when the first argument is no command name."""
 
     default_command = "ask"
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in COMMANDS and args[0] not in (*ctx.help_option_names, "--version"):
-            args = [self.default_command, *args]
-        return super().parse_args(ctx, args)
+        lead = args[:2] if args[:1] == ["--gpus"] else args[:1] if args[:1] and args[0].startswith("--gpus=") else []
+        rest = args[len(lead):]
+        if rest and rest[0] not in COMMANDS and rest[0] not in (*ctx.help_option_names, "--version"):
+            rest = [self.default_command, *rest]
+        ctx.meta["command_args"] = rest
+        return super().parse_args(ctx, lead + rest)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
@@ -90,7 +97,10 @@ class DefaultGroup(click.Group):
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="moba-ask")
-def cli():
+@click.option("--gpus", type=click.IntRange(min=1), default=1, metavar="N",
+              help="Run the model tensor-parallel over N GPUs of this host (N ranks; the heads must divide by N).")
+@click.pass_context
+def cli(ctx: click.Context, gpus: int):
     """Ask questions about a whole codebase in one long context, with MoBA attention.
 
     \b
@@ -99,8 +109,26 @@ def cli():
       moba-ask chat src/
       moba-ask summarize docs/*.pdf
       moba-ask pack . --json
+      moba-ask --gpus 2 . "where is the config parsed?"
     """
+    command = ctx.meta["command_args"][0] if ctx.meta["command_args"] else ""
+    ranked = gpus > 1 or os.environ.get("WORLD_SIZE", "1") not in ("", "1")
+    if ranked and command not in SHARDED_COMMANDS:
+        raise click.UsageError(f"tensor parallel (--gpus N, torchrun) runs {' and '.join(SHARDED_COMMANDS)}, not "
+                               f"{command}: run {command} as one process")
+    if gpus > 1:
+        from agent import parallel
+
+        try:
+            parallel.check_gpus(gpus)
+        except parallel.ParallelError as e:
+            raise click.ClickException(str(e)) from None
+        ctx.exit(parallel.launch(gpus, ["-m", "agent.cli", *ctx.meta["command_args"]]))
 
 
 def main() -> None:
     cli(prog_name="moba-ask")
+
+
+if __name__ == "__main__":  # the ranks `--gpus N` starts run `python -m agent.cli`
+    main()

@@ -86,6 +86,7 @@ class Engine:
         self.dtype = next(model.parameters()).dtype
         self.chunk_size = chunk_size or default_chunk_size(self.device)
         self._params = params or moba_params(self.config)
+        self.kv_heads = self.config.num_key_value_heads  # KV heads this process holds (agent.parallel shards them)
         if params is not None:
             configure(model.config, params)
         self.cache = MobaCache(self.config.num_hidden_layers, capacity, self._params.block_size)
@@ -141,7 +142,7 @@ class Engine:
         c = self.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         n = self.cache.capacity if tokens is None else tokens
-        return kv_bytes(c.num_hidden_layers, c.num_key_value_heads, head_dim, n, next(self.model.parameters()).dtype)
+        return kv_bytes(c.num_hidden_layers, self.kv_heads, head_dim, n, next(self.model.parameters()).dtype)
 
     @torch.no_grad()
     def prefill(self, ids: Sequence[int], progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
@@ -178,7 +179,7 @@ class Engine:
         out: list[int] = []
         self.stop_reason = "length"
         for _ in range(sampling.max_new_tokens):
-            tok = sample(guard.penalize(logits), sampling, gen)
+            tok = self.pick(guard.penalize(logits), sampling, gen)
             if tok in stop_ids:
                 self.stop_reason = "end"
                 break
@@ -191,6 +192,10 @@ class Engine:
                 break
             logits = self.step(tok)
         return out
+
+    def pick(self, logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None) -> int:
+        """The next token from `logits` (`sample`); agent.parallel's engine broadcasts rank 0's."""
+        return sample(logits, sampling, gen)
 
     @torch.no_grad()
     def step(self, token: int) -> torch.Tensor:
@@ -221,11 +226,11 @@ class Engine:
 
 def cache_bytes(engine) -> int:
     """Bytes the engine's cache takes once allocated: K and V (`Engine.kv_bytes`) plus the fp32 block
-    sums, layers x KV heads x ceil(capacity / block size) x head dim x 4 B."""
+    sums, layers x KV heads (this process's) x ceil(capacity / block size) x head dim x 4 B."""
     c = engine.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     blocks = -(-engine.cache.capacity // engine.cache.block_size)
-    return engine.kv_bytes() + c.num_hidden_layers * c.num_key_value_heads * blocks * head_dim * 4
+    return engine.kv_bytes() + c.num_hidden_layers * engine.kv_heads * blocks * head_dim * 4
 
 
 def free_bytes(device: torch.device | str) -> int:

@@ -79,13 +79,14 @@ def _load_bare(path: Path):
         raise ModelError(f"cannot read tokenizer {path}: {message}") from None
 
 
-def load_model(name: str, *, device="cpu", dtype=None, attn_implementation: str = "sdpa"):
+def load_model(name: str, *, device="cpu", dtype=None, attn_implementation: str = "sdpa", sharded: bool = False):
     """Load ``name`` for inference; return ``(model, tokenizer, ModelInfo)``.
 
     ``device``: "cpu", "cuda", "cuda:1", ... ``dtype``: a torch dtype or "fp32"/"bf16"/"fp16";
     default fp32 on CPU (bf16 decodes slower there), bf16 on CUDA. ``attn_implementation``:
-    any transformers name, or "moba" (imports ``moba.hf``, which registers it). A missing model
-    is pulled with progress bars. Raises ModelError.
+    any transformers name, or "moba" (imports ``moba.hf``, which registers it). ``sharded``: split the
+    heads over the ranks of the process group (`agent.parallel.shard_kwargs`; raises its ParallelError).
+    A missing model is pulled with progress bars. Raises ModelError.
     """
     from transformers import AutoModelForCausalLM
 
@@ -96,7 +97,11 @@ def load_model(name: str, *, device="cpu", dtype=None, attn_implementation: str 
     path = ensure(name)
     tok = load_tokenizer(str(path))
     kwargs = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
-    if device != "cpu":
+    if sharded:
+        from agent.parallel import shard_kwargs
+
+        kwargs.update(shard_kwargs(path))
+    elif device != "cpu":
         kwargs["device_map"] = device
     try:
         with quiet_transformers():

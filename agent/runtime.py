@@ -1,13 +1,15 @@
-"""Turn an AskConfig into a Runtime: check the device, load the model with attn_implementation="moba",
-write the MoBA settings onto its config (`agent.config.params_for`), make engines, and say (as notes)
-where the model will not run what was asked: the default device falling back to CPU, sliding-window
-layers kept dense, the portable path instead of the Triton kernels. Knows nothing of files or prompts.
+"""Turn an AskConfig into a Runtime: check the device (and join the ranks of a tensor-parallel run,
+agent/parallel.py), load the model with attn_implementation="moba", write the MoBA settings onto its
+config (`agent.config.params_for`), make engines, and say (as notes) where the model will not run what
+was asked: the default device falling back to CPU, sliding-window layers kept dense, the portable path
+instead of the Triton kernels. Knows nothing of files or prompts.
 """
 
 from __future__ import annotations
 
 import torch
 
+from agent import parallel
 from agent.cachefs import fingerprint
 from agent.config import AskConfig, SettingError, check_layers, params_for
 from agent.engine import Engine
@@ -45,19 +47,28 @@ def device_of(config: AskConfig) -> str:
 def load_runtime(config: AskConfig) -> Runtime:
     """Load `config.model` (pulled on first use) and return a Runtime.
 
-    Raises agent.catalog.ModelError, DeviceError, or SettingError for dense layers outside the model.
+    Under torchrun's environment (WORLD_SIZE > 1) the model is sharded over the ranks (agent.parallel).
+    Raises agent.catalog.ModelError, DeviceError, agent.parallel.ParallelError, or SettingError for dense
+    layers outside the model.
     """
     from agent import catalog, load
 
     device = device_of(config)
+    ranks = parallel.world()
+    if ranks:
+        device = parallel.setup(ranks, device)
     name = config.model or catalog.default_model(device)
-    model, tok, info = load.load_model(name, device=device, dtype=config.dtype, attn_implementation="moba")
+    model, tok, info = load.load_model(name, device=device, dtype=config.dtype, attn_implementation="moba",
+                                       sharded=ranks is not None)
     identity = fingerprint(info.path)
     check_layers(config.dense_layers or (), info.num_layers)
     configure(model.config, params_for(config, info.num_layers))
+    if ranks:
+        parallel.mark_heads(model)
+    engine = parallel.ParallelEngine if ranks else Engine
     return Runtime(
         tokenizer=tok,
-        make_engine=lambda capacity, params=None: Engine(model, capacity, config.chunk_size, params=params),
+        make_engine=lambda capacity, params=None: engine(model, capacity, config.chunk_size, params=params),
         name=info.name,
         chat=info.has_chat_template,
         max_positions=info.max_position_embeddings,
@@ -66,7 +77,7 @@ def load_runtime(config: AskConfig) -> Runtime:
         retune=lambda c: configure(model.config, params_for(c, info.num_layers)),
         device=device,
         identity=identity,
-        notes=tuple(runtime_notes(config, model, info, device)),
+        notes=tuple(parallel.notes(ranks, device) + runtime_notes(config, model, info, device)),
     )
 
 

@@ -60,6 +60,7 @@ class _Pending:
     means: torch.Tensor | None  # cached block means [1, Hkv, n_blocks, D] that came with `key`, if any
     block_size: int
     scale: float
+    head_offset: int = 0
     nbytes: int = 0
 
 
@@ -108,14 +109,16 @@ class RoutingRecorder:
         return slice(lo, hi)
 
     def defer(self, layer: int, q: torch.Tensor, positions: torch.Tensor, key: torch.Tensor,
-              means: torch.Tensor | None, blocks: torch.Tensor | None, *, block_size: int, scale: float) -> None:
+              means: torch.Tensor | None, blocks: torch.Tensor | None, *, block_size: int, scale: float,
+              head_offset: int = 0) -> None:
         """Keep recorded queries q [Hq, n, D] at `positions` [n] of one layer call with keys key [Hkv, Tk, D]
         (the call's cached block means, if any), attending all past keys (blocks None: a dense layer) or
-        the key blocks `blocks` [Hq, n, S]; their mass is added by `finish`."""
+        the key blocks `blocks` [Hq, n, S]; their mass is added by `finish`. head_offset: the global index
+        of the first of the Hq heads when heads are sharded over processes (`head_weights` rows are global)."""
         p = self._pending.get(layer)
-        if p is None or p.block_size != block_size or p.scale != scale:
+        if p is None or (p.block_size, p.scale, p.head_offset) != (block_size, scale, head_offset):
             self._flush(layer)
-            p = self._pending[layer] = _Pending([], key, means, block_size, scale)
+            p = self._pending[layer] = _Pending([], key, means, block_size, scale, head_offset)
         if key.shape[1] >= p.key.shape[1]:
             p.key, p.means = key, means
         p.queries.append((q, positions, blocks))
@@ -149,7 +152,8 @@ class RoutingRecorder:
             width = max(x[2].shape[-1] for x in group)
             blocks = torch.cat([torch.nn.functional.pad(x[2], (0, width - x[2].shape[-1]), value=-1) for x in group], 1)
             mass = head_key_mass(q, positions, p.key, blocks, p.block_size, p.scale)
-        w = None if self.head_weights is None else self.head_weights[layer].to(mass.device)
+        heads = slice(p.head_offset, p.head_offset + q.shape[0])
+        w = None if self.head_weights is None else self.head_weights[layer, heads].to(mass.device)
         self.add_key_mass(mass.sum(0) if w is None else w @ mass)
         if self.per_head:
             n_full = p.key.shape[1] // p.block_size

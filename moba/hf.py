@@ -13,6 +13,8 @@ What runs where:
 - all other layers run `moba.moba_attention`, with cached block means when the cache attaches
   them to the key tensor (moba/cachekeys.py).
 Batches with padding get a real mask from transformers and fall back to dense SDPA.
+Sharded heads (tensor parallel): the function sees only the heads of its process; an attention module
+whose `moba_head_offset` attribute is set reads the citation head weights of its own heads from there.
 Static decode (CUDA graphs): when the key tensor carries a static length (`cachekeys.static_of`) the
 cache handed over its whole buffers; the one query sits at length - 1 and moba/static.py attends
 with the same per-layer choices (window, dense, MoBA over the block sums), without recording routing.
@@ -34,6 +36,7 @@ from moba.ops import dense_attention, moba_attention, moba_routing
 from moba.static import static_dense_decode, static_moba_decode, static_sliding_decode
 
 NAME = "moba"
+HEAD_OFFSET = "moba_head_offset"  # attention-module attribute: its first query head's global index when sharded
 _FORCE_DENSE: ContextVar[bool] = ContextVar("moba_force_dense", default=False)
 QA_POLICIES = ("moba", "dense")
 
@@ -166,11 +169,11 @@ def _moba_or_dense(module, query, key, value, scaling):
     else:
         return moba_attention(query, key, value, scale=scaling, key_means=means, **kw)
     if want:
-        _record(rec, layer, q_start, routing, query, key, p.block_size, scaling, dense)
+        _record(module, rec, layer, q_start, routing, query, key, p.block_size, scaling, dense)
     return out
 
 
-def _record(rec, layer, q_start, routing, query, key, block_size, scaling, dense) -> None:
+def _record(module, rec, layer, q_start, routing, query, key, block_size, scaling, dense) -> None:
     """Store the routing of the recorded queries and hand them to the recorder, whose `finish` adds the
     attention mass this layer computed (dense: over all past keys; MoBA: over the attended keys)."""
     sl = rec.record(layer, q_start, routing, dense=dense)
@@ -178,7 +181,7 @@ def _record(rec, layer, q_start, routing, query, key, block_size, scaling, dense
     positions = torch.arange(q_start + sl.start, q_start + sl.stop, device=query.device)
     blocks = None if dense else routing.blocks[0, :, sl]
     rec.defer(layer, query[0, :, sl], positions, key[0], block_means_of(key), blocks,
-              block_size=block_size, scale=scale)
+              block_size=block_size, scale=scale, head_offset=getattr(module, HEAD_OFFSET, 0))
 
 
 def _sliding(query, key, value, window, scaling):

@@ -67,10 +67,12 @@ def ask(args, as_json, routing_map, absolute_paths, quiet, **kw):
     if not quiet:
         print_notes(answer.notes)
     if routing_map:
+        from agent.parallel import leader
         from agent.routingmap import write_routing_map
 
         try:
-            write_routing_map(routing_map, answer.routing)
+            if leader():  # every rank of a tensor-parallel run holds the same gathered routing; rank 0 writes it
+                write_routing_map(routing_map, answer.routing)
         except OSError as e:
             raise click.ClickException(f"cannot write the routing map {routing_map}: {e.strerror or e}") from None
     if as_json:

@@ -71,6 +71,7 @@ class FakeEngine:
             self._target_at = None
 
     config = type("Cfg", (), dict(num_hidden_layers=2, num_key_value_heads=1, head_dim=4))
+    kv_heads = 1
     dtype = torch.float32
 
     def kv_bytes(self, tokens=None):
