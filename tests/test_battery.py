@@ -215,20 +215,20 @@ PATH_CASES = [
          lambda w: subprocess.run(["git", "init", "-q", "--bare", str(w.tmp / "bare.git")], check=True)),
 ]
 
-NUMERIC = [  # flag, value, exit code of ask with it
+NUMERIC = [  # flag, value, exit code of ask with it[, the text of its error when not the flag's name]
     ("--block-size", "0", 2), ("--block-size", "-1", 2), ("--block-size", "1000000000", 0),
     ("--top-k", "0", 2), ("--top-k", "-5", 2), ("--top-k", "100000", 0),
     ("--sink-blocks", "-1", 2), ("--sink-blocks", "1000000", 0),
-    ("--local-blocks", "-1", 2), ("--local-blocks", "1000000", 0),
-    ("--gate-subblocks", "0", 2), ("--gate-subblocks", "1000000", 0),
+    ("--local-blocks", "-1", 2), ("--local-blocks", "1000000", 2, "local blocks must be >= 0 and below top-k"),
+    ("--gate-subblocks", "0", 2), ("--gate-subblocks", "1000000", 2, "gate sub-blocks must be >= 1 and divide"),
     ("--max-tokens", "-1", 2), ("--max-tokens", "1", 1), ("--max-tokens", "1000000000", 1),
     ("--max-new-tokens", "0", 2), ("--max-new-tokens", "-3", 2), ("--max-new-tokens", "1000000000", 0),
     ("--temperature", "-1", 2), ("--temperature", "1e308", 0), ("--temperature", "nan", 2), ("--temperature", "inf", 2),
     ("--top-p", "0", 2), ("--top-p", "1.5", 2), ("--chunk-size", "0", 2), ("--chunk-size", "1000000000", 0),
 ]
 NUMERIC_CASES = [
-    Case(f"ask{flag}={value}", (*ASK, "--attention", "moba", flag, value), code, (flag,) if code == 2 else ())
-    for flag, value, code in NUMERIC
+    Case(f"ask{flag}={value}", (*ASK, "--attention", "moba", flag, value), code, (*text,) or (flag,) if code == 2 else ())
+    for flag, value, code, *text in NUMERIC
 ] + [
     Case(f"{cmd}{flag}={value}", (cmd, "{repo}", "--no-cache", flag, value), code, (flag,) if code == 2 else (),
          input="What is MAGIC_NUMBER?\n/exit\n" if cmd == "chat" else None)

@@ -9,10 +9,11 @@ import click
 
 import ingest
 from agent.commands import common
-from agent.config import AskConfig, SettingError, parse_layers
+from agent.config import RESERVE, AskConfig, SettingError, parse_layers
 from agent.evaluate import calibrate as cal
 from agent.evaluate.tasks import TaskError, build_workspace
 from agent.session import ANSWER_ROUTING_TOKENS
+from moba.hf import QA_POLICIES
 
 
 @click.command("calibrate")
@@ -30,7 +31,7 @@ from agent.session import ANSWER_ROUTING_TOKENS
 @click.option("--block-size", type=click.IntRange(min=1), default=AskConfig.block_size, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=1), default=AskConfig.top_k, show_default=True)
 @click.option("--sink-blocks", type=click.IntRange(min=0), default=AskConfig.sink_blocks, show_default=True)
-@click.option("--qa-policy", type=click.Choice(["moba", "dense"]), default=AskConfig.qa_policy, show_default=True)
+@click.option("--qa-policy", type=click.Choice(QA_POLICIES), default=AskConfig.qa_policy, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=ANSWER_ROUTING_TOKENS, show_default=True,
               help="Answer tokens (their routing is evidence too, as in use).")
 @click.option("--top-heads", default=",".join(map(str, cal.TOP_HEADS)), show_default=True, metavar="LIST",
@@ -110,7 +111,7 @@ def _load(cfg: AskConfig, ui):
 def _workspace(repo, rt, ui, context_tokens, n_tasks, seed, include, exclude):
     if not os.path.isdir(repo):
         raise click.UsageError(f"REPO must be a directory (a repository), got the file {repo}")
-    most = rt.max_positions - ANSWER_ROUTING_TOKENS - common.RESERVE
+    most = rt.max_positions - ANSWER_ROUTING_TOKENS - RESERVE
     if context_tokens > most:
         raise click.UsageError(f"--context-tokens {context_tokens:,} does not fit {rt.name}'s {rt.max_positions:,} "
                                f"positions; use at most {most:,}")

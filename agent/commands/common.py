@@ -21,7 +21,6 @@ import ingest
 from agent.commands.progress import announce, track
 from agent.config import (
     ATTENTION,
-    RESERVE,  # noqa: F401 (agent.commands.eval reads it here)
     AskConfig,
     SettingError,
     parse_layers,

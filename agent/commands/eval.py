@@ -14,12 +14,13 @@ import click
 import ingest
 from agent.commands import common
 from agent.commands.progress import Ticker
-from agent.config import AskConfig, SettingError
+from agent.config import RESERVE, AskConfig, SettingError
 from agent.engine import MemoryBudgetError
 from agent.evaluate import report as rep
 from agent.evaluate import runner
 from agent.evaluate.configs import parse_specs
 from agent.evaluate.tasks import KINDS, TaskError, build_workspace
+from moba.hf import QA_POLICIES
 
 DEFAULT_CONFIGS = "dense,moba,moba:qa=dense"
 PROGRESS_EVERY_S = 10.0  # questions take seconds each; one line per 10 s is enough
@@ -47,7 +48,7 @@ PROGRESS_EVERY_S = 10.0  # questions take seconds each; one line per 10 s is eno
               help="Blocks per query, own block included (base).")
 @click.option("--sink-blocks", type=click.IntRange(min=0), default=AskConfig.sink_blocks, show_default=True,
               help="Leading blocks every query attends (base).")
-@click.option("--qa-policy", type=click.Choice(["moba", "dense"]), default=AskConfig.qa_policy, show_default=True,
+@click.option("--qa-policy", type=click.Choice(QA_POLICIES), default=AskConfig.qa_policy, show_default=True,
               help="Attention for the question and answer tokens (base).")
 @click.option("--head-weights", metavar="FILE|uniform",
               help="Citation head weights: a file from `moba-ask calibrate`, or 'uniform'. [default: the model's "
@@ -170,11 +171,11 @@ def _load(cfg: AskConfig, ui):
 
 
 def _check_fit(rt, cfg: AskConfig, context_tokens: int) -> None:
-    most = rt.max_positions - cfg.max_new_tokens - common.RESERVE
+    most = rt.max_positions - cfg.max_new_tokens - RESERVE
     if most < 256:  # the smallest --context-tokens
         raise click.UsageError(f"--max-new-tokens {cfg.max_new_tokens:,} leaves no room for a context in "
                                f"{rt.name}'s {rt.max_positions:,} positions; use at most "
-                               f"{rt.max_positions - common.RESERVE - 256:,}")
+                               f"{rt.max_positions - RESERVE - 256:,}")
     if context_tokens > most:
         raise click.UsageError(f"--context-tokens {context_tokens:,} does not fit {rt.name}'s {rt.max_positions:,} "
                                f"positions with the prompt and answer; use at most {most:,}")

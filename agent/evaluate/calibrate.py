@@ -55,9 +55,10 @@ def collect(runtime, ws: Workspace, cfg: AskConfig, *, open_session: Callable[[S
         rec = session.ask(task.question).recorder
         ev = {s: rec.evidence(s) for s in SIGNALS}
         n = ev["mass"].shape[-1]
-        cand = cit.candidate_blocks(session.smap, n, cfg.block_size, cfg.sink_blocks)
-        gold = _blocks_of(session.smap, task.path, task.start_line, task.end_line, n, cfg.block_size)
-        whole = _blocks_of(session.smap, task.path, 1, _last_line(session.smap, task.path), n, cfg.block_size)
+        p = session.params
+        cand = cit.candidate_blocks(session.smap, n, p.block_size, p.sink_blocks)
+        gold = _blocks_of(session.smap, task.path, task.start_line, task.end_line, n, p.block_size)
+        whole = _blocks_of(session.smap, task.path, 1, _last_line(session.smap, task.path), n, p.block_size)
         if (gold & cand).any():
             out.append(Sample(f"{ws.source_root}:{task.id}", ev, cand, gold, whole))
     if on_task:
