@@ -32,6 +32,7 @@ from agent.ctxcache import ContextCache
 from agent.engine import MemoryBudgetError, check_memory
 from agent.render import budget_lines, pack_notes
 from agent.session import Runtime, Session
+from ingest.records import BudgetError
 from moba.hf import MobaParams
 
 USER_ERRORS = (ModelError, SettingError, MemoryBudgetError, ingest.PackError)
@@ -64,7 +65,7 @@ def open_session(paths, config: AskConfig, options: ingest.PackOptions, mode: st
         ui.say(f"note: {note}")
     budget = context_budget(rt, config)
     with ui.track("packing", "files") as update:
-        pk = ingest.pack(list(paths), rt.tokenizer, dataclasses.replace(options, max_tokens=budget), progress=update)
+        pk = _pack(paths, rt, dataclasses.replace(options, max_tokens=budget), config.max_tokens == 0, update)
     settled = settle(config, pk.total_tokens, rt.device)
     session = Session(rt, pk, settled, mode, None if settled.no_cache or parallel.world() else _context_cache())
     session.notes = check_fit(session, question)
@@ -88,6 +89,19 @@ def prefill(session: Session, ui: Reporter) -> None:
     s = session.stats
     how = "context cache hit" if s["cache_hit"] else f"prefilled in {s['prefill_s']:.1f}s"
     ui.say(f"{session.context_len:,} context tokens: {how}")
+
+
+def _pack(paths, rt: Runtime, options: ingest.PackOptions, from_window: bool, progress) -> ingest.Pack:
+    """ingest.pack; when the budget came from the model's window (no --max-tokens) and nothing fits it,
+    the error names the window, not a flag the user never gave."""
+    try:
+        return ingest.pack(list(paths), rt.tokenizer, options, progress=progress)
+    except BudgetError:
+        if not from_window:
+            raise
+        raise SettingError(
+            f"{rt.name}'s window of {rt.max_positions:,} positions leaves {options.max_tokens:,} tokens for files "
+            f"beside the question and answer, too few for any file here: use a model with a longer window") from None
 
 
 def context_budget(rt: Runtime, config: AskConfig) -> int:

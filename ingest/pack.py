@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ingest import budget, outline, readers, render, rules, secrets, walk
-from ingest.records import FileRecord, Pack, PackError, PackOptions
+from ingest.records import BudgetError, FileRecord, Pack, PackError, PackOptions
 from ingest.sourcemap import SourceMap
 from ingest.tokens import BATCH_CHARS, Encoder, TokenCache, section_key
 
@@ -223,7 +223,7 @@ def _fit(sections: list[_Section], encoder: Encoder, cache: TokenCache, options:
                 for s in sections if choices[s.doc.rel].form != budget.DROP]
         if not kept:
             need = min(it.smallest for it in items) + len(tree_of([])[1])
-            raise PackError(f"--max-tokens {limit:,} is too small for any file here (the smallest needs about "
+            raise BudgetError(f"--max-tokens {limit:,} is too small for any file here (the smallest needs about "
                             f"{need:,} tokens with the tree); raise it or narrow the paths")
         tree = tree_of(kept)
         over = len(tree[1]) + sum(len(s.ids) for s in kept) - limit
@@ -236,7 +236,7 @@ def _fit(sections: list[_Section], encoder: Encoder, cache: TokenCache, options:
             break
         room -= over
     else:
-        raise PackError(f"could not fit the pack into --max-tokens {limit:,}; raise it or narrow the paths")
+        raise BudgetError(f"could not fit the pack into --max-tokens {limit:,}; raise it or narrow the paths")
     wider = limit - len(fit[0][1])
     for _ in range(4):
         if wider <= room:

@@ -23,6 +23,10 @@ class PackError(ValueError):
     """A user error while packing (missing path, nothing to pack, budget too small); one-line message."""
 
 
+class BudgetError(PackError):
+    """The token budget cannot hold even the smallest form of any file (the message names --max-tokens)."""
+
+
 @dataclass(frozen=True)
 class PackOptions:
     """How to pack. Each field maps one-to-one onto a flag of `moba-ask pack`.
