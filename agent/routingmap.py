@@ -3,14 +3,15 @@
 HTML (needs nothing): one self-contained page (no script, no network) titled by the question and the
 run (model, attention), with a legend, the answer's citations strongest first, and a heat map of routed
 blocks (rows, grouped by file, strongest file first, each with its line range) x layers (columns);
-stronger cells are darker. Every label is escaped. PNG needs matplotlib (optional): the bare blocks x
-layers matrix. Drawn from an answer's routing counts (`agent.citations.RoutingCounts`); knows no
-models, recorders or sessions.
+stronger cells are darker. Every label is escaped (file names also for control characters and bidi
+overrides). PNG needs matplotlib (optional): the bare blocks x layers matrix. Drawn from an answer's
+routing counts (`agent.citations.RoutingCounts`); knows no models, recorders or sessions.
 """
 
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 
 LEVELS = 8  # shades of the heat map; level k of LEVELS covers counts up to k/LEVELS of the peak
 PROMPT = "(prompt: question and answer)"
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ def _legend(peak: int) -> str:
 def _citations(citations: Sequence) -> str:
     if not citations:
         return ""
-    items = "".join(f'<li><span class="cite">{_esc(f"{c.path}:{_lines(c.start_line, c.end_line)}")}</span>'
+    items = "".join(f'<li><span class="cite">{_esc_name(c.path)}:{_lines(c.start_line, c.end_line)}</span>'
                     f' <span class="score">{c.score:.0%} {_esc(c.source)}</span></li>' for c in citations)
     return f'<section class="cites"><h2>Citations, strongest first</h2><ol>{items}</ol></section>'
 
@@ -127,7 +129,7 @@ def _table(groups: list[tuple[str, list[BlockRow]]], layers: list[int], peak: in
     body = []
     for path, rows in groups:
         total = sum(r.total for r in rows)
-        body.append(f'<tbody><tr class="file"><th colspan="{width}"><div><span class="path">{_esc(path)}</span>'
+        body.append(f'<tbody><tr class="file"><th colspan="{width}"><div><span class="path">{_esc_name(path)}</span>'
                     f' <span class="n">{len(rows)} block{"s" * (len(rows) != 1)}, {total} routings</span></div></th></tr>')
         body.extend(_row(r, path == PROMPT, peak) for r in rows)
         body.append("</tbody>")
@@ -151,7 +153,14 @@ def _lines(first: int, last: int) -> str:
 
 
 def _esc(text: str) -> str:
-    return html.escape(text, quote=True)
+    """text for HTML, undecodable bytes (surrogates) shown as \\udcNN rather than failing to encode."""
+    return html.escape(text.encode("utf-8", "backslashreplace").decode("utf-8"), quote=True)
+
+
+def _esc_name(path: str) -> str:
+    """A file name for HTML, its control characters, bidi overrides and undecodable bytes shown escaped as
+    the pack shows them (`\\n`, `\\u202e`, `\\udcff`); names that come escaped already stay as they are."""
+    return html.escape(_UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), path), quote=True)
 
 
 def _shades() -> str:

@@ -18,13 +18,15 @@ import pytest
 from agent.citations import Citation, RoutingCounts
 from agent.routingmap import LEVELS, PROMPT, write_routing_map
 
-HOSTILE = 'evil/<img src=x onerror="window.pwned=1">&amp;\'"<script>window.pwned=2</script>.py'
+MARKUP = 'evil/<img src=x onerror="window.pwned=1">&amp;\'"<script>window.pwned=2</script>'
+HOSTILE = MARKUP + "\u202egnp.\udcff\n.py"
+SHOWN = MARKUP + "\\u202egnp.\\udcff\\n.py"  # bidi override, undecodable byte and newline shown escaped
 ROUTING = RoutingCounts(
     per_layer={0: {3: 9, 5: 1, 7: 2}, 1: {3: 4, 7: 6, 8: 1}, 2: {5: 3, 8: 7}},
     spans={3: [("src/settings.py", 1, 14)], 5: [("src/settings.py", 15, 30), (HOSTILE, 1, 6)],
            7: [(HOSTILE, 7, 40)], 8: []},
 )
-FILES = ["src/settings.py", HOSTILE, PROMPT]  # strongest first: 17, 12 and 8 routings
+FILES = ["src/settings.py", SHOWN, PROMPT]  # strongest first: 17, 12 and 8 routings
 BLOCKS = ["block 3: lines 1-14", "block 5: lines 15-30", "block 5: lines 1-6", "block 7: lines 7-40", "block 8"]
 CITES = [Citation(HOSTILE, 9, 12, 0.6, "routing"), Citation("src/settings.py", 4, 4, 0.4, "both")]
 QUESTION = "Where is <RETRY> set & read?"
@@ -133,7 +135,7 @@ def test_page_shows_every_routed_file_and_block_strongest_first(rendered):
     assert probe["files"] == FILES and probe["blocks"] == BLOCKS
     text = probe["text"]
     assert all(x in text for x in [QUESTION, "model tiny, moba attention", "darker is more", *FILES, *BLOCKS])
-    assert probe["cites"] == [f"{HOSTILE}:9-12", "src/settings.py:4"]
+    assert probe["cites"] == [f"{SHOWN}:9-12", "src/settings.py:4"]
     assert probe["title"].startswith(QUESTION)
 
 
