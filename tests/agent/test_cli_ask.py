@@ -155,6 +155,12 @@ def test_routing_map_png_without_matplotlib_is_refused_before_the_run(repo, fake
     assert fake.engines == [] and not (tmp_path / "map.png").exists()
 
 
+def test_question_with_undecodable_bytes_is_a_usage_error(repo, fake):
+    r = CliRunner().invoke(cli, [str(repo), os.fsdecode(b"where is \xff parsed?"), "--no-cache"])
+    assert_clean_error(r, 2, "the question is not valid UTF-8")
+    assert fake.engines == []
+
+
 def test_chat_transcript_reuses_the_context(repo, fake):
     fake.answers = ["It is 7391046.", "RETRY is 5."]
     script = "What is MAGIC_NUMBER?\n/citations\n/files\n/tokens\n/bogus\nAnd RETRY?\n/reset\n/tokens\n/exit\n"
