@@ -50,6 +50,9 @@ def ask(args, as_json, routing_map, absolute_paths, quiet, **kw):
     *paths, question = args
     if not question.strip():
         raise click.UsageError('the question is empty: moba-ask PATH "your question"')
+    if not _utf8(question):
+        raise click.UsageError("the question is not valid UTF-8 (the terminal sent other bytes): retype it in a UTF-8 "
+                               "terminal or set LANG to a UTF-8 locale")
     check_paths(paths)
     if routing_map:
         check_routing_map(routing_map)
@@ -67,18 +70,35 @@ def ask(args, as_json, routing_map, absolute_paths, quiet, **kw):
     if not quiet:
         print_notes(answer.notes)
     if routing_map:
-        from agent.parallel import leader
-        from agent.routingmap import write_routing_map
-
-        try:
-            if leader():  # every rank of a tensor-parallel run holds the same gathered routing; rank 0 writes it
-                write_routing_map(routing_map, answer.routing)
-        except OSError as e:
-            raise click.ClickException(f"cannot write the routing map {routing_map}: {e.strerror or e}") from None
+        write_map(routing_map, question, answer, session, absolute_paths)
     if as_json:
         click.echo(json.dumps(answer_json(answer, session), indent=1))
     elif not quiet:
         click.echo(stats_line(answer.stats), err=True)
+
+
+def write_map(path: str, question: str, answer, session, absolute: bool) -> None:
+    """The --routing-map page of `answer`, titled by the question and the run, paths as the citations show them."""
+    from agent.citations import display_path
+    from agent.parallel import leader
+    from agent.routingmap import relocated, write_routing_map
+
+    p = session.params
+    about = f"model {session.runtime.name}, {session.config.attention} attention, block {p.block_size}, top-k {p.top_k}"
+    routing = relocated(answer.routing, lambda x: display_path(x, session.pack.root, absolute))
+    try:
+        if leader():  # every rank of a tensor-parallel run holds the same gathered routing; rank 0 writes it
+            write_routing_map(path, routing, question=question, about=about, citations=answer.citations)
+    except OSError as e:
+        raise click.ClickException(f"cannot write the routing map {path}: {e.strerror or e}") from None
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes reach Python as lone surrogates
+        return False
+    return True
 
 
 def check_routing_map(path: str) -> None:

@@ -1,5 +1,6 @@
 """ask, chat and summarize through the real CLI with a fake runtime (canned tokens and routing)."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -130,15 +131,34 @@ def test_unknown_model_is_a_one_line_error(repo, monkeypatch, tmp_path):
     assert_clean_error(r, 1, "unknown model 'no-such-model'", "use a catalog name")
 
 
-def test_routing_map_html(repo, fake, tmp_path):
+def test_routing_map_html(repo, fake, tmp_path, monkeypatch):
+    """The page is titled by the question and the run, and names files as the citations do (from here)."""
+    monkeypatch.chdir(tmp_path)
     fake.answers = ["7391046"]
     out = tmp_path / "map.html"
-    r = run(repo, "q?", "--block-size", "64", "--routing-map", out, "--no-cache")
+    r = run(repo, "What is <MAGIC_NUMBER>?", "--block-size", "64", "--routing-map", out, "--no-cache")
     assert r.exit_code == 0
     page = out.read_text()
-    assert "src/settings.py:" in page and "layer 0" in page
+    assert "<h1>What is &lt;MAGIC_NUMBER&gt;?</h1>" in page and "model fake-model" in page and "block 64" in page
+    assert '<span class="path">repo/src/settings.py</span>' in page and "lines 1-" in page
+    assert '<li><span class="cite">repo/src/settings.py:4</span>' in page
+    assert "<script" not in page and "http" not in page  # self-contained: nothing runs, nothing is fetched
     bad = CliRunner().invoke(cli, [str(repo), "q?", "--routing-map", str(tmp_path / "m.txt"), "--no-cache"])
     assert_clean_error(bad, 1, "--routing-map must end in .html or .png", alone=False)
+
+
+def test_routing_map_png_without_matplotlib_is_refused_before_the_run(repo, fake, tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    r = CliRunner().invoke(cli, [str(repo), "q?", "--routing-map", str(tmp_path / "map.png"), "--no-cache"])
+    assert_clean_error(r, 1, "a PNG routing map needs matplotlib", "pip install matplotlib", "or use .html")
+    assert fake.engines == [] and not (tmp_path / "map.png").exists()
+
+
+def test_question_with_undecodable_bytes_is_a_usage_error(repo, fake):
+    r = CliRunner().invoke(cli, [str(repo), os.fsdecode(b"where is \xff parsed?"), "--no-cache"])
+    assert_clean_error(r, 2, "the question is not valid UTF-8")
+    assert fake.engines == []
 
 
 def test_chat_transcript_reuses_the_context(repo, fake):
