@@ -12,6 +12,7 @@ from agent.commands.common import (
     Progress,
     absolute_paths_option,
     check_paths,
+    check_utf8,
     check_writable,
     cli_errors,
     common_options,
@@ -50,9 +51,7 @@ def ask(args, as_json, routing_map, absolute_paths, quiet, **kw):
     *paths, question = args
     if not question.strip():
         raise click.UsageError('the question is empty: moba-ask PATH "your question"')
-    if not _utf8(question):
-        raise click.UsageError("the question is not valid UTF-8 (the terminal sent other bytes): retype it in a UTF-8 "
-                               "terminal or set LANG to a UTF-8 locale")
+    check_utf8(question, "the question")
     check_paths(paths)
     if routing_map:
         check_routing_map(routing_map)
@@ -91,14 +90,6 @@ def write_map(path: str, question: str, answer, session, absolute: bool) -> None
             write_routing_map(path, routing, question=question, about=about, citations=answer.citations)
     except OSError as e:
         raise click.ClickException(f"cannot write the routing map {path}: {e.strerror or e}") from None
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # undecodable bytes reach Python as lone surrogates
-        return False
-    return True
 
 
 def check_routing_map(path: str) -> None:

@@ -14,6 +14,7 @@ from agent.commands.common import (
     Progress,
     absolute_paths_option,
     check_paths,
+    check_utf8,
     cli_errors,
     common_options,
     for_display,
@@ -62,6 +63,11 @@ def chat(paths, absolute_paths, quiet, **kw):
             click.echo("", err=True)
             return
         if not line:
+            continue
+        try:
+            check_utf8(line, "the question")
+        except click.UsageError as e:
+            click.echo(f"Error: {e.message}", err=True)
             continue
         if line.startswith("/"):
             if _command(line, session, last, absolute_paths) == "exit":

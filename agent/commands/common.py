@@ -119,6 +119,16 @@ def check_head_weights(spec: str | None) -> str | None:
     return spec
 
 
+def check_utf8(text: str, what: str) -> None:
+    """UsageError when `text` (from argv or stdin) holds bytes that are not UTF-8: Python hands them over
+    as lone surrogates, which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise click.UsageError(f"{what} is not valid UTF-8 (the terminal sent other bytes): retype it in a UTF-8 "
+                               "terminal or set LANG to a UTF-8 locale") from None
+
+
 def check_paths(paths) -> None:
     """Fail early, before any model loads, on a path that does not exist."""
     if not paths:

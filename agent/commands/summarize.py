@@ -10,6 +10,7 @@ from agent.commands.common import (
     Progress,
     absolute_paths_option,
     check_paths,
+    check_utf8,
     cli_errors,
     common_options,
     for_display,
@@ -42,6 +43,7 @@ def summarize(paths, focus, as_json, absolute_paths, quiet, **kw):
       moba-ask summarize . --json > summary.json
     """
     check_paths(paths)
+    check_utf8(focus, "--focus")
     cfg, opts = make_config(kw)
     from agent import app
 

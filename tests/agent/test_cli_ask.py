@@ -305,3 +305,20 @@ def test_summarize_says_how_many_sections_cite_nothing(repo, fake):
     doc = json.loads(r.stdout)
     assert "2 of 3 section(s) of the summary cite no lines of the pack" in " ".join(doc["stats"]["notes"])
     assert "note: 2 of 3 section(s)" in r.stderr and any(p.endswith("src/settings.py") for p in doc["files"])
+
+
+def test_summarize_focus_with_undecodable_bytes_is_a_usage_error(repo, fake):
+    r = CliRunner().invoke(cli, ["summarize", str(repo), "--focus", os.fsdecode(b"risks \xff"), "--no-cache"])
+    assert_clean_error(r, 2, "--focus is not valid UTF-8")
+    assert fake.engines == []
+
+
+def test_check_utf8_refuses_lone_surrogates_only():
+    """What ask, summarize and each chat line go through: undecodable bytes (lone surrogates) are refused."""
+    import click as _click
+
+    from agent.commands.common import check_utf8
+
+    with pytest.raises(_click.UsageError, match="the question is not valid UTF-8"):
+        check_utf8(os.fsdecode(b"\xfe\xff"), "the question")
+    check_utf8("ordinary é question", "the question")
