@@ -4,9 +4,9 @@ Every ``nn.Linear`` becomes a :class:`QuantLinear` (int8 weight, one scale per o
 input embedding a :class:`QuantEmbedding` (int8 rows, one scale per row; a tied output layer shares its
 tensors, since a row of the embedding is an output channel of the head). Activations run in
 :func:`activation_dtype`: bf16 where the CPU computes it natively, else fp32. Decode (a few rows) runs
-torch's ``_weight_int8pack_mm`` kernel, which reads one byte per weight; prefill (many rows)
-dequantizes the layer to the activation dtype once per call and runs the dense GEMM, which is ~5x faster
-than that kernel at 512 rows on this project's CPU (bench/RESULTS.md, "Int8 weight-only matmul").
+torch's ``_weight_int8pack_mm`` kernel, which reads one byte per weight; prefill (many rows) casts the
+layer to the activation dtype once per call and runs the dense GEMM, several times faster than that
+kernel at 512 rows (bench/RESULTS.md, "Int8 weight-only matmul on the CPU"; bench/int8_matmul.py).
 
 A quantized directory holds ``config.json``, the tokenizer files, ``generation_config.json`` and
 ``model.int8.safetensors``. Knows nothing of where models come from (agent/pull.py), attention or prompts.
@@ -25,7 +25,7 @@ from agent.catalog import ModelError
 
 WEIGHTS_FILE = "model.int8.safetensors"
 FORMAT = "moba-ask-int8/1"
-KERNEL_MAX_ROWS = 16  # at most this many rows use the int8 kernel; more dequantize and use the dense GEMM
+KERNEL_MAX_ROWS = 32  # at most this many rows use the int8 kernel; more dequantize and use the dense GEMM
 _KERNEL_K_MULTIPLE = 16  # the int8 kernel returns garbage (or crashes) for other input widths
 
 
@@ -48,7 +48,7 @@ class QuantLinear(nn.Module):
         if rows.shape[0] <= KERNEL_MAX_ROWS and self.in_features % _KERNEL_K_MULTIPLE == 0:
             y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.qweight, self.scale)
         else:
-            y = F.linear(rows, self.qweight.to(x.dtype) * self.scale[:, None])
+            y = F.linear(rows, self.qweight.to(x.dtype)) * self.scale  # int8 -> bf16 is exact; scale the output
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
