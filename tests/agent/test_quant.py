@@ -157,3 +157,14 @@ def test_damaged_quantized_cache_is_a_one_line_error(tiny_gguf, tiny_q8, damage)
 def test_quantized_directory_on_cuda_is_refused(tiny_q8):
     with pytest.raises(load.ModelError, match="int8 weights for the CPU"):
         load.load_model(str(tiny_q8), device="cuda")
+
+
+@pytest.mark.parametrize("in_features", [30, 8, 36])
+def test_widths_the_int8_kernel_cannot_take_use_the_dense_path(in_features):
+    layer = quant.QuantLinear(in_features, 24, True, torch.bfloat16)
+    w = torch.randn(24, in_features)
+    layer.qweight, scale = quant._int8_rows(w)
+    layer.scale, layer.bias = scale.to(torch.bfloat16), nn.Parameter(torch.randn(24, dtype=torch.bfloat16), False)
+    x = torch.randn(1, 3, in_features, dtype=torch.bfloat16)
+    ref = x.float() @ (layer.qweight.float() * scale[:, None]).T + layer.bias.float()
+    assert layer(x).shape == (1, 3, 24) and rel_rms(layer(x), ref) < 0.02
