@@ -25,7 +25,7 @@ from agent.catalog import ModelError
 
 WEIGHTS_FILE = "model.int8.safetensors"
 FORMAT = "moba-ask-int8/1"
-KERNEL_MAX_ROWS = 32  # at most this many rows use the int8 kernel; more dequantize and use the dense GEMM
+KERNEL_MAX_ROWS = 32  # at most this many rows use the int8 kernel; more run the dense GEMM (crossover ~32-64 rows here)
 _KERNEL_K_MULTIPLE = 16  # the int8 kernel returns garbage (or crashes) for other input widths
 
 

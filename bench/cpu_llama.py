@@ -65,21 +65,36 @@ def _moba_child(gguf: str, tokens: int, decode: int, threads: int) -> dict:
 
 def _llama_child(gguf: str, tokens: int, decode: int, threads: int) -> dict:
     import llama_cpp
-    import numpy as np
 
+    _without_extra_buffers(llama_cpp)
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(model_path=gguf, n_ctx=tokens + decode + 8, n_threads=threads,
                           n_threads_batch=threads, verbose=False)
     load_s = time.perf_counter() - t0
+    ids = _ids(tokens + decode)
     t0 = time.perf_counter()
-    llm.eval(_ids(tokens))
+    llm.eval(ids[:tokens])
     prefill_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for _ in range(decode):
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    for tok in ids[tokens:]:  # one token per step, as decode; its speed does not depend on which token
+        llm.eval([tok])
     decode_s = time.perf_counter() - t0
     return {"load_s": load_s, "prefill_tok_s": tokens / prefill_s, "decode_tok_s": decode / decode_s,
             "llama_cpp": llama_cpp.__version__, "system_info": llama_cpp.llama_print_system_info().decode()}
+
+
+def _without_extra_buffers(llama_cpp) -> None:
+    """Load with use_extra_bufts off: llama-cpp-python 0.3.36 built natively here segfaults in
+    llama_decode on any batch of more than one token with its extra (AMX / repacked) weight buffers
+    (single tokens run); Llama() has no argument for it, so its default model params are patched."""
+    default = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama.llama_cpp.llama_model_default_params = params
 
 
 def _child(a) -> None:
