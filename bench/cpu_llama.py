@@ -194,7 +194,7 @@ def main() -> None:
                 if a.out:
                     with a.out.open("a") as f:
                         f.write(json.dumps({**r, "repeat": rep}) + "\n")
-    print(f"load (1/5/15 min) before each run: {', '.join(r['load'] for r in results)}")
+    print(f"uptime load (1/5/15 min) before each run: {'; '.join(r['load'] for r in results)}")
     print("\n".join(_table(results, a.contexts)))
 
 

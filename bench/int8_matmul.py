@@ -33,6 +33,13 @@ def _int4(w: torch.Tensor):
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
 
 
+def _cells(x, wd, w8, s, w4, z, reps: int) -> list[float]:
+    return [_ms(lambda: F.linear(x, wd), reps),
+            _ms(lambda: torch.ops.aten._weight_int8pack_mm(x, w8, s), reps),
+            _ms(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4, GROUP, z), reps),
+            _ms(lambda: F.linear(x, w8.to(x.dtype)) * s, reps)]
+
+
 def main() -> None:
     torch.manual_seed(0)
     w = torch.randn(N, K) * 0.02
@@ -43,11 +50,7 @@ def main() -> None:
     print("| rows | dtype | F.linear | int8pack_mm | int4pack_mm | int8 cast + F.linear x scale |\n|---|---|---|---|---|---|")
     for rows, reps in ((1, 50), (512, 5)):
         for dt in (torch.float32, torch.bfloat16):
-            x, wd, s, z = torch.randn(rows, K).to(dt), w.to(dt), s8.to(dt), sz.to(dt)
-            cells = [_ms(lambda: F.linear(x, wd), reps),
-                     _ms(lambda: torch.ops.aten._weight_int8pack_mm(x, w8, s), reps),
-                     _ms(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4, GROUP, z), reps),
-                     _ms(lambda: F.linear(x, w8.to(dt)) * s, reps)]
+            cells = _cells(torch.randn(rows, K).to(dt), w.to(dt), w8, s8.to(dt), w4, sz.to(dt), reps)
             print(f"| {rows} | {str(dt)[6:]} | " + " | ".join(f"{c:.1f} ms" for c in cells) + " |", flush=True)
     x = torch.randn(4, K)
     ref = F.linear(x, w)
