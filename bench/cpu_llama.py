@@ -135,7 +135,7 @@ def _interval(values: list[float], fmt: str) -> str:
 
 
 def _table(results: list[dict], contexts: list[int]) -> list[str]:
-    rows = ["| context | engine | prefill tok/s | decode tok/s | peak RSS MB | runs | ratio prefill / decode |",
+    rows = ["| context | engine | prefill tok/s | decode tok/s | peak RSS MiB | runs | ratio prefill / decode |",
             "|---|---|---|---|---|---|---|"]
     for n in contexts:
         med = {}
