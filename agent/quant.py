@@ -173,8 +173,8 @@ def _read_state(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 
 def _damaged(path: Path, why: str) -> QuantCacheError:
-    return QuantCacheError(f"the quantized model in {path} is unreadable ({why}): delete that directory "
-                           "and run again to rebuild it from the model's files")
+    return QuantCacheError(f"the quantized model in {path} is unreadable ({why}): delete that directory and "
+                           "run again (in moba-ask's model cache it is rebuilt from the model's files)")
 
 
 def _empty_weights():
