@@ -166,7 +166,7 @@ def _read_state(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         with safe_open(str(path / WEIGHTS_FILE), "pt") as f:
             if (f.metadata() or {}).get("format") != FORMAT:
                 raise _damaged(path, f"not {FORMAT}")
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iteration)
+            state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise _damaged(path, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from e
     return {k: v if v.dtype == torch.int8 else v.to(dtype) for k, v in state.items()}
