@@ -9,6 +9,8 @@ benchmark dependency only, built from source by pip) with its defaults and the s
 Runs are interleaved (for each repeat, for each context: moba-ask, then llama.cpp) and `uptime`'s load
 is recorded before each, since other work may share the cores; the table gives the median and the
 [min, max] over repeats.
+Needs `pip install llama-cpp-python` (compiles llama.cpp, ~30 min on 2 busy cores; never a runtime
+dependency of moba-ask).
 Run: python -m bench.cpu_llama --gguf /tmp/qwen.gguf --contexts 2048 4096 --repeats 3
 Knows nothing of packing, prompts or citations.
 """
