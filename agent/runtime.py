@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from agent import parallel
+from agent import parallel, quant
 from agent.cachefs import fingerprint
 from agent.config import AskConfig, SettingError, check_layers, params_for
 from agent.engine import Engine
@@ -86,6 +86,8 @@ def runtime_notes(config: AskConfig, model, info, device: str) -> list[str]:
     notes = []
     if config.device is None and device == "cpu":
         notes.append("device: no CUDA device found, running on the CPU (--device chooses)")
+    if getattr(info, "quantized", False):
+        notes.append(quant.note(info.dtype))
     windowed = sum(1 for m in model.modules() if hasattr(m, "layer_idx") and getattr(m, "sliding_window", None))
     if windowed:
         notes.append(f"{windowed} of {info.num_layers} attention layers have a sliding window: they keep it, "

