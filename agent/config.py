@@ -55,7 +55,8 @@ class AskConfig:
     no_cache: do not read or write the context cache.
     device: "cpu", "cuda", "cuda:1"... (None: cuda when available).
     chunk_size: prefill chunk (None: 1024 on CPU, 16384 on CUDA).
-    dtype: "float32", "bfloat16", "float16" (None: fp32 on CPU, bf16 on CUDA).
+    dtype: "float32", "bfloat16", "float16": full-precision weights (None: int8 weight-only on CPU with bf16
+        or fp32 activations, `agent.quant`; bf16 on CUDA).
     """
 
     model: str | None = None

@@ -27,6 +27,7 @@ WEIGHTS_FILE = "model.int8.safetensors"
 FORMAT = "moba-ask-int8/1"
 KERNEL_MAX_ROWS = 32  # at most this many rows use the int8 kernel; more run the dense GEMM (crossover ~32-64 rows here)
 _KERNEL_K_MULTIPLE = 16  # the int8 kernel returns garbage (or crashes) for other input widths
+ALIGN = 64  # bytes; the int8 kernel crashes on weights that start elsewhere (32 works, 4 and 28 crash)
 
 
 class QuantCacheError(ModelError):
@@ -169,7 +170,14 @@ def _read_state(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise _damaged(path, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from e
-    return {k: v if v.dtype == torch.int8 else v.to(dtype) for k, v in state.items()}
+    return {k: _aligned(v) if v.dtype == torch.int8 else v.to(dtype) for k, v in state.items()}
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its data sits on a 64-byte boundary, else an aligned copy: the int8 kernel
+    crashes (SIGSEGV) on weights at other addresses, and a memory-mapped tensor lands wherever the
+    file's header length puts it."""
+    return t if t.data_ptr() % ALIGN == 0 else t.clone()
 
 
 def _damaged(path: Path, why: str) -> QuantCacheError:

@@ -78,7 +78,8 @@ def common_options(fn: Callable) -> Callable:
         click.option("--device", help="cpu, cuda, cuda:1 ... [default: cuda when available]"),
         click.option("--chunk-size", type=click.IntRange(min=1), help="Prefill chunk (1024 CPU, 16384 CUDA)."),
         click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
-                     help="[default: float32 on CPU, bfloat16 on CUDA]"),
+                     help="Full-precision weights in this dtype. [default: int8 weights on CPU (bf16 activations where the CPU "
+                          "has bf16, else fp32), bfloat16 on CUDA]"),
         click.option("--include", multiple=True, metavar="GLOB", help="Only pack files matching GLOB."),
         click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out files matching GLOB."),
         click.option("--no-drop", is_flag=True, help="Fail instead of dropping files over the budget."),

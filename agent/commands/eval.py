@@ -57,7 +57,8 @@ PROGRESS_EVERY_S = 10.0  # questions take seconds each; one line per 10 s is eno
               help="Longest answer; generation also stops at the end-of-turn token.")
 @click.option("--device", help="cpu, cuda, cuda:1 ... [default: cuda when available]")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
-              help="[default: float32 on CPU, bfloat16 on CUDA]")
+              help="Full-precision weights in this dtype. [default: int8 weights on CPU (bf16 activations where the CPU "
+                          "has bf16, else fp32), bfloat16 on CUDA]")
 @click.option("--chunk-size", type=click.IntRange(min=1), help="Prefill chunk (1024 CPU, 16384 CUDA).")
 @click.option("--include", multiple=True, metavar="GLOB",
               help="Only pack files matching GLOB. [default: *.py, so that the context is code]")
