@@ -103,9 +103,11 @@ def _command(line: str, session, last, absolute: bool) -> str | None:
     if cmd == "/help":
         click.echo(HELP)
     elif cmd == "/files":
+        outlined = {o[0] for o in session.pack.outlined}
         for f in session.pack.files:
             path = display_path(f.path, session.pack.root, absolute)
-            click.echo(f"  {path:<60} {f.tokens:>8,} tokens  {f.lines:>6,} lines")
+            mark = "  (outline: signatures only)" if f.path in outlined else ""
+            click.echo(f"  {path:<60} {f.tokens:>8,} tokens  {f.lines:>6,} lines{mark}")
     elif cmd == "/tokens":
         used = session.engine.length
         click.echo(f"  context {session.context_len:,}  history {used - session.context_len:,}  "

@@ -322,3 +322,13 @@ def test_check_utf8_refuses_lone_surrogates_only():
     with pytest.raises(_click.UsageError, match="the question is not valid UTF-8"):
         check_utf8(os.fsdecode(b"\xfe\xff"), "the question")
     check_utf8("ordinary é question", "the question")
+
+
+def test_chat_files_marks_outlined_files(tmp_path, fake):
+    body = "".join(f"def step_{i}(x, y):\n    total = x + y * {i}\n    return total - {i}\n\n\n" for i in range(60))
+    root = write_tree(tmp_path / "big", {"core.py": body, "settings.py": SETTINGS})
+    r = run("chat", root, "--max-tokens", "2500", "--no-cache", input="/files\n/exit\n")
+    assert r.exit_code == 0, r.stderr
+    core = next(line for line in r.stdout.splitlines() if "core.py " in line)
+    settings = next(line for line in r.stdout.splitlines() if "settings.py " in line)
+    assert "(outline: signatures only)" in core and "outline" not in settings
