@@ -331,4 +331,4 @@ def test_chat_files_marks_outlined_files(tmp_path, fake):
     assert r.exit_code == 0, r.stderr
     core = next(line for line in r.stdout.splitlines() if "core.py " in line)
     settings = next(line for line in r.stdout.splitlines() if "settings.py " in line)
-    assert "(outline: signatures only)" in core and "outline" not in settings
+    assert core.endswith("(outline: signatures only)") and settings.endswith(" lines")
