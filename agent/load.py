@@ -15,7 +15,7 @@ from pathlib import Path
 
 from agent import quant
 from agent.catalog import ModelError, ModelRef, first_line, resolve
-from agent.pull import ensure, quiet_transformers
+from agent.pull import ensure, local_path, quiet_transformers
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def load_tokenizer(name: str):
     bare = _bare_file(name)
     if bare is not None:
         return _load_bare(bare)
-    path = ensure(name)
+    path = _tokenizer_dir(name)
     try:
         with quiet_transformers():
             tok = AutoTokenizer.from_pretrained(path)
@@ -59,6 +59,13 @@ def load_tokenizer(name: str):
     if not tok.is_fast:
         raise ModelError(f"model '{name}' has no fast tokenizer (tokenizer.json): pick another model")
     return tok
+
+
+def _tokenizer_dir(name: str) -> Path:
+    """A directory with the model's tokenizer: a form of the model already on disk (a model directory as
+    it is, never quantized just for its tokenizer), else the default form, pulled."""
+    ref = resolve(name)
+    return local_path(ref, quantized=True) or local_path(ref) or ensure(name)
 
 
 def _bare_file(name: str) -> Path | None:
@@ -97,7 +104,7 @@ def load_model(name: str, *, device="cpu", dtype=None, attn_implementation: str 
     if attn_implementation == "moba":
         _import_moba_hf()
     device = str(device)
-    path = ensure(name, quantized=quant.quantized_by_default(device, dtype))
+    path = ensure(name, quantized=quant.quantized_by_default(device, dtype) and not sharded)
     tok = load_tokenizer(str(path))
     if quant.is_quantized_dir(path):
         if device != "cpu":

@@ -122,7 +122,7 @@ def test_cli_on_two_ranks_answers_and_cites_as_one_process(tmp_path, monkeypatch
     model = save_model(tmp_path / "model")
     repo = planted_repo(tmp_path / "repo", modules=2, funcs=4)
     args = [str(repo), "Where is MAGIC_NUMBER defined?", "--json", "-m", str(model), "--device", "cpu",
-            "--block-size", "32", "--top-k", "3", "--max-new-tokens", "24", "--no-cache"]
+            "--block-size", "32", "--top-k", "3", "--max-new-tokens", "24", "--dtype", "float32", "--no-cache"]
     maps = tmp_path / "one.html", tmp_path / "two.html"
     one = json.loads(CliRunner().invoke(cli, [*args, "--routing-map", str(maps[0])], catch_exceptions=False).stdout)
     capfd.readouterr()

@@ -22,7 +22,7 @@ def ids_of(n: int, seed: int, vocab: int) -> list[int]:
 
 def run(model_dir: str) -> dict:
     cfg = AskConfig(model=model_dir, device="cpu", attention="moba", block_size=16, top_k=3, sink_blocks=1,
-                    dense_layers=(-1,), qa_policy="moba", chunk_size=64)
+                    dense_layers=(-1,), qa_policy="moba", chunk_size=64, dtype="float32")  # as the ranks load it
     rt = load_runtime(cfg)
     engine = rt.make_engine(CONTEXT + QUESTION + 2 * ANSWER)
     vocab = engine.config.vocab_size
