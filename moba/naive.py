@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from moba.types import Routing, check_inputs, clamp_blocks
+from moba.types import Routing, settled_blocks
 
 
 def naive_moba_attention(
@@ -26,9 +26,7 @@ def naive_moba_attention(
     gate_subblocks: int = 1,
 ):
     """Reference MoBA attention (`moba.types.MobaKernel`); `key_means` is ignored: the spec pools `k`."""
-    check_inputs(q, k, v, block_size, top_k, sink_blocks, local_blocks, gate_subblocks)
-    top_k, sink_blocks = clamp_blocks(k.shape[2], block_size, top_k, sink_blocks)
-    local_blocks = min(local_blocks, top_k - 1)
+    top_k, sink_blocks, local_blocks = settled_blocks(q, k, v, block_size, top_k, sink_blocks, local_blocks, gate_subblocks)
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     group = Hq // Hkv

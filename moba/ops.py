@@ -17,7 +17,7 @@ from moba.dense import covers_all_blocks, dense_attention
 from moba.naive import naive_moba_attention
 from moba.portable import portable_moba_attention
 from moba.routing import block_means, select_blocks
-from moba.types import MobaKernel, Routing, check_inputs, clamp_blocks
+from moba.types import MobaKernel, Routing, settled_blocks
 
 
 def _triton() -> MobaKernel:
@@ -64,9 +64,7 @@ def moba_attention(
     >>> moba_attention(q, k, v, block_size=64, top_k=2).shape
     torch.Size([1, 2, 300, 64])
     """
-    check_inputs(q, k, v, block_size, top_k, sink_blocks, local_blocks, gate_subblocks)
-    top_k, sink_blocks = clamp_blocks(k.shape[2], block_size, top_k, sink_blocks)
-    local_blocks = min(local_blocks, top_k - 1)
+    top_k, sink_blocks, local_blocks = settled_blocks(q, k, v, block_size, top_k, sink_blocks, local_blocks, gate_subblocks)
     if not return_routing and covers_all_blocks(k.shape[2], block_size, top_k, sink_blocks):
         return dense_attention(q, k, v, scale=scale)
     levers = dict(local_blocks=local_blocks, gate_subblocks=gate_subblocks)
@@ -89,10 +87,8 @@ def moba_routing(
 
     Used to show routing for layers that compute dense attention. Shapes as in `moba_attention`.
     """
-    check_inputs(q, k, k, block_size, top_k, sink_blocks, local_blocks, gate_subblocks)
+    top_k, sink_blocks, local_blocks = settled_blocks(q, k, k, block_size, top_k, sink_blocks, local_blocks, gate_subblocks)
     Tq, Tk = q.shape[2], k.shape[2]
-    top_k, sink_blocks = clamp_blocks(Tk, block_size, top_k, sink_blocks)
-    local_blocks = min(local_blocks, top_k - 1)
     cached = key_means is not None and gate_subblocks == 1
     means = key_means if cached else block_means(k, block_size, gate_subblocks)
     sel, sc = select_blocks(q, means, Tk - Tq, block_size=block_size, top_k=top_k, sink_blocks=sink_blocks,

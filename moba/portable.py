@@ -16,7 +16,7 @@ import torch
 
 from moba.dense import covers_all_blocks, dense_attention
 from moba.routing import block_means, select_blocks
-from moba.types import Routing, check_inputs, clamp_blocks
+from moba.types import Routing, settled_blocks
 
 _SCORE_BUDGET = 1 << 24  # fp32 elements one score tile may hold (64 MiB)
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -37,9 +37,7 @@ def portable_moba_attention(
     gate_subblocks: int = 1,
 ):
     """MoBA attention in plain PyTorch; arguments and result: `moba.types.MobaKernel`."""
-    check_inputs(q, k, v, block_size, top_k, sink_blocks, local_blocks, gate_subblocks)
-    top_k, sink_blocks = clamp_blocks(k.shape[2], block_size, top_k, sink_blocks)
-    local_blocks = min(local_blocks, top_k - 1)
+    top_k, sink_blocks, local_blocks = settled_blocks(q, k, v, block_size, top_k, sink_blocks, local_blocks, gate_subblocks)
     B, Hq, Tq, D = q.shape
     scale = D**-0.5 if scale is None else scale
     cached = key_means is not None and gate_subblocks == 1  # the cache keeps whole-block means only

@@ -95,6 +95,15 @@ class MobaKernel(Protocol):
     ) -> torch.Tensor | tuple[torch.Tensor, Routing]: ...
 
 
+def settled_blocks(q, k, v, block_size: int, top_k: int, sink_blocks: int, local_blocks: int = 0,
+                   gate_subblocks: int = 1) -> tuple[int, int, int]:
+    """Every kernel's preamble: `check_inputs`, then (top_k, sink_blocks, local_blocks) with top-k and sinks
+    capped at the key blocks (`clamp_blocks`) and the local blocks at the routed slots."""
+    check_inputs(q, k, v, block_size, top_k, sink_blocks, local_blocks, gate_subblocks)
+    top_k, sink_blocks = clamp_blocks(k.shape[2], block_size, top_k, sink_blocks)
+    return top_k, sink_blocks, min(local_blocks, top_k - 1)
+
+
 def clamp_blocks(Tk: int, block_size: int, top_k: int, sink_blocks: int) -> tuple[int, int]:
     """(top_k, sink_blocks) capped at the number of key blocks, ceil(Tk / block_size).
 

@@ -24,7 +24,7 @@ from moba.triton.attention import attend_tiles
 from moba.triton.csr import build_tiles
 from moba.triton.decode import attend_rows, key_splits, merge_partials, partials
 from moba.triton.routing import pool_means, route_chunk, split_means
-from moba.types import Routing, check_inputs, clamp_blocks
+from moba.types import Routing, settled_blocks
 
 PARTIAL_BUDGET = 7 << 28  # bytes of partials per query chunk: fewer chunks, fewer part-filled tiles
 DECODE_ROWS = 16  # at most this many query rows per KV head in a chunk: the split-K decode kernel
@@ -57,9 +57,7 @@ def triton_moba_attention(
     and the plain gate (local_blocks 0, gate_subblocks 1); anything else, or a scale <= 0, is
     computed by `moba.portable_moba_attention`.
     """
-    check_inputs(q, k, v, block_size, top_k, sink_blocks, local_blocks, gate_subblocks)
-    top_k, sink_blocks = clamp_blocks(k.shape[2], block_size, top_k, sink_blocks)
-    local_blocks = min(local_blocks, top_k - 1)
+    top_k, sink_blocks, local_blocks = settled_blocks(q, k, v, block_size, top_k, sink_blocks, local_blocks, gate_subblocks)
     plain_gate = local_blocks == 0 and gate_subblocks == 1
     if not plain_gate or not _supported(q, k, v) or (scale is not None and scale <= 0):
         return portable_moba_attention(
