@@ -55,9 +55,15 @@ def chromium():
     if getattr(os, "geteuid", lambda: 1)() != 0 or not shutil.which("apt-get"):
         pytest.skip("headless Chromium is not installed and this process cannot install it (needs root and "
                     "apt-get): run `apt-get install chromium` to render the routing map in a browser")
-    r = subprocess.run(["apt-get", "install", "-y", "-q", "-o", "DPkg::Lock::Timeout=300", "chromium"],
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, capture_output=True, text=True,
-                       timeout=1800)
+    def apt(*args):
+        return subprocess.run(["apt-get", *args, "-y", "-q", "-o", "DPkg::Lock::Timeout=300"],
+                              env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, capture_output=True,
+                              text=True, timeout=1800)
+
+    r = apt("install", "chromium")
+    if r.returncode:  # a fresh machine may have no package lists yet
+        apt("update")
+        r = apt("install", "chromium")
     found = shutil.which("chromium")
     if r.returncode or not found:
         tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
