@@ -75,22 +75,42 @@ def load_sharded(path: Path):
 
 
 def run(model, engine_cls, n: int, a, device: torch.device, collective: bool) -> dict:
-    """Prefill n random tokens (seeded by n) and greedy-decode a.decode tokens: times, peaks, logits, tokens."""
+    """Prefill n random tokens (seeded by n), then greedy-decode a.decode tokens on each decode path of
+    a.decode_paths from the same prefilled cache: times, peaks, logits, tokens (of the first path)."""
     _empty(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    engine = engine_cls(model, capacity=n + a.decode + 8, chunk_size=a.chunk, decode=a.decode_path)
+    paths = a.decode_paths.split(",")
+    engine = engine_cls(model, capacity=n + a.decode + 8, chunk_size=a.chunk, decode=paths[0])
     ids = torch.randint(0, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
     t0 = _now(device, collective)
     logits = engine.prefill(ids)
     t1 = _now(device, collective)
-    tokens = engine.generate(logits, Sampling(max_new_tokens=a.decode))
-    t2 = _now(device, collective)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-    row = dict(tokens=n, prefill_s=t1 - t0, decode_tok_s=len(tokens) / (t2 - t1), logits=logits.cpu(),
-               greedy=tokens, kv_gib=engine.kv_bytes() / 2**30, peaks=[peak])
+    row = dict(tokens=n, prefill_s=t1 - t0, logits=logits.cpu(), kv_gib=engine.kv_bytes() / 2**30, decode={})
+    for path in paths:
+        engine.truncate(n)
+        engine.decode = path
+        tokens, rate = _decode(engine, logits, a.decode, device, collective)
+        row["decode"][path] = rate
+        row.setdefault("greedy", tokens)
+    row["peaks"] = [torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0]
     del engine
     return row
+
+
+def _decode(engine, logits, n: int, device, collective: bool) -> tuple[list[int], float | str]:
+    """Greedy tokens and tok/s of one decode path (a captured path's first token includes its capture, so
+    the rate is over the tokens after the first); the error, one line, where the path fails."""
+    stamps = []
+    try:
+        t0 = _now(device, collective)
+        tokens = engine.generate(logits, Sampling(max_new_tokens=n),
+                                 on_token=lambda tok: stamps.append(_now(device, False)) and False)
+        t1 = _now(device, collective)
+    except (RuntimeError, ValueError) as e:
+        return [], f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    timed = len(stamps) - 1
+    return tokens, (timed / (t1 - stamps[0]) if timed > 0 else len(tokens) / (t1 - t0))
 
 
 def _now(device: torch.device, collective: bool) -> float:
@@ -138,8 +158,9 @@ def _short(a):
 
 def report(label: str, ranks: int, r: dict) -> None:
     peaks = " / ".join(f"{p:.1f}" for p in r["peaks"])
+    decode = " / ".join(f"{path} {v:.1f}" if isinstance(v, float) else f"{path} {v}" for path, v in r["decode"].items())
     print(f"| {label} | {ranks} | {r['tokens']:,} | {r['prefill_s']:.1f} | {r['tokens'] / r['prefill_s']:,.0f} | "
-          f"{r['kv_gib']:.1f} | {peaks} | {r['decode_tok_s']:.1f} |", flush=True)
+          f"{r['kv_gib']:.1f} | {peaks} | {decode} |", flush=True)
 
 
 def agreement(one: dict, many: dict) -> str:
@@ -164,7 +185,9 @@ def main() -> None:
     p.add_argument("--sink-blocks", type=int, default=1)
     p.add_argument("--chunk", type=int, default=16384)
     p.add_argument("--decode", type=int, default=32)
-    p.add_argument("--decode-path", choices=["dynamic", "static", "graph"], default="dynamic")
+    p.add_argument("--decode-paths", default=None,
+                   help="comma list of decode paths timed from the same prefill (default: dynamic,graph on CUDA, "
+                        "dynamic,static on the CPU); the first one's tokens are compared")
     a = p.parse_args()
     if parallel.world() is None:
         sys.exit(parallel.launch(a.gpus, ["-m", "bench.tp_gpu", *sys.argv[1:]]))
@@ -173,11 +196,12 @@ def main() -> None:
     if a.case == "tiny":
         a.block_size, a.chunk, a.decode = min(a.block_size, 64), min(a.chunk, 1024), min(a.decode, 8)
     device = _join()
+    a.decode_paths = a.decode_paths or ("dynamic,graph" if device.type == "cuda" else "dynamic,static")
     path = checkpoint(name, shape, a.weights, a.tokens, device)
     if dist.get_rank() == 0:
         gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (gloo)"
         print(f"{a.case}: {gpu} x {dist.get_world_size()}, torch {torch.__version__}; MoBA {a.block_size}/{a.top_k}/"
-              f"sink{a.sink_blocks}, chunk {a.chunk}, decode {a.decode} tokens ({a.decode_path})\n"
+              f"sink{a.sink_blocks}, chunk {a.chunk}, decode {a.decode} tokens ({a.decode_paths})\n"
               "| shape | GPUs | tokens | prefill s | tok/s | KV GiB per GPU | peak GiB per GPU | decode tok/s |\n"
               "|---|---|---|---|---|---|---|---|", flush=True)
     one = one_gpu_row(path, a, device) if a.case in ("scaling", "tiny") else None

@@ -19,6 +19,7 @@ from agent.engine import MemoryBudgetError
 from agent.evaluate import report as rep
 from agent.evaluate import runner
 from agent.evaluate.configs import parse_specs
+from agent.evaluate.evidence import EvidenceLog
 from agent.evaluate.tasks import KINDS, TaskError, build_workspace
 from moba.hf import QA_POLICIES
 
@@ -67,8 +68,12 @@ PROGRESS_EVERY_S = 10.0  # questions take seconds each; one line per 10 s is eno
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
               help="Also write the JSON document to FILE, rewritten after each repository and size is done "
                    "(meta.complete is false until the end), so that a run cut short keeps what it measured.")
+@click.option("--evidence", type=click.Path(dir_okay=False, writable=True), metavar="FILE.npz",
+              help="Also save each MoBA answer's routing evidence (citation score per key block, key mass per "
+                   "token) and the source maps, rewritten after each repository and size, so that citation "
+                   "settings can be re-scored without the model (python -m bench.cite_rescore).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or notes on stderr.")
-def eval_cmd(paths, n_tasks, sizes, seed, configs, as_json, output, quiet, include, exclude, **kw):
+def eval_cmd(paths, n_tasks, sizes, seed, configs, as_json, output, quiet, include, exclude, evidence, **kw):
     """Score answers and citations on questions built from the Python repositories REPO ...
 
     Functions with docstrings are picked evenly through each packed context; their docstrings are
@@ -89,6 +94,10 @@ def eval_cmd(paths, n_tasks, sizes, seed, configs, as_json, output, quiet, inclu
     common.check_paths(list(paths))
     if output:
         common.check_writable(output, "-o")
+    if evidence:
+        common.check_writable(evidence, "--evidence")
+        if not evidence.endswith(".npz"):
+            raise click.UsageError(f"--evidence must name a .npz file, got {evidence}")
     for path in paths:
         if not os.path.isdir(path):
             raise click.UsageError(f"REPO must be a directory (a repository), got the file {path}")
@@ -105,7 +114,7 @@ def eval_cmd(paths, n_tasks, sizes, seed, configs, as_json, output, quiet, inclu
         _check_fit(rt, cfg, size)
     units = _units(list(paths), budgets, rt, ui, n_tasks, seed, include, exclude)
     try:
-        doc = _run(rt, units, cfg, specs, seed, ui, output)
+        doc = _run(rt, units, cfg, specs, seed, ui, output, evidence)
     except (MemoryBudgetError, SettingError) as e:
         raise click.ClickException(str(e)) from None
     if as_json:
@@ -114,20 +123,25 @@ def eval_cmd(paths, n_tasks, sizes, seed, configs, as_json, output, quiet, inclu
         click.echo(rep.to_markdown(doc), nl=False)
 
 
-def _run(rt, units, cfg: AskConfig, specs, seed: int, ui, output: str | None) -> dict:
-    """Ask everything; the document, also written to `output` after each unit and at the end."""
+def _run(rt, units, cfg: AskConfig, specs, seed: int, ui, output: str | None, evidence: str | None = None) -> dict:
+    """Ask everything; the document, also written to `output` (and the evidence to `evidence`) after each
+    unit and at the end."""
     meta = dict(model=rt.name, configs=[_config_meta(s, cfg) for s in specs], repos=[_unit_meta(u) for u in units],
                 max_new_tokens=cfg.max_new_tokens, head_weights=cfg.head_weights or "shipped")
     names = [s.name for s in specs]
+
+    log = EvidenceLog() if evidence else None
 
     def save(tasks, timings, complete=False):
         doc = rep.build(tasks, timings, names, dict(meta, complete=complete), seed)
         if output:
             common.write_json(output, doc)
+        if log:
+            log.save(evidence)
         return doc
 
     tasks, timings = runner.run(rt, units, cfg, specs, seed=seed, open_session=ui.prefill,
-                                on_task=_QuestionLog(ui), on_unit=save)
+                                on_task=_QuestionLog(ui), on_unit=save, keep=log and log.keep)
     return save(tasks, timings, complete=True)
 
 

@@ -35,21 +35,23 @@ class Unit:
 def run(runtime, units: list[Unit], base: AskConfig, specs: list[ConfigSpec], *, seed: int,
         open_session: Callable[[Session], None] | None = None,
         on_task: Callable[[Unit, str, int, int], None] | None = None,
-        on_unit: Callable[[list[dict], list[dict]], None] | None = None) -> tuple[list[dict], list[dict]]:
+        on_unit: Callable[[list[dict], list[dict]], None] | None = None,
+        keep: Callable | None = None) -> tuple[list[dict], list[dict]]:
     """Ask every task of every unit under each config.
 
     Returns (tasks, timings): one entry per task (its gold, baselines and per-config results) and one
     per (unit, config) with prefill and question seconds. open_session(session) prefills (default
     session.open()); on_task(unit, config, done, total) reports progress; on_unit(tasks, timings) gets
-    the results so far each time a unit is done under every config. A runtime without `retune` (a
-    test double) keeps its own settings.
+    the results so far each time a unit is done under every config; keep(repo, context_tokens, config,
+    task id, session, answer) sees every answer (`evidence.EvidenceLog.keep`). A runtime without `retune`
+    (a test double) keeps its own settings.
     """
     tasks, timings = [], []
     for unit in units:
         base_rows = task_baselines(unit.ws.texts, unit.ws.tasks, seed)
         results: dict[str, dict[str, dict]] = {t.id: {} for t in unit.ws.tasks}
         for spec in specs:
-            rows, timing = _run_config(runtime, unit, spec.apply(base), spec.name, open_session, on_task)
+            rows, timing = _run_config(runtime, unit, spec.apply(base), spec.name, open_session, on_task, keep)
             timings.append(dict(repo=unit.repo, context_tokens=unit.context_tokens, config=spec.name, **timing))
             for t, row in zip(unit.ws.tasks, rows):
                 results[t.id][spec.name] = row
@@ -59,7 +61,8 @@ def run(runtime, units: list[Unit], base: AskConfig, specs: list[ConfigSpec], *,
     return tasks, timings
 
 
-def _run_config(runtime, unit: Unit, cfg: AskConfig, name: str, open_session, on_task) -> tuple[list, dict]:
+def _run_config(runtime, unit: Unit, cfg: AskConfig, name: str, open_session, on_task,
+                keep=None) -> tuple[list, dict]:
     """Re-tune, prefill once, ask every task; (result rows in task order, timing)."""
     if getattr(runtime, "retune", None):
         runtime.retune(cfg)
@@ -71,7 +74,8 @@ def _run_config(runtime, unit: Unit, cfg: AskConfig, name: str, open_session, on
     for i, task in enumerate(ws.tasks):
         if on_task:
             on_task(unit, name, i, len(ws.tasks))
-        rows.append(_ask(session, task, ws, needles))
+        rows.append(_ask(session, task, ws, needles,
+                         keep and (lambda s, a, t=task: keep(unit.repo, unit.context_tokens, name, t.id, s, a))))
     if on_task:
         on_task(unit, name, len(ws.tasks), len(ws.tasks))
     timing = dict(prefill_s=session.stats["prefill_s"], questions_s=round(time.perf_counter() - t0, 2),
@@ -79,11 +83,13 @@ def _run_config(runtime, unit: Unit, cfg: AskConfig, name: str, open_session, on
     return rows, timing
 
 
-def _ask(session: Session, task: Task, ws: Workspace, needles: list[str]) -> dict:
+def _ask(session: Session, task: Task, ws: Workspace, needles: list[str], keep=None) -> dict:
     session.reset()
     t0 = time.perf_counter()
     answer = session.ask(task.question)
     seconds = time.perf_counter() - t0
+    if keep:
+        keep(session, answer)
     out = score_answer(task, answer.text, answer.citations, ws, needles)
     out.update(answer=answer.text, citations=[c.to_dict() for c in answer.citations],
                seconds=round(seconds, 2), answer_tokens=len(answer.tokens))
@@ -106,14 +112,19 @@ def score_answer(task: Task, text: str, citations, ws: Workspace, needles: list[
         refs = cit.from_text(text, ws.pack.source_map)
         exact = any(c.path == task.path and c.start_line <= task.start_line <= c.end_line for c in refs)
     passed, bleu = scoring.repoqa_pass(text, task.code, needles) if task.kind == FUNCTION else (None, None)
-    routed = [c for c in citations if c.source != cit.TEXT]
-    overlaps = [scoring.overlaps(c, task.path, task.start_line, task.end_line) for c in routed[:3]]
-    precision, recall = scoring.line_scores(citations, task.path, task.start_line, task.end_line)
     return dict(answer_exact=exact, repoqa_pass=passed, bleu=None if bleu is None else round(bleu, 4),
-                rank=scoring.gold_rank(citations, task.path), routing_rank=scoring.gold_rank(routed, task.path),
+                **citation_scores(citations, task.path, task.start_line, task.end_line, ws.pack.source_map))
+
+
+def citation_scores(citations, path: str, start: int, end: int, source_map) -> dict:
+    """The citation part of `score_answer` for gold lines start..end of `path`."""
+    routed = [c for c in citations if c.source != cit.TEXT]
+    overlaps = [scoring.overlaps(c, path, start, end) for c in routed[:3]]
+    precision, recall = scoring.line_scores(citations, path, start, end)
+    return dict(rank=scoring.gold_rank(citations, path), routing_rank=scoring.gold_rank(routed, path),
                 top1_cite=overlaps[:1] == [True], top3_cite=any(overlaps),
                 line_precision=round(precision, 4), line_recall=round(recall, 4),
-                bogus=scoring.bogus_count(citations, ws.pack.source_map))
+                bogus=scoring.bogus_count(citations, source_map))
 
 
 def _task_entry(unit: Unit, t: Task, baseline: dict, results: dict[str, dict]) -> dict:

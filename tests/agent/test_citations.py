@@ -1,5 +1,6 @@
 """Citations from routing and from answer text, on a fixture source map built by ingest."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +11,7 @@ from agent.citations import (
     TEXT,
     Citation,
     candidate_blocks,
+    cite_blocks,
     combine,
     file_strengths,
     from_routing,
@@ -184,3 +186,40 @@ def test_routing_counts_leave_out_forced_blocks_as_routed_blocks_does(pk):
     mat, layers, labels, ids = routing_matrix(counts)
     assert ids == [lo // BS] and layers == [0] and mat.tolist() == [[2 * n]]
     assert labels[0].startswith("pkg/core.py:")
+
+
+def _block_with_lines(smap, path, lines, heavy, bs=BS):
+    """Scores that pick the block of path:lines[0], and key mass `heavy[i]` on each of `lines`."""
+    lo = smap.line_tokens(path, lines[0])[0]
+    scores = np.zeros(smap.total // bs + 1)
+    scores[lo // bs] = 1.0
+    mass = np.full(smap.total, 0.01)
+    for ln, m in zip(lines, heavy):
+        a, b = smap.line_tokens(path, ln)
+        mass[a:b] += m
+    return scores, mass
+
+
+def test_line_floor_keeps_only_lines_near_the_strongest(pk):
+    smap = pk.source_map
+    bs = 4 * BS  # a block of a dozen lines, most of them at the baseline
+    block = smap.line_tokens("pkg/util.py", 20)[0] // bs
+    a, b, c = [ln for ln in range(10, 40) if smap.line_tokens("pkg/util.py", ln)[0] // bs == block][:3]
+    scores, mass = _block_with_lines(smap, "pkg/util.py", [a, b, c], heavy=[4.0, 2.0, 0.5], bs=bs)
+    every = cite_blocks(scores, mass, smap, block_size=bs)
+    strong = cite_blocks(scores, mass, smap, block_size=bs, line_floor=0.4)
+    top = cite_blocks(scores, mass, smap, block_size=bs, line_floor=0.9)
+    cited = [{ln for x in cites for ln in range(x.start_line, x.end_line + 1)} for cites in (every, strong, top)]
+    assert cited == [{a, b, c}, {a, b}, {a}]
+
+
+def test_keep_share_drops_weak_ranges_and_the_defaults_keep_them(pk):
+    smap = pk.source_map
+    scores, mass = _block_with_lines(smap, "pkg/util.py", [20], heavy=[4.0])
+    other = smap.line_tokens("pkg/core.py", 40)[0]
+    scores[other // BS] = 0.05
+    mass[other: other + 2] += 4.0
+    both = cite_blocks(scores, mass, smap, block_size=BS)
+    strongest = cite_blocks(scores, mass, smap, block_size=BS, keep_share=0.2)
+    assert [c.path for c in both] == ["pkg/util.py", "pkg/core.py"]
+    assert [c.path for c in strongest] == ["pkg/util.py"] and strongest[0] == both[0]

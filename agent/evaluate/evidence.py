@@ -1,0 +1,97 @@
+"""The routing evidence behind each MoBA answer of an evaluation, kept so that citations can be re-scored
+offline (bench/cite_rescore.py) without the model: per answer, the citation score of every key block
+(`agent.citations.evidence_scores`) and the head-weighted key mass per token; per repository, size and
+config, the session's source map (its arrays) and the block settings.
+
+Saved as one compressed .npz: key "u{i}/..." for unit i's source map and settings, "u{i}/{task id}/scores"
+and ".../mass" per answer; "index" is a JSON list of the units (repo, context tokens, config, task ids).
+The key mass is stored as float16 (it only ranks lines). Dense configs keep nothing: their citations do
+not come from MoBA routing. Knows no model and no terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from agent import citations as cit
+from ingest.sourcemap import SourceMap
+
+_SMAP_ARRAYS = ("starts", "file_idx", "line", "first_mark", "n_lines")
+
+
+@dataclass
+class UnitEvidence:
+    """One repository at one size under one config: its source map, settings and per-task evidence."""
+
+    repo: str
+    context_tokens: int
+    config: str
+    block_size: int
+    sink_blocks: int
+    smap: SourceMap
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+    mass: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class EvidenceLog:
+    """Collects UnitEvidence as an evaluation runs; `save` writes them all (atomically)."""
+
+    def __init__(self) -> None:
+        self.units: list[UnitEvidence] = []
+
+    def keep(self, repo: str, context_tokens: int, config: str, task_id: str, session, answer) -> None:
+        """Record one answer of `session` (its recorder must hold per-head evidence); dense answers are skipped."""
+        if session.config.attention == "dense" or answer.recorder is None:
+            return
+        p = session.params
+        u = self.units[-1] if self.units else None
+        if u is None or (u.repo, u.context_tokens, u.config) != (repo, context_tokens, config):
+            u = UnitEvidence(repo, context_tokens, config, p.block_size, p.sink_blocks, session.smap)
+            self.units.append(u)
+        hw = session.head_weights
+        u.scores[task_id] = cit.evidence_scores(answer.recorder, session.smap, block_size=p.block_size,
+                                                sink_blocks=p.sink_blocks, weights=hw and hw.matrix(),
+                                                signal=hw.signal if hw else cit.MASS)
+        u.mass[task_id] = answer.recorder.key_mass.numpy().astype(np.float16)
+
+    def save(self, path: str) -> None:
+        arrays: dict[str, np.ndarray] = {}
+        index = []
+        for i, u in enumerate(self.units):
+            index.append(dict(repo=u.repo, context_tokens=u.context_tokens, config=u.config, block_size=u.block_size,
+                              sink_blocks=u.sink_blocks, paths=list(u.smap.paths), tasks=list(u.scores)))
+            for name in _SMAP_ARRAYS:
+                arrays[f"u{i}/{name}"] = getattr(u.smap, name)
+            for tid in u.scores:
+                arrays[f"u{i}/{tid}/scores"] = u.scores[tid]
+                arrays[f"u{i}/{tid}/mass"] = u.mass[tid]
+        arrays["index"] = np.array(json.dumps(index))
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".npz")
+        os.close(fd)
+        try:
+            np.savez_compressed(tmp, **arrays)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def load(path: str) -> list[UnitEvidence]:
+    """The units an `EvidenceLog.save` wrote."""
+    with np.load(path) as z:
+        out = []
+        for i, meta in enumerate(json.loads(str(z["index"]))):
+            smap = SourceMap(*(z[f"u{i}/{n}"] for n in _SMAP_ARRAYS[:3]), tuple(meta["paths"]),
+                             *(z[f"u{i}/{n}"] for n in _SMAP_ARRAYS[3:]))
+            u = UnitEvidence(meta["repo"], meta["context_tokens"], meta["config"], meta["block_size"],
+                             meta["sink_blocks"], smap)
+            for tid in meta["tasks"]:
+                u.scores[tid] = z[f"u{i}/{tid}/scores"]
+                u.mass[tid] = z[f"u{i}/{tid}/mass"].astype(np.float32)
+            out.append(u)
+    return out
