@@ -45,10 +45,10 @@ class Citation:
 
 def from_routing(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: int,
                  top_n: int = 8, max_lines: int = 24, weights: torch.Tensor | None = None,
-                 signal: str = MASS) -> list[Citation]:
+                 signal: str = MASS, keep_share: float | None = None) -> list[Citation]:
     """Ranked citations from a recorder's routing over a source map in absolute token positions.
 
-    With per-head evidence in the recorder, see `from_evidence` (weights, signal). Otherwise:
+    With per-head evidence in the recorder, see `from_evidence` (weights, signal, keep_share). Otherwise:
     Candidates are the blocks the recorded queries attended (routed and own), sink blocks
     excluded: they are attended by rule, not chosen. Each candidate block is narrowed to its lines
     whose attention mass stands out from the block's typical line (mass minus the block's median
@@ -58,7 +58,7 @@ def from_routing(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: in
     """
     if rec.head_mass:
         return from_evidence(rec, smap, block_size=block_size, sink_blocks=sink_blocks, top_n=top_n,
-                             max_lines=max_lines, weights=weights, signal=signal)
+                             max_lines=max_lines, weights=weights, signal=signal, keep_share=keep_share)
     if not rec.key_mass.numel():
         return _whole_blocks(rec, smap, block_size, sink_blocks, top_n)
     blocks = [b for b in attended_blocks(rec) if b >= sink_blocks]
@@ -72,11 +72,14 @@ def from_routing(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: in
 
 
 def from_evidence(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: int, top_n: int = 8,
-                  max_lines: int = 24, weights: torch.Tensor | None = None, signal: str = MASS) -> list[Citation]:
+                  max_lines: int = 24, weights: torch.Tensor | None = None, signal: str = MASS,
+                  keep_share: float | None = None) -> list[Citation]:
     """Ranked citations from per-head evidence: `cite_blocks` over the recorder's `evidence_scores` and
-    its (head-weighted) key mass."""
+    its (head-weighted) key mass (keep_share None: cite_blocks' default)."""
     scores = evidence_scores(rec, smap, block_size=block_size, sink_blocks=sink_blocks, weights=weights, signal=signal)
-    return cite_blocks(scores, rec.key_mass.numpy(), smap, block_size=block_size, top_n=top_n, max_lines=max_lines)
+    kept = {} if keep_share is None else {"keep_share": keep_share}
+    return cite_blocks(scores, rec.key_mass.numpy(), smap, block_size=block_size, top_n=top_n, max_lines=max_lines,
+                       **kept)
 
 
 def evidence_scores(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: int,
@@ -86,8 +89,11 @@ def evidence_scores(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks:
     return block_scores(ev, weights, candidate_blocks(smap, ev.shape[-1], block_size, sink_blocks))
 
 
+KEEP_SHARE = 0.3  # ranges under 0.3 x the strongest are dropped: +0.06-0.08 line precision (bench/RESULTS.md)
+
+
 def cite_blocks(scores: np.ndarray, mass: np.ndarray, smap, *, block_size: int, top_n: int = 8,
-                max_lines: int = 24, line_floor: float = 0.0, keep_share: float = 0.0) -> list[Citation]:
+                max_lines: int = 24, line_floor: float = 0.0, keep_share: float = KEEP_SHARE) -> list[Citation]:
     """The `top_n` blocks by `scores`, each narrowed to its lines whose key mass (`mass` [Tk]) stands out
     from the block's median line by at least `line_floor` times the block's most outstanding line, at most
     `max_lines` lines a block, merged into ranges; ranges scoring under `keep_share` times the best one are
@@ -265,7 +271,7 @@ def file_strengths(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: 
     """Share of the stand-out routed attention per file (sums to 1 over files that got any)."""
     out: dict[str, float] = {}
     for c in from_routing(rec, smap, block_size=block_size, sink_blocks=sink_blocks, top_n=10**9,
-                          max_lines=10**9, weights=weights, signal=signal):
+                          max_lines=10**9, weights=weights, signal=signal, keep_share=0.0):
         out[c.path] = out.get(c.path, 0.0) + c.score
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 

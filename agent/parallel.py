@@ -157,10 +157,11 @@ class ParallelEngine(Engine):
     Rank 0 picks each token (greedy or sampled) and broadcasts it, and its `on_token` answer (stop or go)
     too, so the ranks never diverge. After `generate`, the active routing recorder holds every head's
     evidence (`gather_evidence`). The KV cache holds this rank's KV heads only (`kv_heads`).
-    decode: "dynamic" by default; the static and CUDA-graph paths are not verified over sharded weights.
+    decode: as Engine's ("auto": a CUDA graph per rank on GPUs, its all-reduces captured with it; measured
+    on 2 x H200 in bench/RESULTS.md, bench/tp_gpu.py).
     """
 
-    def __init__(self, model, capacity: int, chunk_size: int | None = None, decode: str = "dynamic",
+    def __init__(self, model, capacity: int, chunk_size: int | None = None, decode: str = "auto",
                  params: MobaParams | None = None):
         super().__init__(model, capacity, chunk_size, decode, params)
         self.kv_heads //= dist.get_world_size()
@@ -232,8 +233,8 @@ def notes(w: World | None, device: str) -> list[str]:
     if w is None:
         return []
     where = f"{w.size} GPUs" if device.startswith("cuda") else f"{w.size} CPU processes"
-    return [f"tensor parallel over {where}: each rank holds 1/{w.size} of the query and KV heads; decode runs the "
-            "dynamic path (no CUDA graph) and the context cache is off (a KV cache split over ranks is not stored)"]
+    return [f"tensor parallel over {where}: each rank holds 1/{w.size} of the query and KV heads; the context "
+            "cache is off (a KV cache split over ranks is not stored)"]
 
 
 def launch(ranks: int, argv: list[str]) -> int:

@@ -2,9 +2,9 @@
 the same answers, the same per-block scores and key mass, other line-selection settings of
 `agent.citations.cite_blocks` (blocks cited, lines a block, line floor, share kept). No model runs.
 
-First a check: the settings the evaluation ran with must give back the citations it stored (the
-share of answers whose routing citations come out identical is printed; float16 key mass may flip
-near-ties). Then one row per setting: file hit@1, top-1 / top-3 citation on the gold lines, line
+First a check: the settings the evaluation ran with (saved with the evidence) must give back the
+citations it stored (the share of answers whose routing citations come out identical is printed;
+float16 key mass may flip near-ties). Then one row per setting (DEFAULT: today's settings first): file hit@1, top-1 / top-3 citation on the gold lines, line
 precision (all tasks and function/caller tasks only), line recall, with bootstrap 95% intervals.
 With --select, settings are chosen on half of the repositories and reported on the other half and
 vice versa (two folds), so the choice is not fitted to the tasks it is scored on.
@@ -25,7 +25,7 @@ from agent.evaluate import evidence as evlog
 from agent.evaluate.runner import citation_scores
 from agent.evaluate.stats import bootstrap
 
-DEFAULT = dict(top_n=8, max_lines=24, line_floor=0.0, keep_share=0.0)
+DEFAULT = evlog.cite_settings()
 GRID = "top_n=3,5,8 max_lines=1,2,4,8,24 line_floor=0,0.25,0.5 keep_share=0,0.1,0.3"
 FUNCTIONS = ("function", "caller")
 
@@ -59,9 +59,10 @@ def rows_for(units, tasks: dict, setting: dict) -> list[dict]:
 
 
 def check(units, tasks: dict) -> float:
-    """Share of answers whose routing citations under DEFAULT equal the stored ones."""
+    """Share of answers whose routing citations under the settings the run used equal the stored ones."""
     same = n = 0
-    for row in rows_for(units, tasks, DEFAULT):
+    rows = [r for u in units for r in rows_for([u], tasks, u.cite)]
+    for row in rows:
         stored = [c for c in tasks[(row["repo"], row["size"], row["id"])]["results"][row["config"]]["citations"]
                   if c["source"] != cit.TEXT]
         mine = [c for c in row["citations"] if c["source"] != cit.TEXT]
@@ -121,6 +122,7 @@ def main() -> None:
     doc = json.load(open(a.eval))
     tasks = {(t["repo"], t["context_tokens"], t["id"]): t for t in doc["tasks"]}
     settings = [DEFAULT] + [s for s in parse_grid(a.grid) if s != DEFAULT]
+    settings += [s for s in (evlog.BEFORE_KEEP_SHARE,) if s not in settings]
     every = evlog.load(a.evidence)
     for size in sorted({u.context_tokens for u in every}):
         units = [u for u in every if u.context_tokens == size]

@@ -9,7 +9,8 @@ Cases (each fits one 10-minute command on 2 x H200):
   7b-2m    the 7B shape at 2,097,152 tokens on all ranks.
   14b-1m   the Qwen2.5-14B-Instruct-1M shape (48 layers, hidden 5120, 40 query / 8 KV heads) at 1,048,576 tokens.
   tiny     a 4-layer toy shape on whatever is there (CPU and gloo without CUDA): a smoke run of this script.
-Rows: prefill s, tok/s, peak memory of every rank, decode tok/s (greedy, `--decode-path`, default "dynamic").
+Rows: prefill s, tok/s, peak memory of every rank, decode tok/s of each path of `--decode-paths` (greedy, from the
+same prefill; qa-dense is the dense question/answer policy's decode).
 The random checkpoint is written once per shape by rank 0 under --weights and loaded with from_pretrained.
 
 Run (on the GPU machine, from the repository root; it starts --gpus ranks itself, or run it under torchrun):
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -34,13 +36,14 @@ import moba  # noqa: F401  (registers attn_implementation="moba")
 from agent import parallel
 from agent.engine import Engine, Sampling
 from bench.model_gpu import QWEN7B_1M
-from moba.hf import MobaParams, configure
+from moba.hf import MobaParams, configure, dense_queries
 
 QWEN14B_1M = dict(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
                   num_attention_heads=40, num_key_value_heads=8, max_position_embeddings=1_010_000,
                   rope_theta=10_000_000.0, tie_word_embeddings=False)
 TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=1_010_000, tie_word_embeddings=False)
+QA_DENSE = "qa-dense"
 CASES = {"scaling": ("7b", QWEN7B_1M, 1_048_576), "7b-2m": ("7b", QWEN7B_1M, 2_097_152),
          "14b-1m": ("14b", QWEN14B_1M, 1_048_576), "tiny": ("tiny", TINY, 4096)}
 
@@ -76,7 +79,8 @@ def load_sharded(path: Path):
 
 def run(model, engine_cls, n: int, a, device: torch.device, collective: bool) -> dict:
     """Prefill n random tokens (seeded by n), then greedy-decode a.decode tokens on each decode path of
-    a.decode_paths from the same prefilled cache: times, peaks, logits, tokens (of the first path)."""
+    a.decode_paths from the same prefilled cache (QA_DENSE: the answer tokens attend every key in every
+    layer, as `--qa-policy dense` decodes): times, peaks, logits, tokens (of the first path)."""
     _empty(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -87,10 +91,14 @@ def run(model, engine_cls, n: int, a, device: torch.device, collective: bool) ->
     logits = engine.prefill(ids)
     t1 = _now(device, collective)
     row = dict(tokens=n, prefill_s=t1 - t0, logits=logits.cpu(), kv_gib=engine.kv_bytes() / 2**30, decode={})
+    sparse = engine.params
     for path in paths:
         engine.truncate(n)
-        engine.decode = path
-        tokens, rate = _decode(engine, logits, a.decode, device, collective)
+        qa_dense = path == QA_DENSE
+        engine.decode = "dynamic" if qa_dense else path
+        engine.params = replace(sparse, qa_policy="dense") if qa_dense else sparse
+        with dense_queries(qa_dense):
+            tokens, rate = _decode(engine, logits, a.decode, device, collective)
         row["decode"][path] = rate
         row.setdefault("greedy", tokens)
     row["peaks"] = [torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0]
@@ -186,8 +194,8 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=16384)
     p.add_argument("--decode", type=int, default=32)
     p.add_argument("--decode-paths", default=None,
-                   help="comma list of decode paths timed from the same prefill (default: dynamic,graph on CUDA, "
-                        "dynamic,static on the CPU); the first one's tokens are compared")
+                   help="comma list of decode paths timed from the same prefill (dynamic, static, graph, qa-dense; default: "
+                        "dynamic,graph,qa-dense on CUDA, dynamic,static,qa-dense on the CPU); the first one's tokens are compared")
     a = p.parse_args()
     if parallel.world() is None:
         sys.exit(parallel.launch(a.gpus, ["-m", "bench.tp_gpu", *sys.argv[1:]]))
@@ -196,7 +204,7 @@ def main() -> None:
     if a.case == "tiny":
         a.block_size, a.chunk, a.decode = min(a.block_size, 64), min(a.chunk, 1024), min(a.decode, 8)
     device = _join()
-    a.decode_paths = a.decode_paths or ("dynamic,graph" if device.type == "cuda" else "dynamic,static")
+    a.decode_paths = a.decode_paths or ("dynamic,graph,qa-dense" if device.type == "cuda" else "dynamic,static,qa-dense")
     path = checkpoint(name, shape, a.weights, a.tokens, device)
     if dist.get_rank() == 0:
         gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (gloo)"

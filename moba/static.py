@@ -15,8 +15,8 @@ from __future__ import annotations
 import importlib
 
 import torch
-import torch.nn.functional as F
 
+from moba.dense import one_query_attention
 from moba.ops import backend_for
 from moba.routing import block_means, gate_scores
 
@@ -76,8 +76,7 @@ def static_route(q, block_sums, length, *, block_size: int, top_k: int, sink_blo
 
 def static_dense_decode(q, k, v, length, *, scale: float | None = None) -> torch.Tensor:
     """Exact attention of the query at length - 1 over keys 0 .. length - 1: [B, Hq, 1, D]."""
-    mask = torch.arange(k.shape[2], device=q.device) < length
-    return _sdpa(q, k, v, mask, scale)
+    return one_query_attention(q, k, v, torch.arange(k.shape[2], device=q.device) < length, scale=scale)
 
 
 def static_sliding_decode(q, k, v, length, window: int, *, scale: float | None = None) -> torch.Tensor:
@@ -86,14 +85,7 @@ def static_sliding_decode(q, k, v, length, window: int, *, scale: float | None =
     pos = length - window + torch.arange(window, device=q.device)
     ks = k.index_select(2, pos.clamp(0, k.shape[2] - 1))
     vs = v.index_select(2, pos.clamp(0, k.shape[2] - 1))
-    return _sdpa(q, ks, vs, pos >= 0, scale)
-
-
-def _sdpa(q, k, v, mask, scale):
-    if q.shape[1] != k.shape[1]:  # the fused masked kernels take no GQA: expand rather than fall to math
-        group = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None, None, :], scale=scale)
+    return one_query_attention(q, ks, vs, pos >= 0, scale=scale)
 
 
 def _use_triton(q, k, v, scale) -> bool:

@@ -1,7 +1,8 @@
 """The routing evidence behind each MoBA answer of an evaluation, kept so that citations can be re-scored
 offline (bench/cite_rescore.py) without the model: per answer, the citation score of every key block
 (`agent.citations.evidence_scores`) and the head-weighted key mass per token; per repository, size and
-config, the session's source map (its arrays) and the block settings.
+config, the session's source map (its arrays), the block settings and the line-selection settings its
+citations used (`cite`).
 
 Saved as one compressed .npz: key "u{i}/..." for unit i's source map and settings, "u{i}/{task id}/scores"
 and ".../mass" per answer; "index" is a JSON list of the units (repo, context tokens, config, task ids).
@@ -11,6 +12,7 @@ not come from MoBA routing. Knows no model and no terminal.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
@@ -22,6 +24,13 @@ from agent import citations as cit
 from ingest.sourcemap import SourceMap
 
 _SMAP_ARRAYS = ("starts", "file_idx", "line", "first_mark", "n_lines")
+BEFORE_KEEP_SHARE = dict(top_n=8, max_lines=24, line_floor=0.0, keep_share=0.0)  # files saved without "cite"
+
+
+def cite_settings() -> dict:
+    """The line-selection settings a session's citations use now (`agent.citations.cite_blocks` defaults)."""
+    params = inspect.signature(cit.cite_blocks).parameters
+    return {k: params[k].default for k in BEFORE_KEEP_SHARE}
 
 
 @dataclass
@@ -34,6 +43,7 @@ class UnitEvidence:
     block_size: int
     sink_blocks: int
     smap: SourceMap
+    cite: dict = field(default_factory=cite_settings)
     scores: dict[str, np.ndarray] = field(default_factory=dict)
     mass: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -64,7 +74,8 @@ class EvidenceLog:
         index = []
         for i, u in enumerate(self.units):
             index.append(dict(repo=u.repo, context_tokens=u.context_tokens, config=u.config, block_size=u.block_size,
-                              sink_blocks=u.sink_blocks, paths=list(u.smap.paths), tasks=list(u.scores)))
+                              sink_blocks=u.sink_blocks, paths=list(u.smap.paths), tasks=list(u.scores),
+                              cite=u.cite))
             for name in _SMAP_ARRAYS:
                 arrays[f"u{i}/{name}"] = getattr(u.smap, name)
             for tid in u.scores:
@@ -89,7 +100,7 @@ def load(path: str) -> list[UnitEvidence]:
             smap = SourceMap(*(z[f"u{i}/{n}"] for n in _SMAP_ARRAYS[:3]), tuple(meta["paths"]),
                              *(z[f"u{i}/{n}"] for n in _SMAP_ARRAYS[3:]))
             u = UnitEvidence(meta["repo"], meta["context_tokens"], meta["config"], meta["block_size"],
-                             meta["sink_blocks"], smap)
+                             meta["sink_blocks"], smap, meta.get("cite", BEFORE_KEEP_SHARE))
             for tid in meta["tasks"]:
                 u.scores[tid] = z[f"u{i}/{tid}/scores"]
                 u.mass[tid] = z[f"u{i}/{tid}/mass"].astype(np.float32)

@@ -45,6 +45,7 @@ def test_two_ranks_decode_what_one_process_decodes(runs):
     assert torch.allclose(r0["context_logits"], one["context_logits"], atol=1e-4, rtol=1e-4)
     assert torch.allclose(r0["question_logits"], one["question_logits"], atol=1e-4, rtol=1e-4)
     assert r0["greedy"] == r1["greedy"] == one["greedy"]
+    assert r0["static"] == r1["static"] == one["static"] == one["greedy"]  # the path CUDA graphs capture
     assert r0["sampled"] == r1["sampled"]  # no seed: rank 0 samples, rank 1 takes its tokens
     assert any("tensor parallel over 2 CPU processes" in n for n in r0["notes"])
     assert not any("tensor parallel" in n for n in one["notes"])

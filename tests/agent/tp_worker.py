@@ -1,6 +1,6 @@
 """One rank of tests/agent/test_parallel.py (run by it, alone or as a rank of agent.parallel.launch):
 load MODEL_DIR through agent.runtime, prefill a context, record the routing of a question and a greedy
-answer, then sample an answer with no seed; rank 0 (or the lone process) saves what it saw to OUT.
+answer, decode it again on the static-shape path, then sample an answer with no seed; rank 0 (or the lone process) saves what it saw to OUT.
 Usage: python tests/agent/tp_worker.py MODEL_DIR OUT
 """
 
@@ -34,9 +34,13 @@ def run(model_dir: str) -> dict:
         question_logits = engine.prefill(ids_of(QUESTION, 2, vocab))
         greedy = engine.generate(question_logits, Sampling(max_new_tokens=ANSWER))
     engine.truncate(CONTEXT + QUESTION)
+    engine.decode = "static"  # the static-shape step a CUDA graph captures, run eagerly
+    static = engine.generate(question_logits, Sampling(max_new_tokens=ANSWER))
+    engine.decode = "dynamic"
+    engine.truncate(CONTEXT + QUESTION)
     sampled = engine.generate(question_logits, Sampling(max_new_tokens=ANSWER, temperature=5.0, top_p=1.0))
     layers = sorted(rec.records)
-    return dict(context_logits=context_logits, question_logits=question_logits, greedy=greedy, sampled=sampled,
+    return dict(context_logits=context_logits, question_logits=question_logits, greedy=greedy, static=static, sampled=sampled,
                 key_mass=rec.key_mass, mass=rec.evidence("mass"), gate=rec.evidence("gate"),
                 blocks=[torch.cat([r.blocks for r in rec.records[k]], 1) for k in layers],
                 scores=[torch.cat([r.scores for r in rec.records[k]], 1) for k in layers],

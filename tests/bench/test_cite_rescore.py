@@ -25,8 +25,8 @@ def test_default_reproduces_the_stored_citations_and_a_setting_narrows_them(pk, 
     task = dict(kind="class", path=first.path, start_line=first.start_line, end_line=first.start_line,
                 results={"moba": dict(answer="no reference", citations=[c.to_dict() for c in stored])})
     tasks = {("r", 4096, "01-def"): task}
-    assert cite_rescore.check(units, tasks) == 1.0
-    (default,) = cite_rescore.rows_for(units, tasks, cite_rescore.DEFAULT)
+    assert units[0].cite == cite_rescore.DEFAULT and cite_rescore.check(units, tasks) == 1.0
+    (default,) = cite_rescore.rows_for(units, tasks, evidence.BEFORE_KEEP_SHARE)
     (narrow,) = cite_rescore.rows_for(units, tasks, dict(cite_rescore.DEFAULT, max_lines=1, top_n=1))
     assert narrow["top1_cite"] and default["top1_cite"] and len(narrow["citations"]) == 1 < len(default["citations"])
     assert narrow["line_precision"] == default["line_precision"] == 1.0
