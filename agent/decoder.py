@@ -6,7 +6,8 @@ agent/kvcache.py) and the model's weights; it writes the logits into a tensor it
 step can be captured once and replayed for every token, whatever the cache length, after
 `truncate` or a further prefill too. Capture happens after `warmup` eager steps (Triton compiles
 its kernels on first use); a change of the MoBA settings each step is given (the ones the model's
-config carries), which the capture bakes in, re-captures. Needs a model with attn_implementation
+config carries, and whether the question/answer policy makes every layer dense), which the capture
+bakes in, re-captures. Needs a model with attn_implementation
 "moba" (the attention function must take whole buffers). Knows nothing of sampling, stop ids or prompts.
 """
 
@@ -45,15 +46,16 @@ class StaticDecoder:
         self._params = None
         self._eager_steps = 0
 
-    def step(self, token: int, params: MobaParams) -> torch.Tensor:
+    def step(self, token: int, params: MobaParams, dense: bool = False) -> torch.Tensor:
         """Append `token` at the cache's length; return fp32 logits [V] after it. `params`: the MoBA
-        settings the model's config carries (`agent.engine.Engine.params`).
+        settings the model's config carries (`agent.engine.Engine.params`); dense: the step runs inside
+        `moba.hf.dense_queries()` with the dense question/answer policy (every layer exact).
 
         The result is the decoder's own buffer when a graph runs: read it before the next step.
         Raises CacheFullError when the cache is full.
         """
         n = self.cache.check_room(1) - 1
-        self._check_params(params)
+        self._check_params((params, dense))
         self.ids.fill_(token)
         self.positions.fill_(n)
         if self._graph is None and self.graph and self._eager_steps >= self.warmup:
@@ -65,7 +67,7 @@ class StaticDecoder:
         self.cache.advance(1)
         return self._logits
 
-    def _check_params(self, params: MobaParams) -> None:
+    def _check_params(self, params: tuple[MobaParams, bool]) -> None:
         if params != self._params:
             self._graph, self._params, self._eager_steps = None, params, 0
 

@@ -9,8 +9,9 @@ Decode paths (`Engine.decode`): "dynamic" runs the model on the cache's filled p
 (launch- and Python-bound on a GPU); "static" runs agent/decoder.py's static-shape step eagerly;
 "graph" replays that step as a CUDA graph. "auto" (the default) is "graph" for a CUDA model with
 attn_implementation "moba", else "dynamic". Any path falls back to "dynamic" for a token while
-routing capture records the token's position, while the dense question/answer policy applies, or before the cache
-holds its buffers. All paths give the same tokens.
+routing capture records the token's position, or before the cache holds its buffers. Under the dense
+question/answer policy the static step attends every key in every layer (its own captured graph).
+All paths give the same tokens.
 """
 
 from __future__ import annotations
@@ -206,13 +207,13 @@ class Engine:
             return self._forward(torch.tensor([token]))
         if self._decoder is None:
             self._decoder = StaticDecoder(self.model, self.cache, self._cache_kw, graph=self.decode == "graph")
-        return self._decoder.step(token, self._params)
+        return self._decoder.step(token, self._params, forced_dense(self._params))
 
     @property
     def decode_path(self) -> str:
         """The path the next `step` takes: `decode`, or "dynamic" where the module docstring says."""
         rec = active_recorder()
-        if self.decode == "dynamic" or (rec is not None and rec.overlaps(self.length, self.length + 1)) or forced_dense(self._params):
+        if self.decode == "dynamic" or (rec is not None and rec.overlaps(self.length, self.length + 1)):
             return "dynamic"
         return self.decode if self.cache.is_allocated else "dynamic"
 

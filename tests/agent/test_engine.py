@@ -200,7 +200,7 @@ def test_decode_path_choice_and_fallbacks():
     with moba.capture_routing(moba.RoutingRecorder(start=0, end=41)):
         assert e.decode_path == "dynamic"
     with dense_queries():
-        assert e.decode_path == "dynamic"
+        assert e.decode_path == "static"  # the static step attends densely (test below)
     e.step(1)
     with pytest.raises(CacheFullError, match="holds 41 tokens"):
         e.step(2)
@@ -210,6 +210,28 @@ def test_decode_path_choice_and_fallbacks():
         e.decode = "fast"
     with pytest.raises(ValueError, match="moba"):
         Engine(tiny_model("llama", "sdpa"), capacity=40, decode="static")
+
+
+def test_static_decode_under_the_dense_answer_policy_is_dense_decode():
+    """Inside dense_queries() with qa_policy "dense" the static step attends every key in every layer: the
+    dynamic path's tokens, not the sparse static step's; leaving the policy brings the sparse step back."""
+    m = tiny_model("qwen2", block_size=16, top_k=2, sink_blocks=1, qa_policy="dense")
+    dyn = Engine(m, capacity=400, chunk_size=64, decode="dynamic")
+    sta = Engine(m, capacity=400, chunk_size=64, decode="static")
+    for e in (dyn, sta):
+        e.prefill(ids_of(300))
+    with dense_queries():
+        assert sta.decode_path == "static"
+        dense = [e.step(7).clone() for e in (dyn, sta)]
+        _steps_agree(dyn, sta, ids_of(20, 2))
+    sparse = sta.step(9).clone(), dyn.step(9)
+    assert torch.allclose(*dense, atol=1e-4)
+    assert torch.allclose(*sparse, atol=1e-4)
+    for e in (dyn, sta):
+        e.truncate(301)
+    with dense_queries():
+        again = sta.step(9)
+    assert (again - sparse[0]).abs().max() > 1e-3  # the same token, dense vs sparse
 
 
 def cuda_llama(dtype, head_dim, **moba_cfg):
@@ -247,6 +269,12 @@ def test_cuda_graph_decode_gives_the_eager_tokens(dtype, head_dim):
         e.prefill(ids_of(5, 3))
     both(20)
     assert graph._decoder.captures == 2
+    if dtype == torch.float32:  # bf16: eager SDPA and the split-K kernel may round a near-tie apart
+        for e in (eager, graph):
+            e.params = MobaParams(block_size=32, top_k=2, sink_blocks=0, qa_policy="dense")
+        with dense_queries():  # the dense answer policy: its own capture, dense attention in every layer
+            both(20)
+        assert graph._decoder.captures == 3
 
 
 def test_the_engine_runs_the_params_it_is_given():
