@@ -9,7 +9,8 @@ that passes only its filled part (agent's MobaCache does; DynamicCache does too)
 What runs where:
 - a layer with a sliding window (Gemma3 local layers) keeps its window, computed densely;
 - layers in `moba_dense_layers`, and every layer inside `dense_queries()` when the question and
-  answer policy is "dense", use exact causal SDPA;
+  answer policy is "dense", use exact causal attention: SDPA, except a single query on a GPU (a
+  decode step), which moba/static.py's split-K kernel spreads over every block of keys;
 - all other layers run `moba.moba_attention`, with cached block means when the cache attaches
   them to the key tensor (moba/cachekeys.py).
 Batches with padding get a real mask from transformers and fall back to dense SDPA.
@@ -162,7 +163,7 @@ def _moba_or_dense(module, query, key, value, scaling):
     kw = p.op_kwargs()
     means = block_means_of(key)
     if dense:
-        out = dense_attention(query, key, value, scale=scaling)
+        out = _dense(query, key, value, scaling)
         routing = moba_routing(query, key, key_means=means, **kw) if want else None
     elif want:
         out, routing = moba_attention(query, key, value, scale=scaling, return_routing=True, key_means=means, **kw)
@@ -171,6 +172,14 @@ def _moba_or_dense(module, query, key, value, scaling):
     if want:
         _record(module, rec, layer, q_start, routing, query, key, p.block_size, scaling, dense)
     return out
+
+
+def _dense(query, key, value, scaling):
+    """Exact causal attention; on a GPU one query (a decode step) goes through `static_dense_decode`, which
+    spreads it over every block of keys, where SDPA runs a few programs per head through the whole cache."""
+    if query.shape[2] == 1 and query.is_cuda:
+        return static_dense_decode(query, key, value, torch.tensor([key.shape[2]], device=query.device), scale=scaling)
+    return dense_attention(query, key, value, scale=scaling)
 
 
 def _record(module, rec, layer, q_start, routing, query, key, block_size, scaling, dense) -> None:

@@ -7,6 +7,7 @@ from transformers import DynamicCache
 import moba
 import moba.ops
 import moba.portable
+import moba.static
 from moba.hf import MobaParams, configure, dense_queries, moba_params
 from tests.moba.mobatest import attended_blocks, force_sparse, spy
 from tests.tinymodels import tiny_model
@@ -148,3 +149,30 @@ def test_no_recorder_records_nothing():
     rec = moba.RoutingRecorder()
     logits(m, torch.randint(0, 97, (1, 60)))
     assert rec.records == {} and moba.capture.active_recorder() is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-query dense kernel runs on CUDA")
+def test_dense_decode_step_on_cuda_equals_sdpa(monkeypatch):
+    """A dense layer's decode step (one query, bf16, head dim 64) runs the split-K Triton kernel over every
+    block of keys and matches SDPA."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tests.tinymodels import COMMON
+
+    calls = spy(monkeypatch, moba.hf, "static_dense_decode")
+    launches = spy(monkeypatch, moba.static, "dense_blocks")
+    models = []
+    for attn in ("moba", "sdpa"):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(**{**COMMON, "hidden_size": 256}, head_dim=64)
+        cfg.moba_block_size, cfg.moba_top_k, cfg.moba_dense_layers = 8, 2, [0, 1, 2]
+        models.append(AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.bfloat16).to("cuda"))
+    ids = torch.randint(0, 97, (1, 5000), device="cuda")
+    outs = []
+    with torch.inference_mode():
+        for m in models:
+            cache = DynamicCache(config=m.config)
+            m(ids[:, :-1], past_key_values=cache)
+            outs.append(m(ids[:, -1:], past_key_values=cache).logits.float())
+    assert len(calls) == 3 and len(launches) == 3  # every layer's step took the kernel's all-blocks table
+    assert (outs[0] - outs[1]).abs().max() < 0.05 * outs[1].abs().max()
