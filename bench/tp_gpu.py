@@ -5,7 +5,8 @@ through agent.parallel.ParallelEngine (chunked prefill into each rank's MobaCach
 Cases (each fits one 10-minute command on 2 x H200):
   scaling  the 7B shape at --tokens (default 1,048,576) on 1 GPU (rank 0 alone, agent.engine.Engine) and then
            on all ranks, from the same weights and prompt; the 1-GPU and N-GPU runs are compared: the last
-           prefill logits (max |diff|, top-1) and the greedy decode tokens.
+           prefill logits (max |diff|, top-1) and the greedy decode tokens; --noise-floor also compares the 1-GPU
+           run with itself at half the prefill chunk (what a change of bf16 summation order alone makes).
   7b-2m    the 7B shape at 2,097,152 tokens on all ranks.
   14b-1m   the Qwen2.5-14B-Instruct-1M shape (48 layers, hidden 5120, 40 query / 8 KV heads) at 1,048,576 tokens.
   tiny     a 4-layer toy shape on whatever is there (CPU and gloo without CUDA): a smoke run of this script.
@@ -146,18 +147,21 @@ def sharded_rows(path: Path, a, device: torch.device) -> dict:
     return row
 
 
-def one_gpu_row(path: Path, a, device: torch.device) -> dict | None:
-    """Rank 0 alone on its GPU with the whole model (the others wait); None on the other ranks."""
-    row = None
+def one_gpu_row(path: Path, a, device: torch.device) -> tuple[dict | None, dict | None]:
+    """Rank 0 alone on its GPU with the whole model (the others wait): its row, and with --noise-floor a second
+    run with half the prefill chunk (another summation order, the same math); (None, None) on other ranks."""
+    row = floor = None
     if dist.get_rank() == 0:
         model = load_one(path, device)
         configure(model.config, MobaParams(a.block_size, a.top_k, a.sink_blocks))
         run(model, Engine, min(a.tokens, 16 * a.block_size + 100), _short(a), device, False)
         row = run(model, Engine, a.tokens, a, device, False)
+        if a.noise_floor:
+            floor = run(model, Engine, a.tokens, argparse.Namespace(**{**vars(a), "chunk": a.chunk // 2}), device, False)
         del model
         _empty(device)
     dist.barrier()
-    return row
+    return row, floor
 
 
 def _short(a):
@@ -171,13 +175,14 @@ def report(label: str, ranks: int, r: dict) -> None:
           f"{r['kv_gib']:.1f} | {peaks} | {decode} |", flush=True)
 
 
-def agreement(one: dict, many: dict) -> str:
+def agreement(one: dict, many: dict, other: str | None = None) -> str:
     diff = (one["logits"] - many["logits"]).abs().max().item()
     scale = one["logits"].abs().max().item()
     same_top1 = int(one["logits"].argmax()) == int(many["logits"].argmax())
     equal = sum(x == y for x, y in zip(one["greedy"], many["greedy"]))
     first = next((i for i, (x, y) in enumerate(zip(one["greedy"], many["greedy"])) if x != y), None)
-    return (f"1 GPU vs {dist.get_world_size()} GPUs at {one['tokens']:,} tokens: max |logit diff| {diff:.4f} "
+    other = other or f"{dist.get_world_size()} GPUs"
+    return (f"1 GPU vs {other} at {one['tokens']:,} tokens: max |logit diff| {diff:.4f} "
             f"(max |logit| {scale:.2f}; bf16 step there {scale * 2**-8:.4f}), same top-1: {same_top1}, greedy tokens "
             f"equal {equal}/{len(one['greedy'])}" + ("" if first is None else f", first difference at token {first}"))
 
@@ -193,6 +198,9 @@ def main() -> None:
     p.add_argument("--sink-blocks", type=int, default=1)
     p.add_argument("--chunk", type=int, default=16384)
     p.add_argument("--decode", type=int, default=32)
+    p.add_argument("--noise-floor", action="store_true",
+                   help="scaling/tiny: also run the 1-GPU prefill with half the chunk and compare it with the first "
+                        "(the bf16 differences a mere change of summation order makes)")
     p.add_argument("--decode-paths", default=None,
                    help="comma list of decode paths timed from the same prefill (dynamic, static, graph, qa-dense; default: "
                         "dynamic,graph,qa-dense on CUDA, dynamic,static,qa-dense on the CPU); the first one's tokens are compared")
@@ -212,7 +220,7 @@ def main() -> None:
               f"sink{a.sink_blocks}, chunk {a.chunk}, decode {a.decode} tokens ({a.decode_paths})\n"
               "| shape | GPUs | tokens | prefill s | tok/s | KV GiB per GPU | peak GiB per GPU | decode tok/s |\n"
               "|---|---|---|---|---|---|---|---|", flush=True)
-    one = one_gpu_row(path, a, device) if a.case in ("scaling", "tiny") else None
+    one, floor = one_gpu_row(path, a, device) if a.case in ("scaling", "tiny") else (None, None)
     if one is not None:
         report(name, 1, one)
     many = sharded_rows(path, a, device)
@@ -220,6 +228,8 @@ def main() -> None:
         report(name, dist.get_world_size(), many)
         if one is not None:
             print(agreement(one, many), flush=True)
+        if floor is not None:
+            print("noise floor, " + agreement(one, floor, f"1 GPU at chunk {a.chunk // 2:,}"), flush=True)
     dist.destroy_process_group()
 
 
