@@ -71,7 +71,7 @@ COMMANDS: dict[str, Callable[[], click.Command]] = {
 }
 
 
-SHARDED_COMMANDS = ("ask", "summarize")  # --gpus N: one question, no stdin (chat would read it on every rank)
+SHARDED_COMMANDS = ("ask", "summarize", "eval")  # --gpus N: no stdin (chat would read it on every rank)
 
 
 class DefaultGroup(click.Group):
@@ -114,7 +114,7 @@ def cli(ctx: click.Context, gpus: int):
     command = ctx.meta["command_args"][0] if ctx.meta["command_args"] else ""
     ranked = gpus > 1 or os.environ.get("WORLD_SIZE", "1") not in ("", "1")
     if ranked and command not in SHARDED_COMMANDS:
-        raise click.UsageError(f"tensor parallel (--gpus N, torchrun) runs {' and '.join(SHARDED_COMMANDS)}, not "
+        raise click.UsageError(f"tensor parallel (--gpus N, torchrun) runs {', '.join(SHARDED_COMMANDS)}, not "
                                f"{command}: run {command} as one process")
     if gpus > 1:
         from agent import parallel

@@ -21,6 +21,7 @@ from agent.evaluate import runner
 from agent.evaluate.configs import parse_specs
 from agent.evaluate.evidence import EvidenceLog
 from agent.evaluate.tasks import KINDS, TaskError, build_workspace
+from agent.parallel import leader
 from moba.hf import QA_POLICIES
 
 DEFAULT_CONFIGS = "dense,moba,moba:qa=dense"
@@ -134,9 +135,9 @@ def _run(rt, units, cfg: AskConfig, specs, seed: int, ui, output: str | None, ev
 
     def save(tasks, timings, complete=False):
         doc = rep.build(tasks, timings, names, dict(meta, complete=complete), seed)
-        if output:
+        if output and leader():  # every rank of a tensor-parallel run holds the same gathered results
             common.write_json(output, doc)
-        if log:
+        if log and leader():
             log.save(evidence)
         return doc
 
@@ -180,9 +181,12 @@ def _load(cfg: AskConfig, ui):
 
     try:
         with ui.status("loading model"):
-            return runtime.load_runtime(cfg)
+            rt = runtime.load_runtime(cfg)
     except (ModelError, SettingError) as e:
         raise click.ClickException(str(e)) from None
+    for note in rt.notes:
+        ui.say(f"note: {note}")
+    return rt
 
 
 def _check_fit(rt, cfg: AskConfig, context_tokens: int) -> None:

@@ -136,10 +136,43 @@ def test_cli_on_two_ranks_answers_and_cites_as_one_process(tmp_path, monkeypatch
     assert not list((tmp_path / "cache").glob("contexts/*"))
 
 
+def test_eval_on_two_ranks_scores_as_one_process(tmp_path, monkeypatch, capfd):
+    """`python -m agent.cli eval` as two gloo ranks: the same answers, citations and scores as one process, one
+    report on stdout and one -o document and --evidence file (rank 0's)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from agent.cli import cli
+    from agent.evaluate import evidence
+    from tests.agent.test_eval_tasks import make_repo
+
+    monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(tmp_path / "cache"))
+    model = save_model(tmp_path / "model")
+    repo = make_repo(tmp_path / "repo")
+    args = ["eval", str(repo), "-m", str(model), "--device", "cpu", "--dtype", "float32", "--block-size", "32",
+            "--top-k", "3", "--context-tokens", "2048", "--tasks", "4", "--max-new-tokens", "8", "--attention", "moba"]
+    outs = [tmp_path / "one.json", tmp_path / "two.json"]
+    r = CliRunner().invoke(cli, [*args, "-o", str(outs[0]), "--evidence", str(tmp_path / "one.npz")],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.stderr
+    capfd.readouterr()
+    assert parallel.launch(2, ["-m", "agent.cli", *args, "-o", str(outs[1]), "--evidence", str(tmp_path / "two.npz")]) == 0
+    out, err = capfd.readouterr()
+    assert out.count("moba-ask eval: model") == 1 and err.count("tensor parallel over 2 CPU processes") == 1
+    one, two = (json.loads(p.read_text()) for p in outs)
+    assert len(one["tasks"]) == 3  # what the small repository offers at 2,048 tokens
+    for a, b in zip(one["tasks"], two["tasks"], strict=True):
+        ra, rb = a["results"]["moba"], b["results"]["moba"]
+        assert ra["answer"] == rb["answer"] and ra["citations"] == rb["citations"] and ra["rank"] == rb["rank"]
+    assert [u.scores.keys() for u in evidence.load(str(tmp_path / "two.npz"))] == [
+        u.scores.keys() for u in evidence.load(str(tmp_path / "one.npz"))]
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--gpus", "2", ".", "q"], "--gpus 2: this machine has 0 CUDA device(s): leave --gpus out"),
     (["--gpus", "3", "summarize", "."], "--gpus 3: this machine has 2 CUDA device(s): use --gpus 2 or fewer"),
-    (["--gpus", "2", "chat", "."], "tensor parallel (--gpus N, torchrun) runs ask and summarize, not chat"),
+    (["--gpus", "2", "chat", "."], "tensor parallel (--gpus N, torchrun) runs ask, summarize, eval, not chat"),
     (["--gpus", "0", ".", "q"], "Invalid value for '--gpus'"),
 ])
 def test_gpus_flag_refuses_what_it_cannot_run_in_one_line(args, message, monkeypatch):
