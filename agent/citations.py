@@ -93,18 +93,16 @@ KEEP_SHARE = 0.3  # ranges under 0.3 x the strongest are dropped: +0.06-0.08 lin
 
 
 def cite_blocks(scores: np.ndarray, mass: np.ndarray, smap, *, block_size: int, top_n: int = 8,
-                max_lines: int = 24, line_floor: float = 0.0, keep_share: float = KEEP_SHARE) -> list[Citation]:
+                max_lines: int = 24, keep_share: float = KEEP_SHARE) -> list[Citation]:
     """The `top_n` blocks by `scores`, each narrowed to its lines whose key mass (`mass` [Tk]) stands out
-    from the block's median line by at least `line_floor` times the block's most outstanding line, at most
-    `max_lines` lines a block, merged into ranges; ranges scoring under `keep_share` times the best one are
-    dropped. A range scores its block's share times its part of the block's stand-out mass; scores sum to 1
+    from the block's median line, at most `max_lines` lines a block, merged into ranges; ranges scoring
+    under `keep_share` times the best one are dropped. A range scores its block's share times its part of the block's stand-out mass; scores sum to 1
     over the cited blocks (before the drop)."""
     order = [int(b) for b in np.argsort(-scores, kind="stable")[:top_n] if scores[b] > 0]
     total = float(sum(scores[b] for b in order)) or 1.0
     out: list[Citation] = []
     for b in order:
-        out += _block_ranges(smap, mass, b * block_size, (b + 1) * block_size, scores[b] / total, max_lines,
-                             line_floor)
+        out += _block_ranges(smap, mass, b * block_size, (b + 1) * block_size, scores[b] / total, max_lines)
     ranked = sorted(merge(out), key=lambda c: -c.score)[:top_n]
     return [c for c in ranked if c.score >= keep_share * ranked[0].score]
 
@@ -131,13 +129,11 @@ def block_scores(ev: torch.Tensor, weights: torch.Tensor | None, cand: np.ndarra
     return torch.einsum("lh,lhb->b", w[: ev.shape[0]], share).numpy()
 
 
-def _block_ranges(smap, mass: np.ndarray, lo: int, hi: int, share: float, max_lines: int,
-                  line_floor: float = 0.0) -> list[Citation]:
-    """One block's stand-out lines (excess > 0 and >= line_floor times the largest) as ranges, scored by
-    their part of `share` (whole block lines when no key mass was recorded or none stands out)."""
+def _block_ranges(smap, mass: np.ndarray, lo: int, hi: int, share: float, max_lines: int) -> list[Citation]:
+    """One block's stand-out lines as ranges, scored by their part of `share` (whole block lines when
+    no key mass was recorded or none stands out)."""
     lines = [x for x in _line_excess(smap, mass, lo, hi) if x[2] > 0] if mass.size else []
     lines = sorted(lines, key=lambda x: -x[2])[:max_lines]
-    lines = [x for x in lines if x[2] >= line_floor * lines[0][2]] if lines else lines
     if not lines:
         return [Citation(p, a, b, share, ROUTING) for p, a, b in smap.span_lines(lo, hi)[:1]]
     total = sum(x[2] for x in lines)

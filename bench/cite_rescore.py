@@ -1,6 +1,6 @@
 """Re-score routing citations offline from an evaluation's saved evidence (`moba-ask eval --evidence`):
 the same answers, the same per-block scores and key mass, other line-selection settings of
-`agent.citations.cite_blocks` (blocks cited, lines a block, line floor, share kept). No model runs.
+`agent.citations.cite_blocks` (blocks cited, lines a block, share of the strongest range kept). No model runs.
 
 First a check: the settings the evaluation ran with (saved with the evidence) must give back the
 citations it stored (the share of answers whose routing citations come out identical is printed;
@@ -26,7 +26,7 @@ from agent.evaluate.runner import citation_scores
 from agent.evaluate.stats import bootstrap
 
 DEFAULT = evlog.cite_settings()
-GRID = "top_n=3,5,8 max_lines=1,2,4,8,24 line_floor=0,0.25,0.5 keep_share=0,0.1,0.3"
+GRID = "top_n=3,5,8 max_lines=1,2,4,8,24 keep_share=0,0.1,0.3"
 FUNCTIONS = ("function", "caller")
 
 

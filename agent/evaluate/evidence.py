@@ -24,7 +24,7 @@ from agent import citations as cit
 from ingest.sourcemap import SourceMap
 
 _SMAP_ARRAYS = ("starts", "file_idx", "line", "first_mark", "n_lines")
-BEFORE_KEEP_SHARE = dict(top_n=8, max_lines=24, line_floor=0.0, keep_share=0.0)  # files saved without "cite"
+BEFORE_KEEP_SHARE = dict(top_n=8, max_lines=24, keep_share=0.0)  # files saved without "cite"
 
 
 def cite_settings() -> dict:
@@ -92,6 +92,11 @@ class EvidenceLog:
                 os.unlink(tmp)
 
 
+def _known(cite: dict) -> dict:
+    """The settings `cite_blocks` still takes (a setting that stood at its neutral value was removed)."""
+    return {k: v for k, v in cite.items() if k in BEFORE_KEEP_SHARE}
+
+
 def load(path: str) -> list[UnitEvidence]:
     """The units an `EvidenceLog.save` wrote."""
     with np.load(path) as z:
@@ -100,7 +105,7 @@ def load(path: str) -> list[UnitEvidence]:
             smap = SourceMap(*(z[f"u{i}/{n}"] for n in _SMAP_ARRAYS[:3]), tuple(meta["paths"]),
                              *(z[f"u{i}/{n}"] for n in _SMAP_ARRAYS[3:]))
             u = UnitEvidence(meta["repo"], meta["context_tokens"], meta["config"], meta["block_size"],
-                             meta["sink_blocks"], smap, meta.get("cite", BEFORE_KEEP_SHARE))
+                             meta["sink_blocks"], smap, _known(meta.get("cite", BEFORE_KEEP_SHARE)))
             for tid in meta["tasks"]:
                 u.scores[tid] = z[f"u{i}/{tid}/scores"]
                 u.mass[tid] = z[f"u{i}/{tid}/mass"].astype(np.float32)

@@ -200,19 +200,6 @@ def _block_with_lines(smap, path, lines, heavy, bs=BS):
     return scores, mass
 
 
-def test_line_floor_keeps_only_lines_near_the_strongest(pk):
-    smap = pk.source_map
-    bs = 4 * BS  # a block of a dozen lines, most of them at the baseline
-    block = smap.line_tokens("pkg/util.py", 20)[0] // bs
-    a, b, c = [ln for ln in range(10, 40) if smap.line_tokens("pkg/util.py", ln)[0] // bs == block][:3]
-    scores, mass = _block_with_lines(smap, "pkg/util.py", [a, b, c], heavy=[4.0, 2.0, 0.5], bs=bs)
-    every = cite_blocks(scores, mass, smap, block_size=bs)
-    strong = cite_blocks(scores, mass, smap, block_size=bs, line_floor=0.4)
-    top = cite_blocks(scores, mass, smap, block_size=bs, line_floor=0.9)
-    cited = [{ln for x in cites for ln in range(x.start_line, x.end_line + 1)} for cites in (every, strong, top)]
-    assert cited == [{a, b, c}, {a, b}, {a}]
-
-
 def test_keep_share_drops_weak_ranges_by_default(pk):
     smap = pk.source_map
     scores, mass = _block_with_lines(smap, "pkg/util.py", [20], heavy=[4.0])

@@ -33,8 +33,8 @@ def test_default_reproduces_the_stored_citations_and_a_setting_narrows_them(pk, 
 
 
 def test_grid_is_every_combination_and_unknown_keys_stop():
-    grid = cite_rescore.parse_grid("top_n=3,8 line_floor=0,0.5")
-    assert len(grid) == 4 and {(g["top_n"], g["line_floor"]) for g in grid} == {(3, 0), (3, 0.5), (8, 0), (8, 0.5)}
+    grid = cite_rescore.parse_grid("top_n=3,8 keep_share=0,0.5")
+    assert len(grid) == 4 and {(g["top_n"], g["keep_share"]) for g in grid} == {(3, 0), (3, 0.5), (8, 0), (8, 0.5)}
     assert all(g["max_lines"] == 24 for g in grid)
     with pytest.raises(SystemExit, match="unknown grid key"):
         cite_rescore.parse_grid("warp=1")
