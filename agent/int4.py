@@ -18,10 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agent import residency
+
 GROUP = 32  # input values per scale and zero (a GGUF Q4_K sub-block, a Q4_0/Q4_1 block)
 BLOCK_N = 64  # torch packs rows in blocks of 64: byte j of input k holds row j (low nibble) and row j + 32
 KERNEL_MAX_ROWS = 32  # at most this many rows use the kernel; more dequantize and run the dense GEMM
 _FIT_ROWS = 4096  # rows fitted at a time (bounds the conversion's memory on a 150K-row embedding)
+_DEQUANT_ROWS = 256  # rows dequantized at a time (a multiple of BLOCK_N)
 
 
 def supports(out_features: int, in_features: int) -> bool:
@@ -80,12 +83,17 @@ def quantize(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
 
 
 def dequantize(packed: torch.Tensor, scales_zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The weight [N, K] in ``dtype`` (computed in fp32, rounded once)."""
+    """The weight [N, K] in ``dtype``, computed in fp32 and rounded once, _DEQUANT_ROWS rows at a time (so
+    the only buffer the size of the weight is the result)."""
     groups, n, _ = scales_zeros.shape
-    q = unpack(packed, n, groups * GROUP).view(n, groups, GROUP).float()
-    sz = scales_zeros.float().transpose(0, 1)  # [N, groups, 2]
-    scale, zero = sz[..., :1], sz[..., 1:]
-    return q.mul_(scale).add_(zero - 8 * scale).view(n, groups * GROUP).to(dtype)
+    out = torch.empty(n, groups * GROUP, dtype=dtype)
+    for r in range(0, n, _DEQUANT_ROWS):
+        rows_ = min(_DEQUANT_ROWS, n - r)
+        q = unpack(packed[r : r + rows_], rows_, groups * GROUP).view(rows_, groups, GROUP).float()
+        sz = scales_zeros[:, r : r + rows_].float().transpose(0, 1)  # [rows, groups, 2]
+        scale, zero = sz[..., :1], sz[..., 1:]
+        out[r : r + rows_] = q.mul_(scale).add_(zero - 8 * scale).view(rows_, groups * GROUP)
+    return out
 
 
 def rows(packed: torch.Tensor, scales_zeros: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -134,6 +142,8 @@ class Int4Embedding(nn.Module):
         self.register_buffer("qweight4", torch.empty(num, dim // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales_zeros", torch.empty(dim // GROUP, num, 2, dtype=dtype, device=device))
 
+    release = None  # set by agent.quant for a memory-mapped table: pages it out while looking up
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = rows(self.qweight4, self.scales_zeros, ids)
+        out = residency.looked_up(ids, lambda part: rows(self.qweight4, self.scales_zeros, part), self.release)
         return out * self.embed_scale if self.embed_scale is not None else out
