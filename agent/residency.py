@@ -18,11 +18,11 @@ import torch
 
 # glibc mallopt parameters (malloc.h) and the values set
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-_MMAP_THRESHOLD = 32 << 20  # blocks of 32 MiB (glibc's ceiling) or more are mmapped and unmapped when
-#                             freed; smaller ones are reused from the heap. 1 MiB saved another ~75 MiB at 16K
-#                             but faulted fresh pages in at every step: prefill -26%, decode -45% (RESULTS.md)
-_TRIM_THRESHOLD = 64 << 20  # free heap at the top above this is returned (lower: the heap shrinks and
-#                             regrows, faulting its pages in again, at every layer)
+_MMAP_THRESHOLD = 1 << 20  # blocks of 1 MiB or more are mmapped and unmapped when freed, so the heap never
+#                            keeps prefill buffers around long-lived blocks. The price: at 16K a decode step
+#                            faults fresh pages in (decode 2.6 tok/s, not 4.6-4.8 as with 8 or 32 MiB, which
+#                            peak at 2,419-2,460 MiB instead of 2,219-2,226: bench/RESULTS.md)
+_TRIM_THRESHOLD = 4 << 20  # free heap at the top above this is returned to the system
 _ARENA_MAX = 2  # torch's threads each get an arena otherwise, each keeping its own freed memory
 _MADV_DONTNEED = 4
 RELEASE_IDS = 64  # ids looked up between two releases of a paged-out table (a few MiB of it resident at once)
