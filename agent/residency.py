@@ -19,9 +19,8 @@ import torch
 # glibc mallopt parameters (malloc.h) and the values set
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 _MMAP_THRESHOLD = 1 << 20  # blocks of 1 MiB or more are mmapped and unmapped when freed, so the heap never
-#                            keeps prefill buffers around long-lived blocks. The price: at 16K a decode step
-#                            faults fresh pages in (decode 2.6 tok/s, not 4.6-4.8 as with 8 or 32 MiB, which
-#                            peak at 2,419-2,460 MiB instead of 2,219-2,226: bench/RESULTS.md)
+#                            keeps prefill buffers around long-lived blocks (16K peak 2,219-2,385 MiB; with
+#                            8 or 32 MiB 2,419-2,460: bench/RESULTS.md). Each such block is faulted in afresh.
 _TRIM_THRESHOLD = 4 << 20  # free heap at the top above this is returned to the system
 _ARENA_MAX = 2  # torch's threads each get an arena otherwise, each keeping its own freed memory
 _MADV_DONTNEED = 4
