@@ -20,7 +20,8 @@ import torch
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 _MMAP_THRESHOLD = 1 << 20  # blocks of 1 MiB or more are mmapped and unmapped when freed, so the heap never
 #                            keeps prefill buffers around long-lived blocks (16K peak 2,219-2,385 MiB; with
-#                            8 or 32 MiB 2,419-2,460: bench/RESULTS.md). Each such block is faulted in afresh.
+#                            8 or 32 MiB 2,419-2,460: bench/RESULTS.md). Each such block is faulted in afresh:
+#                            16K decode ran 2.6-2.7 tok/s in 3 of 4 runs, 4.6-4.8 with 8 or 32 MiB.
 _TRIM_THRESHOLD = 4 << 20  # free heap at the top above this is returned to the system
 _ARENA_MAX = 2  # torch's threads each get an arena otherwise, each keeping its own freed memory
 _MADV_DONTNEED = 4
