@@ -158,7 +158,7 @@ def test_damaged_quantized_cache_is_a_one_line_error(tiny_gguf, tiny_q8, damage)
 
 
 def test_quantized_directory_on_cuda_is_refused(tiny_q8):
-    with pytest.raises(load.ModelError, match="int8 weights for the CPU"):
+    with pytest.raises(load.ModelError, match=r"quantized \(4-bit/int8\) weights for the CPU"):
         load.load_model(str(tiny_q8), device="cuda")
 
 
