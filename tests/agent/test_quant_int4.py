@@ -9,9 +9,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from agent import int4, load, quant
+from agent.config import AskConfig
 from agent.engine import Engine, Sampling
 from agent.runtime import runtime_notes
-from agent.config import AskConfig
 from tests.agent.test_quant import LOGIT_REL_RMS, CountOps, rel_rms, saved
 
 

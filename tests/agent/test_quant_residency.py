@@ -10,8 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from agent import int4, residency
-from tests.agent.test_quant_int4 import grid_model, tokenizer_path  # noqa: F401  (fixture)
 from tests.agent.test_quant import saved
+from tests.agent.test_quant_int4 import grid_model, tokenizer_path  # noqa: F401  (fixture)
 
 
 def rss_file_kib() -> int:
