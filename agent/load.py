@@ -108,7 +108,7 @@ def load_model(name: str, *, device="cpu", dtype=None, attn_implementation: str 
     tok = load_tokenizer(str(path))
     if quant.is_quantized_dir(path):
         if device != "cpu":
-            raise ModelError(f"{path} holds int8 weights for the CPU: use --device cpu, or name the model "
+            raise ModelError(f"{path} holds quantized (4-bit/int8) weights for the CPU: use --device cpu, or name the model "
                              "itself (catalog name, hub id, .gguf) to load it in full precision")
         act = quant.activation_dtype() if dtype is None else _dtype(dtype, device)
         model = quant.load(path, act, attn_implementation)

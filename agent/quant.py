@@ -1,15 +1,21 @@
-"""Int8 weight-only models for the CPU: quantize once at conversion, store small, load without fp32 copies.
+"""Quantized models for the CPU: quantize once at conversion, store small, load without fp32 copies.
 
-Every ``nn.Linear`` becomes a :class:`QuantLinear` (int8 weight, one scale per output channel) and the
-input embedding a :class:`QuantEmbedding` (int8 rows, one scale per row; a tied output layer shares its
-tensors, since a row of the embedding is an output channel of the head). Activations run in
-:func:`activation_dtype`: bf16 where the CPU computes it natively, else fp32. Decode (a few rows) runs
-torch's ``_weight_int8pack_mm`` kernel, which reads one byte per weight; prefill (many rows) casts the
-layer to the activation dtype once per call and runs the dense GEMM, several times faster than that
-kernel at 512 rows (bench/RESULTS.md, "Int8 weight-only matmul on the CPU"; bench/int8_matmul.py).
+Every ``nn.Linear`` and the input embedding is stored in 4 bits where that loses nothing against int8,
+else in int8. The rule, per matrix: :func:`agent.int4.quantize` (groups of 32 input values, a scale and a
+zero each, rounded to bf16) when its relative error is no larger than int8 per output channel's; that
+holds for the tensors a GGUF stores as Q4_K/Q4_0/Q4_1 (their grid is recovered exactly) and fails for
+Q6_K/Q8_0 or full-precision ones, which stay int8. A 4-bit matrix is a :class:`agent.int4.Int4Linear`
+(or ``Int4Embedding``); an int8 one a :class:`QuantLinear` (one scale per output channel) or
+:class:`QuantEmbedding` (one scale per row). A tied output layer shares the embedding's tensors (a row of
+the embedding is an output channel of the head). Activations run in :func:`activation_dtype`: bf16 where
+the CPU computes it natively, else fp32. Decode (a few rows) runs torch's weight-only kernels
+(``_weight_int4pack_mm_for_cpu``, ``_weight_int8pack_mm``), which read the stored bytes; prefill (many
+rows) dequantizes the layer once per call and runs the dense GEMM (bench/RESULTS.md, "Int8 weight-only
+matmul on the CPU"; bench/int8_matmul.py).
 
 A quantized directory holds ``config.json``, the tokenizer files, ``generation_config.json`` and
-``model.int8.safetensors``. Knows nothing of where models come from (agent/pull.py), attention or prompts.
+``model.int8.safetensors`` (its name kept from format 1, which was int8 only and still loads).
+Knows nothing of where models come from (agent/pull.py), attention or prompts.
 """
 
 from __future__ import annotations
@@ -23,11 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agent import int4, residency
 from agent.catalog import ModelError
 
 WEIGHTS_FILE = "model.int8.safetensors"
-FORMAT = "moba-ask-int8/1"
-KERNEL_MAX_ROWS = 32  # at most this many rows use the int8 kernel; more run the dense GEMM (crossover ~32-64 rows here)
+FORMAT = "moba-ask-quant/2"  # 4 bits where lossless against int8, else int8
+INT8_FORMAT = "moba-ask-int8/1"  # every matrix int8: still loads; the note says how to get the smaller form
+SCALES_DTYPE = torch.bfloat16  # 4-bit scales and zeros as stored (and as the kernel takes them with bf16 activations)
 _KERNEL_K_MULTIPLE = 16  # the int8 kernel returns garbage (or crashes) for other input widths
 ALIGN = 64  # bytes; the int8 kernel crashes on weights that start elsewhere (32 works, 4 and 28 crash)
 
@@ -48,7 +56,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= KERNEL_MAX_ROWS and self.in_features % _KERNEL_K_MULTIPLE == 0:
+        if rows.shape[0] <= int4.KERNEL_MAX_ROWS and self.in_features % _KERNEL_K_MULTIPLE == 0:
             y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.qweight, self.scale)
         else:
             y = F.linear(rows, self.qweight.to(x.dtype)) * self.scale  # int8 -> bf16 is exact; scale the output
@@ -69,9 +77,14 @@ class QuantEmbedding(nn.Module):
         self.register_buffer("qweight", torch.empty(num, dim, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.empty(num, dtype=dtype, device=device))
 
+    release = None  # set by load() for a memory-mapped table: pages it out while looking up (residency.looked_up)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = F.embedding(ids, self.qweight).to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)
+        out = residency.looked_up(ids, self._rows, self.release)
         return out * self.embed_scale if self.embed_scale is not None else out
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.qweight).to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)
 
 
 def activation_dtype() -> torch.dtype:
@@ -89,10 +102,16 @@ def quantized_by_default(device: str | None, dtype) -> bool:
     return dtype is None and str(device).startswith("cpu")
 
 
-def note(dtype: torch.dtype) -> str:
-    """The runtime note saying what the quantized path chose."""
+def note(model: nn.Module, dtype: torch.dtype, path: Path) -> str:
+    """The runtime note saying what the quantized path chose for ``model`` (loaded from ``path``)."""
     acts = "bf16 (the CPU computes bf16 natively)" if dtype == torch.bfloat16 else "fp32 (no native bf16 on this CPU)"
-    return f"weights: int8 per channel (quantized once from the model's files), activations {acts}; --dtype float32 for full precision"
+    kinds = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding, int4.Int4Linear, int4.Int4Embedding))]
+    four = sum(isinstance(m, (int4.Int4Linear, int4.Int4Embedding)) for m in kinds)
+    weights = (f"4-bit (groups of {int4.GROUP}) for {four} of {len(kinds)} matrices, where the model's file is 4-bit; "
+               "int8 per channel for the rest") if four else "int8 per channel"
+    old = (f" (an int8-only cache from an older moba-ask: delete {path} to rebuild it, 4-bit where the model's "
+           "file is 4-bit: smaller and leaner)") if _format(path) == INT8_FORMAT else ""
+    return f"weights: {weights}{old}, quantized once from the model's files; activations {acts}; --dtype float32 for full precision"
 
 
 def is_quantized_dir(path: Path) -> bool:
@@ -107,14 +126,15 @@ def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state to store for ``model`` (float weights): int8 ``qweight`` + fp32 ``scale`` for every
-    Linear and the input embedding, fp32 for the rest; a tied output layer is stored once."""
+    """The state to store for ``model`` (float weights): for every Linear and the input embedding either
+    4-bit ``qweight4`` + bf16 ``scales_zeros`` or int8 ``qweight`` + fp32 ``scale`` (:func:`_matrix`),
+    fp32 for the rest; a tied output layer is stored once."""
     quantized = {id(m): n for n, m in model.named_modules() if _quantizable(model, m)}
     state, seen = {}, set()
     for name, module in model.named_modules():
         if id(module) in quantized and id(module.weight) not in seen:
             seen.add(id(module.weight))
-            state[f"{name}.qweight"], state[f"{name}.scale"] = _int8_rows(module.weight)
+            state.update({f"{name}.{k}": v for k, v in _matrix(module.weight).items()})
             if getattr(module, "bias", None) is not None:
                 state[f"{name}.bias"] = module.bias.detach().float().contiguous()
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
@@ -122,6 +142,18 @@ def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
         if owner not in quantized.values() and _persistent(model, name):
             state[name] = tensor.detach().float().contiguous()
     return state
+
+
+def _matrix(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``weight`` in 4 bits when that loses nothing against int8 per channel (module docstring), else int8."""
+    qweight, scale = _int8_rows(weight)
+    if int4.supports(*weight.shape):
+        packed, scales_zeros, err4 = int4.quantize(weight, SCALES_DTYPE)
+        w = weight.detach().float()
+        err8 = ((qweight * scale[:, None] - w).norm() / w.norm().clamp(min=1e-30)).item()
+        if err4 <= err8:
+            return {"qweight4": packed, "scales_zeros": scales_zeros}
+    return {"qweight": qweight, "scale": scale}
 
 
 def _quantizable(model: nn.Module, module: nn.Module) -> bool:
@@ -170,16 +202,33 @@ def load(path: Path, dtype: torch.dtype, attn_implementation: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     state = _read_state(path, dtype)
+    if any(k.endswith(".qweight4") for k in state) and not int4.layout_is_known():
+        raise _damaged(path, "its 4-bit weights are packed as another torch build packs them")
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise _damaged(path, f"config.json: {type(e).__name__}") from e
     with _empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-    _swap_modules(model, dtype)
+    _swap_modules(model, dtype, four_bit={k.rsplit(".", 1)[0] for k in state if k.endswith(".qweight4")})
     _assign(model, state, path)
     _load_generation_config(model, path)
+    residency.lean_allocator()
+    _page_out_embedding(model, path / WEIGHTS_FILE)
     return model.eval()
+
+
+def _page_out_embedding(model: nn.Module, weights: Path) -> None:
+    """An untied embedding table is read a few rows at a time: while ids are looked up its pages go back
+    to the page cache every RELEASE_IDS ids instead of staying resident (on the 1.5B model, up to 139 MiB
+    of a 16K prefill's peak). A tied one stays: the output layer reads all of it at every step."""
+    embed = model.get_input_embeddings()
+    tables = list(embed.buffers())
+    if isinstance(model.get_output_embeddings(), (_SharedHead, _SharedHead4)):
+        return
+    if tables and all(residency.mapped_from(t, weights) for t in tables):
+        residency.page_out(tables)
+        embed.release = lambda: residency.page_out(tables)
 
 
 def _read_state(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -187,17 +236,27 @@ def _read_state(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
     try:
         with safe_open(str(path / WEIGHTS_FILE), "pt") as f:
-            if (f.metadata() or {}).get("format") != FORMAT:
+            if (f.metadata() or {}).get("format") not in (FORMAT, INT8_FORMAT):
                 raise _damaged(path, f"not {FORMAT}")
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise _damaged(path, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from e
-    return {k: _aligned(v) if v.dtype == torch.int8 else v.to(dtype) for k, v in state.items()}
+    return {k: _aligned(v if v.dtype in (torch.int8, torch.uint8) else v.to(dtype)) for k, v in state.items()}
+
+
+def _format(path: Path) -> str | None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path / WEIGHTS_FILE), "pt") as f:
+            return (f.metadata() or {}).get("format")
+    except (SafetensorError, OSError):
+        return None
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when its data sits on a 64-byte boundary, else an aligned copy: the int8 kernel
-    crashes (SIGSEGV) on weights at other addresses, and a memory-mapped tensor lands wherever the
+    crashes (SIGSEGV) on weights at other addresses (the 4-bit one is given the same), and a memory-mapped tensor lands wherever the
     file's header length puts it."""
     return t if t.data_ptr() % ALIGN == 0 else t.clone()
 
@@ -213,20 +272,23 @@ def _empty_weights():
     return init_empty_weights(include_buffers=False)
 
 
-def _swap_modules(model: nn.Module, dtype: torch.dtype) -> None:
-    """Replace Linear layers and the input embedding by empty quantized modules (a tied head shares)."""
+def _swap_modules(model: nn.Module, dtype: torch.dtype, four_bit: set[str]) -> None:
+    """Replace Linear layers and the input embedding by empty quantized modules: 4-bit for the names in
+    ``four_bit``, int8 for the rest (a tied head shares the embedding's)."""
     embed = model.get_input_embeddings()
     tied = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
     head = model.get_output_embeddings()
-    qembed = QuantEmbedding(embed.num_embeddings, embed.embedding_dim, dtype, _embed_scale(embed), "meta")
+    qembed = None
     for name, module in list(model.named_modules()):
         if module is embed:
+            kind = int4.Int4Embedding if name in four_bit else QuantEmbedding
+            qembed = kind(embed.num_embeddings, embed.embedding_dim, dtype, _embed_scale(embed), "meta")
             model.set_submodule(name, qembed)
         elif isinstance(module, nn.Linear):
-            q = QuantLinear(module.in_features, module.out_features, module.bias is not None, dtype, "meta")
-            model.set_submodule(name, q)
+            kind = int4.Int4Linear if name in four_bit else QuantLinear
+            model.set_submodule(name, kind(module.in_features, module.out_features, module.bias is not None, dtype, "meta"))
     if tied and head is not None:
-        model.set_output_embeddings(_SharedHead(qembed))
+        model.set_output_embeddings(_SharedHead4(qembed) if isinstance(qembed, int4.Int4Embedding) else _SharedHead(qembed))
 
 
 def _embed_scale(embed: nn.Module) -> float | None:
@@ -249,6 +311,23 @@ class _SharedHead(QuantLinear):
     @property
     def scale(self) -> torch.Tensor:
         return self._embed.scale
+
+
+class _SharedHead4(int4.Int4Linear):
+    """The output layer of a model with tied 4-bit embeddings: the embedding's table, read as a Linear."""
+
+    def __init__(self, embed: int4.Int4Embedding):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.bias = embed.embedding_dim, embed.num_embeddings, None
+        object.__setattr__(self, "_embed", embed)  # not a submodule: its tensors are stored once, as the embedding's
+
+    @property
+    def qweight4(self) -> torch.Tensor:
+        return self._embed.qweight4
+
+    @property
+    def scales_zeros(self) -> torch.Tensor:
+        return self._embed.scales_zeros
 
 
 def _assign(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:

@@ -87,7 +87,7 @@ def runtime_notes(config: AskConfig, model, info, device: str) -> list[str]:
     if config.device is None and device == "cpu":
         notes.append("device: no CUDA device found, running on the CPU (--device chooses)")
     if getattr(info, "quantized", False):
-        notes.append(quant.note(info.dtype))
+        notes.append(quant.note(model, info.dtype, info.path))
     windowed = sum(1 for m in model.modules() if hasattr(m, "layer_idx") and getattr(m, "sliding_window", None))
     if windowed:
         notes.append(f"{windowed} of {info.num_layers} attention layers have a sliding window: they keep it, "

@@ -3,15 +3,17 @@ peak RSS.
 
 Each measurement is its own child process (so its peak RSS is its own): load the model, prefill N random
 token ids, decode --decode tokens greedily. moba-ask runs what `moba-ask ask` runs on a CPU: the default
-int8 weights (converted once, before any timing), the engine's chunked prefill into its MobaCache and
-`attention auto` settled for N (agent.config.settle). llama.cpp runs through llama-cpp-python (a
-benchmark dependency only, built from source by pip) with its defaults and the same thread count.
+quantized weights (4-bit where the GGUF is 4-bit, else int8; converted once, before any timing), the
+engine's chunked prefill into its MobaCache and `attention auto` settled for N (agent.config.settle).
+llama.cpp runs through llama-cpp-python (a benchmark dependency only, built from source by pip) with its
+defaults and the same thread count.
 Runs are interleaved (for each repeat, for each context: moba-ask, then llama.cpp) and `uptime`'s load
 is recorded before each, since other work may share the cores; the table gives the median and the
 [min, max] over repeats.
 Needs `pip install llama-cpp-python` (compiles llama.cpp, ~30 min on 2 busy cores; never a runtime
 dependency of moba-ask).
 Run: python -m bench.cpu_llama --gguf /tmp/qwen.gguf --contexts 2048 4096 --repeats 3
+(--engines moba-ask runs one side only: llama-cpp-python is then not needed.)
 Knows nothing of packing, prompts or citations.
 """
 
@@ -123,7 +125,7 @@ def _measure(engine: str, a, tokens: int) -> dict:
 
 
 def _prepare(gguf: str) -> None:
-    """Convert the GGUF to moba-ask's default (int8) form once, outside any timing."""
+    """Convert the GGUF to moba-ask's default (quantized) form once, outside any timing."""
     from agent.pull import pull
 
     pull(gguf, progress=True, quantized=True)
@@ -140,8 +142,8 @@ def _table(results: list[dict], contexts: list[int]) -> list[str]:
     rows = ["| context | engine | prefill tok/s | decode tok/s | peak RSS MiB | runs | ratio prefill / decode |",
             "|---|---|---|---|---|---|---|"]
     for n in contexts:
-        med = {}
-        for engine in ENGINES:
+        med = {"moba-ask": None}
+        for engine in [e for e in ENGINES if any(r["engine"] == e for r in results)]:
             ok = [r for r in results if r["engine"] == engine and r["tokens"] == n and "error" not in r]
             pre, dec = [r["prefill_tok_s"] for r in ok], [r["decode_tok_s"] for r in ok]
             rss = [r["peak_rss_mb"] for r in ok]
@@ -175,6 +177,7 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=16)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--timeout", type=int, default=3600, help="seconds per child run")
+    p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES), help="which sides to run")
     p.add_argument("--out", type=Path, help="also write every run as JSON lines here")
     p.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
     p.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
@@ -189,7 +192,7 @@ def main() -> None:
     results = []
     for rep in range(a.repeats):
         for n in a.contexts:
-            for engine in ENGINES:
+            for engine in a.engines:
                 r = _measure(engine, a, n)
                 results.append({**r, "repeat": rep})
                 print(json.dumps({k: v for k, v in r.items() if k not in ("system_info", "notes")}), flush=True)

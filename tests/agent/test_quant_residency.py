@@ -1,0 +1,68 @@
+"""agent.residency under the quantized CPU default: a memory-mapped table leaves the process's resident set
+after a lookup and reads back the same values, an anonymous tensor is never paged out, an untied
+embedding of a loaded model is paged out while it is read (a tied one, which the head reads whole, is not)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from agent import int4, residency
+from tests.agent.test_quant import saved
+from tests.agent.test_quant_int4 import grid_model, tokenizer_path  # noqa: F401  (fixture)
+
+
+def rss_file_kib() -> int:
+    return next(int(ln.split()[1]) for ln in Path("/proc/self/status").read_text().splitlines()
+                if ln.startswith("RssFile:"))
+
+
+def test_a_mapped_table_is_paged_out_and_reads_back_the_same(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_file({"t": torch.arange(16 << 20, dtype=torch.int32).to(torch.uint8)}, str(path))
+    with safe_open(str(path), "pt") as f:
+        t = f.get_tensor("t")
+    assert residency.mapped_from(t, path)
+    total = int(t.sum(dtype=torch.int64))
+    touched = rss_file_kib()
+    residency.page_out([t])
+    assert touched - rss_file_kib() > 12 << 10  # most of the 16 MiB left the resident set
+    assert int(t.sum(dtype=torch.int64)) == total
+
+
+def test_an_anonymous_tensor_is_not_taken_for_a_mapped_one(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_file({"t": torch.ones(1 << 20)}, str(path))
+    assert not residency.mapped_from(torch.ones(1 << 20), path)
+
+
+def test_paged_lookup_gives_the_same_rows():
+    table = torch.randn(300, 8)
+    ids = torch.randint(0, 300, (2, 150))
+    calls = []
+    out = residency.looked_up(ids, lambda part: table[part], lambda: calls.append(1))
+    assert torch.equal(out, table[ids]) and len(calls) == -(-300 // residency.RELEASE_IDS)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_an_untied_embedding_is_paged_out_while_read(tied, tokenizer_path, tmp_path):  # noqa: F811
+    from transformers import AutoTokenizer
+
+    model = saved(grid_model(tied), AutoTokenizer.from_pretrained(tokenizer_path), tmp_path / "q",
+                  dtype=torch.bfloat16, attn="sdpa")
+    embed = model.get_input_embeddings()
+    assert isinstance(embed, int4.Int4Embedding) and (embed.release is None) == tied
+    ids = torch.randint(0, 128, (1, 200))
+    expected = int4.rows(embed.qweight4, embed.scales_zeros, ids)
+    assert torch.equal(embed(ids), expected)
+
+
+def test_the_cpu_default_sets_the_lean_allocator(tokenizer_path, tmp_path, monkeypatch):  # noqa: F811
+    from transformers import AutoTokenizer
+
+    calls = []
+    monkeypatch.setattr(residency, "lean_allocator", lambda: calls.append(1) or True)
+    saved(grid_model(), AutoTokenizer.from_pretrained(tokenizer_path), tmp_path / "q")
+    assert calls == [1]
