@@ -18,10 +18,12 @@ import torch
 
 # glibc mallopt parameters (malloc.h) and the values set
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-_MMAP_THRESHOLD = 1 << 20  # blocks of 1 MiB or more are mmapped and unmapped when freed, so the heap never
-#                            keeps prefill buffers around long-lived blocks (16K peak 2,219-2,385 MiB; with
-#                            8 or 32 MiB 2,419-2,460: bench/RESULTS.md). Each such block is faulted in afresh:
-#                            16K decode ran 2.6-2.7 tok/s in 3 of 4 runs, 4.6-4.8 with 8 or 32 MiB.
+_MMAP_THRESHOLD = 1 << 20  # while a forward carries many rows (a prefill chunk) blocks of 1 MiB or more are
+#                            mmapped and unmapped when freed, so the heap never keeps a chunk's buffers around
+#                            long-lived blocks (16K peak 2,219-2,385 MiB; with 8 or 32 MiB 2,419-2,460)
+_STEP_MMAP_THRESHOLD = 32 << 20  # a one-row step's few-MiB buffers stay in the heap: with 1 MiB they were faulted
+#                                  in afresh every step (16K decode 2.6-2.7 tok/s against 4.6-4.8; bench/RESULTS.md)
+FEW_ROWS = 32  # a forward over at most this many rows is a decode step
 _TRIM_THRESHOLD = 4 << 20  # free heap at the top above this is returned to the system
 _ARENA_MAX = 2  # torch's threads each get an arena otherwise, each keeping its own freed memory
 _MADV_DONTNEED = 4
@@ -36,6 +38,9 @@ def _libc():
     return libc if all(hasattr(libc, f) for f in ("mallopt", "malloc_trim", "madvise")) else None
 
 
+_lean = {"on": False, "threshold": 0}
+
+
 def lean_allocator() -> bool:
     """Set glibc's allocator to return big freed blocks and free heap to the system (2 arenas, not one per
     thread), and return what loading left free (a tokenizer's parse, the model's construction: ~60 MiB);
@@ -46,7 +51,17 @@ def lean_allocator() -> bool:
     done = [libc.mallopt(p, v) for p, v in ((_M_MMAP_THRESHOLD, _MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD),
                                             (_M_ARENA_MAX, _ARENA_MAX))]
     libc.malloc_trim(0)
+    _lean.update(on=all(done), threshold=_MMAP_THRESHOLD)
     return all(done)
+
+
+def rows_ahead(n: int) -> None:
+    """Before a forward over n rows, with the lean allocator set: the mmap threshold for its kind of forward,
+    1 MiB for many rows (a prefill chunk), 32 MiB for a few (a decode step)."""
+    want = _MMAP_THRESHOLD if n > FEW_ROWS else _STEP_MMAP_THRESHOLD
+    libc = _libc() if _lean["on"] and want != _lean["threshold"] else None
+    if libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, want):
+        _lean["threshold"] = want
 
 
 def mapped_from(tensor: torch.Tensor, path: Path) -> bool:
@@ -82,7 +97,9 @@ def page_out(tensors: list[torch.Tensor]) -> None:
 
 def looked_up(ids: torch.Tensor, rows: Callable[[torch.Tensor], torch.Tensor],
               release: Callable[[], None] | None) -> torch.Tensor:
-    """``rows(ids)`` [*ids.shape, dim]; with ``release``, RELEASE_IDS ids at a time, calling it after each."""
+    """``rows(ids)`` [*ids.shape, dim]; with ``release``, RELEASE_IDS ids at a time, calling it after each.
+    An embedding lookup starts every forward, so it also sets the allocator for the rows to come (`rows_ahead`)."""
+    rows_ahead(ids.numel())
     if release is None:
         return rows(ids)
     parts = []

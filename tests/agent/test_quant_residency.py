@@ -66,3 +66,21 @@ def test_the_cpu_default_sets_the_lean_allocator(tokenizer_path, tmp_path, monke
     monkeypatch.setattr(residency, "lean_allocator", lambda: calls.append(1) or True)
     saved(grid_model(), AutoTokenizer.from_pretrained(tokenizer_path), tmp_path / "q")
     assert calls == [1]
+
+
+def test_each_forward_sets_the_allocator_for_its_rows(monkeypatch):
+    """A prefill chunk (many rows) mmaps blocks of 1 MiB or more, a decode step (a few rows) keeps blocks up to
+    32 MiB in the heap; mallopt is called only when the kind of forward changes, and never without the lean
+    allocator."""
+    calls = []
+    fake = type("Libc", (), {"mallopt": lambda self, p, v: calls.append((p, v)) or 1})()
+    monkeypatch.setattr(residency, "_libc", lambda: fake)
+    monkeypatch.setattr(residency, "_lean", {"on": False, "threshold": 0})
+    rows = lambda ids: torch.zeros(*ids.shape, 4)  # noqa: E731
+    residency.looked_up(torch.arange(1), rows, None)
+    assert calls == []  # the allocator was not made lean: nothing is touched
+    residency._lean.update(on=True, threshold=residency._MMAP_THRESHOLD)
+    for n in (1, 1, 512, 300, 1):
+        residency.looked_up(torch.arange(n), rows, None)
+    assert calls == [(residency._M_MMAP_THRESHOLD, 32 << 20), (residency._M_MMAP_THRESHOLD, 1 << 20),
+                     (residency._M_MMAP_THRESHOLD, 32 << 20)]
