@@ -125,10 +125,11 @@ def _measure(engine: str, a, tokens: int) -> dict:
 
 
 def _prepare(gguf: str) -> None:
-    """Convert the GGUF to moba-ask's default (quantized) form once, outside any timing."""
-    from agent.pull import pull
-
-    pull(gguf, progress=True, quantized=True)
+    """Convert the GGUF to moba-ask's default (quantized) form once, outside any timing, in a process of its
+    own: a child forked from a parent that held the conversion's ~10 GB starts with that as its peak RSS
+    (Linux keeps the high-water mark across fork and exec), which every measurement would then report."""
+    code = "import sys; from agent.pull import pull; pull(sys.argv[1], progress=True, quantized=True)"
+    subprocess.run([sys.executable, "-c", code, gguf], check=True)
 
 
 def _interval(values: list[float], fmt: str) -> str:
