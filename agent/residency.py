@@ -24,7 +24,8 @@ _MMAP_THRESHOLD = 1 << 20  # while a forward carries many rows (a prefill chunk)
 _STEP_MMAP_THRESHOLD = 32 << 20  # a one-row step's few-MiB buffers stay in the heap: with 1 MiB they were faulted
 #                                  in afresh every step (16K decode 2.6-2.7 tok/s against 4.6-4.8; bench/RESULTS.md)
 FEW_ROWS = 32  # a forward over at most this many rows is a decode step
-_TRIM_THRESHOLD = 4 << 20  # free heap at the top above this is returned to the system
+_TRIM_THRESHOLD = 4 << 20  # free heap at the top above this is returned to the system (many-row forwards)
+_STEP_TRIM_THRESHOLD = 64 << 20  # a decode step's freed buffers stay for the next step
 _ARENA_MAX = 2  # torch's threads each get an arena otherwise, each keeping its own freed memory
 _MADV_DONTNEED = 4
 RELEASE_IDS = 64  # ids looked up between two releases of a paged-out table (a few MiB of it resident at once)
@@ -38,7 +39,7 @@ def _libc():
     return libc if all(hasattr(libc, f) for f in ("mallopt", "malloc_trim", "madvise")) else None
 
 
-_lean = {"on": False, "threshold": 0}
+_lean = {"on": False, "rows": ""}
 
 
 def lean_allocator() -> bool:
@@ -51,17 +52,22 @@ def lean_allocator() -> bool:
     done = [libc.mallopt(p, v) for p, v in ((_M_MMAP_THRESHOLD, _MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD),
                                             (_M_ARENA_MAX, _ARENA_MAX))]
     libc.malloc_trim(0)
-    _lean.update(on=all(done), threshold=_MMAP_THRESHOLD)
+    _lean.update(on=all(done), rows="many")
     return all(done)
 
 
 def rows_ahead(n: int) -> None:
-    """Before a forward over n rows, with the lean allocator set: the mmap threshold for its kind of forward,
-    1 MiB for many rows (a prefill chunk), 32 MiB for a few (a decode step)."""
-    want = _MMAP_THRESHOLD if n > FEW_ROWS else _STEP_MMAP_THRESHOLD
-    libc = _libc() if _lean["on"] and want != _lean["threshold"] else None
-    if libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, want):
-        _lean["threshold"] = want
+    """Before a forward over n rows, with the lean allocator set: the mmap and trim thresholds for its kind of
+    forward, 1 MiB / 4 MiB for many rows (a prefill chunk: its buffers go back at once), 32 MiB / 64 MiB for a
+    few (a decode step: its buffers stay for the next step rather than being faulted in again)."""
+    rows = "many" if n > FEW_ROWS else "few"
+    libc = _libc() if _lean["on"] and rows != _lean["rows"] else None
+    if libc is None:
+        return
+    mmap_at, trim_at = (_MMAP_THRESHOLD, _TRIM_THRESHOLD) if rows == "many" else (_STEP_MMAP_THRESHOLD,
+                                                                                  _STEP_TRIM_THRESHOLD)
+    if libc.mallopt(_M_MMAP_THRESHOLD, mmap_at) and libc.mallopt(_M_TRIM_THRESHOLD, trim_at):
+        _lean["rows"] = rows
 
 
 def mapped_from(tensor: torch.Tensor, path: Path) -> bool:

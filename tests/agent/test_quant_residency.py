@@ -69,18 +69,19 @@ def test_the_cpu_default_sets_the_lean_allocator(tokenizer_path, tmp_path, monke
 
 
 def test_each_forward_sets_the_allocator_for_its_rows(monkeypatch):
-    """A prefill chunk (many rows) mmaps blocks of 1 MiB or more, a decode step (a few rows) keeps blocks up to
-    32 MiB in the heap; mallopt is called only when the kind of forward changes, and never without the lean
-    allocator."""
+    """A prefill chunk (many rows) mmaps blocks of 1 MiB or more and trims the heap above 4 MiB, a decode step
+    (a few rows) keeps blocks up to 32 MiB and 64 MiB of free heap; mallopt is called only when the kind of
+    forward changes, and never without the lean allocator."""
     calls = []
     fake = type("Libc", (), {"mallopt": lambda self, p, v: calls.append((p, v)) or 1})()
     monkeypatch.setattr(residency, "_libc", lambda: fake)
-    monkeypatch.setattr(residency, "_lean", {"on": False, "threshold": 0})
+    monkeypatch.setattr(residency, "_lean", {"on": False, "rows": ""})
     rows = lambda ids: torch.zeros(*ids.shape, 4)  # noqa: E731
     residency.looked_up(torch.arange(1), rows, None)
     assert calls == []  # the allocator was not made lean: nothing is touched
-    residency._lean.update(on=True, threshold=residency._MMAP_THRESHOLD)
+    residency._lean.update(on=True, rows="many")
     for n in (1, 1, 512, 300, 1):
         residency.looked_up(torch.arange(n), rows, None)
-    assert calls == [(residency._M_MMAP_THRESHOLD, 32 << 20), (residency._M_MMAP_THRESHOLD, 1 << 20),
-                     (residency._M_MMAP_THRESHOLD, 32 << 20)]
+    mmap_at, trim_at = residency._M_MMAP_THRESHOLD, residency._M_TRIM_THRESHOLD
+    step = [(mmap_at, 32 << 20), (trim_at, 64 << 20)]
+    assert calls == step + [(mmap_at, 1 << 20), (trim_at, 4 << 20)] + step
