@@ -25,7 +25,7 @@ _STEP_MMAP_THRESHOLD = 32 << 20  # a one-row step's few-MiB buffers stay in the 
 #                                  in afresh every step (16K decode 2.6-2.7 tok/s against 4.6-4.8; bench/RESULTS.md)
 FEW_ROWS = 32  # a forward over at most this many rows is a decode step
 _TRIM_THRESHOLD = 4 << 20  # free heap at the top above this is returned to the system (many-row forwards)
-_STEP_TRIM_THRESHOLD = 64 << 20  # a decode step's freed buffers stay for the next step
+_STEP_TRIM_THRESHOLD = 16 << 20  # a decode step's freed buffers (a few MiB) stay for the next step
 _ARENA_MAX = 2  # torch's threads each get an arena otherwise, each keeping its own freed memory
 _MADV_DONTNEED = 4
 RELEASE_IDS = 64  # ids looked up between two releases of a paged-out table (a few MiB of it resident at once)

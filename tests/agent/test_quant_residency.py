@@ -83,5 +83,5 @@ def test_each_forward_sets_the_allocator_for_its_rows(monkeypatch):
     for n in (1, 1, 512, 300, 1):
         residency.looked_up(torch.arange(n), rows, None)
     mmap_at, trim_at = residency._M_MMAP_THRESHOLD, residency._M_TRIM_THRESHOLD
-    step = [(mmap_at, 32 << 20), (trim_at, 64 << 20)]
+    step = [(mmap_at, 32 << 20), (trim_at, 16 << 20)]
     assert calls == step + [(mmap_at, 1 << 20), (trim_at, 4 << 20)] + step
