@@ -296,13 +296,18 @@ def _embed_scale(embed: nn.Module) -> float | None:
     return None if scale is None else float(scale)
 
 
-class _SharedHead(QuantLinear):
-    """The output layer of a model with tied embeddings: the embedding's int8 table, read as a Linear."""
+class _TiedHead:
+    """The output layer of a model with tied embeddings: the embedding's table, read as a Linear. Its tensors are
+    properties of the subclass that read the embedding's (not a submodule: they are stored once)."""
 
-    def __init__(self, embed: QuantEmbedding):
+    def __init__(self, embed):
         nn.Module.__init__(self)
         self.in_features, self.out_features, self.bias = embed.embedding_dim, embed.num_embeddings, None
-        object.__setattr__(self, "_embed", embed)  # not a submodule: its tensors are stored once, as the embedding's
+        object.__setattr__(self, "_embed", embed)
+
+
+class _SharedHead(_TiedHead, QuantLinear):
+    """A tied int8 head."""
 
     @property
     def qweight(self) -> torch.Tensor:
@@ -313,13 +318,8 @@ class _SharedHead(QuantLinear):
         return self._embed.scale
 
 
-class _SharedHead4(int4.Int4Linear):
-    """The output layer of a model with tied 4-bit embeddings: the embedding's table, read as a Linear."""
-
-    def __init__(self, embed: int4.Int4Embedding):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features, self.bias = embed.embedding_dim, embed.num_embeddings, None
-        object.__setattr__(self, "_embed", embed)  # not a submodule: its tensors are stored once, as the embedding's
+class _SharedHead4(_TiedHead, int4.Int4Linear):
+    """A tied 4-bit head."""
 
     @property
     def qweight4(self) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import mmap
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +32,9 @@ _MADV_DONTNEED = 4
 RELEASE_IDS = 64  # ids looked up between two releases of a paged-out table (a few MiB of it resident at once)
 
 
+@functools.cache
 def _libc():
+    """glibc, looked up once (find_library runs ldconfig; page_out calls this every 64 ids), or None."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     except OSError:
