@@ -62,19 +62,30 @@ def world() -> World | None:
 def setup(w: World, device: str) -> str:
     """Join the process group of `w` and return this rank's device: cuda:LOCAL_RANK over NCCL when `device`
     is CUDA, the CPU over gloo otherwise. From here on ranks other than 0 write nothing to stdout or stderr
-    (rank 0 speaks for all). Raises ParallelError for a --device cuda:N, a torch without NCCL, or fewer
-    CUDA devices on this host than ranks."""
+    (rank 0 speaks for all). Raises ParallelError for a --device cuda:N, a torch without NCCL, fewer
+    CUDA devices on this host than ranks, or CPU ranks on a machine whose accelerator is visible."""
     if torch.device(device).type == "cuda":
         dev = _cuda_device(w, device)
         if not dist.is_initialized():
             dist.init_process_group("nccl", device_id=dev)
     else:
+        _check_cpu_ranks(device)
         dev = torch.device("cpu")
         if not dist.is_initialized():
             dist.init_process_group("gloo")
     if w.rank:
         _silence()
     return str(dev)
+
+
+def _check_cpu_ranks(device: str) -> None:
+    """Ranks on the CPU need a machine without a visible accelerator: transformers' tensor-parallel plan puts
+    the shards on the accelerator it detects, whatever --device says (found on a 2-GPU host)."""
+    found = torch._C._get_accelerator().type
+    if found != "cpu":
+        raise ParallelError(f"--device {device} with several ranks on a machine with {found} devices: transformers "
+                            f"would shard the model onto {found} anyway; leave --device out to run the ranks on the "
+                            f"GPUs, or hide them (CUDA_VISIBLE_DEVICES= ) to run them on the CPU")
 
 
 def _cuda_device(w: World, device: str) -> torch.device:

@@ -29,13 +29,20 @@ def save_model(path: Path, heads: int = 4, kv_heads: int = 2) -> Path:
     return path
 
 
+def launch_on_cpu(argv: list[str]) -> int:
+    """Two gloo ranks with any accelerator hidden from them (CPU ranks refuse a visible one: parallel.setup)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CUDA_VISIBLE_DEVICES", "")
+        return parallel.launch(2, argv)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """(one process, rank 0, rank 1) of tp_worker on the same model."""
     tmp = tmp_path_factory.mktemp("tp")
     model = save_model(tmp / "model")
     one = tp_worker.run(str(model))
-    assert parallel.launch(2, [str(WORKER), str(model), str(tmp / "out")]) == 0
+    assert launch_on_cpu([str(WORKER), str(model), str(tmp / "out")]) == 0
     return one, torch.load(f"{tmp / 'out'}.rank0"), torch.load(f"{tmp / 'out'}.rank1")
 
 
@@ -109,6 +116,16 @@ def test_cuda_checks_name_the_fix(monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
+def test_cpu_ranks_refuse_a_visible_accelerator_in_one_line(monkeypatch):
+    """transformers' plan shards onto the accelerator it detects whatever --device says (seen on a 2-GPU host:
+    a rank failed with no message), so CPU ranks there stop first with the fix, before any process group."""
+    w = parallel.World(rank=0, size=2, local_rank=0, local_size=2)
+    monkeypatch.setattr(torch._C, "_get_accelerator", lambda: torch.device("cuda"))
+    with pytest.raises(parallel.ParallelError, match=r"--device cpu .* cuda devices.*CUDA_VISIBLE_DEVICES= "):
+        parallel.setup(w, "cpu")
+    assert not torch.distributed.is_initialized()
+
+
 def test_cli_on_two_ranks_answers_and_cites_as_one_process(tmp_path, monkeypatch, capfd):
     """`python -m agent.cli` as two gloo ranks (what `--gpus 2` starts on a GPU host): the same JSON answer and
     citations and routing map as one process, one copy of the output (rank 0's), and no context cache written."""
@@ -127,7 +144,7 @@ def test_cli_on_two_ranks_answers_and_cites_as_one_process(tmp_path, monkeypatch
     maps = tmp_path / "one.html", tmp_path / "two.html"
     one = json.loads(CliRunner().invoke(cli, [*args, "--routing-map", str(maps[0])], catch_exceptions=False).stdout)
     capfd.readouterr()
-    assert parallel.launch(2, ["-m", "agent.cli", *args[:-1], "--routing-map", str(maps[1])]) == 0
+    assert launch_on_cpu(["-m", "agent.cli", *args[:-1], "--routing-map", str(maps[1])]) == 0
     out, err = capfd.readouterr()
     two = json.loads(out)
     assert two["answer"] == one["answer"] and two["citations"] == one["citations"] and one["citations"]
@@ -157,7 +174,7 @@ def test_eval_on_two_ranks_scores_as_one_process(tmp_path, monkeypatch, capfd):
                            catch_exceptions=False)
     assert r.exit_code == 0, r.stderr
     capfd.readouterr()
-    assert parallel.launch(2, ["-m", "agent.cli", *args, "-o", str(outs[1]), "--evidence", str(tmp_path / "two.npz")]) == 0
+    assert launch_on_cpu(["-m", "agent.cli", *args, "-o", str(outs[1]), "--evidence", str(tmp_path / "two.npz")]) == 0
     out, err = capfd.readouterr()
     assert out.count("moba-ask eval: model") == 1 and err.count("tensor parallel over 2 CPU processes") == 1
     one, two = (json.loads(p.read_text()) for p in outs)
