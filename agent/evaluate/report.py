@@ -3,7 +3,8 @@
 Per context size and config, over the tasks of every repository: each rate as a mean with a bootstrap
 95% interval (`stats.bootstrap`), and for every config other than "dense" the paired difference
 against dense on the same tasks (`stats.paired`); bogus citations as a count; seconds of prefill and
-questions. The baselines (BM25 over files and over function chunks, a random file) depend on no
+questions. Two comparisons the quality targets are written in: the answers of a config as a share of
+dense's on the same tasks (`stats.paired_ratio`), and its file hit@1 minus BM25's over files, paired. The baselines (BM25 over files and over function chunks, a random file) depend on no
 config and get a row of their own. Per repository the point values are kept too. Bootstrap seeds
 derive from the run's seed, the context size and the metric, so that every config of a size is
 resampled on the same task indices. Knows no models and no terminal.
@@ -70,7 +71,20 @@ def _summary_row(tasks, name, configs, timings, seed, size) -> dict:
         diff = {m: stats.paired(_values(tasks, name, m), _values(tasks, DENSE, m), _seed(seed, size, m)).to_dict()
                 for m in RATES}
     return dict(context_tokens=size, config=name, n=len(tasks), metrics=metrics, diff_vs_dense=diff,
+                targets=_targets(tasks, name, configs, seed, size),
                 bogus=sum(t["results"][name]["bogus"] for t in tasks), seconds=_seconds(timings, size, name))
+
+
+def _targets(tasks, name, configs, seed, size) -> dict:
+    """answer_vs_dense: this config's correct answers / dense's on the same tasks (absent for dense or without
+    it); hit1_minus_bm25: file hit@1 minus BM25's file hit@1, paired over tasks."""
+    bm25 = [BASELINES["bm25_hit_at_1"][1](t) for t in tasks]
+    out = {"hit1_minus_bm25": stats.paired(_values(tasks, name, "hit_at_1"), bm25,
+                                           _seed(seed, size, "hit1_minus_bm25")).to_dict()}
+    if name != DENSE and DENSE in configs:
+        out["answer_vs_dense"] = stats.paired_ratio(_values(tasks, name, "answer"), _values(tasks, DENSE, "answer"),
+                                                    _seed(seed, size, "answer_vs_dense")).to_dict()
+    return out
 
 
 def _baseline_metrics(tasks, seed, size) -> dict:
@@ -111,6 +125,8 @@ def to_markdown(doc: dict) -> str:
         if any(r["diff_vs_dense"] for r in doc["summary"] if r["context_tokens"] == size):
             out += ["", "Paired difference against dense on the same tasks (config - dense):", "",
                     *_diff_table(doc, size)]
+        out += ["", "Answers as a share of dense's on the same tasks, and file hit@1 over BM25's (paired):", "",
+                *_target_table(doc, size)]
         out += ["", "Baselines (no model):", "", *_baseline_table(base), "", "Per repository (point values):", "",
                 *_per_repo_table(doc, size), "",
                 "Per task, each config: answer (Y/n), the gold file's rank among the citations (- not cited), "
@@ -149,6 +165,16 @@ def _diff_table(doc: dict, size: int) -> list[str]:
         if r["context_tokens"] == size and r["diff_vs_dense"]:
             lines.append(_row([r["config"], *(stats.Estimate(**_est(r["diff_vs_dense"][m])).cell(signed=True)
                                                for m in HEADLINE)]))
+    return lines
+
+
+def _target_table(doc: dict, size: int) -> list[str]:
+    lines = [_row(["config", "answers / dense's", "hit@1 - BM25 hit@1"]), "|---|---|---|"]
+    for r in doc["summary"]:
+        if r["context_tokens"] == size and r.get("targets"):
+            t = r["targets"]
+            ratio = stats.Estimate(**_est(t["answer_vs_dense"])).cell() if "answer_vs_dense" in t else "-"
+            lines.append(_row([r["config"], ratio, stats.Estimate(**_est(t["hit1_minus_bm25"])).cell(signed=True)]))
     return lines
 
 

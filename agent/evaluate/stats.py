@@ -1,5 +1,5 @@
 """Bootstrap intervals for the evaluation's rates: a mean over tasks with its 95% percentile interval,
-and the paired difference of two configs on the same tasks.
+the paired difference of two configs on the same tasks, and the paired ratio of their totals.
 
 Resampling is over tasks (with replacement), RESAMPLES times, from numpy's generator seeded by the
 caller; the interval is the 2.5th and 97.5th percentile of the resampled means. Values that are None
@@ -61,3 +61,23 @@ def paired(values, reference, seed: int, resamples: int = RESAMPLES) -> Estimate
     """Mean of values[i] - reference[i] over the tasks where both exist, with its interval."""
     diffs = [float(a) - float(b) for a, b in zip(values, reference, strict=True) if a is not None and b is not None]
     return bootstrap(diffs, seed, resamples)
+
+
+def paired_ratio(values, reference, seed: int, resamples: int = RESAMPLES) -> Estimate:
+    """sum(values) / sum(reference) over the tasks where both exist ("answers as many tasks as dense"), with
+    the interval of that ratio over resampled tasks (resamples whose reference sums to 0 are left out); all
+    None when the reference never scores.
+
+    >>> paired_ratio([1, 0, 1, 1], [1, 1, 1, 1], seed=0).value
+    0.75
+    """
+    pairs = np.array([(float(a), float(b)) for a, b in zip(values, reference, strict=True)
+                      if a is not None and b is not None]).reshape(-1, 2)
+    if pairs[:, 1].sum() == 0:
+        return Estimate(None, None, None, len(pairs))
+    idx = np.random.default_rng(seed).integers(0, len(pairs), size=(resamples, len(pairs)))
+    num, den = pairs[idx, 0].sum(axis=1), pairs[idx, 1].sum(axis=1)
+    ratios = num[den > 0] / den[den > 0]
+    tail = (1 - LEVEL) / 2 * 100
+    lo, hi = np.percentile(ratios, [tail, 100 - tail])
+    return Estimate(float(pairs[:, 0].sum() / pairs[:, 1].sum()), float(lo), float(hi), len(pairs))

@@ -114,6 +114,12 @@ def test_json_known_metric_values_intervals_and_paired_differences(repo, oracle)
     assert moba["metrics"]["top1_cite"]["value"] == moba["metrics"]["top3_cite"]["value"] == 1.0
     assert moba["diff_vs_dense"]["top1_cite"] == {"value": 0.0, "ci": [0.0, 0.0], "n": 9}
     assert moba["metrics"]["repoqa_pass"]["n"] == 5  # function needles only
+    assert hybrid["targets"]["answer_vs_dense"]["value"] == pytest.approx(7 / 9, abs=1e-4)
+    assert moba["targets"]["answer_vs_dense"] == {"value": 0.0, "ci": [0.0, 0.0], "n": 9}
+    assert "answer_vs_dense" not in dense["targets"]
+    bm25 = doc["baselines"][0]["metrics"]["bm25_hit_at_1"]["value"]
+    assert moba["targets"]["hit1_minus_bm25"]["value"] == pytest.approx(moba["metrics"]["hit_at_1"]["value"] - bm25,
+                                                                        abs=1e-4)
     assert all(row["bogus"] == 0 for row in doc["summary"])
     assert set(doc["baselines"][0]["metrics"]) == {"bm25_hit_at_1", "bm25_fn_top1", "bm25_fn_top3", "random_hit_at_1"}
     assert [(a, d) for a, d, *_ in oracle.retuned] == [("dense", ()), ("moba", (-3, -2, -1)), ("moba", ())]
@@ -170,6 +176,8 @@ def test_markdown_tables_with_intervals_progress_and_output_file(repo, oracle, t
     assert any(ln.startswith("| moba | 0.00 [0.00, 0.00] |") for ln in lines)
     assert any(ln.startswith("| moba | -1.00 [-1.00, -1.00] | ") for ln in lines)  # paired difference
     assert "| BM25 file hit@1 | BM25 function top-1 | BM25 function top-3 | random file hit@1 |" in r.stdout
+    assert "| config | answers / dense's | hit@1 - BM25 hit@1 |" in r.stdout
+    assert any(ln.startswith("| moba | 0.00 [0.00, 0.00] | ") and ln.count("|") == 4 for ln in lines)
     assert sum(ln.startswith("| repo 0") for ln in lines) == 9
     assert "repo at 20,000: 9 tasks (5 function" in r.stderr and "repo @ 20,000, dense: 9 questions in" in r.stderr
     assert "repo @ 20,000, moba: 0/9 questions" in r.stderr

@@ -2,6 +2,7 @@
 
 import pytest
 
+from agent.evaluate import stats
 from agent.evaluate.stats import Estimate, bootstrap, paired
 
 
@@ -47,3 +48,13 @@ def test_cells_and_dict():
     e = Estimate(0.7142, 0.64, 0.78, 21)
     assert e.cell() == "0.71 [0.64, 0.78]" and Estimate(-0.05, -0.11, 0.01, 3).cell(signed=True) == "-0.05 [-0.11, +0.01]"
     assert e.to_dict() == {"value": 0.7142, "ci": [0.64, 0.78], "n": 21}
+
+
+def test_paired_ratio_is_the_ratio_of_totals_with_an_interval_around_it():
+    one = stats.paired_ratio([1, 1, 0, 1], [1, 1, 1, 1], seed=0)
+    assert one.value == 0.75 and one.n == 4 and one.lo < 0.75 <= one.hi <= 1.0
+    more = stats.paired_ratio([1, 1, 0, 1] * 50, [1, 1, 1, 1] * 50, seed=0)
+    assert more.value == 0.75 and one.hi - one.lo > more.hi - more.lo > 0
+    assert stats.paired_ratio([1, 1], [1, 1], seed=0).to_dict() == {"value": 1.0, "ci": [1.0, 1.0], "n": 2}
+    assert stats.paired_ratio([2, None, 1], [1, 1, 1], seed=0).value == 1.5  # pairs where both exist
+    assert stats.paired_ratio([1, 1], [0, 0], seed=0).value is None  # dense never scores: no ratio
