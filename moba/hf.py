@@ -176,7 +176,7 @@ def _moba_or_dense(module, query, key, value, scaling):
 
 def _dense(query, key, value, scaling):
     """Exact causal attention; on a GPU one query (a decode step) goes through `static_dense_decode`, which
-    spreads it over every block of keys, where SDPA runs a few programs per head through the whole cache."""
+    spreads it over slices of the keys, where SDPA runs a few programs per head through the whole cache."""
     if query.shape[2] == 1 and query.is_cuda:
         length = torch.full((1,), key.shape[2], dtype=torch.long, device=query.device)  # a fill, no host copy
         return static_dense_decode(query, key, value, length, scale=scaling)

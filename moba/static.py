@@ -21,7 +21,6 @@ from moba.ops import backend_for
 from moba.routing import block_means, gate_scores
 
 _TRITON_HEAD_DIMS = (64, 128, 256)
-DENSE_TILE = 2048  # keys a block of dense decode holds (512 blocks at 1M keys)
 
 
 def static_moba_decode(q, k, v, length, block_sums, *, block_size: int, top_k: int, sink_blocks: int = 0,
@@ -75,30 +74,19 @@ def static_route(q, block_sums, length, *, block_size: int, top_k: int, sink_blo
     return torch.cat([own.expand(B, Hq, 1, 1), routed, sinks], -1).to(torch.int32)
 
 
-def static_dense_decode(q, k, v, length, *, scale: float | None = None, tile: int = DENSE_TILE) -> torch.Tensor:
+def static_dense_decode(q, k, v, length, *, scale: float | None = None) -> torch.Tensor:
     """Exact attention of the query at length - 1 over keys 0 .. length - 1: [B, Hq, 1, D].
 
-    On CUDA the Triton split-K decode runs it as MoBA over every block (`dense_blocks`, blocks of `tile`
-    keys): one program per (head, tile), so one query spreads over the GPU, where SDPA runs a few
-    programs per head through a million keys. Elsewhere: masked SDPA with GQA folded (`one_query_attention`).
+    On CUDA the Triton kernel of moba/triton/dense_decode.py runs it: one program per (KV head, slice of
+    keys) for all the query heads of that KV head, so one query spreads over the GPU and the cache is
+    read once, not once per query head. Elsewhere: masked SDPA with GQA folded (`one_query_attention`).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if _use_triton(q, k, v, scale):
-        decode = importlib.import_module("moba.triton.decode")
+        kernel = importlib.import_module("moba.triton.dense_decode")
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        blk = dense_blocks(q, k.shape[2], length, tile)
-        return decode.static_decode(q, k, v, blk, length, block_size=tile, scale=scale)
+        return kernel.dense_decode(q, k, v, length, scale=scale)
     return one_query_attention(q, k, v, torch.arange(k.shape[2], device=q.device) < length, scale=scale)
-
-
-def dense_blocks(q, capacity: int, length, tile: int) -> torch.Tensor:
-    """int32 [B, Hq, 1, 1 + ceil(capacity / tile)]: the query's own block of `tile` keys in slot 0 (masked
-    causally by the kernel), then every earlier block, -1 for the rest: the table of dense attention."""
-    B, Hq = q.shape[:2]
-    ids = torch.arange(-(-capacity // tile), device=q.device)
-    own = torch.div(length - 1, tile, rounding_mode="floor")  # [1]
-    past = torch.where(ids < own, ids, -1)
-    return torch.cat([own.expand(1), past])[None, None, None].expand(B, Hq, 1, -1).to(torch.int32)
 
 
 def static_sliding_decode(q, k, v, length, window: int, *, scale: float | None = None) -> torch.Tensor:

@@ -153,14 +153,15 @@ def test_no_recorder_records_nothing():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-query dense kernel runs on CUDA")
 def test_dense_decode_step_on_cuda_equals_sdpa(monkeypatch):
-    """A dense layer's decode step (one query, bf16, head dim 64) runs the split-K Triton kernel over every
-    block of keys and matches SDPA."""
+    """A dense layer's decode step (one query, bf16, head dim 64) runs the GQA-grouped Triton kernel over
+    slices of the keys and matches SDPA."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    import moba.triton.dense_decode
     from tests.tinymodels import COMMON
 
     calls = spy(monkeypatch, moba.hf, "static_dense_decode")
-    launches = spy(monkeypatch, moba.static, "dense_blocks")
+    launches = spy(monkeypatch, moba.triton.dense_decode, "dense_decode")
     models = []
     for attn in ("moba", "sdpa"):
         torch.manual_seed(0)
@@ -174,5 +175,5 @@ def test_dense_decode_step_on_cuda_equals_sdpa(monkeypatch):
             cache = DynamicCache(config=m.config)
             m(ids[:, :-1], past_key_values=cache)
             outs.append(m(ids[:, -1:], past_key_values=cache).logits.float())
-    assert len(calls) == 3 and len(launches) == 3  # every layer's step took the kernel's all-blocks table
+    assert len(calls) == 3 and len(launches) == 3  # every layer's step ran the dense decode kernel
     assert (outs[0] - outs[1]).abs().max() < 0.05 * outs[1].abs().max()

@@ -110,23 +110,24 @@ def test_static_kernel_under_interpreter():
 _DENSE_INTERP_SCRIPT = """
     import json
     import torch
-    from moba.static import dense_blocks
-    from moba.triton.decode import static_decode
+    from moba.triton.dense_decode import dense_decode
     from tests.moba.test_static import buffers
     errs = []
-    for L in [1, 63, 64, 65, 200, 300]:
-        q, k, v, _, length = buffers(1, 8, 2, 64, 64, 300, L, torch.float16, "cpu")
-        blk = dense_blocks(q, 300, length, 64)  # five blocks of 64 keys: what static_dense_decode runs on CUDA
-        out = static_decode(q, k, v, blk, length, block_size=64, scale=0.125)
-        kf, vf = (t[:, :, :L].float().repeat_interleave(4, 1) for t in (k, v))
-        ref = torch.softmax(q.float() @ kf.transpose(-1, -2) * 0.125, -1) @ vf
-        errs.append((out.float() - ref).abs().max().item())
+    for Hq, Hkv, D in [(8, 2, 64), (28, 4, 64), (4, 4, 128)]:  # GQA 4, 7 (not a power of 2), none
+        for L in [1, 63, 64, 65, 200, 300]:
+            q, k, v, _, length = buffers(1, Hq, Hkv, D, 64, 300, L, torch.float16, "cpu")
+            out = dense_decode(q, k, v, length, scale=D ** -0.5)  # slices of 64 keys: five programs per KV head
+            kf, vf = (t[:, :, :L].float().repeat_interleave(Hq // Hkv, 1) for t in (k, v))
+            ref = torch.softmax(q.float() @ kf.transpose(-1, -2) * D ** -0.5, -1) @ vf
+            errs.append((out.float() - ref).abs().max().item())
     print(json.dumps(errs))
 """
 
 
 @pytest.mark.skipif(CUDA or importlib.util.find_spec("triton") is None, reason="CUDA runs the kernel for real; needs Triton")
 def test_static_dense_decode_kernel_under_interpreter():
+    """The GQA-grouped kernel (all query heads of a KV head in one program) against exact attention, the
+    garbage past the length left out, at lengths on and across slice edges."""
     assert max(run_interpreted(_DENSE_INTERP_SCRIPT)) < 2e-3
 
 
