@@ -168,14 +168,34 @@ def _persistent(model: nn.Module, name: str) -> bool:
 
 def save(model: nn.Module, tokenizer, dest: Path) -> None:
     """Write ``model`` (float weights) quantized, its config, generation config and ``tokenizer`` to ``dest``."""
+    write(dest, model.config, getattr(model, "generation_config", None), tokenizer, quantized_state(model))
+
+
+def write(dest: Path, config, generation_config, tokenizer, state: dict[str, torch.Tensor]) -> None:
+    """Write a quantized directory: ``config``, ``generation_config`` (None: none), ``tokenizer`` and
+    ``state`` (:func:`quantized_state`, or agent/convert.py's, built tensor by tensor with :func:`stored`)."""
     from safetensors.torch import save_file
 
-    model.config.save_pretrained(dest)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(dest)
+    config.save_pretrained(dest)
+    if generation_config is not None:
+        generation_config.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
-    save_file(quantized_state(model), str(dest / WEIGHTS_FILE), metadata={"format": FORMAT})
+    save_file(state, str(dest / WEIGHTS_FILE), metadata={"format": FORMAT})
     align_data(dest / WEIGHTS_FILE)
+
+
+def stored(model: nn.Module, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What :func:`quantized_state` stores for ``model``'s parameter ``name`` holding ``tensor`` (float):
+    a quantized matrix for the weight of a Linear or the input embedding, else the tensor in fp32."""
+    owner, _, leaf = name.rpartition(".")
+    if leaf == "weight" and _quantizable(model, model.get_submodule(owner)):
+        return {f"{owner}.{k}": v for k, v in _matrix(tensor).items()}
+    return {name: tensor.detach().float().contiguous()}
+
+
+def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers :func:`quantized_state` stores (those saved with the model), in fp32."""
+    return {n: b.detach().float().contiguous() for n, b in model.named_buffers() if _persistent(model, n)}
 
 
 def align_data(path: Path) -> None:

@@ -1,0 +1,130 @@
+"""Quantize a GGUF file into a quantized model directory one tensor at a time, never building the fp32 model.
+
+Each tensor is read from the memory-mapped file and dequantized (the gguf package), named and fixed up
+as transformers' GGUF loader does (its name map and its per-architecture tensor processor, e.g. the
+un-permuted q/k of llama-arch files), quantized at once by agent.quant's per-matrix rule, and its fp32
+copy dropped. The peak is the quantized result plus one tensor in fp32, not the whole fp32 model and its
+state dict. The config, generation config and tokenizer come from the file's metadata through
+transformers; the model's skeleton, on the meta device, says which parameters exist, which matrices are
+quantized and which are tied. The directory written is what ``agent.quant.save`` writes for
+transformers' fp32 model of the same file, tensor for tensor.
+
+A file this module cannot stream (a tensor processor that merges or splits tensors, an architecture
+this transformers loads through its newer GGUF path, a transformers without the functions used here)
+raises :class:`Unsupported`; the caller converts it through the full model instead. Knows nothing of
+where files come from (agent/pull.py), of loading for inference, attention or prompts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agent import quant
+
+# transformers' tensor processors that fix up each tensor by itself (TensorProcessor: none; llama: q/k
+# un-permuted; gemma2/3, nemotron: norms less one); the others merge MoE experts or split heads
+_STREAMED_PROCESSORS = ("TensorProcessor", "LlamaTensorProcessor", "Gemma2TensorProcessor", "NemotronTensorProcessor")
+
+
+class Unsupported(Exception):
+    """This file cannot be streamed with this transformers; the message says why, in one line."""
+
+
+def quantize_gguf(gguf_path: Path, dest: Path) -> None:
+    """Write ``gguf_path`` quantized into the existing empty directory ``dest`` (as agent.quant.save would).
+
+    Raises Unsupported (see the module docstring) before anything is written; ValueError (a tensor
+    missing from the file or of the wrong shape), OSError or struct.error (an unreadable or truncated
+    file) while reading it.
+    """
+    from gguf import GGUFReader
+    from transformers import AutoConfig, AutoTokenizer
+
+    legacy = _legacy_loader()
+    reader = GGUFReader(gguf_path)
+    metadata = legacy.load_gguf_checkpoint(str(gguf_path), return_tensors=False)
+    processor = _processor(legacy, legacy.read_field(reader, "general.architecture")[0], metadata["config"])
+    config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = _skeleton(config)
+    state = _quantized_tensors(reader, processor, legacy.get_gguf_hf_weights_map(model, processor), model, metadata)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    quant.write(dest, model.config, getattr(model, "generation_config", None), tokenizer, state)
+
+
+def _legacy_loader():
+    """transformers' tensor-by-tensor GGUF loader, whose functions this module calls."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as legacy
+    except ImportError as e:
+        raise Unsupported(f"this transformers has no GGUF tensor loader ({e})") from e
+    wanted = ("load_gguf_checkpoint", "get_gguf_hf_weights_map", "read_field", "TENSOR_PROCESSORS", "TensorProcessor")
+    missing = [name for name in wanted if not hasattr(legacy, name)]
+    if missing:
+        raise Unsupported(f"this transformers' GGUF loader lacks {', '.join(missing)}")
+    return legacy
+
+
+def _processor(legacy, architecture: str, config: dict):
+    """transformers' tensor processor for ``architecture`` where it fixes up each tensor by itself."""
+    cls = legacy.TENSOR_PROCESSORS.get(architecture, legacy.TensorProcessor)
+    if cls.__name__ not in _STREAMED_PROCESSORS:
+        raise Unsupported(f"transformers' {cls.__name__} for '{architecture}' merges or splits tensors")
+    if _newer_path_loads(architecture):
+        raise Unsupported(f"this transformers loads '{architecture}' through its newer GGUF path")
+    return cls(config=config)
+
+
+def _newer_path_loads(architecture: str) -> bool:
+    """Whether transformers loads ``architecture`` by its block-keeping GGUF path (5.17+) rather than the
+    tensor-by-tensor loader; a transformers without that path loads every architecture the old way."""
+    try:
+        from transformers.integrations.gguf.utils import is_gguf_arch_supported
+    except ImportError:
+        return False
+    return is_gguf_arch_supported(architecture)
+
+
+def _skeleton(config) -> torch.nn.Module:
+    """The fp32 model of ``config`` with its parameters on the meta device (no memory; buffers are real),
+    tied as transformers ties a loaded model."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()
+    return model
+
+
+def _quantized_tensors(reader, processor, names: dict[str, str], model, metadata: dict) -> dict[str, torch.Tensor]:
+    """The stored state of ``model``, read from ``reader`` one tensor at a time (``names``: GGUF -> model)."""
+    from gguf import dequantize
+
+    params, state, seen = dict(model.named_parameters()), quant.persistent_buffers(model), set()
+    for tensor in reader.tensors:
+        fixed = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
+                                  tensor_key_mapping=names, parsed_parameters=metadata)
+        name = names.get(fixed.name)
+        if name is None:
+            continue  # not a weight of the model (e.g. llama3's rope_freqs), as transformers skips it
+        if name not in params:
+            raise Unsupported(f"the file's {tensor.name} maps to {name}, which is not a parameter of the model")
+        state.update(quant.stored(model, name, _fp32(fixed.weights, name, params[name].shape)))
+        seen.add(name)
+    missing = [n for n in params if n not in seen]
+    if missing:
+        raise ValueError(f"the file has no tensor for {missing[0]} ({len(missing)} missing): it is incomplete, "
+                         "or not a model moba-ask can convert")
+    return state
+
+
+def _fp32(weights: np.ndarray, name: str, shape: torch.Size) -> torch.Tensor:
+    """``weights`` as an fp32 tensor of ``shape`` (copied only where read-only or of another dtype)."""
+    if tuple(weights.shape) != tuple(shape):
+        raise ValueError(f"the file's tensor for {name} is {tuple(weights.shape)}, the model's {tuple(shape)}")
+    return torch.from_numpy(np.require(weights, np.float32, ["C", "W"]))
