@@ -27,6 +27,7 @@ from agent import quant
 # transformers' tensor processors that fix up each tensor by itself (TensorProcessor: none; llama: q/k
 # un-permuted; gemma2/3, nemotron: norms less one); the others merge MoE experts or split heads
 _STREAMED_PROCESSORS = ("TensorProcessor", "LlamaTensorProcessor", "Gemma2TensorProcessor", "NemotronTensorProcessor")
+_ROWS = 4096  # rows dequantized at a time: gguf's dequantizer holds several copies of what it is given
 
 
 class Unsupported(Exception):
@@ -103,11 +104,9 @@ def _skeleton(config) -> torch.nn.Module:
 
 def _quantized_tensors(reader, processor, names: dict[str, str], model, metadata: dict) -> dict[str, torch.Tensor]:
     """The stored state of ``model``, read from ``reader`` one tensor at a time (``names``: GGUF -> model)."""
-    from gguf import dequantize
-
     params, state, seen = dict(model.named_parameters()), quant.persistent_buffers(model), set()
     for tensor in reader.tensors:
-        fixed = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
+        fixed = processor.process(weights=_dequantized(tensor), name=tensor.name,
                                   tensor_key_mapping=names, parsed_parameters=metadata)
         name = names.get(fixed.name)
         if name is None:
@@ -121,6 +120,22 @@ def _quantized_tensors(reader, processor, names: dict[str, str], model, metadata
         raise ValueError(f"the file has no tensor for {missing[0]} ({len(missing)} missing): it is incomplete, "
                          "or not a model moba-ask can convert")
     return state
+
+
+def _dequantized(tensor) -> np.ndarray:
+    """A GGUF tensor's values in fp32, dequantized _ROWS rows at a time (a block never spans rows)."""
+    from gguf import dequantize
+
+    data = tensor.data
+    if data.ndim < 2:
+        return dequantize(data, tensor.tensor_type)
+    parts = (dequantize(data[r : r + _ROWS], tensor.tensor_type) for r in range(0, data.shape[0], _ROWS))
+    first = next(parts)
+    out = np.empty((data.shape[0], *first.shape[1:]), np.float32)
+    out[: len(first)] = first
+    for r, part in zip(range(_ROWS, data.shape[0], _ROWS), parts):
+        out[r : r + len(part)] = part
+    return out
 
 
 def _fp32(weights: np.ndarray, name: str, shape: torch.Size) -> torch.Tensor:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -19,6 +20,7 @@ from tests.agent.conftest import write_tiny_gguf
 VARIANTS = {  # llama-arch: q/k are un-permuted from the GGUF's order
     "f32-tied": {},
     "q4_0-untied": {"hidden": 64, "ffn": 128, "qtype": gguf.GGMLQuantizationType.Q4_0, "output": True},
+    "q4_1-tied": {"hidden": 64, "ffn": 128, "qtype": gguf.GGMLQuantizationType.Q4_1},
     "q8_0-untied": {"hidden": 64, "ffn": 128, "qtype": gguf.GGMLQuantizationType.Q8_0, "output": True},
 }
 
@@ -58,7 +60,7 @@ def test_streamed_cache_is_the_fp32_models_bit_for_bit(variant, tmp_path, monkey
     assert meta_new == meta_old == {"format": quant.FORMAT}
     assert sorted(new_t) == sorted(old_t)
     assert all(new_t[k].dtype == old_t[k].dtype and torch.equal(new_t[k], old_t[k]) for k in old_t)
-    if variant.startswith("q4_0"):
+    if variant.startswith("q4"):
         assert any(k.endswith(".qweight4") for k in new_t)
     assert sorted(p.name for p in new.iterdir()) == sorted(p.name for p in old.iterdir())
     for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
@@ -114,3 +116,23 @@ def test_an_architecture_it_does_not_stream_goes_the_old_way_and_says_so(tmp_pat
     notes = [line for line in capfd.readouterr().err.splitlines() if "cannot stream" in line]
     assert len(notes) == 1 and "LlamaTensorProcessor for 'llama'" in notes[0] and "whole fp32 model" in notes[0]
     assert all(torch.equal(a, b) for a, b in zip(tensors(old)[1].values(), tensors(new)[1].values()))
+
+
+def test_int8_rows_a_slice_at_a_time_equal_the_whole_matrix_at_once():
+    w = torch.randn(quant._ROWS + 300, 64, generator=torch.Generator().manual_seed(1)) * 0.02
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    got_q, got_scale = quant._int8_rows(w)
+    assert torch.equal(got_q, qweight) and torch.equal(got_scale, scale)
+    whole = ((qweight * scale[:, None] - w).norm() / w.norm().clamp(min=1e-30)).item()
+    assert quant._int8_error(qweight, scale, w) == whole
+
+
+def test_a_tensor_dequantized_a_slice_at_a_time_equals_it_whole(tmp_path, monkeypatch):
+    from agent import convert
+
+    monkeypatch.setattr(convert, "_ROWS", 100)
+    source = write_tiny_gguf(tmp_path / "q.gguf", **VARIANTS["q4_1-tied"])
+    for t in gguf.GGUFReader(source).tensors:
+        whole = gguf.dequantize(t.data, t.tensor_type)
+        assert np.array_equal(convert._dequantized(t), whole) and convert._dequantized(t).dtype == np.float32
