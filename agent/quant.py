@@ -181,14 +181,24 @@ def save(model: nn.Module, tokenizer, dest: Path) -> None:
 
 
 def write(dest: Path, config, generation_config, tokenizer, state: dict[str, torch.Tensor]) -> None:
-    """Write a quantized directory: ``config``, ``generation_config`` (None: none), ``tokenizer`` and
-    ``state`` (:func:`quantized_state`, or agent/convert.py's, built tensor by tensor with :func:`stored`)."""
-    from safetensors.torch import save_file
+    """Write a quantized directory: :func:`write_metadata`, then :func:`write_weights`."""
+    write_metadata(dest, config, generation_config, tokenizer)
+    write_weights(dest, state)
 
+
+def write_metadata(dest: Path, config, generation_config, tokenizer) -> None:
+    """Write ``config``, ``generation_config`` (None: none) and ``tokenizer`` to ``dest``."""
     config.save_pretrained(dest)
     if generation_config is not None:
         generation_config.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
+
+
+def write_weights(dest: Path, state: dict[str, torch.Tensor]) -> None:
+    """Write ``state`` (:func:`quantized_state`, or agent/convert.py's, built tensor by tensor with
+    :func:`stored`) as the directory's weights file, aligned for the int8 kernel."""
+    from safetensors.torch import save_file
+
     save_file(state, str(dest / WEIGHTS_FILE), metadata={"format": FORMAT})
     align_data(dest / WEIGHTS_FILE)
 
