@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agent import quant, residency
+from agent import quant
 
 # transformers' tensor processors that fix up each tensor by itself (TensorProcessor: none; llama: q/k
 # un-permuted; gemma2/3, nemotron: norms less one); the others merge MoE experts or split heads
@@ -51,7 +51,6 @@ def quantize_gguf(gguf_path: Path, dest: Path) -> None:
     del reader  # its parsed metadata (a 150K-token vocabulary: about 0.5 GB) is not needed any more
     model, processor = _described(legacy, gguf_path, architecture, dest)
     names = legacy.get_gguf_hf_weights_map(model, processor)
-    residency.lean_allocator()  # what the metadata's parse left free goes back before the tensors come
     quant.write_weights(dest, _quantized_tensors(tensors, mapping, processor, names, model))
 
 
