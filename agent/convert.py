@@ -9,7 +9,7 @@ transformers; the model's skeleton, on the meta device, says which parameters ex
 quantized and which are tied. The directory written is what ``agent.quant.save`` writes for
 transformers' fp32 model of the same file, tensor for tensor.
 
-A file this module cannot stream (a tensor processor that merges or splits tensors, an architecture
+A file this module does not stream (a tensor processor other than those checked here, an architecture
 this transformers loads through its newer GGUF path, a transformers without the functions used here)
 raises :class:`Unsupported`; the caller converts it through the full model instead. Knows nothing of
 where files come from (agent/pull.py), of loading for inference, attention or prompts.
@@ -25,9 +25,9 @@ import torch
 
 from agent import quant
 
-# transformers' tensor processors that fix up each tensor by itself (TensorProcessor: none; llama: q/k
-# un-permuted; gemma2/3, nemotron: norms less one); the others merge MoE experts or split heads
-_STREAMED_PROCESSORS = ("TensorProcessor", "LlamaTensorProcessor", "Gemma2TensorProcessor", "NemotronTensorProcessor")
+# transformers' tensor processors streamed here, checked bit for bit against its fp32 model (TensorProcessor:
+# no fix-up, e.g. qwen2; llama: q/k un-permuted); the others go the old way (some merge MoE experts or split heads)
+_STREAMED_PROCESSORS = ("TensorProcessor", "LlamaTensorProcessor")
 _ROWS = 4096  # rows dequantized at a time: gguf's dequantizer holds several copies of what it is given
 
 
@@ -87,7 +87,7 @@ def _processor(legacy, architecture: str, config: dict):
     """transformers' tensor processor for ``architecture`` where it fixes up each tensor by itself."""
     cls = legacy.TENSOR_PROCESSORS.get(architecture, legacy.TensorProcessor)
     if cls.__name__ not in _STREAMED_PROCESSORS:
-        raise Unsupported(f"transformers' {cls.__name__} for '{architecture}' merges or splits tensors")
+        raise Unsupported(f"transformers' {cls.__name__} for '{architecture}' is not one it streams")
     if _newer_path_loads(architecture):
         raise Unsupported(f"this transformers loads '{architecture}' through its newer GGUF path")
     return cls(config=config)
