@@ -174,7 +174,7 @@ def hub_errors() -> tuple[type[BaseException], ...]:
 def _note(enabled: bool, message: str) -> None:
     from rich.console import Console
 
-    Console(stderr=True, quiet=not enabled).print(message, highlight=False)
+    Console(stderr=True, quiet=not enabled).print(message, highlight=False, soft_wrap=True)
 
 
 def convert_gguf(gguf: Path, hf: Path) -> Path:
@@ -205,23 +205,38 @@ def convert_gguf(gguf: Path, hf: Path) -> Path:
 
 def quantize(source: Path, q8: Path) -> Path:
     """Quantize ``source`` (a GGUF file or a Hugging Face directory) into ``q8`` (atomic, agent/quant.py);
-    return ``q8``. The float model is read once, in fp32, and never stored."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return ``q8``. A GGUF is streamed a tensor at a time (agent/convert.py: the peak is near the size of the
+    result); a directory, or a GGUF agent/convert.py cannot stream (said once on stderr), is read once as
+    transformers' fp32 model, never stored."""
+    from agent import convert
 
-    gguf = {"gguf_file": source.name} if source.suffix.lower() == ".gguf" else {}
-    where = source.parent if gguf else source
     try:
         with _staging(q8) as tmp, quiet_transformers():
-            tok = AutoTokenizer.from_pretrained(where, **gguf)
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **gguf)
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            quant.save(model, tok, tmp)
+            if source.suffix.lower() != ".gguf":
+                _quantize_model(source, {}, tmp)
+                return q8
+            try:
+                convert.quantize_gguf(source, tmp)
+            except convert.Unsupported as e:
+                _note(True, f"cannot stream {source.name} ({e}): quantizing it through transformers' whole fp32 "
+                            "model instead, which needs about 10x the file's size in memory")
+                _quantize_model(source.parent, {"gguf_file": source.name}, tmp)
     except (OSError, ValueError, ImportError, struct.error) as e:  # struct.error: a truncated GGUF header
         fix = "check the file and that the gguf and accelerate packages are installed"
         raise ModelError(f"cannot quantize {source}: {first_line(e)}: {fix}") from e
     return q8
+
+
+def _quantize_model(where: Path, gguf: dict[str, str], dest: Path) -> None:
+    """Quantize the fp32 model transformers builds from ``where`` (and ``gguf``'s file) into ``dest``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(where, **gguf)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **gguf)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    quant.save(model, tok, dest)
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ FORMAT = "moba-ask-quant/2"  # 4 bits where lossless against int8, else int8
 INT8_FORMAT = "moba-ask-int8/1"  # every matrix int8: still loads; the note says how to get the smaller form
 SCALES_DTYPE = torch.bfloat16  # 4-bit scales and zeros as stored (and as the kernel takes them with bf16 activations)
 _KERNEL_K_MULTIPLE = 16  # the int8 kernel returns garbage (or crashes) for other input widths
+_ROWS = 4096  # rows quantized to int8 at a time (bounds the conversion's memory on a 150K-row embedding)
 ALIGN = 64  # bytes; the int8 kernel crashes on weights that start elsewhere (32 works, 4 and 28 crash)
 
 
@@ -120,9 +121,19 @@ def is_quantized_dir(path: Path) -> bool:
 
 
 def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 ``qweight`` and fp32 ``scale`` per row, _ROWS rows at a time (the temporaries stay a slice)."""
     w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+    qweight, scale = torch.empty(w.shape, dtype=torch.int8), torch.empty(w.shape[0])
+    for r in range(0, w.shape[0], _ROWS):
+        rows = w[r : r + _ROWS]
+        scale[r : r + _ROWS] = rows.abs().amax(dim=1).clamp(min=1e-12) / 127
+        qweight[r : r + _ROWS] = (rows / scale[r : r + _ROWS, None]).round_().clamp_(-127, 127)
+    return qweight, scale
+
+
+def _int8_error(qweight: torch.Tensor, scale: torch.Tensor, w: torch.Tensor) -> float:
+    """The relative (Frobenius) error of the int8 weight against ``w``, with one temporary of its size."""
+    return (qweight.float().mul_(scale[:, None]).sub_(w).norm() / w.norm().clamp(min=1e-30)).item()
 
 
 def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -149,9 +160,7 @@ def _matrix(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     qweight, scale = _int8_rows(weight)
     if int4.supports(*weight.shape):
         packed, scales_zeros, err4 = int4.quantize(weight, SCALES_DTYPE)
-        w = weight.detach().float()
-        err8 = ((qweight * scale[:, None] - w).norm() / w.norm().clamp(min=1e-30)).item()
-        if err4 <= err8:
+        if err4 <= _int8_error(qweight, scale, weight.detach().float()):
             return {"qweight4": packed, "scales_zeros": scales_zeros}
     return {"qweight": qweight, "scale": scale}
 
@@ -168,14 +177,44 @@ def _persistent(model: nn.Module, name: str) -> bool:
 
 def save(model: nn.Module, tokenizer, dest: Path) -> None:
     """Write ``model`` (float weights) quantized, its config, generation config and ``tokenizer`` to ``dest``."""
+    write(dest, model.config, getattr(model, "generation_config", None), tokenizer, quantized_state(model))
+
+
+def write(dest: Path, config, generation_config, tokenizer, state: dict[str, torch.Tensor]) -> None:
+    """Write a quantized directory: :func:`write_metadata`, then :func:`write_weights`."""
+    write_metadata(dest, config, generation_config, tokenizer)
+    write_weights(dest, state)
+
+
+def write_metadata(dest: Path, config, generation_config, tokenizer) -> None:
+    """Write ``config``, ``generation_config`` (None: none) and ``tokenizer`` to ``dest``."""
+    config.save_pretrained(dest)
+    if generation_config is not None:
+        generation_config.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+
+
+def write_weights(dest: Path, state: dict[str, torch.Tensor]) -> None:
+    """Write ``state`` (:func:`quantized_state`, or agent/convert.py's, built tensor by tensor with
+    :func:`stored`) as the directory's weights file, aligned for the int8 kernel."""
     from safetensors.torch import save_file
 
-    model.config.save_pretrained(dest)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(dest)
-    tokenizer.save_pretrained(dest)
-    save_file(quantized_state(model), str(dest / WEIGHTS_FILE), metadata={"format": FORMAT})
+    save_file(state, str(dest / WEIGHTS_FILE), metadata={"format": FORMAT})
     align_data(dest / WEIGHTS_FILE)
+
+
+def stored(model: nn.Module, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What :func:`quantized_state` stores for ``model``'s parameter ``name`` holding ``tensor`` (float):
+    a quantized matrix for the weight of a Linear or the input embedding, else the tensor in fp32."""
+    owner, _, leaf = name.rpartition(".")
+    if leaf == "weight" and _quantizable(model, model.get_submodule(owner)):
+        return {f"{owner}.{k}": v for k, v in _matrix(tensor).items()}
+    return {name: tensor.detach().float().contiguous()}
+
+
+def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers :func:`quantized_state` stores (those saved with the model), in fp32."""
+    return {n: b.detach().float().contiguous() for n, b in model.named_buffers() if _persistent(model, n)}
 
 
 def align_data(path: Path) -> None:

@@ -35,9 +35,11 @@ def _byte_tokens() -> list[str]:
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
 
-def write_tiny_gguf(path: Path, layers=2, hidden=32, ffn=64, heads=4, kv_heads=2, seed=0, context=512) -> Path:
-    """A tiny random Llama GGUF that transformers loads (fp32 tensors, gpt2-style tokenizer); `context`:
-    its window in positions."""
+def write_tiny_gguf(path: Path, layers=2, hidden=32, ffn=64, heads=4, kv_heads=2, seed=0, context=512,
+                    qtype=None, output=False) -> Path:
+    """A tiny random Llama GGUF that transformers loads (gpt2-style tokenizer); `context`: its window in
+    positions. Tensors are fp32, or the matrices in ``qtype`` (a gguf.GGMLQuantizationType) where given;
+    ``output``: an untied output layer."""
     import gguf
 
     tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *_byte_tokens(), "Ġt", "he"]
@@ -62,10 +64,13 @@ def write_tiny_gguf(path: Path, layers=2, hidden=32, ffn=64, heads=4, kv_heads=2
     w.add_pad_token_id(2)
     w.add_chat_template(CHATML)
     rng = np.random.default_rng(seed)
-    for name, shape in _tiny_tensors(layers, hidden, ffn, kv_heads * (hidden // heads), len(tokens)):
+    for name, shape in _tiny_tensors(layers, hidden, ffn, kv_heads * (hidden // heads), len(tokens), output):
         norm = name.endswith("norm.weight")
-        data = np.ones(shape, np.float32) if norm else rng.standard_normal(shape) * 0.02
-        w.add_tensor(name, data.astype(np.float32))
+        data = (np.ones(shape) if norm else rng.standard_normal(shape) * 0.02).astype(np.float32)
+        if qtype is None or norm:
+            w.add_tensor(name, data)
+        else:
+            w.add_tensor(name, gguf.quantize(data, qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -73,9 +78,11 @@ def write_tiny_gguf(path: Path, layers=2, hidden=32, ffn=64, heads=4, kv_heads=2
     return path
 
 
-def _tiny_tensors(layers, hidden, ffn, kv_dim, vocab):
+def _tiny_tensors(layers, hidden, ffn, kv_dim, vocab, output=False):
     yield "token_embd.weight", (vocab, hidden)
     yield "output_norm.weight", (hidden,)
+    if output:
+        yield "output.weight", (vocab, hidden)
     for i in range(layers):
         for name, shape in [("attn_norm", (hidden,)), ("ffn_norm", (hidden,)), ("attn_q", (hidden, hidden)),
                             ("attn_k", (kv_dim, hidden)), ("attn_v", (kv_dim, hidden)),
