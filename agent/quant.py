@@ -247,12 +247,12 @@ def load(path: Path, dtype: torch.dtype, attn_implementation: str):
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise _damaged(path, f"config.json: {type(e).__name__}") from e
+    residency.lean_allocator()  # before the model is built, so its transient CPU weights leave no hole in the heap
     with _empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     _swap_modules(model, dtype, four_bit={k.rsplit(".", 1)[0] for k in state if k.endswith(".qweight4")})
     _assign(model, state, path)
     _load_generation_config(model, path)
-    residency.lean_allocator()
     _page_out_embedding(model, path / WEIGHTS_FILE)
     return model.eval()
 

@@ -85,3 +85,51 @@ def test_each_forward_sets_the_allocator_for_its_rows(monkeypatch):
     mmap_at, trim_at = residency._M_MMAP_THRESHOLD, residency._M_TRIM_THRESHOLD
     step = [(mmap_at, 32 << 20), (trim_at, 16 << 20)]
     assert calls == step + [(mmap_at, 1 << 20), (trim_at, 4 << 20)] + step
+
+
+_HEAP_PROBE = """
+import ctypes, sys, torch, transformers
+from pathlib import Path
+from agent import quant, residency
+libc = residency._libc()
+libc.mallopt(residency._M_MMAP_THRESHOLD, 32 << 20)  # glibc's own thresholds once its dynamic mmap threshold
+libc.mallopt(residency._M_TRIM_THRESHOLD, 64 << 20)  # has reached its maximum (as after importing torch)
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                               "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Info
+with torch.device("meta"):  # imports what building the model imports, with no weights on the CPU
+    transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(sys.argv[1]))
+import accelerate
+before, built = libc.mallinfo2().arena, []
+swap = quant._swap_modules
+quant._swap_modules = lambda *a, **k: built.append(libc.mallinfo2().arena) or swap(*a, **k)
+quant.load(Path(sys.argv[1]), torch.bfloat16, "sdpa")
+print(built[0] - before)
+"""
+
+
+def test_building_the_model_leaves_no_hole_in_the_heap(tokenizer_path, tmp_path):  # noqa: F811
+    """The weights transformers creates on the CPU while the model is built (init_empty_weights then moves them to
+    meta) must be mapped and unmapped, not taken from the heap: freed there they left a hole the size of the model
+    (2.2 GB for the 1.5B one) that the KV cache and the prefill's buffers were later carved from, and stayed
+    resident (16K peaks of 2,434-2,450 MiB against 2,208-2,215; bench/RESULTS.md). Run in a fresh process,
+    whose heap has no holes of its own yet."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    libc = residency._libc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        pytest.skip("needs glibc 2.33 or later (mallopt, mallinfo2)")
+    cfg = Qwen2Config(vocab_size=128, hidden_size=1024, intermediate_size=4096, num_hidden_layers=1,
+                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32).eval()
+    weights = sum(p.numel() * 2 for p in model.parameters() if p.numel() * 2 >= 1 << 20)  # bf16 blocks of 1 MiB+
+    saved(model, AutoTokenizer.from_pretrained(tokenizer_path), tmp_path / "q", dtype=torch.bfloat16, attn="sdpa")
+    done = subprocess.run([sys.executable, "-c", _HEAP_PROBE, str(tmp_path / "q")], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    grown = int(done.stdout.split()[-1])
+    assert weights > 24 << 20 and grown < weights // 8, f"the heap grew by {grown >> 20} MiB while the model was built"
