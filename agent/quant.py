@@ -137,21 +137,11 @@ def _int8_error(qweight: torch.Tensor, scale: torch.Tensor, w: torch.Tensor) -> 
 
 
 def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state to store for ``model`` (float weights): for every Linear and the input embedding either
-    4-bit ``qweight4`` + bf16 ``scales_zeros`` or int8 ``qweight`` + fp32 ``scale`` (:func:`_matrix`),
-    fp32 for the rest; a tied output layer is stored once."""
-    quantized = {id(m): n for n, m in model.named_modules() if _quantizable(model, m)}
-    state, seen = {}, set()
-    for name, module in model.named_modules():
-        if id(module) in quantized and id(module.weight) not in seen:
-            seen.add(id(module.weight))
-            state.update({f"{name}.{k}": v for k, v in _matrix(module.weight).items()})
-            if getattr(module, "bias", None) is not None:
-                state[f"{name}.bias"] = module.bias.detach().float().contiguous()
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        owner = name.rsplit(".", 1)[0]
-        if owner not in quantized.values() and _persistent(model, name):
-            state[name] = tensor.detach().float().contiguous()
+    """The state to store for ``model`` (float weights): every parameter as :func:`stored` keeps it (a tied
+    output layer once, as the embedding) and the persistent buffers."""
+    state = persistent_buffers(model)
+    for name, param in model.named_parameters():
+        state.update(stored(model, name, param))
     return state
 
 
