@@ -28,6 +28,9 @@ _REF = re.compile(
 )
 
 
+KEEP_SHARE = 0.3  # ranges under 0.3 x the strongest are dropped: +0.06-0.08 line precision (bench/RESULTS.md)
+
+
 @dataclass(frozen=True)
 class Citation:
     """A cited line range. score: routing strength (share of routed attention), or 0 for text-only."""
@@ -45,7 +48,7 @@ class Citation:
 
 def from_routing(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: int,
                  top_n: int = 8, max_lines: int = 24, weights: torch.Tensor | None = None,
-                 signal: str = MASS, keep_share: float | None = None) -> list[Citation]:
+                 signal: str = MASS, keep_share: float = KEEP_SHARE) -> list[Citation]:
     """Ranked citations from a recorder's routing over a source map in absolute token positions.
 
     With per-head evidence in the recorder, see `from_evidence` (weights, signal, keep_share). Otherwise:
@@ -73,13 +76,12 @@ def from_routing(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: in
 
 def from_evidence(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: int, top_n: int = 8,
                   max_lines: int = 24, weights: torch.Tensor | None = None, signal: str = MASS,
-                  keep_share: float | None = None) -> list[Citation]:
+                  keep_share: float = KEEP_SHARE) -> list[Citation]:
     """Ranked citations from per-head evidence: `cite_blocks` over the recorder's `evidence_scores` and
-    its (head-weighted) key mass (keep_share None: cite_blocks' default)."""
+    its (head-weighted) key mass."""
     scores = evidence_scores(rec, smap, block_size=block_size, sink_blocks=sink_blocks, weights=weights, signal=signal)
-    kept = {} if keep_share is None else {"keep_share": keep_share}
     return cite_blocks(scores, rec.key_mass.numpy(), smap, block_size=block_size, top_n=top_n, max_lines=max_lines,
-                       **kept)
+                       keep_share=keep_share)
 
 
 def evidence_scores(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: int,
@@ -89,15 +91,12 @@ def evidence_scores(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks:
     return block_scores(ev, weights, candidate_blocks(smap, ev.shape[-1], block_size, sink_blocks))
 
 
-KEEP_SHARE = 0.3  # ranges under 0.3 x the strongest are dropped: +0.06-0.08 line precision (bench/RESULTS.md)
-
-
 def cite_blocks(scores: np.ndarray, mass: np.ndarray, smap, *, block_size: int, top_n: int = 8,
                 max_lines: int = 24, keep_share: float = KEEP_SHARE) -> list[Citation]:
     """The `top_n` blocks by `scores`, each narrowed to its lines whose key mass (`mass` [Tk]) stands out
     from the block's median line, at most `max_lines` lines a block, merged into ranges; ranges scoring
-    under `keep_share` times the best one are dropped. A range scores its block's share times its part of the block's stand-out mass; scores sum to 1
-    over the cited blocks (before the drop)."""
+    under `keep_share` times the best one are dropped. A range scores its block's share times its part of
+    the block's stand-out mass; scores sum to 1 over the cited blocks (before the drop)."""
     order = [int(b) for b in np.argsort(-scores, kind="stable")[:top_n] if scores[b] > 0]
     total = float(sum(scores[b] for b in order)) or 1.0
     out: list[Citation] = []

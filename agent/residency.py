@@ -63,7 +63,7 @@ def lean_allocator() -> bool:
 
 def rows_ahead(n: int) -> None:
     """Before a forward over n rows, with the lean allocator set: the mmap and trim thresholds for its kind of
-    forward, 1 MiB / 4 MiB for many rows (a prefill chunk: its buffers go back at once), 32 MiB / 64 MiB for a
+    forward, 1 MiB / 4 MiB for many rows (a prefill chunk: its buffers go back at once), 32 MiB / 16 MiB for a
     few (a decode step: its buffers stay for the next step rather than being faulted in again)."""
     rows = "many" if n > FEW_ROWS else "few"
     libc = _libc() if _lean["on"] and rows != _lean["rows"] else None

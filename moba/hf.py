@@ -10,7 +10,7 @@ What runs where:
 - a layer with a sliding window (Gemma3 local layers) keeps its window, computed densely;
 - layers in `moba_dense_layers`, and every layer inside `dense_queries()` when the question and
   answer policy is "dense", use exact causal attention: SDPA, except a single query on a GPU (a
-  decode step), which moba/static.py's split-K kernel spreads over every block of keys;
+  decode step), which moba/static.py's dense decode spreads over slices of the keys;
 - all other layers run `moba.moba_attention`, with cached block means when the cache attaches
   them to the key tensor (moba/cachekeys.py).
 Batches with padding get a real mask from transformers and fall back to dense SDPA.

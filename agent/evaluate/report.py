@@ -4,8 +4,9 @@ Per context size and config, over the tasks of every repository: each rate as a 
 95% interval (`stats.bootstrap`), and for every config other than "dense" the paired difference
 against dense on the same tasks (`stats.paired`); bogus citations as a count; seconds of prefill and
 questions. Two comparisons the quality targets are written in: the answers of a config as a share of
-dense's on the same tasks (`stats.paired_ratio`), and its file hit@1 minus BM25's over files, paired. The baselines (BM25 over files and over function chunks, a random file) depend on no
-config and get a row of their own. Per repository the point values are kept too. Bootstrap seeds
+dense's on the same tasks (`stats.paired_ratio`), and its file hit@1 minus BM25's over files, paired.
+The baselines (BM25 over files and over function chunks, a random file) depend on no config and get a
+row of their own. Per repository the point values are kept too. Bootstrap seeds
 derive from the run's seed, the context size and the metric, so that every config of a size is
 resampled on the same task indices. Knows no models and no terminal.
 """

@@ -51,10 +51,14 @@ def bootstrap(values, seed: int, resamples: int = RESAMPLES) -> Estimate:
     if x.size == 0:
         return Estimate(None, None, None, 0)
     idx = np.random.default_rng(seed).integers(0, x.size, size=(resamples, x.size))
-    means = x[idx].mean(axis=1)
+    return Estimate(float(x.mean()), *_interval(x[idx].mean(axis=1)), int(x.size))
+
+
+def _interval(resampled: np.ndarray) -> tuple[float, float]:
+    """The LEVEL percentile interval of resampled statistics."""
     tail = (1 - LEVEL) / 2 * 100
-    lo, hi = np.percentile(means, [tail, 100 - tail])
-    return Estimate(float(x.mean()), float(lo), float(hi), int(x.size))
+    lo, hi = np.percentile(resampled, [tail, 100 - tail])
+    return float(lo), float(hi)
 
 
 def paired(values, reference, seed: int, resamples: int = RESAMPLES) -> Estimate:
@@ -77,7 +81,5 @@ def paired_ratio(values, reference, seed: int, resamples: int = RESAMPLES) -> Es
         return Estimate(None, None, None, len(pairs))
     idx = np.random.default_rng(seed).integers(0, len(pairs), size=(resamples, len(pairs)))
     num, den = pairs[idx, 0].sum(axis=1), pairs[idx, 1].sum(axis=1)
-    ratios = num[den > 0] / den[den > 0]
-    tail = (1 - LEVEL) / 2 * 100
-    lo, hi = np.percentile(ratios, [tail, 100 - tail])
-    return Estimate(float(pairs[:, 0].sum() / pairs[:, 1].sum()), float(lo), float(hi), len(pairs))
+    ratio = float(pairs[:, 0].sum() / pairs[:, 1].sum())
+    return Estimate(ratio, *_interval(num[den > 0] / den[den > 0]), len(pairs))

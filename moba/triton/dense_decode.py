@@ -2,8 +2,8 @@
 
 One program per (batch row, KV head, slice of keys) loads each key and value tile once for all the
 query heads that share the KV head (`tl.dot` of [G, D] queries by [D, BN] keys), where a program per
-query head (moba/triton/decode.py's split-K kernel over a table of every block) reads the cache G
-times: with Qwen2.5-7B's 7 query heads a KV head that was 7 x 56 GiB a token at 1M keys. The slices'
+query head (moba/triton/decode.py's split-K kernel over a table of every block) fetches every tile G
+times (7 for Qwen2.5-7B). The slices'
 partial outputs and base-2 log-sum-exps go to decode.py's merge. The number of valid keys is read
 from a device tensor, so a captured CUDA graph replays it at every length. Layout: q [B, Hq, 1, D],
 k and v [B, Hkv, capacity, D] (the whole buffers), query head h uses KV head h // (Hq // Hkv).
