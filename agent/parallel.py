@@ -203,7 +203,7 @@ def _from_rank0(value: int | bool, device) -> int:
 def gather_evidence(rec: RoutingRecorder, device) -> None:
     """Turn `rec`, recorded on this rank's query heads, into what one process records, in place and on
     every rank: per-head block and gate mass and each record's blocks and scores concatenated over the
-    ranks along the head dim (rank order is head order), the key mass summed over the ranks. Two
+    ranks along the head dim (rank order is head order), the key mass and tail mass summed over the ranks. Two
     all_gathers and one all_reduce however many layers and records there are. The recorder's deferred
     mass is computed first (`RoutingRecorder.finish`)."""
     rec.finish()
@@ -212,9 +212,13 @@ def gather_evidence(rec: RoutingRecorder, device) -> None:
     mass = [rec.head_mass[k] for k in sorted(rec.head_mass)] + [rec.gate_mass[k] for k in sorted(rec.gate_mass)]
     floats = _gather_heads(mass + [r.scores for r in records], device)
     blocks = _gather_heads([r.blocks for r in records], device)
-    key_mass = rec.key_mass.to(device)
-    dist.all_reduce(key_mass)
-    rec.key_mass = key_mass.cpu()
+    n = rec.key_mass.numel()
+    sums = torch.cat([rec.key_mass, torch.nn.functional.pad(rec.tail_mass, (0, n - rec.tail_mass.numel()))])
+    sums = sums.to(device)
+    dist.all_reduce(sums)
+    rec.key_mass = sums[:n].cpu()
+    if rec.tail_start is not None:
+        rec.tail_mass = sums[n:].cpu()
     for store in (rec.head_mass, rec.gate_mass):
         for k in sorted(store):
             store[k] = floats.pop(0)

@@ -154,7 +154,7 @@ class Session:
         turn = self._encode(self._split(self._render(self.history, question))[1])
         start = self._reuse(turn)
         end = self.context_len + len(turn) + ANSWER_ROUTING_TOKENS
-        rec = self._recorder(self.context_len + start, end)
+        rec = self._recorder(self.context_len + start, end, answer_start=self.context_len + len(turn))
         with capture_routing(rec), dense_queries():
             t0 = time.perf_counter()
             logits = self.engine.prefill(turn[start:])
@@ -214,10 +214,12 @@ class Session:
         self.engine.truncate(self.context_len + common)
         return common
 
-    def _recorder(self, start: int, end: int) -> RoutingRecorder:
-        """A per-head recorder for [start, end), its key mass weighted by the calibrated heads."""
+    def _recorder(self, start: int, end: int, answer_start: int) -> RoutingRecorder:
+        """A per-head recorder for [start, end), its key mass weighted by the calibrated heads; the answer
+        tokens' own part of it (from answer_start) kept apart as its tail mass."""
         hw = self.head_weights
-        return RoutingRecorder(start=start, end=end, per_head=True, head_weights=hw and hw.matrix())
+        return RoutingRecorder(start=start, end=end, per_head=True, head_weights=hw and hw.matrix(),
+                               tail_start=answer_start)
 
     def _load_weights(self) -> headweights.HeadWeights | None:
         """The citation weights `config.head_weights` names (the model's shipped ones by default, a note

@@ -1,6 +1,8 @@
 """Re-score routing citations offline from an evaluation's saved evidence (`moba-ask eval --evidence`):
 the same answers, the same per-block scores and key mass, other line-selection settings of
-`agent.citations.cite_blocks` (blocks cited, lines a block, share of the strongest range kept). No model runs.
+`agent.citations.cite_blocks` (blocks cited, lines a block, share of the strongest range kept), and whose
+key mass picks a block's lines (--mass: every recorded token's, as the session does, or the question's or the
+answer's alone). No model runs.
 
 First a check: the settings the evaluation ran with (saved with the evidence) must give back the
 citations it stored (the share of answers whose routing citations come out identical is printed;
@@ -12,6 +14,7 @@ vice versa (two folds), so the choice is not fitted to the tasks it is scored on
 Run:
   python -m bench.cite_rescore --eval run.json --evidence run.npz
   python -m bench.cite_rescore --eval run.json --evidence run.npz --grid "top_n=3,8 max_lines=2,4,24" --select
+  python -m bench.cite_rescore --eval run.json --evidence run.npz --mass answer
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+
+import numpy as np
 
 from agent import citations as cit
 from agent.evaluate import evidence as evlog
@@ -43,14 +48,29 @@ def parse_grid(text: str) -> list[dict]:
     return [{**DEFAULT, **dict(zip(keys, combo))} for combo in itertools.product(*(axes[k] for k in keys))]
 
 
-def rows_for(units, tasks: dict, setting: dict) -> list[dict]:
+MASSES = ("all", "question", "answer")
+
+
+def line_mass(u, tid: str, which: str):
+    """The key mass that narrows a block to its lines: every recorded token's ("all", what the session
+    uses), the question tokens' alone, or the answer tokens' alone (files saved with the answer part)."""
+    if which == "all":
+        return u.mass[tid]
+    if tid not in u.answer_mass:
+        raise SystemExit(f"--mass {which}: the evidence file has no answer mass (saved before 2026-12)")
+    answer = np.zeros_like(u.mass[tid])
+    answer[: len(u.answer_mass[tid])] = u.answer_mass[tid][: len(answer)]
+    return answer if which == "answer" else np.clip(u.mass[tid] - answer, 0, None)
+
+
+def rows_for(units, tasks: dict, setting: dict, mass: str = "all") -> list[dict]:
     """One scored row per (unit, task) under `setting`: the citation scores plus kind and repo."""
     out = []
     for u in units:
         for tid, scores in u.scores.items():
             t = tasks[(u.repo, u.context_tokens, tid)]
             answer = t["results"][u.config]["answer"]
-            routed = cit.cite_blocks(scores, u.mass[tid], u.smap, block_size=u.block_size, **setting)
+            routed = cit.cite_blocks(scores, line_mass(u, tid, mass), u.smap, block_size=u.block_size, **setting)
             cites = cit.combine(routed, cit.from_text(answer, u.smap))
             row = citation_scores(cites, t["path"], t["start_line"], t["end_line"], u.smap)
             out.append(dict(row, kind=t["kind"], repo=u.repo, size=u.context_tokens, config=u.config, id=tid,
@@ -117,6 +137,7 @@ def main() -> None:
     p.add_argument("--evidence", required=True, help="its --evidence file")
     p.add_argument("--grid", default=GRID, help=f"settings to try (default: {GRID!r})")
     p.add_argument("--select", action="store_true", help="two-fold choice by repository (see the module doc)")
+    p.add_argument("--mass", choices=MASSES, default="all", help="whose key mass narrows blocks to lines")
     p.add_argument("--slack", type=float, default=0.02, help="top-1/top-3 drop allowed against DEFAULT when choosing")
     a = p.parse_args()
     doc = json.load(open(a.eval))
@@ -128,7 +149,7 @@ def main() -> None:
         units = [u for u in every if u.context_tokens == size]
         print(f"\n{a.eval} at {size:,} context tokens: {sum(len(u.scores) for u in units)} answers in {len(units)} "
               f"units; stored citations reproduced under the run's settings: {check(units, tasks):.3f}")
-        rows = {label(s): rows_for(units, tasks, s) for s in settings}
+        rows = {label(s): rows_for(units, tasks, s, a.mass) for s in settings}
         print(HEADER)
         for name, r in rows.items():
             print(line(name, summary(r)))

@@ -72,6 +72,9 @@ class RoutingRecorder:
     recorded queries put on each key position, summed over layers, heads and queries, each query
     head weighted by head_weights[layer, head] when head_weights (fp32 [n_layers, Hq]) is set.
     per_head: also keep `head_mass` and `gate_mass` (layer -> fp32 [Hq, n_blocks], see `evidence`).
+    tail_start: when set, the mass of the recorded queries at positions >= tail_start is also kept apart in
+    `tail_mass` (fp32 [Tk], weighted as key_mass): a caller's later part of the span, e.g. an answer after
+    its question.
     """
 
     start: int = 0
@@ -80,8 +83,10 @@ class RoutingRecorder:
     block_size: int | None = None
     per_head: bool = False
     head_weights: torch.Tensor | None = None
+    tail_start: int | None = None
     records: dict[int, list[LayerRecord]] = field(default_factory=dict)
     key_mass: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    tail_mass: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     head_mass: dict[int, torch.Tensor] = field(default_factory=dict)
     gate_mass: dict[int, torch.Tensor] = field(default_factory=dict)
     _pending: dict[int, _Pending] = field(default_factory=dict, repr=False)
@@ -145,16 +150,28 @@ class RoutingRecorder:
 
     def _add_mass(self, layer: int, p: _Pending, group: list, dense: bool) -> None:
         q = torch.cat([x[0] for x in group], 1)
-        positions = torch.cat([x[1] for x in group])
-        if dense:
-            mass = dense_key_mass(q, positions, p.key, p.scale)
-        else:
+        positions = torch.cat([x[1] for x in group]).to(q.device)
+        blocks = None  # a dense layer's queries attend every past key
+        if not dense:
             width = max(x[2].shape[-1] for x in group)
             blocks = torch.cat([torch.nn.functional.pad(x[2], (0, width - x[2].shape[-1]), value=-1) for x in group], 1)
-            mass = head_key_mass(q, positions, p.key, blocks, p.block_size, p.scale)
         heads = slice(p.head_offset, p.head_offset + q.shape[0])
-        w = None if self.head_weights is None else self.head_weights[layer, heads].to(mass.device)
-        self.add_key_mass(mass.sum(0) if w is None else w @ mass)
+        w = None if self.head_weights is None else self.head_weights[layer, heads].to(q.device)
+
+        def weighted(m: torch.Tensor) -> torch.Tensor:
+            return m.sum(0) if w is None else w @ m
+
+        tail = None if self.tail_start is None else positions >= self.tail_start
+        if tail is None or tail.all() or not tail.any():
+            mass = _key_mass(p, q, positions, blocks)
+            if tail is not None and tail.all():
+                self.tail_mass = _grow_add(self.tail_mass, weighted(mass).float().cpu())
+        else:
+            head, rest = (_key_mass(p, q[:, part], positions[part], None if blocks is None else blocks[:, part])
+                          for part in (~tail, tail))
+            self.tail_mass = _grow_add(self.tail_mass, weighted(rest).float().cpu())
+            mass = head + rest
+        self.add_key_mass(weighted(mass))
         if self.per_head:
             n_full = p.key.shape[1] // p.block_size
             means = block_means(p.key[None], p.block_size)[0] if p.means is None else p.means[0, :, :n_full]
@@ -219,6 +236,13 @@ def capture_routing(recorder: RoutingRecorder):
 
 def active_recorder() -> RoutingRecorder | None:
     return _ACTIVE.get()
+
+
+def _key_mass(p: _Pending, q, positions, blocks) -> torch.Tensor:
+    """fp32 [Hq, Tk]: `dense_key_mass` (blocks None) or `head_key_mass` of queries q at `positions`."""
+    if blocks is None:
+        return dense_key_mass(q, positions, p.key, p.scale)
+    return head_key_mass(q, positions, p.key, blocks, p.block_size, p.scale)
 
 
 def _grow_add(acc: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,13 @@
 """The routing evidence behind each MoBA answer of an evaluation, kept so that citations can be re-scored
 offline (bench/cite_rescore.py) without the model: per answer, the citation score of every key block
-(`agent.citations.evidence_scores`) and the head-weighted key mass per token; per repository, size and
+(`agent.citations.evidence_scores`), the head-weighted key mass per token and the answer tokens' own part of
+it (files from before 2026-12 lack it); per repository, size and
 config, the session's source map (its arrays), the block settings and the line-selection settings its
 citations used (`cite`).
 
-Saved as one compressed .npz: key "u{i}/..." for unit i's source map and settings, "u{i}/{task id}/scores"
-and ".../mass" per answer; "index" is a JSON list of the units (repo, context tokens, config, task ids).
+Saved as one compressed .npz: key "u{i}/..." for unit i's source map and settings, "u{i}/{task id}/scores",
+".../mass" and ".../answer_mass" per answer; "index" is a JSON list of the units (repo, context tokens,
+config, task ids).
 The key mass is stored as float16 (it only ranks lines). Dense configs keep nothing: their citations do
 not come from MoBA routing. Knows no model and no terminal.
 """
@@ -46,6 +48,7 @@ class UnitEvidence:
     cite: dict = field(default_factory=cite_settings)
     scores: dict[str, np.ndarray] = field(default_factory=dict)
     mass: dict[str, np.ndarray] = field(default_factory=dict)
+    answer_mass: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class EvidenceLog:
@@ -68,6 +71,7 @@ class EvidenceLog:
                                                 sink_blocks=p.sink_blocks, weights=hw and hw.matrix(),
                                                 signal=hw.signal if hw else cit.MASS)
         u.mass[task_id] = answer.recorder.key_mass.numpy().astype(np.float16)
+        u.answer_mass[task_id] = answer.recorder.tail_mass.numpy().astype(np.float16)
 
     def save(self, path: str) -> None:
         arrays: dict[str, np.ndarray] = {}
@@ -81,6 +85,7 @@ class EvidenceLog:
             for tid in u.scores:
                 arrays[f"u{i}/{tid}/scores"] = u.scores[tid]
                 arrays[f"u{i}/{tid}/mass"] = u.mass[tid]
+                arrays[f"u{i}/{tid}/answer_mass"] = u.answer_mass[tid]
         arrays["index"] = np.array(json.dumps(index))
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".npz")
         os.close(fd)
@@ -109,5 +114,7 @@ def load(path: str) -> list[UnitEvidence]:
             for tid in meta["tasks"]:
                 u.scores[tid] = z[f"u{i}/{tid}/scores"]
                 u.mass[tid] = z[f"u{i}/{tid}/mass"].astype(np.float32)
+                if f"u{i}/{tid}/answer_mass" in z:
+                    u.answer_mass[tid] = z[f"u{i}/{tid}/answer_mass"].astype(np.float32)
             out.append(u)
     return out

@@ -26,6 +26,7 @@ def test_saved_evidence_gives_back_the_sessions_citations(pk, tmp_path):  # noqa
     gold, noise = smap.line_tokens("pkg/util.py", 20)[0] // BS, smap.line_tokens("pkg/core.py", 40)[0] // BS
     rec = evidence_recorder(smap, gold, noise, sink=smap.line_tokens("README.md", 3)[0] // BS)
     live = cit.from_routing(rec, smap, block_size=BS, sink_blocks=1, weights=_w())
+    rec.tail_mass = rec.key_mass[: len(rec.key_mass) // 2] / 3
     log = evidence.EvidenceLog()
     log.keep("r", 4096, "moba", "01-fn", _session(smap), SimpleNamespace(recorder=rec))
     log.keep("r", 4096, "dense", "01-fn", _session(smap, "dense"), SimpleNamespace(recorder=rec))
@@ -35,6 +36,7 @@ def test_saved_evidence_gives_back_the_sessions_citations(pk, tmp_path):  # noqa
     assert (u.repo, u.context_tokens, u.config, u.block_size, u.sink_blocks) == ("r", 4096, "moba", BS, 1)
     assert u.smap.paths == smap.paths and np.array_equal(u.smap.starts, smap.starts)
     assert list(u.scores) == ["01-fn"] and u.mass["01-fn"].dtype == np.float32
+    np.testing.assert_allclose(u.answer_mass["01-fn"], rec.tail_mass.numpy(), rtol=1e-3)
     again = cit.cite_blocks(u.scores["01-fn"], u.mass["01-fn"], u.smap, block_size=u.block_size)
     assert live and [(c.path, c.start_line, c.end_line) for c in again] == [
         (c.path, c.start_line, c.end_line) for c in live]
@@ -48,6 +50,7 @@ def test_eval_writes_evidence_for_moba_configs_only(repo, oracle, tmp_path):  # 
     assert r.exit_code == 0, r.stderr
     units = evidence.load(str(out))
     assert [(u.config, u.context_tokens, len(u.scores)) for u in units] == [("moba", 20000, 9)]
+    assert set(units[0].answer_mass) == set(units[0].scores)
     assert not list(tmp_path.glob("*.npz.tmp*")) and len(list(tmp_path.glob("*.npz"))) == 1
 
 

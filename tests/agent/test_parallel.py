@@ -60,7 +60,8 @@ def test_two_ranks_decode_what_one_process_decodes(runs):
 
 def test_gathered_evidence_equals_one_process(runs):
     one, r0, r1 = runs
-    for name in ("mass", "gate", "key_mass"):
+    assert 0 < one["tail_mass"].sum() < one["key_mass"].sum()
+    for name in ("mass", "gate", "key_mass", "tail_mass"):
         assert r0[name].shape == one[name].shape, name
         assert torch.allclose(r0[name], one[name], atol=1e-4, rtol=1e-4), name
         assert torch.equal(r0[name], r1[name]), name

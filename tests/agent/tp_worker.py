@@ -29,7 +29,7 @@ def run(model_dir: str) -> dict:
     weights = torch.rand(engine.config.num_hidden_layers, engine.config.num_attention_heads,
                          generator=torch.Generator().manual_seed(7))
     context_logits = engine.prefill(ids_of(CONTEXT, 1, vocab))
-    rec = RoutingRecorder(start=CONTEXT, per_head=True, head_weights=weights)
+    rec = RoutingRecorder(start=CONTEXT, per_head=True, head_weights=weights, tail_start=CONTEXT + QUESTION)
     with capture_routing(rec):
         question_logits = engine.prefill(ids_of(QUESTION, 2, vocab))
         greedy = engine.generate(question_logits, Sampling(max_new_tokens=ANSWER))
@@ -41,7 +41,7 @@ def run(model_dir: str) -> dict:
     sampled = engine.generate(question_logits, Sampling(max_new_tokens=ANSWER, temperature=5.0, top_p=1.0))
     layers = sorted(rec.records)
     return dict(context_logits=context_logits, question_logits=question_logits, greedy=greedy, static=static, sampled=sampled,
-                key_mass=rec.key_mass, mass=rec.evidence("mass"), gate=rec.evidence("gate"),
+                key_mass=rec.key_mass, tail_mass=rec.tail_mass, mass=rec.evidence("mass"), gate=rec.evidence("gate"),
                 blocks=[torch.cat([r.blocks for r in rec.records[k]], 1) for k in layers],
                 scores=[torch.cat([r.scores for r in rec.records[k]], 1) for k in layers],
                 kv_heads=engine.kv_heads, local_kv_heads=engine.cache.layers[0].keys.shape[1], notes=rt.notes)

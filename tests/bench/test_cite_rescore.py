@@ -3,6 +3,7 @@ grid setting changes what is cited."""
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from agent import citations as cit
@@ -38,3 +39,12 @@ def test_grid_is_every_combination_and_unknown_keys_stop():
     assert all(g["max_lines"] == 24 for g in grid)
     with pytest.raises(SystemExit, match="unknown grid key"):
         cite_rescore.parse_grid("warp=1")
+
+
+def test_line_mass_splits_the_question_from_the_answer():
+    u = SimpleNamespace(mass={"t": np.array([1.0, 2.0, 3.0, 4.0])}, answer_mass={"t": np.array([0.5, 2.0])})
+    np.testing.assert_array_equal(cite_rescore.line_mass(u, "t", "all"), [1, 2, 3, 4])
+    np.testing.assert_array_equal(cite_rescore.line_mass(u, "t", "answer"), [0.5, 2, 0, 0])
+    np.testing.assert_array_equal(cite_rescore.line_mass(u, "t", "question"), [0.5, 0, 3, 4])
+    with pytest.raises(SystemExit, match="no answer mass"):
+        cite_rescore.line_mass(SimpleNamespace(mass=u.mass, answer_mass={}), "t", "answer")

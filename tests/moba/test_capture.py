@@ -164,3 +164,20 @@ def test_mass_is_computed_late_in_one_batch_and_equals_one_forward(monkeypatch, 
     for signal in capture.SIGNALS:
         torch.testing.assert_close(rec.evidence(signal), whole.evidence(signal), rtol=1e-4, atol=1e-5)
     assert all(r.blocks.device.type == "cpu" for recs in rec.records.values() for r in recs)
+
+
+def test_tail_mass_is_the_later_queries_own_mass():
+    """With tail_start, the key mass of queries from tail_start on is also kept apart: it equals what a
+    recorder of those queries alone gets, over a MoBA and a dense layer, and the total is unchanged."""
+    ids = torch.randint(0, 97, (1, 100))
+    m = tiny_model("llama", "moba", block_size=8, top_k=2, sink_blocks=1, dense_layers=[2])
+    split = moba.RoutingRecorder(start=84, tail_start=93, per_head=True)
+    whole, tail_only = moba.RoutingRecorder(start=84, per_head=True), moba.RoutingRecorder(start=93, per_head=True)
+    for rec in (split, whole, tail_only):
+        with torch.inference_mode(), moba.capture_routing(rec):
+            m(ids)
+    torch.testing.assert_close(split.tail_mass, tail_only.key_mass, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(split.key_mass, whole.key_mass, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(split.evidence("mass"), whole.evidence("mass"), rtol=1e-4, atol=1e-6)
+    assert 0 < split.tail_mass.sum() < split.key_mass.sum()
+    assert whole.tail_mass.numel() == 0
