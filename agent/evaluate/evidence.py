@@ -1,15 +1,14 @@
 """The routing evidence behind each MoBA answer of an evaluation, kept so that citations can be re-scored
 offline (bench/cite_rescore.py) without the model: per answer, the citation score of every key block
 (`agent.citations.evidence_scores`), the head-weighted key mass per token and the answer tokens' own part of
-it (files from before 2026-12 lack it); per repository, size and
-config, the session's source map (its arrays), the block settings and the line-selection settings its
-citations used (`cite`).
+it (files from before 2026-12 lack it); per repository, size and config, the session's source map (its
+arrays), the block settings and the line-selection settings its citations used (`cite`).
 
 Saved as one compressed .npz: key "u{i}/..." for unit i's source map and settings, "u{i}/{task id}/scores",
 ".../mass" and ".../answer_mass" per answer; "index" is a JSON list of the units (repo, context tokens,
-config, task ids).
-The key mass is stored as float16 (it only ranks lines). Dense configs keep nothing: their citations do
-not come from MoBA routing. Knows no model and no terminal.
+config, task ids). The key mass is stored as float16 (it only ranks lines), and only inside the KEPT_BLOCKS
+best-scoring blocks (the rest is zero: a re-scoring with top_n <= KEPT_BLOCKS cannot reach it). Dense configs
+keep nothing: their citations do not come from MoBA routing. Knows no model and no terminal.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from ingest.sourcemap import SourceMap
 
 _SMAP_ARRAYS = ("starts", "file_idx", "line", "first_mark", "n_lines")
 BEFORE_KEEP_SHARE = dict(top_n=8, max_lines=24, keep_share=0.0)  # files saved without "cite"
+KEPT_BLOCKS = 16  # blocks whose key mass is kept per answer (by score): re-scoring may cite up to this many
 
 
 def cite_settings() -> dict:
@@ -70,8 +70,9 @@ class EvidenceLog:
         u.scores[task_id] = cit.evidence_scores(answer.recorder, session.smap, block_size=p.block_size,
                                                 sink_blocks=p.sink_blocks, weights=hw and hw.matrix(),
                                                 signal=hw.signal if hw else cit.MASS)
-        u.mass[task_id] = answer.recorder.key_mass.numpy().astype(np.float16)
-        u.answer_mass[task_id] = answer.recorder.tail_mass.numpy().astype(np.float16)
+        keep = _kept_tokens(u.scores[task_id], p.block_size)
+        u.mass[task_id] = _within(answer.recorder.key_mass.numpy(), keep)
+        u.answer_mass[task_id] = _within(answer.recorder.tail_mass.numpy(), keep)
 
     def save(self, path: str) -> None:
         arrays: dict[str, np.ndarray] = {}
@@ -95,6 +96,21 @@ class EvidenceLog:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def _kept_tokens(scores: np.ndarray, block_size: int) -> np.ndarray:
+    """Token positions of the KEPT_BLOCKS best-scoring blocks: the only ones a re-scoring can cite."""
+    best = np.argsort(-scores, kind="stable")[:KEPT_BLOCKS]
+    best = best[scores[best] > 0]
+    return (best[:, None] * block_size + np.arange(block_size)).ravel()
+
+
+def _within(mass: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """float16 `mass` with every position outside `keep` zeroed (the file compresses to what is kept)."""
+    out = np.zeros(len(mass), np.float16)
+    keep = keep[keep < len(mass)]
+    out[keep] = mass[keep]
+    return out
 
 
 def _known(cite: dict) -> dict:

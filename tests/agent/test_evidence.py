@@ -36,7 +36,16 @@ def test_saved_evidence_gives_back_the_sessions_citations(pk, tmp_path):  # noqa
     assert (u.repo, u.context_tokens, u.config, u.block_size, u.sink_blocks) == ("r", 4096, "moba", BS, 1)
     assert u.smap.paths == smap.paths and np.array_equal(u.smap.starts, smap.starts)
     assert list(u.scores) == ["01-fn"] and u.mass["01-fn"].dtype == np.float32
-    np.testing.assert_allclose(u.answer_mass["01-fn"], rec.tail_mass.numpy(), rtol=1e-3)
+    n = len(u.mass["01-fn"])
+    kept = evidence._kept_tokens(u.scores["01-fn"], BS)
+    kept = kept[kept < n]
+    tail, saved_tail = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    tail[: len(rec.tail_mass)] = rec.tail_mass.numpy()
+    saved_tail[: len(u.answer_mass["01-fn"])] = u.answer_mass["01-fn"]
+    np.testing.assert_allclose(saved_tail[kept], tail[kept], rtol=1e-3)
+    np.testing.assert_allclose(u.mass["01-fn"][kept], rec.key_mass.numpy()[kept], rtol=1e-3)
+    dropped = np.setdiff1d(np.arange(n), kept)  # outside the best blocks nothing is kept
+    assert len(dropped) and not u.mass["01-fn"][dropped].any() and not saved_tail[dropped].any()
     again = cit.cite_blocks(u.scores["01-fn"], u.mass["01-fn"], u.smap, block_size=u.block_size)
     assert live and [(c.path, c.start_line, c.end_line) for c in again] == [
         (c.path, c.start_line, c.end_line) for c in live]
