@@ -183,6 +183,29 @@ def test_tile_geometry_fits_hopper(D):
     assert (2 * consumer + producer) * 128 <= REGS_PER_SM  # setmaxnreg is per warpgroup of 128 threads
 
 
+@pytest.mark.parametrize("D", [64, 128])
+def test_kernel_compiles_for_sm90_without_a_gpu(D):
+    """The Gluon kernel compiles for sm_90 on any machine (Triton's own ptxas), launches 12 warps at MAXNREG
+    registers and fits Hopper's shared memory, so a change to it fails here before it reaches a GPU."""
+    from triton import compile as compile_kernel
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    from moba.triton import hopper
+
+    fn = hopper._ws_tile_kernel
+    desc = mangle_type(hopper._desc(torch.empty(1, 2, 512, D, dtype=torch.bfloat16)))
+    types = dict(Q="*bf16", OP="*bf16", LSEP="*fp32", PERM="*i32", TILE_KEY="*i64", TILE_ROW="*i32",
+                 TILE_ROWS="*i32", k_desc=desc, v_desc=desc, qk_scale="fp32")  # fmt: skip
+    consts = dict(D=D, NS=hopper.STAGES, PRODUCER_REGS=hopper.REGS[1], CONSUMER_REGS=hopper.REGS[0], num_warps=4)
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+    aligned = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in types.items() if t[0] == "*"}
+    src = GluonASTSource(fn, sig, consts, aligned)  # 16-byte aligned pointers, as the launcher's tensors
+    done = compile_kernel(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=hopper.MAXNREG))
+    assert done.metadata.num_warps == 12 and f".maxnreg {hopper.MAXNREG}" in done.asm["ptx"]
+    assert done.metadata.shared <= SMEM_PER_BLOCK
+
 def _partials(case, dtype):
     """Partials of every query from the Gluon kernel and from the Triton kernel, and which entries are live."""
     from moba.triton import hopper
