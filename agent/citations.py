@@ -3,8 +3,8 @@
 Routing citations, with per-head evidence (the recorder's `per_head`): every key block that holds
 packed source lines (sinks and the blocks of the question itself excluded) scores the weighted sum
 over (layer, head) of the head's share of evidence on it (calibrated weights, `agent.headweights`,
-else every head alike); the best blocks are narrowed to the lines whose attention mass stands out,
-merged and ranked. Without per-head evidence: the blocks the gate routed the question and answer
+else every head alike); the best blocks are narrowed to the lines on which the question tokens'
+attention mass stands out (`line_mass`), merged and ranked. Without per-head evidence: the blocks the gate routed the question and answer
 tokens to are weighted by the attention mass the recorded queries put on them, and narrowed so.
 Text citations: path:line references the model wrote, kept only when the source map resolves
 them. Nothing here renders; the CLI does. Knows no model, only a recorder and a source map.
@@ -78,10 +78,21 @@ def from_evidence(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: i
                   max_lines: int = 24, weights: torch.Tensor | None = None, signal: str = MASS,
                   keep_share: float = KEEP_SHARE) -> list[Citation]:
     """Ranked citations from per-head evidence: `cite_blocks` over the recorder's `evidence_scores` and
-    its (head-weighted) key mass."""
+    its (head-weighted) `line_mass`."""
     scores = evidence_scores(rec, smap, block_size=block_size, sink_blocks=sink_blocks, weights=weights, signal=signal)
-    return cite_blocks(scores, rec.key_mass.numpy(), smap, block_size=block_size, top_n=top_n, max_lines=max_lines,
+    return cite_blocks(scores, line_mass(rec), smap, block_size=block_size, top_n=top_n, max_lines=max_lines,
                        keep_share=keep_share)
+
+
+def line_mass(rec: RoutingRecorder) -> np.ndarray:
+    """fp32 [Tk]: the key mass that narrows a cited block to its lines: the recorded queries' before the
+    recorder's tail (a session's question tokens), all of it where no tail was kept. The answer tokens'
+    own mass goes where they copy from and picks worse lines when few are taken (bench/RESULTS.md, ninth
+    session: at one line a block, top-1 +0.14 and line precision +0.17 without it; equal at the defaults)."""
+    mass = rec.key_mass.numpy().copy()
+    n = min(len(mass), rec.tail_mass.numel())
+    mass[:n] -= rec.tail_mass.numpy()[:n]
+    return np.clip(mass, 0.0, None)
 
 
 def evidence_scores(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: int,

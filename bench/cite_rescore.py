@@ -1,8 +1,8 @@
 """Re-score routing citations offline from an evaluation's saved evidence (`moba-ask eval --evidence`):
 the same answers, the same per-block scores and key mass, other line-selection settings of
 `agent.citations.cite_blocks` (blocks cited, lines a block, share of the strongest range kept), and whose
-key mass picks a block's lines (--mass: every recorded token's, as the session does, or the question's or the
-answer's alone). No model runs.
+key mass picks a block's lines (--mass: every recorded token's, the question's alone as sessions do now, or the
+answer's alone; by default what the run used). No model runs.
 
 First a check: the settings the evaluation ran with (saved with the evidence) must give back the
 citations it stored (the share of answers whose routing citations come out identical is printed;
@@ -51,9 +51,11 @@ def parse_grid(text: str) -> list[dict]:
 MASSES = ("all", "question", "answer")
 
 
-def line_mass(u, tid: str, which: str):
-    """The key mass that narrows a block to its lines: every recorded token's ("all", what the session
-    uses), the question tokens' alone, or the answer tokens' alone (files saved with the answer part)."""
+def line_mass(u, tid: str, which: str | None = None):
+    """The key mass that narrows a block to its lines: every recorded token's ("all"), the question tokens'
+    alone ("question", what sessions use since the ninth session) or the answer tokens' alone; None: what
+    the run used (`u.line_mass`). The parts need files saved with the answer part."""
+    which = which or u.line_mass
     if which == "all":
         return u.mass[tid]
     if tid not in u.answer_mass:
@@ -63,7 +65,7 @@ def line_mass(u, tid: str, which: str):
     return answer if which == "answer" else np.clip(u.mass[tid] - answer, 0, None)
 
 
-def rows_for(units, tasks: dict, setting: dict, mass: str = "all") -> list[dict]:
+def rows_for(units, tasks: dict, setting: dict, mass: str | None = None) -> list[dict]:
     """One scored row per (unit, task) under `setting`: the citation scores plus kind and repo."""
     out = []
     for u in units:
@@ -137,7 +139,7 @@ def main() -> None:
     p.add_argument("--evidence", required=True, help="its --evidence file")
     p.add_argument("--grid", default=GRID, help=f"settings to try (default: {GRID!r})")
     p.add_argument("--select", action="store_true", help="two-fold choice by repository (see the module doc)")
-    p.add_argument("--mass", choices=MASSES, default="all", help="whose key mass narrows blocks to lines")
+    p.add_argument("--mass", choices=MASSES, help="whose key mass narrows blocks to lines (default: as the run)")
     p.add_argument("--slack", type=float, default=0.02, help="top-1/top-3 drop allowed against DEFAULT when choosing")
     a = p.parse_args()
     doc = json.load(open(a.eval))

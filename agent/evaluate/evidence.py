@@ -46,6 +46,7 @@ class UnitEvidence:
     sink_blocks: int
     smap: SourceMap
     cite: dict = field(default_factory=cite_settings)
+    line_mass: str = "question"  # whose key mass narrowed the run's citations (`citations.line_mass`)
     scores: dict[str, np.ndarray] = field(default_factory=dict)
     mass: dict[str, np.ndarray] = field(default_factory=dict)
     answer_mass: dict[str, np.ndarray] = field(default_factory=dict)
@@ -80,7 +81,7 @@ class EvidenceLog:
         for i, u in enumerate(self.units):
             index.append(dict(repo=u.repo, context_tokens=u.context_tokens, config=u.config, block_size=u.block_size,
                               sink_blocks=u.sink_blocks, paths=list(u.smap.paths), tasks=list(u.scores),
-                              cite=u.cite))
+                              cite=u.cite, line_mass=u.line_mass))
             for name in _SMAP_ARRAYS:
                 arrays[f"u{i}/{name}"] = getattr(u.smap, name)
             for tid in u.scores:
@@ -126,7 +127,8 @@ def load(path: str) -> list[UnitEvidence]:
             smap = SourceMap(*(z[f"u{i}/{n}"] for n in _SMAP_ARRAYS[:3]), tuple(meta["paths"]),
                              *(z[f"u{i}/{n}"] for n in _SMAP_ARRAYS[3:]))
             u = UnitEvidence(meta["repo"], meta["context_tokens"], meta["config"], meta["block_size"],
-                             meta["sink_blocks"], smap, _known(meta.get("cite", BEFORE_KEEP_SHARE)))
+                             meta["sink_blocks"], smap, _known(meta.get("cite", BEFORE_KEEP_SHARE)),
+                             meta.get("line_mass", "all"))  # files from before it was kept: all of it
             for tid in meta["tasks"]:
                 u.scores[tid] = z[f"u{i}/{tid}/scores"]
                 u.mass[tid] = z[f"u{i}/{tid}/mass"].astype(np.float32)

@@ -210,3 +210,21 @@ def test_keep_share_drops_weak_ranges_by_default(pk):
     strongest = cite_blocks(scores, mass, smap, block_size=BS)
     assert [c.path for c in both] == ["pkg/util.py", "pkg/core.py"]
     assert [c.path for c in strongest] == ["pkg/util.py"] and strongest[0] == both[0]
+
+
+def test_lines_come_from_the_question_tokens_mass_not_the_answers(pk):
+    """The answer tokens' own mass (the recorder's tail) is left out when a cited block is narrowed to lines:
+    an answer piling mass on another line of the same block does not move the citation there."""
+    smap = pk.source_map
+    gold, noise = smap.line_tokens("pkg/util.py", 20)[0] // BS, smap.line_tokens("pkg/core.py", 40)[0] // BS
+    rec = evidence_recorder(smap, gold, noise)
+    question_line = smap.locate(gold * BS)[1]
+    elsewhere = next(t for t in range(gold * BS + 3, (gold + 1) * BS) if smap.locate(t)[1] > question_line + 2)
+    rec.tail_mass = torch.zeros_like(rec.key_mass)
+    rec.tail_mass[elsewhere] = 50.0
+    rec.key_mass += rec.tail_mass
+    (top, *_) = from_routing(rec, smap, block_size=BS, sink_blocks=1, weights=_w())
+    assert top.path == "pkg/util.py" and top.start_line <= question_line <= top.end_line
+    cited = {ln for c in from_routing(rec, smap, block_size=BS, sink_blocks=1, weights=_w()) if c.path == top.path
+             for ln in range(c.start_line, c.end_line + 1)}
+    assert smap.locate(elsewhere)[1] not in cited
