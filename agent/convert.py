@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agent import quant
+from agent import kquants, quant
 
 # transformers' tensor processors streamed here, checked bit for bit against its fp32 model (TensorProcessor:
 # no fix-up, e.g. qwen2; llama: q/k un-permuted); the others go the old way (some merge MoE experts or split heads)
 _STREAMED_PROCESSORS = ("TensorProcessor", "LlamaTensorProcessor")
-_ROWS = 4096  # rows dequantized at a time: gguf's dequantizer holds several copies of what it is given
+_ROWS = 128  # rows dequantized at a time: the dequantizers hold several copies of what they are given (in cache)
 
 
 class Unsupported(Exception):
@@ -146,12 +146,14 @@ def _quantized_tensors(tensors, mapping, processor, names: dict[str, str], model
     for tensor in tensors:
         fixed = processor.process(weights=_dequantized(tensor), name=tensor.name)
         _page_out(mapping)
-        name = names.get(fixed.name)
+        name, weights = names.get(fixed.name), fixed.weights
+        del fixed  # so that this fp32 tensor is gone before the next one is read (the peak: two 150K-row tables)
         if name is None:
             continue  # not a weight of the model (e.g. llama3's rope_freqs), as transformers skips it
         if name not in params:
             raise Unsupported(f"the file's {tensor.name} maps to {name}, which is not a parameter of the model")
-        state.update(quant.stored(model, name, _fp32(fixed.weights, name, params[name].shape)))
+        state.update(quant.stored(model, name, _fp32(weights, name, params[name].shape)))
+        del weights
         seen.add(name)
     missing = [n for n in params if n not in seen]
     if missing:
@@ -168,13 +170,19 @@ def _page_out(mapping: mmap.mmap | None) -> None:
 
 
 def _dequantized(tensor) -> np.ndarray:
-    """A GGUF tensor's values in fp32, dequantized _ROWS rows at a time (a block never spans rows)."""
+    """A GGUF tensor's values in fp32, dequantized _ROWS rows at a time (a block never spans rows): Q4_K and
+    Q6_K by agent.kquants (the gguf package's values, on every core, written in place), others by gguf."""
     from gguf import dequantize
 
-    data = tensor.data
+    data, qtype = tensor.data, tensor.tensor_type
     if data.ndim < 2:
-        return dequantize(data, tensor.tensor_type)
-    parts = (dequantize(data[r : r + _ROWS], tensor.tensor_type) for r in range(0, data.shape[0], _ROWS))
+        return dequantize(data, qtype)
+    if kquants.supports(qtype, data):
+        out = np.empty((data.shape[0], kquants.values_per_row(qtype, data)), np.float32)
+        for r in range(0, data.shape[0], _ROWS):
+            kquants.dequantize(data[r : r + _ROWS], qtype, out[r : r + _ROWS])
+        return out
+    parts = (dequantize(data[r : r + _ROWS], qtype) for r in range(0, data.shape[0], _ROWS))
     first = next(parts)
     out = np.empty((data.shape[0], *first.shape[1:]), np.float32)
     out[: len(first)] = first
