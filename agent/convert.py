@@ -1,13 +1,14 @@
 """Quantize a GGUF file into a quantized model directory one tensor at a time, never building the fp32 model.
 
-Each tensor is read from the memory-mapped file and dequantized (the gguf package), named and fixed up
-as transformers' GGUF loader does (its name map and its per-architecture tensor processor, e.g. the
-un-permuted q/k of llama-arch files), quantized at once by agent.quant's per-matrix rule, and its fp32
-copy dropped. The peak is the quantized result plus one tensor in fp32, not the whole fp32 model and its
-state dict. The config, generation config and tokenizer come from the file's metadata through
-transformers; the model's skeleton, on the meta device, says which parameters exist, which matrices are
-quantized and which are tied. The directory written is what ``agent.quant.save`` writes for
-transformers' fp32 model of the same file, tensor for tensor.
+Each tensor is read from the memory-mapped file and dequantized (Q4_K and Q6_K by agent.kquants, other
+types by the gguf package; the same values either way), named and fixed up as transformers' GGUF loader
+does (its name map and its per-architecture tensor processor, e.g. the un-permuted q/k of llama-arch
+files), quantized at once by agent.quant's per-matrix rule, and its fp32 copy dropped before the next is
+read. The peak is the quantized result plus one tensor in fp32, not the whole fp32 model and its state
+dict. The config, generation config and tokenizer come from the file's metadata through transformers,
+handed the one parse of it this module makes; the model's skeleton, on the meta device, says which
+parameters exist, which matrices are quantized and which are tied. The directory written is what
+``agent.quant.save`` writes for transformers' fp32 model of the same file, tensor for tensor.
 
 A file this module does not stream (a tensor processor other than those checked here, an architecture
 this transformers loads through its newer GGUF path, a transformers without the functions used here)
