@@ -5,14 +5,16 @@ torch's ``_weight_int4pack_mm_for_cpu`` kernel reads.
 grid of at most 16 levels (what a GGUF's Q4_K, Q4_0 and Q4_1 tensors dequantize to) it recovers that grid
 exactly, else it spans the group's range in 15 steps. It also returns the relative error of the result
 (scales and zeros rounded to the dtype stored), so the caller can choose 4 bits only where they lose
-nothing. :class:`Int4Linear` runs the kernel for a few rows (decode) and, for many rows (prefill),
-dequantizes the layer once per call and runs the dense GEMM; :class:`Int4Embedding` reads rows.
-Knows nothing of models, files or which layers are quantized (agent/quant.py decides).
+nothing, and stops early where they certainly would. :class:`Int4Linear` runs the kernel for a few rows
+(decode) and, for many rows (prefill), dequantizes the layer once per call and runs the dense GEMM;
+:class:`Int4Embedding` reads rows. Knows nothing of models, files or which layers are quantized
+(agent/quant.py decides).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -70,20 +72,24 @@ def _fit(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return q.view(n, k).to(torch.int32), step, low
 
 
-def quantize(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+def quantize(weight: torch.Tensor, dtype: torch.dtype, give_up_above: float = math.inf):
     """``(packed, scales_zeros, relative_error)`` for ``weight`` [N, K]: the packed values (uint8 [N, K/2]),
     scales and zeros [K / GROUP, N, 2] in ``dtype`` as the kernel takes them, and the relative (Frobenius)
-    error of the dequantized weight against ``weight``. Needs :func:`supports`."""
+    error of the dequantized weight against ``weight``; None as soon as that error is certain to exceed
+    ``give_up_above`` (its running sum only grows), leaving the rest unfitted. Needs :func:`supports`."""
     w = weight.detach().float()
-    packed, sz, err, norm = [], [], 0.0, 0.0
-    for rows in w.split(fit_rows(w.shape[1])):
+    slices = w.split(fit_rows(w.shape[1]))
+    norm = max(sum(rows.square().sum().item() for rows in slices), 1e-30)
+    packed, sz, err = [], [], 0.0
+    for rows in slices:
         q, step, low = _fit(rows)
         part = torch.stack((step, low + 8 * step), -1).transpose(0, 1).to(dtype)  # w = (q - 8) * scale + zero
         packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
         sz.append(part)
         err += (dequantize(packed[-1], part, torch.float32) - rows).square().sum().item()
-        norm += rows.square().sum().item()
-    return torch.cat(packed), torch.cat(sz, 1).contiguous(), (err / max(norm, 1e-30)) ** 0.5
+        if (err / norm) ** 0.5 > give_up_above:
+            return None
+    return torch.cat(packed), torch.cat(sz, 1).contiguous(), (err / norm) ** 0.5
 
 
 def fit_rows(in_features: int) -> int:

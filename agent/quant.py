@@ -158,9 +158,10 @@ def _matrix(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """``weight`` in 4 bits when that loses nothing against int8 per channel (module docstring), else int8."""
     qweight, scale = _int8_rows(weight)
     if int4.supports(*weight.shape):
-        packed, scales_zeros, err4 = int4.quantize(weight, SCALES_DTYPE)
-        if err4 <= _int8_error(qweight, scale, weight.detach().float()):
-            return {"qweight4": packed, "scales_zeros": scales_zeros}
+        err8 = _int8_error(qweight, scale, weight.detach().float())
+        four = int4.quantize(weight, SCALES_DTYPE, give_up_above=err8)  # None: its error exceeds err8
+        if four is not None and four[2] <= err8:
+            return {"qweight4": four[0], "scales_zeros": four[1]}
     return {"qweight": qweight, "scale": scale}
 
 

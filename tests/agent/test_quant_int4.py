@@ -202,3 +202,26 @@ def test_quantizing_a_slice_of_rows_at_a_time_equals_the_whole_matrix_fitted_at_
     assert torch.equal(sz, torch.stack((step, low + 8 * step), -1).transpose(0, 1).to(torch.bfloat16))
     whole = (int4.dequantize(packed, sz, torch.float32).double() - w.double()).norm() / w.double().norm()
     assert err == pytest.approx(whole.item(), rel=1e-5)
+
+
+def test_4_bits_are_given_up_as_soon_as_they_certainly_lose_against_int8(monkeypatch):
+    fitted, fit = [], int4._fit
+    monkeypatch.setattr(int4, "_fit", lambda rows: fitted.append(len(rows)) or fit(rows))
+    monkeypatch.setattr(int4, "_FIT_VALUES", 64 * 256)  # slices of 64 rows
+    six_bit = on_grid(640, 256, levels=64)  # a Q6_K tensor: int8 wins
+    packed, sz, err = int4.quantize(six_bit, quant.SCALES_DTYPE)
+    assert len(fitted) == 10
+    qweight, scale = quant._int8_rows(six_bit)
+    err8 = quant._int8_error(qweight, scale, six_bit)
+    fitted.clear()
+    assert err > err8 and int4.quantize(six_bit, quant.SCALES_DTYPE, give_up_above=err8) is None
+    assert 1 <= len(fitted) < 5
+    assert set(quant._matrix(six_bit)) == {"qweight", "scale"}
+    four = int4.quantize(six_bit, quant.SCALES_DTYPE, give_up_above=err)  # never above its own error: kept whole
+    assert torch.equal(four[0], packed) and torch.equal(four[1], sz) and four[2] == err
+
+
+def test_a_matrix_with_a_nan_stays_int8():
+    w = on_grid(128, 256)
+    w[5, 7] = torch.nan
+    assert set(quant._matrix(w)) == {"qweight", "scale"}
