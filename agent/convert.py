@@ -1,13 +1,14 @@
 """Quantize a GGUF file into a quantized model directory one tensor at a time, never building the fp32 model.
 
-Each tensor is read from the memory-mapped file and dequantized (the gguf package), named and fixed up
-as transformers' GGUF loader does (its name map and its per-architecture tensor processor, e.g. the
-un-permuted q/k of llama-arch files), quantized at once by agent.quant's per-matrix rule, and its fp32
-copy dropped. The peak is the quantized result plus one tensor in fp32, not the whole fp32 model and its
-state dict. The config, generation config and tokenizer come from the file's metadata through
-transformers; the model's skeleton, on the meta device, says which parameters exist, which matrices are
-quantized and which are tied. The directory written is what ``agent.quant.save`` writes for
-transformers' fp32 model of the same file, tensor for tensor.
+Each tensor is read from the memory-mapped file and dequantized (Q4_K and Q6_K by agent.kquants, other
+types by the gguf package; the same values either way), named and fixed up as transformers' GGUF loader
+does (its name map and its per-architecture tensor processor, e.g. the un-permuted q/k of llama-arch
+files), quantized at once by agent.quant's per-matrix rule, and its fp32 copy dropped before the next is
+read. The peak is the quantized result plus one tensor in fp32, not the whole fp32 model and its state
+dict. The config, generation config and tokenizer come from the file's metadata through transformers,
+handed the one parse of it this module makes; the model's skeleton, on the meta device, says which
+parameters exist, which matrices are quantized and which are tied. The directory written is what
+``agent.quant.save`` writes for transformers' fp32 model of the same file, tensor for tensor.
 
 A file this module does not stream (a tensor processor other than those checked here, an architecture
 this transformers loads through its newer GGUF path, a transformers without the functions used here)
@@ -17,18 +18,21 @@ where files come from (agent/pull.py), of loading for inference, attention or pr
 
 from __future__ import annotations
 
+import contextlib
 import mmap
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from agent import quant
+from agent import kquants, quant
 
 # transformers' tensor processors streamed here, checked bit for bit against its fp32 model (TensorProcessor:
 # no fix-up, e.g. qwen2; llama: q/k un-permuted); the others go the old way (some merge MoE experts or split heads)
 _STREAMED_PROCESSORS = ("TensorProcessor", "LlamaTensorProcessor")
-_ROWS = 4096  # rows dequantized at a time: gguf's dequantizer holds several copies of what it is given
+_ROWS = 128  # rows dequantized at a time: the dequantizers hold several copies of what they are given (in cache)
 
 
 class Unsupported(Exception):
@@ -47,9 +51,10 @@ def quantize_gguf(gguf_path: Path, dest: Path) -> None:
     legacy = _legacy_loader()
     reader = GGUFReader(gguf_path)
     architecture = legacy.read_field(reader, "general.architecture")[0]
+    with _parsed_once(gguf_path, reader):
+        model, processor = _described(legacy, gguf_path, architecture, dest)
     tensors, mapping = reader.tensors, getattr(reader.data, "_mmap", None)
     del reader  # its parsed metadata (a 150K-token vocabulary: about 0.5 GB) is not needed any more
-    model, processor = _described(legacy, gguf_path, architecture, dest)
     names = legacy.get_gguf_hf_weights_map(model, processor)
     quant.write_weights(dest, _quantized_tensors(tensors, mapping, processor, names, model))
 
@@ -68,6 +73,26 @@ def _described(legacy, gguf_path: Path, architecture: str, dest: Path):
         del model.config.quantization_config
     quant.write_metadata(dest, model.config, getattr(model, "generation_config", None), tokenizer)
     return model, processor
+
+
+@contextlib.contextmanager
+def _parsed_once(gguf_path: Path, reader) -> Iterator[None]:
+    """While inside, transformers' loaders that open ``gguf_path`` with gguf's ``GGUFReader`` (the config, the
+    tokenizer and the tensor processor's metadata, up to three times) are handed ``reader``, already parsed:
+    each parse of a 150K-token vocabulary takes about 9 s on a 2-core machine. Other files parse as before."""
+    import gguf
+
+    parse, wanted = gguf.GGUFReader, os.path.realpath(gguf_path)
+
+    def opened(path, *args, **kwargs):
+        same = not args and not kwargs and os.path.realpath(path) == wanted
+        return reader if same else parse(path, *args, **kwargs)
+
+    gguf.GGUFReader = opened
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = parse
 
 
 def _legacy_loader():
@@ -122,12 +147,14 @@ def _quantized_tensors(tensors, mapping, processor, names: dict[str, str], model
     for tensor in tensors:
         fixed = processor.process(weights=_dequantized(tensor), name=tensor.name)
         _page_out(mapping)
-        name = names.get(fixed.name)
+        name, weights = names.get(fixed.name), fixed.weights
+        del fixed  # so that this fp32 tensor is gone before the next one is read (the peak: two 150K-row tables)
         if name is None:
             continue  # not a weight of the model (e.g. llama3's rope_freqs), as transformers skips it
         if name not in params:
             raise Unsupported(f"the file's {tensor.name} maps to {name}, which is not a parameter of the model")
-        state.update(quant.stored(model, name, _fp32(fixed.weights, name, params[name].shape)))
+        state.update(quant.stored(model, name, _fp32(weights, name, params[name].shape)))
+        del weights
         seen.add(name)
     missing = [n for n in params if n not in seen]
     if missing:
@@ -144,13 +171,19 @@ def _page_out(mapping: mmap.mmap | None) -> None:
 
 
 def _dequantized(tensor) -> np.ndarray:
-    """A GGUF tensor's values in fp32, dequantized _ROWS rows at a time (a block never spans rows)."""
+    """A GGUF tensor's values in fp32, dequantized _ROWS rows at a time (a block never spans rows): Q4_K and
+    Q6_K by agent.kquants (the gguf package's values, on every core, written in place), others by gguf."""
     from gguf import dequantize
 
-    data = tensor.data
+    data, qtype = tensor.data, tensor.tensor_type
     if data.ndim < 2:
-        return dequantize(data, tensor.tensor_type)
-    parts = (dequantize(data[r : r + _ROWS], tensor.tensor_type) for r in range(0, data.shape[0], _ROWS))
+        return dequantize(data, qtype)
+    if kquants.supports(qtype, data):
+        out = np.empty((data.shape[0], kquants.values_per_row(qtype, data)), np.float32)
+        for r in range(0, data.shape[0], _ROWS):
+            kquants.dequantize(data[r : r + _ROWS], qtype, out[r : r + _ROWS])
+        return out
+    parts = (dequantize(data[r : r + _ROWS], qtype) for r in range(0, data.shape[0], _ROWS))
     first = next(parts)
     out = np.empty((data.shape[0], *first.shape[1:]), np.float32)
     out[: len(first)] = first

@@ -5,14 +5,16 @@ torch's ``_weight_int4pack_mm_for_cpu`` kernel reads.
 grid of at most 16 levels (what a GGUF's Q4_K, Q4_0 and Q4_1 tensors dequantize to) it recovers that grid
 exactly, else it spans the group's range in 15 steps. It also returns the relative error of the result
 (scales and zeros rounded to the dtype stored), so the caller can choose 4 bits only where they lose
-nothing. :class:`Int4Linear` runs the kernel for a few rows (decode) and, for many rows (prefill),
-dequantizes the layer once per call and runs the dense GEMM; :class:`Int4Embedding` reads rows.
-Knows nothing of models, files or which layers are quantized (agent/quant.py decides).
+nothing, and stops early where they certainly would. :class:`Int4Linear` runs the kernel for a few rows
+(decode) and, for many rows (prefill), dequantizes the layer once per call and runs the dense GEMM;
+:class:`Int4Embedding` reads rows. Knows nothing of models, files or which layers are quantized
+(agent/quant.py decides).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,8 @@ from agent import residency
 GROUP = 32  # input values per scale and zero (a GGUF Q4_K sub-block, a Q4_0/Q4_1 block)
 BLOCK_N = 64  # torch packs rows in blocks of 64: byte j of input k holds row j (low nibble) and row j + 32
 KERNEL_MAX_ROWS = 32  # at most this many rows use the kernel; more dequantize and run the dense GEMM
-_FIT_ROWS = 4096  # rows fitted at a time (bounds the conversion's memory on a 150K-row embedding)
+_FIT_VALUES = 1 << 20  # values fitted at a time: a slice's temporaries (4 MiB each) stay in the CPU's cache and
+# are reused from the heap; a whole matrix's (55 MiB for 1.5B's MLP) would be fresh pages, faulted in every time
 _DEQUANT_ROWS = 256  # rows dequantized at a time (a multiple of BLOCK_N)
 
 
@@ -58,28 +61,40 @@ def _fit(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     low, span = g.amin(-1), g.amax(-1) - g.amin(-1)
     gaps = g.sort(-1).values.diff(dim=-1)
     gaps = torch.where(gaps > span[..., None] * 1e-3, gaps, torch.inf)  # equal values are no step
-    step = torch.where(torch.isfinite(gaps.amin(-1)), gaps.amin(-1), span)
-    levels = (g - low[..., None]) / step.clamp(min=1e-30)[..., None]
-    on_grid = ((levels - levels.round()).abs().amax(-1) < 1e-2) & (levels.amax(-1) < 15.5)
+    least = gaps.amin(-1)
+    step = torch.where(torch.isfinite(least), least, span)
+    shifted = g - low[..., None]
+    levels = shifted / step.clamp(min=1e-30)[..., None]
+    top = levels.amax(-1)
+    on_grid = (levels.sub_(levels.round()).abs_().amax(-1) < 1e-2) & (top < 15.5)
     step = torch.where(on_grid, step, span / 15).clamp(min=1e-12)
-    q = torch.round((g - low[..., None]) / step[..., None]).clamp(0, 15)
+    q = shifted.div_(step[..., None]).round_().clamp_(0, 15)
     return q.view(n, k).to(torch.int32), step, low
 
 
-def quantize(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+def quantize(weight: torch.Tensor, dtype: torch.dtype, give_up_above: float = math.inf):
     """``(packed, scales_zeros, relative_error)`` for ``weight`` [N, K]: the packed values (uint8 [N, K/2]),
     scales and zeros [K / GROUP, N, 2] in ``dtype`` as the kernel takes them, and the relative (Frobenius)
-    error of the dequantized weight against ``weight``. Needs :func:`supports`."""
+    error of the dequantized weight against ``weight``; None as soon as that error is certain to exceed
+    ``give_up_above`` (its running sum only grows), leaving the rest unfitted. Needs :func:`supports`."""
     w = weight.detach().float()
-    packed, sz, err, norm = [], [], 0.0, 0.0
-    for rows in w.split(_FIT_ROWS):
+    slices = w.split(fit_rows(w.shape[1]))
+    norm = max(sum(rows.square().sum().item() for rows in slices), 1e-30)
+    packed, sz, err = [], [], 0.0
+    for rows in slices:
         q, step, low = _fit(rows)
         part = torch.stack((step, low + 8 * step), -1).transpose(0, 1).to(dtype)  # w = (q - 8) * scale + zero
         packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
         sz.append(part)
         err += (dequantize(packed[-1], part, torch.float32) - rows).square().sum().item()
-        norm += rows.square().sum().item()
-    return torch.cat(packed), torch.cat(sz, 1).contiguous(), (err / max(norm, 1e-30)) ** 0.5
+        if (err / norm) ** 0.5 > give_up_above:
+            return None
+    return torch.cat(packed), torch.cat(sz, 1).contiguous(), (err / norm) ** 0.5
+
+
+def fit_rows(in_features: int) -> int:
+    """Rows of a weight fitted at a time: about _FIT_VALUES values, a multiple of BLOCK_N rows (as packed)."""
+    return max(1, _FIT_VALUES // (in_features * BLOCK_N)) * BLOCK_N
 
 
 def dequantize(packed: torch.Tensor, scales_zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -38,6 +38,7 @@ INT8_FORMAT = "moba-ask-int8/1"  # every matrix int8: still loads; the note says
 SCALES_DTYPE = torch.bfloat16  # 4-bit scales and zeros as stored (and as the kernel takes them with bf16 activations)
 _KERNEL_K_MULTIPLE = 16  # the int8 kernel returns garbage (or crashes) for other input widths
 _ROWS = 4096  # rows quantized to int8 at a time (bounds the conversion's memory on a 150K-row embedding)
+_ERROR_VALUES = 1 << 20  # values compared at a time when measuring the int8 error (4 MiB slices, in cache)
 ALIGN = 64  # bytes; the int8 kernel crashes on weights that start elsewhere (32 works, 4 and 28 crash)
 
 
@@ -132,8 +133,16 @@ def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _int8_error(qweight: torch.Tensor, scale: torch.Tensor, w: torch.Tensor) -> float:
-    """The relative (Frobenius) error of the int8 weight against ``w``, with one temporary of its size."""
-    return (qweight.float().mul_(scale[:, None]).sub_(w).norm() / w.norm().clamp(min=1e-30)).item()
+    """The relative (Frobenius) error of the int8 weight against ``w``, as :func:`agent.int4.quantize` measures
+    its own: summed about _ERROR_VALUES values at a time, so the temporaries stay a slice (a whole 150K-row
+    table's would be 0.9 GB, at the conversion's peak)."""
+    err = norm = 0.0
+    step = max(1, _ERROR_VALUES // max(w.shape[1], 1))
+    for r in range(0, w.shape[0], step):
+        rows = w[r : r + step]
+        err += qweight[r : r + step].float().mul_(scale[r : r + step, None]).sub_(rows).square_().sum().item()
+        norm += rows.square().sum().item()
+    return (err / max(norm, 1e-30)) ** 0.5
 
 
 def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -149,9 +158,10 @@ def _matrix(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """``weight`` in 4 bits when that loses nothing against int8 per channel (module docstring), else int8."""
     qweight, scale = _int8_rows(weight)
     if int4.supports(*weight.shape):
-        packed, scales_zeros, err4 = int4.quantize(weight, SCALES_DTYPE)
-        if err4 <= _int8_error(qweight, scale, weight.detach().float()):
-            return {"qweight4": packed, "scales_zeros": scales_zeros}
+        err8 = _int8_error(qweight, scale, weight.detach().float())
+        four = int4.quantize(weight, SCALES_DTYPE, give_up_above=err8)  # None: its error exceeds err8
+        if four is not None and four[2] <= err8:
+            return {"qweight4": four[0], "scales_zeros": four[1]}
     return {"qweight": qweight, "scale": scale}
 
 

@@ -118,14 +118,15 @@ def test_an_architecture_it_does_not_stream_goes_the_old_way_and_says_so(tmp_pat
     assert all(torch.equal(a, b) for a, b in zip(tensors(old)[1].values(), tensors(new)[1].values()))
 
 
-def test_int8_rows_a_slice_at_a_time_equal_the_whole_matrix_at_once():
+def test_int8_rows_a_slice_at_a_time_equal_the_whole_matrix_at_once(monkeypatch):
+    monkeypatch.setattr(quant, "_ERROR_VALUES", 1000)  # the error is summed over many slices
     w = torch.randn(quant._ROWS + 300, 64, generator=torch.Generator().manual_seed(1)) * 0.02
     scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
     qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
     got_q, got_scale = quant._int8_rows(w)
     assert torch.equal(got_q, qweight) and torch.equal(got_scale, scale)
-    whole = ((qweight * scale[:, None] - w).norm() / w.norm().clamp(min=1e-30)).item()
-    assert quant._int8_error(qweight, scale, w) == whole
+    whole = ((qweight.double() * scale.double()[:, None] - w.double()).norm() / w.double().norm()).item()
+    assert quant._int8_error(qweight, scale, w) == pytest.approx(whole, rel=1e-6)
 
 
 def test_a_tensor_dequantized_a_slice_at_a_time_equals_it_whole(tmp_path, monkeypatch):
@@ -136,3 +137,45 @@ def test_a_tensor_dequantized_a_slice_at_a_time_equals_it_whole(tmp_path, monkey
     for t in gguf.GGUFReader(source).tensors:
         whole = gguf.dequantize(t.data, t.tensor_type)
         assert np.array_equal(convert._dequantized(t), whole) and convert._dequantized(t).dtype == np.float32
+
+
+def test_the_gguf_metadata_is_parsed_once_and_the_reader_put_back(tmp_path, monkeypatch, no_fp32_model):
+    source = write_tiny_gguf(tmp_path / "tiny.gguf")
+    other = write_tiny_gguf(tmp_path / "other.gguf", seed=1)
+    parse, opened = gguf.GGUFReader, []
+
+    def counted(path, *args, **kwargs):
+        opened.append(Path(path).name)
+        return parse(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counted)
+    pull.quantize(source, tmp_path / "q8")
+    assert opened == ["tiny.gguf"]  # transformers' config, tokenizer and tensor-processor loaders read it too
+    assert gguf.GGUFReader is counted
+    from agent import convert
+
+    with convert._parsed_once(source, "the reader"):
+        assert gguf.GGUFReader(str(source)) == "the reader" and gguf.GGUFReader(other) != "the reader"
+        with pytest.raises(ValueError):
+            gguf.GGUFReader(tmp_path / "q8" / "config.json")  # another file is parsed as before
+    assert gguf.GGUFReader is counted
+
+
+def test_each_tensors_fp32_copy_is_gone_before_the_next_is_read(tmp_path, monkeypatch, no_fp32_model):
+    import weakref
+
+    from agent import convert
+
+    source = write_tiny_gguf(tmp_path / "tiny.gguf", **VARIANTS["q4_0-untied"])
+    read, alive_at_read = convert._dequantized, []
+    earlier: list[weakref.ref] = []
+
+    def tracked(tensor):
+        alive_at_read.append(sum(ref() is not None for ref in earlier))
+        values = read(tensor)
+        earlier.append(weakref.ref(values))
+        return values
+
+    monkeypatch.setattr(convert, "_dequantized", tracked)
+    pull.quantize(source, tmp_path / "q8")
+    assert len(alive_at_read) > 10 and set(alive_at_read) == {0}

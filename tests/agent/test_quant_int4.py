@@ -136,3 +136,92 @@ def test_load_model_default_on_a_4bit_directory_says_4bit(tokenizer_path, tmp_pa
     model, _, info = load.load_model(str(dest))
     (note,) = [n for n in runtime_notes(AskConfig(device="cpu"), model, info, "cpu") if n.startswith("weights:")]
     assert note.startswith("weights: 4-bit (groups of 32)") and "int8-only" not in note
+
+
+def reference_fit(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The grid fit as first written, one full-size temporary per step: what int4._fit must equal, bit for bit."""
+    n, k = w.shape
+    g = w.view(n, k // 32, 32)
+    low, span = g.amin(-1), g.amax(-1) - g.amin(-1)
+    gaps = g.sort(-1).values.diff(dim=-1)
+    gaps = torch.where(gaps > span[..., None] * 1e-3, gaps, torch.inf)
+    step = torch.where(torch.isfinite(gaps.amin(-1)), gaps.amin(-1), span)
+    levels = (g - low[..., None]) / step.clamp(min=1e-30)[..., None]
+    on_grid = ((levels - levels.round()).abs().amax(-1) < 1e-2) & (levels.amax(-1) < 15.5)
+    step = torch.where(on_grid, step, span / 15).clamp(min=1e-12)
+    q = torch.round((g - low[..., None]) / step[..., None]).clamp(0, 15)
+    return q.view(n, k).to(torch.int32), step, low
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit, except that any NaN equals any NaN (-0.0 and 0.0 differ)."""
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    nan = torch.isnan(a)
+    return a.dtype == b.dtype and torch.equal(nan, torch.isnan(b)) and torch.equal(a[~nan].view(torch.int32),
+                                                                                    b[~nan].view(torch.int32))
+
+
+def fit_cases() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    infinite = torch.randn(64, 64, generator=g)
+    infinite[0, 3], infinite[1, 5], infinite[2, :32] = torch.inf, -torch.inf, torch.inf
+    holes = torch.randn(64, 64, generator=g)
+    holes[3, 7] = torch.nan
+    return {
+        "gaussian": torch.randn(256, 512, generator=g),
+        "on grid": on_grid(256, 512, seed=3),
+        "on grid, 64 levels": on_grid(256, 512, levels=64, seed=4),
+        "constant": torch.full((64, 64), 0.3),
+        "zeros and signed zeros": torch.where(torch.rand(64, 64, generator=g) > 0.5, 0.0, -0.0),
+        "two levels": torch.where(torch.rand(64, 64, generator=g) > 0.5, 1.0, -2.5),
+        "17 levels": torch.randint(0, 17, (64, 64), generator=g).float() * 0.01,  # one level too many
+        "a gap at the threshold": torch.tensor([0.0, 1e-3, 1.0] + [0.5] * 29).repeat(64, 2),
+        "gaps below the threshold": 1 + torch.randint(0, 3, (64, 64), generator=g) * 1e-7,
+        "huge": torch.randn(64, 64, generator=g) * 1e37,
+        "subnormal": torch.randn(64, 64, generator=g) * 1e-40,
+        "mixed magnitudes": torch.cat([torch.randn(64, 32, generator=g) * 1e30, torch.randn(64, 32, generator=g) * 1e-30], 1),
+        "infinities": infinite,
+        "a NaN": holes,
+    }
+
+
+@pytest.mark.parametrize("case", list(fit_cases()))
+def test_the_grid_fit_equals_the_reference_bit_for_bit(case):
+    w = fit_cases()[case]
+    assert all(same_bits(a, b) for a, b in zip(int4._fit(w.clone()), reference_fit(w)))
+
+
+def test_quantizing_a_slice_of_rows_at_a_time_equals_the_whole_matrix_fitted_at_once(monkeypatch):
+    w = torch.cat([on_grid(320, 256, seed=5), torch.randn(192, 256, generator=torch.Generator().manual_seed(5))])
+    q, step, low = reference_fit(w)
+    monkeypatch.setattr(int4, "_FIT_VALUES", 3000)  # slices of 64 rows
+    assert int4.fit_rows(256) == int4.BLOCK_N
+    packed, sz, err = int4.quantize(w, torch.bfloat16)
+    assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+    assert torch.equal(sz, torch.stack((step, low + 8 * step), -1).transpose(0, 1).to(torch.bfloat16))
+    whole = (int4.dequantize(packed, sz, torch.float32).double() - w.double()).norm() / w.double().norm()
+    assert err == pytest.approx(whole.item(), rel=1e-5)
+
+
+def test_4_bits_are_given_up_as_soon_as_they_certainly_lose_against_int8(monkeypatch):
+    fitted, fit = [], int4._fit
+    monkeypatch.setattr(int4, "_fit", lambda rows: fitted.append(len(rows)) or fit(rows))
+    monkeypatch.setattr(int4, "_FIT_VALUES", 64 * 256)  # slices of 64 rows
+    six_bit = on_grid(640, 256, levels=64)  # a Q6_K tensor: int8 wins
+    packed, sz, err = int4.quantize(six_bit, quant.SCALES_DTYPE)
+    assert len(fitted) == 10
+    qweight, scale = quant._int8_rows(six_bit)
+    err8 = quant._int8_error(qweight, scale, six_bit)
+    fitted.clear()
+    assert err > err8 and int4.quantize(six_bit, quant.SCALES_DTYPE, give_up_above=err8) is None
+    assert 1 <= len(fitted) < 5
+    assert set(quant._matrix(six_bit)) == {"qweight", "scale"}
+    four = int4.quantize(six_bit, quant.SCALES_DTYPE, give_up_above=err)  # never above its own error: kept whole
+    assert torch.equal(four[0], packed) and torch.equal(four[1], sz) and four[2] == err
+
+
+def test_a_matrix_with_a_nan_stays_int8():
+    w = on_grid(128, 256)
+    w[5, 7] = torch.nan
+    assert set(quant._matrix(w)) == {"qweight", "scale"}
