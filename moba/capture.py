@@ -161,22 +161,27 @@ class RoutingRecorder:
         def weighted(m: torch.Tensor) -> torch.Tensor:
             return m.sum(0) if w is None else w @ m
 
-        tail = None if self.tail_start is None else positions >= self.tail_start
-        if tail is None or tail.all() or not tail.any():
-            mass = _key_mass(p, q, positions, blocks)
-            if tail is not None and tail.all():
-                self.tail_mass = _grow_add(self.tail_mass, weighted(mass).float().cpu())
-        else:
-            head, rest = (_key_mass(p, q[:, part], positions[part], None if blocks is None else blocks[:, part])
-                          for part in (~tail, tail))
-            self.tail_mass = _grow_add(self.tail_mass, weighted(rest).float().cpu())
-            mass = head + rest
+        mass, tail = self._masses(p, q, positions, blocks)
+        if tail is not None:
+            self.tail_mass = _grow_add(self.tail_mass, weighted(tail).float().cpu())
         self.add_key_mass(weighted(mass))
         if self.per_head:
             n_full = p.key.shape[1] // p.block_size
             means = block_means(p.key[None], p.block_size)[0] if p.means is None else p.means[0, :, :n_full]
             self.add_head_evidence(layer, block_sum(mass, p.block_size),
                                    gate_block_mass(q, positions, means, p.block_size, p.scale))
+
+    def _masses(self, p: _Pending, q, positions, blocks) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """fp32 [Hq, Tk] mass of all the queries, and of those at or after tail_start (None: none are)."""
+        tail = None if self.tail_start is None else positions >= self.tail_start
+        if tail is None or not tail.any():
+            return _key_mass(p, q, positions, blocks), None
+        if tail.all():
+            mass = _key_mass(p, q, positions, blocks)
+            return mass, mass
+        head, rest = (_key_mass(p, q[:, part], positions[part], None if blocks is None else blocks[:, part])
+                      for part in (~tail, tail))
+        return head + rest, rest
 
     def add_key_mass(self, mass: torch.Tensor) -> None:
         """Add a [Tk] mass vector (any device) into key_mass, growing it as needed."""

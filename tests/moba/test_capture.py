@@ -131,9 +131,9 @@ def test_capture_off_costs_nothing(monkeypatch):
     assert rec.evidence("mass").numel() == 0
 
 
-def _decode_capture(m, ids, start):
+def _decode_capture(m, ids, start, tail_start=None):
     """Prefill ids[:start] unrecorded, then feed the rest one token a call with a recorder from `start`."""
-    rec = moba.RoutingRecorder(start=start, per_head=True)
+    rec = moba.RoutingRecorder(start=start, per_head=True, tail_start=tail_start)
     arg = "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values"
     with torch.inference_mode():
         pkv = m(ids[:, :start], use_cache=True).past_key_values
@@ -181,3 +181,19 @@ def test_tail_mass_is_the_later_queries_own_mass():
     torch.testing.assert_close(split.evidence("mass"), whole.evidence("mass"), rtol=1e-4, atol=1e-6)
     assert 0 < split.tail_mass.sum() < split.key_mass.sum()
     assert whole.tail_mass.numel() == 0
+
+
+@pytest.mark.parametrize("pending_bytes", [capture.PENDING_BYTES, 1], ids=["at-exit", "every-call"])
+def test_tail_mass_is_the_same_token_by_token(monkeypatch, pending_bytes):
+    """Decoding token by token (each flush all-question, all-answer or mixed) keeps the same tail mass as one
+    forward over every token."""
+    ids = torch.randint(0, 97, (1, 100))
+    m = tiny_model("llama", "moba", block_size=8, top_k=2, sink_blocks=1, dense_layers=[2])
+    whole = moba.RoutingRecorder(start=92, tail_start=96, per_head=True)
+    with torch.inference_mode(), moba.capture_routing(whole):
+        m(ids)
+    monkeypatch.setattr(capture, "PENDING_BYTES", pending_bytes)
+    rec = _decode_capture(m, ids, 92, tail_start=96)
+    assert whole.tail_mass.sum() > 0
+    torch.testing.assert_close(rec.tail_mass, whole.tail_mass, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rec.key_mass, whole.key_mass, rtol=1e-4, atol=1e-5)
