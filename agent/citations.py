@@ -4,8 +4,9 @@ Routing citations, with per-head evidence (the recorder's `per_head`): every key
 packed source lines (sinks and the blocks of the question itself excluded) scores the weighted sum
 over (layer, head) of the head's share of evidence on it (calibrated weights, `agent.headweights`,
 else every head alike); the best blocks are narrowed to the lines on which the question tokens'
-attention mass stands out (`line_mass`), merged and ranked. Without per-head evidence: the blocks the gate routed the question and answer
-tokens to are weighted by the attention mass the recorded queries put on them, and narrowed so.
+attention mass stands out (`line_mass`), merged and ranked. Without per-head evidence: the blocks the
+gate routed the question and answer tokens to are weighted by the attention mass the recorded queries
+put on them, and narrowed so.
 Text citations: path:line references the model wrote, kept only when the source map resolves
 them. Nothing here renders; the CLI does. Knows no model, only a recorder and a source map.
 """
@@ -89,10 +90,15 @@ def line_mass(rec: RoutingRecorder) -> np.ndarray:
     recorder's tail (a session's question tokens), all of it where no tail was kept. The answer tokens'
     own mass goes where they copy from and picks worse lines when few are taken (bench/RESULTS.md, ninth
     session: at one line a block, top-1 +0.14 and line precision +0.17 without it; equal at the defaults)."""
-    mass = rec.key_mass.numpy().copy()
-    n = min(len(mass), rec.tail_mass.numel())
-    mass[:n] -= rec.tail_mass.numpy()[:n]
-    return np.clip(mass, 0.0, None)
+    return without_tail(rec.key_mass.numpy(), rec.tail_mass.numpy())
+
+
+def without_tail(mass: np.ndarray, tail: np.ndarray) -> np.ndarray:
+    """`mass` [Tk] less `tail` (the later queries' part of it, possibly shorter), clipped at 0."""
+    out = mass.copy()
+    n = min(len(out), len(tail))
+    out[:n] -= tail[:n]
+    return np.clip(out, 0.0, None)
 
 
 def evidence_scores(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: int,

@@ -60,9 +60,11 @@ def line_mass(u, tid: str, which: str | None = None):
         return u.mass[tid]
     if tid not in u.answer_mass:
         raise SystemExit(f"--mass {which}: the evidence file has no answer mass (saved before 2026-12)")
+    if which == "question":
+        return cit.without_tail(u.mass[tid], u.answer_mass[tid])
     answer = np.zeros_like(u.mass[tid])
     answer[: len(u.answer_mass[tid])] = u.answer_mass[tid][: len(answer)]
-    return answer if which == "answer" else np.clip(u.mass[tid] - answer, 0, None)
+    return answer
 
 
 def rows_for(units, tasks: dict, setting: dict, mass: str | None = None) -> list[dict]:
