@@ -185,12 +185,7 @@ class RoutingRecorder:
 
     def add_key_mass(self, mass: torch.Tensor) -> None:
         """Add a [Tk] mass vector (any device) into key_mass, growing it as needed."""
-        mass = mass.float().cpu()
-        if mass.numel() > self.key_mass.numel():
-            grown = torch.zeros(mass.numel())
-            grown[: self.key_mass.numel()] = self.key_mass
-            self.key_mass = grown
-        self.key_mass[: mass.numel()] += mass
+        self.key_mass = _grow_add(self.key_mass, mass.float().cpu())
 
     def add_head_evidence(self, layer: int, mass: torch.Tensor, gate: torch.Tensor) -> None:
         """Add [Hq, n_blocks] block mass and gate mass (any device) of one layer's recorded queries."""
