@@ -71,7 +71,7 @@ def open_session(paths, config: AskConfig, options: ingest.PackOptions, mode: st
     session.notes = check_fit(session, question)
     for line in [*(f"note: {n}" for n in session.notes), *pack_lines(pk, budget)]:
         ui.say(line)
-    ui.say(f"attention: {describe(settled.attention, session.params)}{_why(config, settled, pk.total_tokens)}")
+    ui.say(f"attention: {describe(settled.attention, session.params)}{_why(config, settled, pk.total_tokens, rt.device)}")
     prefill(session, ui)
     return session
 
@@ -168,12 +168,14 @@ def kv_line(engine) -> str:
             f"{engine.kv_heads} KV heads x {head_dim} x {n:,} tokens x {engine.dtype.itemsize} B")
 
 
-def _why(given: AskConfig, settled: AskConfig, tokens: int) -> str:
+def _why(given: AskConfig, settled: AskConfig, tokens: int, device: str) -> str:
     if given.attention != "auto":
         return ""
     side = "<" if settled.attention == "dense" else ">="
-    return (f" (auto: {tokens:,} tokens {side} {auto_threshold(given):,} = {AUTO_DENSE_FACTOR} x top-k {given.top_k} x "
-            f"block {given.block_size}; --attention moba|dense to choose)")
+    threshold = auto_threshold(given, device)
+    rule = (f"{AUTO_DENSE_FACTOR} x top-k {given.top_k} x block {given.block_size}"
+            if threshold == auto_threshold(given) else "on a GPU, where MoBA is no faster below it and answers less")
+    return f" (auto: {tokens:,} tokens {side} {threshold:,} = {rule}; --attention moba|dense to choose)"
 
 
 def _context_cache() -> ContextCache:

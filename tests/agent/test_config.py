@@ -22,6 +22,15 @@ def test_auto_attention_is_dense_below_the_threshold_and_moba_from_it():
     assert auto_threshold(AskConfig(block_size=512, top_k=3)) == 8 * 3 * 512
 
 
+def test_auto_attention_on_a_gpu_is_dense_below_32k_tokens():
+    cfg = AskConfig(block_size=256, top_k=6)
+    assert auto_threshold(cfg, "cuda") == auto_threshold(cfg, "cuda:1") == 32_768
+    assert settle(cfg, 30_000, "cuda").attention == "dense"
+    assert settle(cfg, 30_000, "cpu").attention == "moba"
+    assert settle(cfg, 32_768, "cuda").attention == "moba"
+    assert auto_threshold(AskConfig(block_size=4096, top_k=12), "cuda") == 8 * 12 * 4096  # the larger rule wins
+
+
 def test_explicit_attention_is_kept_whatever_the_context():
     assert settle(AskConfig(attention="moba"), 10).attention == "moba"
     assert settle(AskConfig(attention="dense"), 10**6).attention == "dense"
