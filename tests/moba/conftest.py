@@ -30,7 +30,7 @@ def poison_empty(monkeypatch):
 
 @pytest.fixture
 def cuda_driver(monkeypatch):
-    """cuda_driver(driver) answers moba/triton/compute_mode.py's query from `driver`, a stand-in for libcuda.so.1.
+    """cuda_driver(driver): moba/triton/compute_mode.py's query asks `driver`, a stand-in for libcuda.so.1.
 
     The query's per-device cache is emptied before and after the test.
     """

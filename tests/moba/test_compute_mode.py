@@ -1,4 +1,4 @@
-"""The CUDA driver's compute-mode query that decides whether the Gluon tile kernel may run (moba/triton/compute_mode.py).
+"""The CUDA driver's compute-mode query (moba/triton/compute_mode.py): may the Gluon tile kernel run here?
 
 The driver is a fake library object (`FakeDriver`), so the query runs on any machine; a library that cannot be
 opened is a real ctypes failure (a name that does not exist).
