@@ -143,7 +143,8 @@ def tile_kernel(q, k, v, nsplit: int):
     tiles cut with that many rows (`build_tiles`).
     """
     hopper = _hopper_module()
-    if hopper is not None and hopper.hopper_ok(q, k, v, nsplit) and compute_mode.exclusive_process(q.device.index):
+    gluon = hopper is not None and hopper.hopper_ok(q, k, v, nsplit)
+    if gluon and compute_mode.exclusive_process(q.device.index):  # the device is CUDA once hopper_ok holds
         return hopper.BM, hopper.attend_tiles_hopper
     cfg = TILE_CONFIGS[q.shape[3]]
     return cfg["BM"], functools.partial(attend_tiles, nsplit=nsplit, cfg=cfg)
