@@ -7,7 +7,9 @@ MoBA FLOPs are counted from the routing the kernel actually chose. Peak memory i
 torch.cuda.max_memory_allocated during the call; "extra" subtracts the inputs and the output.
 
 Run: python -m bench.attention [--sizes 32768,...] [--no-fa2] [--tune N] [--breakdown N] [--out DIR]
-Prints a markdown table last and writes it (and a JSON of every number) under --out ($OUT).
+Prints a markdown table last, headed by the tile kernel timed (the Gluon one only on a GPU in
+EXCLUSIVE_PROCESS compute mode, moba/triton/compute_mode.py), and writes it (and a JSON of every number)
+under --out ($OUT).
 """
 
 from __future__ import annotations
@@ -217,8 +219,19 @@ def breakdown(N: int) -> dict:
             _mark(marks, acc, "attend")
             merge_partials(op, lsep, blk, out, q_off=c0, nsplit=1)
             _mark(marks, acc, "merge")
-    log(f"breakdown N={N} chunk={step} tile kernel {getattr(attend, '__module__', None) or attend.func.__module__}: " + ", ".join(f"{k_} {v_:.1f} ms" for k_, v_ in acc.items()))
-    return dict(N=N, chunk=step, **acc)
+    kernel = _module(attend)
+    log(f"breakdown N={N} chunk={step} tile kernel {kernel}: " + ", ".join(f"{k_} {v_:.1f} ms" for k_, v_ in acc.items()))
+    return dict(N=N, chunk=step, tile_kernel=kernel, **acc)
+
+
+def tile_kernel() -> str:
+    """The module of the tile kernel the launcher takes here at one key split (the Gluon one only on an
+    EXCLUSIVE_PROCESS Hopper GPU, moba/triton/compute_mode.py)."""
+    return _module(launcher.tile_kernel(*qkv(BS, BS, seed=0), 1)[1])
+
+
+def _module(attend) -> str:
+    return getattr(attend, "func", attend).__module__  # the Triton kernel comes as a functools.partial
 
 
 def _mark(marks, acc, name) -> None:
@@ -252,8 +265,9 @@ def fmt(x, nd=1) -> str:
     return f"{x:,.{nd}f}" if isinstance(x, float) else ("-" if x is None else str(x))
 
 
-def table(rows, chunk, dec, checks) -> str:
-    lines = ["| N | MoBA ms | cuDNN SDPA ms | FA2 SDPA ms | FlexAttention | cuDNN / MoBA | MoBA TFLOP/s (eff.) "
+def table(rows, chunk, dec, checks, kernel) -> str:
+    lines = [f"Tile kernel: {kernel}.\n",
+             "| N | MoBA ms | cuDNN SDPA ms | FA2 SDPA ms | FlexAttention | cuDNN / MoBA | MoBA TFLOP/s (eff.) "
              "| MoBA peak extra GB (inputs GB) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         ratio = r["cudnn_ms"] / r["moba_ms"] if isinstance(r["cudnn_ms"], float) else None
@@ -285,7 +299,8 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     log(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
-    res = dict(checks=check_correctness())
+    res = dict(tile_kernel=tile_kernel(), checks=check_correctness())
+    log(f"tile kernel: {res['tile_kernel']}")
     if a.breakdown:
         res["breakdown"] = breakdown(a.breakdown)
     if a.tune:
@@ -296,7 +311,7 @@ def main() -> None:
     full = next((r for r in res["rows"] if r["N"] == 1 << 20), None)
     res["chunked"] = None if a.no_extra else chunked_row(full, not a.no_fa2)
     res["decode"] = None if a.no_extra else decode_row()
-    md = table(res["rows"], res["chunked"], res["decode"], res["checks"])
+    md = table(res["rows"], res["chunked"], res["decode"], res["checks"], res["tile_kernel"])
     (out / "attention.json").write_text(json.dumps(res, indent=1))
     (out / "attention.md").write_text(md + "\n")
     print(md)

@@ -5,12 +5,14 @@ heads, 2 KV heads, D 128, bf16; block 256, top-6, 1 sink; the two prefill chunks
 rewrites a heartbeat file after every call (launched; with --sync, finished). The parent starts --procs
 workers on the current GPU, calls a worker hung when its heartbeat has not moved for --stall seconds
 (--startup for the first round, which compiles), kills every worker still running at the end and prints
-one JSON line: per worker, calls done, whether it hung, and where. --tile triton takes the Triton tile
-kernel where the launcher would take the Gluon one. --sync synchronizes after every kernel launch, so the
+one JSON line: per worker, calls done, whether it hung, and where. --tile auto is the launcher's own
+choice (the Gluon tile kernel only on an EXCLUSIVE_PROCESS GPU, where a second process cannot start, so on
+a shared GPU the Triton one); --tile triton forces the Triton tile kernel, --tile gluon the Gluon one on
+Hopper whatever the compute mode (the kernel that hung). --sync synchronizes after every kernel launch, so the
 heartbeat names the kernel that does not finish, and keeps on the host the last blocks table and CSR
 handed to the tile kernel, which a hung worker saves to --out DIR/worker<i>.pt (to check with
 tests/moba/test_schedule.py's `empty_tiles`); a hung worker also prints its Python stacks.
-Run on the GPU machine: python -m bench.hang_probe --procs 3 --seconds 45 [--tile triton] [--sync --out DIR]
+Run on the GPU machine: python -m bench.hang_probe --procs 3 --seconds 45 [--tile gluon] [--sync --out DIR]
 """
 
 from __future__ import annotations
@@ -74,9 +76,12 @@ def _instrument(args, beat: Beat, last: dict) -> None:
     import importlib
 
     import moba.triton.launcher as launcher
+    from moba.triton import compute_mode
 
     if args.tile == "triton":
         launcher._hopper_module = lambda: None  # as where Triton has no Gluon
+    elif args.tile == "gluon":
+        compute_mode.exclusive_process = lambda ordinal: True  # as on an exclusive-process GPU
     if not args.sync:
         return
     for mod, names in KERNELS.items():
@@ -170,7 +175,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=45.0)
     ap.add_argument("--stall", type=float, default=20.0)
     ap.add_argument("--startup", type=float, default=150.0)
-    ap.add_argument("--tile", choices=("auto", "triton"), default="auto")
+    ap.add_argument("--tile", choices=("auto", "triton", "gluon"), default="auto")
     ap.add_argument("--sync", action="store_true")
     ap.add_argument("--out")
     ap.add_argument("--beats", default=f"/tmp/hang_probe.{os.getpid()}")

@@ -1,5 +1,10 @@
 """The key-block tile kernel for Hopper (sm_90) in Gluon, warp-specialized; used by the launcher there.
 
+The launcher takes it only on a GPU in EXCLUSIVE_PROCESS compute mode (`nvidia-smi -c EXCLUSIVE_PROCESS`):
+with three processes time-slicing one H200 it hung in all three (cause unknown), while one process per GPU
+never did (bench/hang_probe.py, bench/RESULTS.md, moba/triton/compute_mode.py). On a GPU in the default
+(shared) mode the Triton tile kernel runs.
+
 Same contract as `attend_tiles` (moba/triton/attention.py) with one key split: one program per tile
 of 128 gathered (query, head) rows of one (batch, KV head, key block), partial outputs and base-2
 log-sum-exps per entry. What it adds is the schedule of FlashAttention-3. The tile's queries are

@@ -3,9 +3,11 @@
 Queries go in chunks sized so that the partial results of a chunk fit in PARTIAL_BUDGET bytes.
 Per chunk: the routing kernel writes the blocks table, then either the split-K decode kernel (few
 query rows per KV head) or the key-block tile kernel (a CSR of the table, moba/triton/csr.py)
-writes partials, and the merge kernel writes the output rows. Nothing waits on the host. On Hopper
-the tile kernel is the warp-specialized Gluon one (moba/triton/hopper.py) where it applies
-(`tile_kernel`). Why these sizes and configurations: bench/RESULTS.md.
+writes partials, and the merge kernel writes the output rows. Nothing waits on the host. The tile
+kernel is the warp-specialized Gluon one (moba/triton/hopper.py) on Hopper where it applies and the GPU is
+in EXCLUSIVE_PROCESS compute mode (`tile_kernel`): the Gluon kernel has hung when processes time-slice a
+GPU (moba/triton/compute_mode.py), so a GPU in the default shared mode gets the Triton tile kernel, about
+10% slower at 1M. Why these sizes and configurations: bench/RESULTS.md.
 Inputs outside the kernels' range (fp32, head dims other than 64/128/256, CPU tensors without the
 Triton interpreter) go to the portable path. It knows nothing of files or models.
 """
@@ -20,6 +22,7 @@ import triton
 
 from moba.portable import portable_moba_attention
 from moba.routing import block_means
+from moba.triton import compute_mode
 from moba.triton.attention import attend_tiles
 from moba.triton.csr import build_tiles
 from moba.triton.decode import attend_rows, key_splits, merge_partials, partials
@@ -134,13 +137,14 @@ def _attend_chunk(q, k, v, out, blk, c0, pos0, block_size, scale) -> None:
 
 
 def tile_kernel(q, k, v, nsplit: int):
-    """(tile rows, kernel) of the tile path: the Gluon kernel on Hopper where it applies, else the Triton one.
+    """(tile rows, kernel) of the tile path: Gluon's where it applies on an exclusive-process GPU, else Triton's.
 
     The kernel is called as kernel(q, k, v, blk, tiles, op, lsep, *, q_off, pos0, block_size, scale),
     tiles cut with that many rows (`build_tiles`).
     """
     hopper = _hopper_module()
-    if hopper is not None and hopper.hopper_ok(q, k, v, nsplit):
+    gluon = hopper is not None and hopper.hopper_ok(q, k, v, nsplit)
+    if gluon and compute_mode.exclusive_process(q.device.index):  # the device is CUDA once hopper_ok holds
         return hopper.BM, hopper.attend_tiles_hopper
     cfg = TILE_CONFIGS[q.shape[3]]
     return cfg["BM"], functools.partial(attend_tiles, nsplit=nsplit, cfg=cfg)

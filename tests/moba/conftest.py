@@ -26,3 +26,21 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", _poisoned(torch.empty))
     monkeypatch.setattr(torch, "empty_like", _poisoned(torch.empty_like))
     torch.manual_seed(42)
+
+
+@pytest.fixture
+def cuda_driver(monkeypatch):
+    """cuda_driver(driver): moba/triton/compute_mode.py's query asks `driver`, a stand-in for libcuda.so.1.
+
+    The query's per-device cache is emptied before and after the test.
+    """
+    from moba.triton import compute_mode
+
+    compute_mode.exclusive_process.cache_clear()
+
+    def install(driver):
+        monkeypatch.setattr(compute_mode, "_open_driver", lambda: driver)
+        return driver
+
+    yield install
+    compute_mode.exclusive_process.cache_clear()

@@ -112,3 +112,34 @@ def attended_blocks(routing, n_blocks: int) -> torch.Tensor:
     hit = torch.zeros(*b.shape[:3], n_blocks + 1, dtype=torch.bool)
     hit.scatter_(-1, torch.where(b >= 0, b, n_blocks).cpu(), True)
     return hit[..., :n_blocks]
+
+
+SHARED, EXCLUSIVE_THREAD, PROHIBITED, EXCLUSIVE_PROCESS = 0, 1, 2, 3  # the driver's CUcomputemode values
+
+
+class FakeDriver:
+    """libcuda.so.1 with one compute mode per device ordinal; `fail` names a call that returns an error.
+
+    Its functions write through the ctypes pointers they get, as the driver's do.
+    """
+
+    def __init__(self, modes, fail=None):
+        self.modes, self.fail, self.calls = modes, fail, []
+
+    def _result(self, name):
+        self.calls.append(name)
+        return 100 if name == self.fail else 0  # CUDA_ERROR_NO_DEVICE
+
+    def cuInit(self, flags):
+        assert flags == 0
+        return self._result("cuInit")
+
+    def cuDeviceGet(self, dev, ordinal):
+        dev._obj.value = 1000 + ordinal  # a CUdevice handle is not the ordinal in general
+        return self._result("cuDeviceGet")
+
+    def cuDeviceGetAttribute(self, value, attribute, dev):
+        assert attribute == 20  # CU_DEVICE_ATTRIBUTE_COMPUTE_MODE
+        value._obj.value = self.modes[dev.value - 1000]
+        return self._result("cuDeviceGetAttribute")
+

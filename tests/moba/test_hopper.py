@@ -15,7 +15,7 @@ import torch
 
 from moba import portable_moba_attention
 from moba.routing import block_means, select_blocks
-from tests.moba.mobatest import make_qkv, rel_err
+from tests.moba.mobatest import EXCLUSIVE_PROCESS, SHARED, FakeDriver, make_qkv, rel_err
 
 pytest.importorskip("triton.experimental.gluon", reason="needs Triton with Gluon")
 SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -42,15 +42,23 @@ def test_hopper_ok_refuses_other_inputs():
 
 
 class _CudaLike(torch.Tensor):
-    """A CPU tensor that reports is_cuda, so the host-side checks run past the device test on any machine."""
+    """A CPU tensor that reports is_cuda and a CUDA device, so the host-side checks run on any machine."""
+
+    ordinal = 0
 
     @property
     def is_cuda(self):
         return True
 
+    @property
+    def device(self):
+        return torch.device("cuda", self.ordinal)
 
-def _on_cuda(t: torch.Tensor) -> torch.Tensor:
-    return t.as_subclass(_CudaLike)
+
+def _on_cuda(t: torch.Tensor, ordinal: int = 0) -> torch.Tensor:
+    t = t.as_subclass(_CudaLike)
+    t.ordinal = ordinal
+    return t
 
 
 @pytest.fixture
@@ -103,18 +111,46 @@ def test_hopper_ok_decides_by_head_dim_splits_and_capability(capability, D, dtyp
     assert hopper_ok(q, k, v, nsplit) == ok
 
 
-@pytest.mark.parametrize("D,major,use,gluon", [(128, 9, True, True), (64, 9, True, True), (128, 9, False, False),
-                                               (128, 8, True, False), (256, 9, True, False)])  # fmt: skip
-def test_launcher_takes_the_gluon_kernel_only_where_hopper_ok(monkeypatch, capability, D, major, use, gluon):
+@pytest.mark.parametrize(
+    "D,major,use,mode,gluon",
+    [
+        (128, 9, True, EXCLUSIVE_PROCESS, True),
+        (64, 9, True, EXCLUSIVE_PROCESS, True),
+        (128, 9, True, SHARED, False),  # the default mode: other processes may time-slice the GPU
+        (128, 9, False, EXCLUSIVE_PROCESS, False),  # Triton without Gluon
+        (128, 8, True, EXCLUSIVE_PROCESS, False),
+        (256, 9, True, EXCLUSIVE_PROCESS, False),
+    ],
+)
+def test_launcher_takes_the_gluon_kernel_only_where_hopper_ok_on_an_exclusive_gpu(
+    monkeypatch, capability, cuda_driver, D, major, use, mode, gluon
+):
+    import moba.triton.launcher as launcher
+
+    capability[0] = major
+    cuda_driver(FakeDriver([mode]))
+    if not use:
+        monkeypatch.setattr(launcher, "_hopper_module", lambda: None)  # as where Triton has no Gluon
+    q, k, v = (_on_cuda(t) for t in make_qkv(1, 4, 2, 64, 64, D, dtype=torch.bfloat16))
+    _assert_tile_kernel(launcher.tile_kernel(q, k, v, 1), D, gluon)
+
+
+def test_launcher_reads_the_mode_of_the_tensors_device_once(capability, cuda_driver):
+    import moba.triton.launcher as launcher
+
+    fake = cuda_driver(FakeDriver([SHARED, EXCLUSIVE_PROCESS]))
+    for ordinal, gluon in [(0, False), (1, True), (0, False), (1, True)]:
+        q, k, v = (_on_cuda(t, ordinal) for t in make_qkv(1, 4, 2, 64, 64, 128, dtype=torch.bfloat16))
+        _assert_tile_kernel(launcher.tile_kernel(q, k, v, 1), 128, gluon)
+    assert fake.calls.count("cuDeviceGetAttribute") == 2  # once per device
+
+
+def _assert_tile_kernel(chosen, D, gluon):
     import moba.triton.launcher as launcher
     from moba.triton import hopper
     from moba.triton.attention import attend_tiles
 
-    capability[0] = major
-    if not use:
-        monkeypatch.setattr(launcher, "_hopper_module", lambda: None)  # as where Triton has no Gluon
-    q, k, v = (_on_cuda(t) for t in make_qkv(1, 4, 2, 64, 64, D, dtype=torch.bfloat16))
-    bm, attend = launcher.tile_kernel(q, k, v, 1)
+    bm, attend = chosen
     if gluon:
         assert (bm, attend) == (hopper.BM, hopper.attend_tiles_hopper)  # the CSR is cut to the Gluon tile
     else:
@@ -242,13 +278,14 @@ def test_kernel_matches_triton_tile_kernel(case, dtype):
 
 @sm90
 @pytest.mark.parametrize("use", [True, False], ids=["hopper", "triton"])
-def test_launcher_picks_the_hopper_kernel(monkeypatch, use):
+def test_launcher_picks_the_hopper_kernel(monkeypatch, cuda_driver, use):
     import moba.triton.launcher as launcher
     from moba.triton import hopper
 
     calls = []
     real = hopper.attend_tiles_hopper
     monkeypatch.setattr(hopper, "attend_tiles_hopper", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    cuda_driver(FakeDriver([EXCLUSIVE_PROCESS] * torch.cuda.device_count()))  # whatever the real mode
     if not use:
         monkeypatch.setattr(launcher, "_hopper_module", lambda: None)  # as where Triton has no Gluon
     q, k, v = make_qkv(1, 8, 2, 2000, 2000, 128, dtype=torch.bfloat16, device="cuda")

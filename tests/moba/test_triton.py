@@ -64,7 +64,7 @@ def _routing_agrees(r, rr) -> None:
 def test_kernels_match_portable(monkeypatch, case, dtype, hopper):
     import moba.triton.launcher as launcher
 
-    if not hopper:  # auto: the Gluon tile kernel on Hopper
+    if not hopper:  # auto: the launcher's choice (Gluon on an exclusive-process Hopper GPU)
         monkeypatch.setattr(launcher, "_hopper_module", lambda: None)
     out, ref, r, rr = _run(case, dtype, "cuda")
     assert out.dtype == dtype and not out.isnan().any()
