@@ -58,6 +58,8 @@ class AskConfig:
     chunk_size: prefill chunk (None: 1024 on CPU, 16384 on CUDA).
     dtype: "float32", "bfloat16", "float16": full-precision weights (None: int8 weight-only on CPU with bf16
         or fp32 activations, `agent.quant`; bf16 on CUDA).
+    rope_yarn: YaRN rope scaling factor (1: off): the model's rope becomes YaRN and its window this many
+        times the trained one (`agent.rope`); answers change, at every context length.
     """
 
     model: str | None = None
@@ -80,6 +82,7 @@ class AskConfig:
     device: str | None = None
     chunk_size: int | None = None
     dtype: str | None = None
+    rope_yarn: float = 1.0
 
     def __post_init__(self):
         if self.attention not in ATTENTION:
@@ -91,6 +94,9 @@ class AskConfig:
             raise SettingError(f"--temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}")
         if self.repetition_penalty < 1 or self.repeat_stop < 0:
             raise SettingError("repetition penalty must be >= 1 (1 is off) and repeat stop >= 0 (0 is off)")
+        if not (math.isfinite(self.rope_yarn) and self.rope_yarn >= 1):
+            raise SettingError(f"--rope-yarn must be a finite factor >= 1 (1 is off; 4 takes a 32,768-token window "
+                               f"to 131,072), got {self.rope_yarn}")
 
 
 def params_for(config: AskConfig, num_layers: int) -> MobaParams:

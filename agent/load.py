@@ -5,7 +5,8 @@
 quantized form (agent/quant.py) with bf16 activations where the CPU has them; otherwise full precision.
 :func:`load_tokenizer` returns the tokenizer of a model, or a bare ``tokenizer.json`` as a
 ``tokenizers.Tokenizer`` (enough to count and pack tokens).
-Every failure is a one-line ModelError. Knows nothing of packing, prompts or the engine.
+Every failure is a one-line ModelError (a SettingError for a --rope-yarn factor the model cannot take,
+`agent.rope`). Knows nothing of packing, prompts or the engine.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent import quant
+from agent import quant, rope
 from agent.catalog import ModelError, ModelRef, first_line, resolve
 from agent.pull import ensure, local_path, quiet_transformers
 
@@ -90,7 +91,8 @@ def _load_bare(path: Path):
         raise ModelError(f"cannot read tokenizer {path}: {message}") from None
 
 
-def load_model(name: str, *, device="cpu", dtype=None, attn_implementation: str = "sdpa", sharded: bool = False):
+def load_model(name: str, *, device="cpu", dtype=None, attn_implementation: str = "sdpa", sharded: bool = False,
+               rope_yarn: float = 1.0):
     """Load ``name`` for inference; return ``(model, tokenizer, ModelInfo)``.
 
     ``device``: "cpu", "cuda", "cuda:1", ... ``dtype``: a torch dtype or "fp32"/"bf16"/"fp16" for
@@ -98,25 +100,32 @@ def load_model(name: str, *, device="cpu", dtype=None, attn_implementation: str 
     activations where the CPU computes bf16 natively, else fp32 (agent.quant.quantized_by_default);
     bf16 on CUDA. ``attn_implementation``: any transformers name, or "moba" (imports ``moba.hf``,
     which registers it). ``sharded``: split the heads over the ranks of the process group
-    (`agent.parallel.shard_kwargs`; raises its ParallelError). A missing model is pulled with progress
-    bars. Raises ModelError (agent.quant.QuantCacheError for a damaged quantized directory).
+    (`agent.parallel.shard_kwargs`; raises its ParallelError). ``rope_yarn``: a factor > 1 makes the
+    rope YaRN and the window (ModelInfo.max_position_embeddings) that many times the trained one
+    (`agent.rope.stretch`, which raises SettingError for a model it cannot scale). A missing model is
+    pulled with progress bars. Raises ModelError (agent.quant.QuantCacheError for a damaged quantized
+    directory).
     """
     if attn_implementation == "moba":
         _import_moba_hf()
     device = str(device)
     path = ensure(name, quantized=quant.quantized_by_default(device, dtype) and not sharded)
     tok = load_tokenizer(str(path))
-    if quant.is_quantized_dir(path):
+    quantized = quant.is_quantized_dir(path)
+    if quantized:
         if device != "cpu":
             raise ModelError(f"{path} holds quantized (4-bit/int8) weights for the CPU: use --device cpu, or name the model "
                              "itself (catalog name, hub id, .gguf) to load it in full precision")
         act = quant.activation_dtype() if dtype is None else _dtype(dtype, device)
         model = quant.load(path, act, attn_implementation)
-        return model, tok, _info(resolve(name), path, model, tok, device, quantized=True)
-    return _load_full(name, path, tok, device, _dtype(dtype, device), attn_implementation, sharded)
+    else:
+        model = _load_full(path, device, _dtype(dtype, device), attn_implementation, sharded)
+    if rope_yarn != 1:
+        rope.stretch(model, rope_yarn)
+    return model, tok, _info(resolve(name), path, model, tok, device, quantized=quantized)
 
 
-def _load_full(name: str, path: Path, tok, device: str, torch_dtype, attn_implementation: str, sharded: bool):
+def _load_full(path: Path, device: str, torch_dtype, attn_implementation: str, sharded: bool):
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
@@ -128,10 +137,9 @@ def _load_full(name: str, path: Path, tok, device: str, torch_dtype, attn_implem
         kwargs["device_map"] = device
     try:
         with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+            return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
     except (OSError, ValueError, ImportError) as e:
         raise ModelError(f"cannot load {path}: {first_line(e)}: check the directory or pull it again") from e
-    return model, tok, _info(resolve(name), path, model, tok, device)
 
 
 def _import_moba_hf() -> None:

@@ -2,7 +2,8 @@
 agent/parallel.py), load the model with attn_implementation="moba", write the MoBA settings onto its
 config (`agent.config.params_for`), make engines, and say (as notes) where the model will not run what
 was asked: the default device falling back to CPU, sliding-window layers kept dense, the portable path
-instead of the Triton kernels. Knows nothing of files or prompts.
+instead of the Triton kernels; and that YaRN rope scaling (--rope-yarn) changed the model and its window.
+Knows nothing of files or prompts.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from agent import parallel, quant
 from agent.cachefs import fingerprint
 from agent.config import AskConfig, SettingError, check_layers, params_for
 from agent.engine import Engine
+from agent.rope import trained_window
 from agent.session import Runtime
 from moba.hf import configure
 
@@ -48,8 +50,9 @@ def load_runtime(config: AskConfig) -> Runtime:
     """Load `config.model` (pulled on first use) and return a Runtime.
 
     Under torchrun's environment (WORLD_SIZE > 1) the model is sharded over the ranks (agent.parallel).
+    With config.rope_yarn > 1 the rope is YaRN and max_positions that factor times the trained window.
     Raises agent.catalog.ModelError, DeviceError, agent.parallel.ParallelError, or SettingError for dense
-    layers outside the model.
+    layers outside the model or a model --rope-yarn cannot scale.
     """
     from agent import catalog, load
 
@@ -59,7 +62,7 @@ def load_runtime(config: AskConfig) -> Runtime:
         device = parallel.setup(ranks, device)
     name = config.model or catalog.default_model(device)
     model, tok, info = load.load_model(name, device=device, dtype=config.dtype, attn_implementation="moba",
-                                       sharded=ranks is not None)
+                                       sharded=ranks is not None, rope_yarn=config.rope_yarn)
     identity = fingerprint(info.path)
     check_layers(config.dense_layers or (), info.num_layers)
     configure(model.config, params_for(config, info.num_layers))
@@ -84,6 +87,9 @@ def load_runtime(config: AskConfig) -> Runtime:
 def runtime_notes(config: AskConfig, model, info, device: str) -> list[str]:
     """One line per way this run differs from what the flags ask (stated on stderr and in --json)."""
     notes = []
+    if config.rope_yarn != 1:
+        notes.append(f"rope: YaRN factor {config.rope_yarn:g} is on: the window is now {info.max_position_embeddings:,} "
+                     f"tokens ({trained_window(model):,} trained); answers differ from the unscaled model's at any length")
     if config.device is None and device == "cpu":
         notes.append("device: no CUDA device found, running on the CPU (--device chooses)")
     if getattr(info, "quantized", False):

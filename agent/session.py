@@ -300,7 +300,7 @@ class Session:
         return list(self.runtime.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _cache_key(self) -> str | None:
-        """The context cache key: model identity (name, weight-file fingerprint, tokenizer), dtype,
+        """The context cache key: model identity (name, weight-file fingerprint, tokenizer, YaRN factor), dtype,
         device kind, prefill chunk, the attention choice and every MoBA setting (`params`), the prompt
         prefix, plus the packed content."""
         if self.ctx_cache is None or self.config.no_cache:
@@ -309,6 +309,8 @@ class Session:
         device = str(getattr(e, "device", self.runtime.device))
         model = dict(name=self.runtime.name, weights=self.runtime.identity,
                      tokenizer=tokens.identity(self.runtime.tokenizer))
+        if c.rope_yarn != 1:  # only then, so that the entries of unscaled runs keep their keys
+            model["rope_yarn"] = c.rope_yarn
         attention = dict(asdict(self.params), kind=c.attention, dense_layers=list(self.params.dense_layers),
                          dtype=str(getattr(e, "dtype", c.dtype)), device=device.split(":")[0],
                          chunk_size=getattr(e, "chunk_size", c.chunk_size), prefix=self.prefix_ids)

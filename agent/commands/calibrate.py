@@ -39,6 +39,7 @@ from moba.hf import QA_POLICIES
 @click.option("--device", help="cpu, cuda, cuda:1 ... [default: cuda when available]")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--chunk-size", type=click.IntRange(min=1), help="Prefill chunk (1024 CPU, 16384 CUDA).")
+@common.rope_yarn_option
 @click.option("--include", multiple=True, metavar="GLOB", help="Only pack files matching GLOB. [default: *.py]")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out files matching GLOB.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The weights JSON to write.")
@@ -100,7 +101,7 @@ def _load(cfg: AskConfig, ui):
         with ui.status("loading model"):
             rt = runtime.load_runtime(cfg)
             c = rt.make_engine(1).config
-    except ModelError as e:
+    except (ModelError, SettingError) as e:
         raise click.ClickException(str(e)) from None
     identity = dict(name=rt.name, num_layers=int(c.num_hidden_layers), num_heads=int(c.num_attention_heads),
                     num_kv_heads=int(getattr(c, "num_key_value_heads", c.num_attention_heads)),

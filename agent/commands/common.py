@@ -29,6 +29,14 @@ from agent.paths import tokens_dir
 from moba.hf import QA_POLICIES
 
 
+def rope_yarn_option(fn: Callable) -> Callable:
+    """The --rope-yarn flag (AskConfig.rope_yarn), shared by ask, chat, summarize, eval and calibrate."""
+    return click.option("--rope-yarn", type=float, default=AskConfig.rope_yarn, show_default=True, metavar="FACTOR",
+                        help="YaRN rope scaling: the model reads FACTOR times the window it was trained on, e.g. "
+                             "--rope-yarn 4 takes qwen2.5-coder-1.5b from 32,768 to 131,072 tokens (as Qwen's model "
+                             "cards do). It changes the model, so answers differ at every length. 1 is off.")(fn)
+
+
 def common_options(fn: Callable) -> Callable:
     """Decorate a command with the flags of AskConfig plus --include/--exclude."""
     opts = [
@@ -81,6 +89,7 @@ def common_options(fn: Callable) -> Callable:
         click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
                      help="Full-precision weights in this dtype. [default: int8 weights on CPU (bf16 activations where the CPU "
                           "has bf16, else fp32), bfloat16 on CUDA]"),
+        rope_yarn_option,
         click.option("--include", multiple=True, metavar="GLOB", help="Only pack files matching GLOB."),
         click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out files matching GLOB."),
         click.option("--no-drop", is_flag=True, help="Fail instead of dropping files over the budget."),
@@ -101,6 +110,7 @@ def make_config(kw: dict) -> tuple[AskConfig, ingest.PackOptions]:
             temperature=kw.pop("temperature"), top_p=kw.pop("top_p"), no_cache=kw.pop("no_cache"),
             repetition_penalty=kw.pop("repetition_penalty"), repeat_stop=kw.pop("repeat_stop"),
             device=kw.pop("device"), chunk_size=kw.pop("chunk_size"), dtype=kw.pop("dtype"),
+            rope_yarn=kw.pop("rope_yarn"),
         )
         opts = ingest.PackOptions(include=kw.pop("include"), exclude=kw.pop("exclude"), drop=not kw.pop("no_drop"),
                                   token_cache=None if cfg.no_cache else tokens_dir())

@@ -62,6 +62,7 @@ PROGRESS_EVERY_S = 10.0  # questions take seconds each; one line per 10 s is eno
               help="Full-precision weights in this dtype. [default: int8 weights on CPU (bf16 activations where the CPU "
                           "has bf16, else fp32), bfloat16 on CUDA]")
 @click.option("--chunk-size", type=click.IntRange(min=1), help="Prefill chunk (1024 CPU, 16384 CUDA).")
+@common.rope_yarn_option
 @click.option("--include", multiple=True, metavar="GLOB",
               help="Only pack files matching GLOB. [default: *.py, so that the context is code]")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out files matching GLOB.")
@@ -128,7 +129,7 @@ def _run(rt, units, cfg: AskConfig, specs, seed: int, ui, output: str | None, ev
     """Ask everything; the document, also written to `output` (and the evidence to `evidence`) after each
     unit and at the end."""
     meta = dict(model=rt.name, configs=[_config_meta(s, cfg) for s in specs], repos=[_unit_meta(u) for u in units],
-                max_new_tokens=cfg.max_new_tokens, head_weights=cfg.head_weights or "shipped")
+                max_new_tokens=cfg.max_new_tokens, head_weights=cfg.head_weights or "shipped", rope_yarn=cfg.rope_yarn)
     names = [s.name for s in specs]
 
     log = EvidenceLog() if evidence else None

@@ -158,7 +158,7 @@ def calibrate(samples: list[Sample], *, model: str, identity: dict, cfg: AskConf
     w = torch.nn.functional.pad(w, (0, 0, 0, L - w.shape[0]))  # layers that recorded nothing (sliding windows)
     rows = tuple((int(i // H), int(i % H), float(w.flatten()[i])) for i in w.flatten().nonzero().flatten())
     meta = dict(identity=identity, top_heads=n, attention=cfg.attention, top_k=cfg.top_k,
-                sink_blocks=cfg.sink_blocks, dense_layers=list(cfg.dense_layers or ()),
+                sink_blocks=cfg.sink_blocks, dense_layers=list(cfg.dense_layers or ()), rope_yarn=cfg.rope_yarn,
                 calibration=dict(repos=repos, tasks=len(samples)), date=datetime.date.today().isoformat(),
                 metrics=dict(chosen=table[signal][f"top{n}"], uniform=table[signal]["uniform"],
                              cross_fold=cross_check(samples, top_heads), table=table))

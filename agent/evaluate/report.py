@@ -116,7 +116,8 @@ def to_markdown(doc: dict) -> str:
     """Head, the repositories, then per context size: the summary with intervals, the paired
     differences against dense, the baselines, per repository point values and one row per task."""
     m = doc["meta"]
-    out = [f"moba-ask eval: model {m['model']}, {len(m['repos'])} workspace(s), seed {m['seed']}; rates are means "
+    yarn = f" with YaRN rope x{m['rope_yarn']:g}" if m.get("rope_yarn", 1) != 1 else ""
+    out = [f"moba-ask eval: model {m['model']}{yarn}, {len(m['repos'])} workspace(s), seed {m['seed']}; rates are means "
            f"over tasks with bootstrap {m['level']:.0%} intervals ({m['resamples']} resamples, percentile)", "",
            *_repo_table(m["repos"])]
     configs = [c["name"] for c in m["configs"]]
