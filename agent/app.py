@@ -173,8 +173,9 @@ def _why(given: AskConfig, settled: AskConfig, tokens: int, device: str) -> str:
         return ""
     side = "<" if settled.attention == "dense" else ">="
     threshold = auto_threshold(given, device)
-    rule = (f"{AUTO_DENSE_FACTOR} x top-k {given.top_k} x block {given.block_size}"
-            if threshold == auto_threshold(given) else "on a GPU, where MoBA is no faster below it and answers less")
+    rule = f"{AUTO_DENSE_FACTOR} x top-k {given.top_k} x block {given.block_size}"
+    if threshold != auto_threshold(given):
+        rule = "the GPU floor, under which exact attention is as fast and answered at least as well"
     return f" (auto: {tokens:,} tokens {side} {threshold:,} = {rule}; --attention moba|dense to choose)"
 
 

@@ -16,6 +16,7 @@ from moba.hf import MobaParams
 
 ATTENTION = ("auto", "moba", "dense")
 AUTO_DENSE_FACTOR = 8  # "auto" is dense below AUTO_DENSE_FACTOR x top_k x block_size context tokens
+MAX_ROPE_YARN = 64  # YaRN factors past this stretch a window beyond any context this tool can hold
 CUDA_AUTO_DENSE_TOKENS = 32_768  # and on a GPU below this many at least (`auto_threshold`)
 DENSE_LAYERS_CPU = (-3, -2, -1)  # the CPU default (bench/RESULTS.md, evaluation); none on CUDA
 RESERVE = 512  # tokens the default context budget keeps beside the pack for the prompt frame and the question
@@ -94,9 +95,9 @@ class AskConfig:
             raise SettingError(f"--temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}")
         if self.repetition_penalty < 1 or self.repeat_stop < 0:
             raise SettingError("repetition penalty must be >= 1 (1 is off) and repeat stop >= 0 (0 is off)")
-        if not (math.isfinite(self.rope_yarn) and self.rope_yarn >= 1):
-            raise SettingError(f"--rope-yarn must be a finite factor >= 1 (1 is off; 4 takes a 32,768-token window "
-                               f"to 131,072), got {self.rope_yarn}")
+        if not (math.isfinite(self.rope_yarn) and 1 <= self.rope_yarn <= MAX_ROPE_YARN):
+            raise SettingError(f"--rope-yarn must be a finite factor >= 1 and <= {MAX_ROPE_YARN} (1 is off; 4 takes a "
+                               f"32,768-token window to 131,072), got {self.rope_yarn}")
 
 
 def params_for(config: AskConfig, num_layers: int) -> MobaParams:
@@ -140,8 +141,8 @@ def auto_threshold(config: AskConfig, device: str = "cpu") -> int:
     context anyway; there exact attention answered at least as well in the evaluation and is as fast in fp32,
     the CPU default (bench/RESULTS.md: qwen2.5-coder-1.5b at 8K, 31 tok/s either way; in bf16 MoBA is 1.2x
     faster there). On a GPU at least CUDA_AUTO_DENSE_TOKENS: on the H200 exact attention is as fast up to 32K
-    (a 26K-token context prefills in 0.3-0.5 s either way) and answers more (MoBA kept 0.92 [0.83, 1.02] of
-    dense's correct answers at 30K on 449 tasks, 0.96 at 16K; bench/RESULTS.md, tenth session).
+    (a 26K-token context prefills in 0.3-0.5 s either way) and answered at least as well: MoBA's correct
+    answers were 0.92 [0.83, 1.02] of dense's at 30K on 449 tasks, 0.96 at 16K (bench/RESULTS.md, tenth session).
     """
     base = AUTO_DENSE_FACTOR * config.top_k * config.block_size
     return max(base, CUDA_AUTO_DENSE_TOKENS) if device.startswith("cuda") else base

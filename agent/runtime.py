@@ -99,19 +99,23 @@ def runtime_notes(config: AskConfig, model, info, device: str) -> list[str]:
         notes.append(f"{windowed} of {info.num_layers} attention layers have a sliding window: they keep it, "
                      "computed densely, not MoBA")
     if device.startswith("cuda"):
-        notes += _kernel_notes(info)
+        notes += _kernel_notes(info, device)
         if config.local_blocks or config.gate_subblocks != 1:
             notes.append("--local-blocks/--gate-subblocks: the Triton kernels implement the plain gate only, so "
                          "MoBA runs on the portable PyTorch path (slower)")
     return notes
 
 
-def _kernel_notes(info) -> list[str]:
+def _kernel_notes(info, device: str) -> list[str]:
     try:
-        from moba.triton.launcher import HEAD_DIMS, serves
+        from moba.triton.launcher import HEAD_DIMS, gluon_withheld, serves
     except ImportError:
         return ["Triton cannot be imported: MoBA runs on the portable PyTorch path (slower)"]
     if serves(info.dtype, info.head_dim):
+        if gluon_withheld(device, info.head_dim):
+            return ["MoBA attention uses the Triton tile kernel, not the ~10% faster Gluon one, which runs only on "
+                    "a GPU in EXCLUSIVE_PROCESS compute mode (it has hung when processes share a GPU; "
+                    "`nvidia-smi -c EXCLUSIVE_PROCESS` to take it; bench/RESULTS.md)"]
         return []
     dims = "/".join(map(str, HEAD_DIMS))
     return [f"the Triton kernels take fp16/bf16 with head dim {dims}; this model ({str(info.dtype).split('.')[-1]}, "

@@ -5,7 +5,7 @@ heads, 2 KV heads, D 128, bf16; block 256, top-6, 1 sink; the two prefill chunks
 rewrites a heartbeat file after every call (launched; with --sync, finished). The parent starts --procs
 workers on the current GPU, calls a worker hung when its heartbeat has not moved for --stall seconds
 (--startup for the first round, which compiles), kills every worker still running at the end and prints
-one JSON line: per worker, calls done, whether it hung, and where. --tile auto is the launcher's own
+one JSON line: per worker, calls done, whether it hung, where, and the tile kernel that ran. --tile auto is the launcher's own
 choice (the Gluon tile kernel only on an EXCLUSIVE_PROCESS GPU, where a second process cannot start, so on
 a shared GPU the Triton one); --tile triton forces the Triton tile kernel, --tile gluon the Gluon one on
 Hopper whatever the compute mode (the kernel that hung). --sync synchronizes after every kernel launch, so the
@@ -111,7 +111,7 @@ def _watch(args, index: int, beat: Beat, last: dict) -> None:
 
 
 def worker(args, index: int) -> None:
-    from moba.triton.launcher import triton_moba_attention
+    from moba.triton.launcher import tile_kernel, triton_moba_attention
 
     beat, last = Beat(Path(args.beats) / f"{index}.json"), {}
     beat.write()
@@ -121,6 +121,8 @@ def worker(args, index: int) -> None:
     inputs = [(torch.randn(1, HEADS, tq, HEAD_DIM, device=dev, dtype=dt),
                *(torch.randn(1, KV_HEADS, tk, HEAD_DIM, device=dev, dtype=dt) for _ in range(2)))
               for tq, tk in SHAPES]  # fmt: skip
+    _, kernel = tile_kernel(*inputs[0], 1)
+    beat.write(tile_kernel=getattr(kernel, "func", kernel).__module__)  # what ran, whatever --tile asked
     for i, (q, k, v) in enumerate(inputs):  # compiles; the parent allows --startup for it
         beat.write(shape=list(SHAPES[i]))
         triton_moba_attention(q, k, v, **MOBA)

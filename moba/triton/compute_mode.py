@@ -5,7 +5,9 @@ time-slicing one H200 in the default (shared) mode, the Gluon kernel hung all th
 Triton tile kernel ran on; a process alone on a GPU never hung (bench/hang_probe.py, bench/RESULTS.md). On an
 exclusive-process device no other process can create a context, so nothing time-slices with it. The query goes
 through libcuda.so.1 with ctypes (torch has no call for it); the device ordinal is torch's index, and both
-honour CUDA_VISIBLE_DEVICES. It knows nothing of kernels or tensors.
+honour CUDA_VISIBLE_DEVICES. Under CUDA MPS (which NVIDIA sets up on exclusive-process GPUs) the clients of one
+MPS server share the GPU even so; whether the Gluon kernel hangs there is not known. It knows nothing of kernels
+or tensors.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def test_the_auto_reason_names_the_rule_of_the_device():
 
     cfg = AskConfig(block_size=256, top_k=6)
     gpu = app._why(cfg, settle(cfg, 30_000, "cuda"), 30_000, "cuda")
-    assert "(auto: 30,000 tokens < 32,768 = on a GPU, where MoBA is no faster below it" in gpu
+    assert "(auto: 30,000 tokens < 32,768 = the GPU floor, under which exact attention is as fast" in gpu
     cpu = app._why(cfg, settle(cfg, 30_000, "cpu"), 30_000, "cpu")
     assert "(auto: 30,000 tokens >= 12,288 = 8 x top-k 6 x block 256;" in cpu
     assert app._why(AskConfig(attention="moba"), AskConfig(attention="moba"), 30_000, "cuda") == ""

@@ -220,6 +220,32 @@ def test_runtime_notes_name_sliding_windows_and_the_portable_path():
         assert any("--local-blocks/--gate-subblocks" in n and "portable" in n for n in notes)
 
 
+def test_runtime_notes_state_the_triton_tile_kernel_on_a_shared_hopper_gpu(monkeypatch):
+    pytest.importorskip("triton")
+    import moba.triton.launcher as launcher
+    from agent.config import AskConfig
+    from agent.runtime import runtime_notes
+    from moba.triton import compute_mode
+
+    exclusive = {0: False, 1: True}
+    monkeypatch.setattr(launcher, "_hopper_module", lambda: object())  # as where Triton has Gluon
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (9, 0) if i < 2 else (8, 0))
+    monkeypatch.setattr(compute_mode, "exclusive_process", lambda i: exclusive.get(i, False))
+    info = type("Info", (), dict(num_layers=1, dtype=torch.bfloat16, head_dim=128))
+
+    def noted(device, head_dim=128):
+        info.head_dim = head_dim
+        return [n for n in runtime_notes(AskConfig(device=device), torch.nn.Module(), info, device)
+                if "EXCLUSIVE_PROCESS" in n]
+
+    assert len(noted("cuda")) == 1 and "Triton tile kernel" in noted("cuda:0")[0]  # shared sm_90
+    assert noted("cuda:1") == []  # exclusive-process: the Gluon kernel runs
+    assert noted("cuda:2") == []  # not Hopper: no Gluon kernel to miss
+    assert noted("cuda", head_dim=256) == []  # Gluon takes head dims 64 and 128 only
+
+
 def test_a_turn_that_overflows_the_chat_cache_is_a_message_not_a_crash(repo, fake, monkeypatch):
     from agent.kvcache import CacheFullError
     from agent.session import Session

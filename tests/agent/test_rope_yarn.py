@@ -86,6 +86,22 @@ def test_logits_differ_from_the_unscaled_model():
     assert (a - b).abs().max() > 1e-3
 
 
+def test_a_stretched_model_computes_what_a_yarn_model_of_the_same_weights_computes():
+    """The forward, not only the frequencies: attention_scaling (0.1 ln f + 1) reaches cos/sin."""
+    ids = torch.randint(0, 97, (1, 48), generator=torch.Generator().manual_seed(2))
+    scaled = tiny_model("qwen2", attn="sdpa")
+    window = scaled.config.max_position_embeddings
+    rope.stretch(scaled, 4.0)
+    cfg = scaled.config.__class__.from_dict(scaled.config.to_dict())
+    cfg.max_position_embeddings = window
+    cfg.rope_parameters = dict(scaled.config.rope_parameters)
+    built = type(scaled)(cfg)
+    built.load_state_dict(scaled.state_dict())
+    assert built.model.rotary_emb.attention_scaling == pytest.approx(0.1 * math.log(4) + 1)
+    with torch.no_grad():
+        assert torch.allclose(scaled(ids).logits, built.eval()(ids).logits, atol=1e-5)
+
+
 def test_models_it_cannot_scale_are_refused_not_scaled_twice():
     scaled = tiny_model("qwen2", attn="sdpa")
     rope.stretch(scaled, 4.0)
@@ -114,12 +130,12 @@ def test_the_window_check_takes_factor_times_the_window_and_no_more(repo, model_
     assert_clean_error(r, 1, f"window of {2 * WINDOW:,}")
 
 
-@pytest.mark.parametrize("value", ["0.5", "0", "nan", "inf", "-2"])
+@pytest.mark.parametrize("value", ["0.5", "0", "nan", "inf", "-2", "65", "1e306"])
 def test_bad_factors_are_one_line_errors(repo, value, monkeypatch):
     monkeypatch.setattr("agent.runtime.load_runtime", lambda cfg: pytest.fail("the model loaded"))
     for command in (["ask", repo, "q?"], ["eval", repo]):
         r = CliRunner().invoke(cli, [*map(str, command), "--rope-yarn", value])
-        assert_clean_error(r, 2, "--rope-yarn must be a finite factor >= 1", "1 is off")
+        assert_clean_error(r, 2, "--rope-yarn must be a finite factor >= 1 and <= 64", "1 is off")
 
 
 def test_a_factor_that_is_not_a_number_is_a_one_line_error(repo):

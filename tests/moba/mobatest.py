@@ -142,4 +142,3 @@ class FakeDriver:
         assert attribute == 20  # CU_DEVICE_ATTRIBUTE_COMPUTE_MODE
         value._obj.value = self.modes[dev.value - 1000]
         return self._result("cuDeviceGetAttribute")
-

@@ -58,13 +58,16 @@ def _routing_agrees(r, rr) -> None:
 
 
 @gpu
-@pytest.mark.parametrize("hopper", [True, False], ids=["auto", "triton-tiles"])
+@pytest.mark.parametrize("hopper", [True, False], ids=["gluon", "triton-tiles"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_kernels_match_portable(monkeypatch, case, dtype, hopper):
     import moba.triton.launcher as launcher
+    from moba.triton import compute_mode
 
-    if not hopper:  # auto: the launcher's choice (Gluon on an exclusive-process Hopper GPU)
+    if hopper:  # the Gluon kernel where it applies (a Hopper GPU), as on an exclusive-process one
+        monkeypatch.setattr(compute_mode, "exclusive_process", lambda ordinal: True)
+    else:
         monkeypatch.setattr(launcher, "_hopper_module", lambda: None)
     out, ref, r, rr = _run(case, dtype, "cuda")
     assert out.dtype == dtype and not out.isnan().any()
