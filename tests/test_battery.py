@@ -225,6 +225,7 @@ NUMERIC = [  # flag, value, exit code of ask with it[, the text of its error whe
     ("--max-new-tokens", "0", 2), ("--max-new-tokens", "-3", 2), ("--max-new-tokens", "1000000000", 0),
     ("--temperature", "-1", 2), ("--temperature", "1e308", 0), ("--temperature", "nan", 2), ("--temperature", "inf", 2),
     ("--top-p", "0", 2), ("--top-p", "1.5", 2), ("--chunk-size", "0", 2), ("--chunk-size", "1000000000", 0),
+    ("--rope-yarn", "0.5", 2), ("--rope-yarn", "nan", 2), ("--rope-yarn", "1e306", 2), ("--rope-yarn", "2", 0),
 ]
 NUMERIC_CASES = [
     Case(f"ask{flag}={value}", (*ASK, "--attention", "moba", flag, value), code, (*text,) or (flag,) if code == 2 else ())
