@@ -40,6 +40,7 @@ from moba.triton.attention import tma_ok
 HALF = gl.constexpr(64)  # rows per consumer warpgroup; a tile is 2 * HALF rows
 BM = 128  # rows of a tile (the CSR must be cut with this)
 BN = 128  # keys of a K/V tile
+HEAD_DIMS = (64, 128)  # head dims the kernel takes
 STAGES = 3  # K/V ring slots: 3 * 64 KiB + 32 KiB of Q at D 128
 REGS = (232, 40)  # consumer and producer registers per thread after reallocation
 MAXNREG = 168  # 65,536 registers over the 12 warps at launch
@@ -196,11 +197,14 @@ def _ws_tile_kernel(
 
 def hopper_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nsplit: int) -> bool:
     """Whether `attend_tiles_hopper` runs these inputs: sm_90, one key split, D 64/128, 16-byte aligned q/k/v rows."""
-    if not (q.is_cuda and nsplit == 1 and q.shape[3] in (64, 128)):
+    if not (q.is_cuda and nsplit == 1 and q.shape[3] in HEAD_DIMS):
         return False
-    if torch.cuda.get_device_capability(q.device)[0] != 9:
-        return False
-    return all(tma_ok(t) for t in (q, k, v))
+    return is_hopper(q.device) and all(tma_ok(t) for t in (q, k, v))
+
+
+def is_hopper(device) -> bool:
+    """Whether CUDA `device` has compute capability 9.x, the only one the kernel compiles for."""
+    return torch.cuda.get_device_capability(device)[0] == 9
 
 
 def attend_tiles_hopper(q, k, v, blk, tiles, op, lsep, *, q_off, pos0, block_size, scale):

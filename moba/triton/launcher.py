@@ -153,11 +153,12 @@ def tile_kernel(q, k, v, nsplit: int):
 def gluon_withheld(device: str, head_dim: int) -> bool:
     """True where `tile_kernel` would take the Gluon kernel for this head dim but for the GPU's compute mode
     (shared, not EXCLUSIVE_PROCESS), so the Triton tile kernel runs: a speed difference callers may state."""
-    if head_dim not in (64, 128) or _hopper_module() is None or not torch.cuda.is_available():
+    hopper = _hopper_module()
+    if hopper is None or head_dim not in hopper.HEAD_DIMS or not torch.cuda.is_available():
         return False
     index = torch.device(device).index
     index = torch.cuda.current_device() if index is None else index
-    return torch.cuda.get_device_capability(index)[0] == 9 and not compute_mode.exclusive_process(index)
+    return hopper.is_hopper(index) and not compute_mode.exclusive_process(index)
 
 
 @functools.cache

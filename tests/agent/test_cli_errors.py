@@ -228,7 +228,8 @@ def test_runtime_notes_state_the_triton_tile_kernel_on_a_shared_hopper_gpu(monke
     from moba.triton import compute_mode
 
     exclusive = {0: False, 1: True}
-    monkeypatch.setattr(launcher, "_hopper_module", lambda: object())  # as where Triton has Gluon
+    hopper = pytest.importorskip("moba.triton.hopper")
+    monkeypatch.setattr(launcher, "_hopper_module", lambda: hopper)  # as where Triton has Gluon
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (9, 0) if i < 2 else (8, 0))
