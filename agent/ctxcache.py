@@ -297,7 +297,10 @@ class ContextCache:
     def _install(self, tmp: Path, dest: Path) -> Path:
         trash = self.root / temp_name(_TRASH_PREFIX, dest.name[:12])
         if os.path.lexists(dest):
-            os.replace(dest, trash)
+            try:
+                os.replace(dest, trash)
+            except FileNotFoundError:
+                pass  # a concurrent writer moved the old entry aside first
         try:
             os.replace(tmp, dest)
         except OSError:

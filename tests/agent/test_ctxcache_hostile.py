@@ -254,3 +254,26 @@ def test_racing_saves_of_one_key_never_corrupt_it(root, capsys):
     assert any(all(loaded[n].equal(v[n]) for n in v) for v in versions)
     assert [p.name for p in root.iterdir()] == [key]
     assert json.loads((root / key / "manifest.json").read_text())["key"] == key
+
+
+def test_a_save_whose_old_entry_another_writer_just_moved_still_stores(root, monkeypatch, capsys):
+    """The window the racing test hits now and then: the old entry exists when checked and is gone
+    (moved by a concurrent writer) when this writer moves it aside."""
+    store, key = ContextCache(), key_for("repo")
+    store.save(key, kv_tensors(seed=0), meta_for())
+    real_lexists, moved = os.path.lexists, []
+
+    def lexists_then_vanish(path):
+        found = real_lexists(path)
+        if found and Path(path) == root / key and not moved:
+            moved.append(path)
+            shutil.rmtree(path)
+        return found
+
+    new = kv_tensors(seed=1)
+    with monkeypatch.context() as m:
+        m.setattr(ctxcache.os.path, "lexists", lexists_then_vanish)
+        assert store.save(key, new, meta_for()) == root / key
+    assert moved
+    assert "not writable" not in capsys.readouterr().err
+    assert_same(ContextCache().load(key)[0], new)
