@@ -1,6 +1,7 @@
 """File primitives for the on-disk caches: temp names that carry the writer's pid (so a sweep can
 tell an abandoned write from a live one), tree removal that never follows links and counts only
-the bytes it unlinked, fsync, chunked sha256, and a cheap fingerprint of a model's files.
+the bytes it unlinked, fsync, chunked sha256, a cheap fingerprint of a model's files, atomic JSON
+writes (also relative to a directory descriptor) and inode checks.
 
 Knows nothing of what the caches hold.
 """
@@ -8,6 +9,7 @@ Knows nothing of what the caches hold.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import stat
@@ -20,6 +22,7 @@ from ingest.tokens import pid_alive
 _READ = 8 << 20
 _EDGE = 64 << 10
 _OWNER = re.compile(r"\.[a-z]+-p(\d+)-")
+TMP_PREFIX = ".tmp-"
 
 
 def temp_name(prefix: str, tag: str) -> str:
@@ -142,3 +145,44 @@ def fingerprint(path: Path) -> str:
                 fh.seek(max(_EDGE, st.st_size - _EDGE))
                 h.update(fh.read(_EDGE))
     return h.hexdigest()
+
+
+def write_json(path: Path | str, data: dict, sync: bool, dir_fd: int | None = None) -> None:
+    """Write data to path atomically (a temp file beside it, then a rename); path is relative to the
+    directory dir_fd when given."""
+    path = Path(path)
+    tmp = path.with_name(temp_name(TMP_PREFIX, path.name))
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
+        with open(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    finally:
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+
+
+def same_inode(path: Path, st: os.stat_result) -> bool:
+    """path is still the directory entry that st described (not replaced or removed since)."""
+    try:
+        now = os.lstat(path)
+    except OSError:
+        return False
+    return (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)
+
+
+def same_inode_fd(fd: int, st: os.stat_result) -> bool:
+    now = os.fstat(fd)
+    return (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)
+
+
+def is_real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False

@@ -35,7 +35,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent import paths
-from agent.cachefs import abandoned, chunk_sha256, fsync, remove_tree, temp_name, tree_size
+from agent.cachefs import (
+    TMP_PREFIX,
+    abandoned,
+    chunk_sha256,
+    fsync,
+    is_real_dir,
+    remove_tree,
+    same_inode,
+    same_inode_fd,
+    temp_name,
+    tree_size,
+    write_json,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +58,7 @@ MANIFEST_FILE = "manifest.json"
 DEFAULT_MAX_GB = 20.0
 GIB = 1 << 30
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
-_TMP_PREFIX, _TRASH_PREFIX = ".tmp-", ".trash-"
+_TRASH_PREFIX = ".trash-"
 _STALE_S = 3600.0
 HASH_CHUNK = 64 << 20
 _FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -219,12 +231,12 @@ class ContextCache:
             manifest = _read_manifest(path, key)
             tensors = _read_tensors(path / KV_FILE, manifest, str(device))
         except (_Corrupt, FileNotFoundError, ValueError, KeyError, TypeError) as e:
-            if _same_inode(path, st):
+            if same_inode(path, st):
                 self._drop_corrupt(key, path, e)
             return None
         except OSError as e:
             return self._unreadable(key, e)
-        if not _same_inode(path, st):
+        if not same_inode(path, st):
             return None
         self._touch(path, manifest, st)
         return tensors, manifest["meta"]
@@ -275,7 +287,7 @@ class ContextCache:
 
         self.root.mkdir(parents=True, exist_ok=True)
         self._sweep()
-        tmp = self.root / temp_name(_TMP_PREFIX, key[:12])
+        tmp = self.root / temp_name(TMP_PREFIX, key[:12])
         tmp.mkdir()
         try:
             kv = tmp / KV_FILE
@@ -288,7 +300,7 @@ class ContextCache:
             manifest = {"format": FORMAT_VERSION, "key": key, "created": now, "last_used": now,
                         "size": kv.stat().st_size, "checksum": _checksum(kv), "tensors": sorted(tensors),
                         "meta": meta}
-            _write_json(tmp / MANIFEST_FILE, manifest, sync=True)
+            write_json(tmp / MANIFEST_FILE, manifest, sync=True)
             fsync(tmp)
             return self._install(tmp, self.root / key)
         finally:
@@ -304,7 +316,7 @@ class ContextCache:
         try:
             os.replace(tmp, dest)
         except OSError:
-            if not _is_real_dir(dest):  # a concurrent writer that won the race is fine; anything else is not
+            if not is_real_dir(dest):  # a concurrent writer that won the race is fine; anything else is not
                 raise
         remove_tree(trash)
         fsync(self.root)
@@ -320,11 +332,19 @@ class ContextCache:
                 total -= e.size
 
     def _touch(self, path: Path, manifest: dict, st: os.stat_result) -> None:
+        """Update last_used in the very directory that was read (through its descriptor), so that a
+        save replacing the entry meanwhile never receives the old manifest."""
         try:
-            if _same_inode(path, st):
-                _write_json(path / MANIFEST_FILE, {**manifest, "last_used": self._clock()}, sync=False)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            return
+        try:
+            if same_inode_fd(fd, st):
+                write_json(MANIFEST_FILE, {**manifest, "last_used": self._clock()}, sync=False, dir_fd=fd)
         except OSError:
             pass  # a read-only cache still serves hits; only the LRU order goes stale
+        finally:
+            os.close(fd)
 
     def _remove(self, path: Path, strict: bool = False) -> int | None:
         """Move path aside and delete it without following links; the bytes freed, None if absent."""
@@ -355,7 +375,7 @@ class ContextCache:
         now = time.time()
         for name in names:
             d = self.root / name
-            if name.startswith((_TMP_PREFIX, _TRASH_PREFIX)) and abandoned(d, now, _STALE_S):
+            if name.startswith((TMP_PREFIX, _TRASH_PREFIX)) and abandoned(d, now, _STALE_S):
                 remove_tree(d)
 
     def _drop_corrupt(self, key: str, path: Path, error: Exception) -> None:
@@ -456,35 +476,6 @@ def _entry(d: Path) -> Entry | None:
 
 def _checksum(path: Path) -> dict:
     return {"algorithm": "sha256", "chunk_bytes": HASH_CHUNK, "chunks": chunk_sha256(path, HASH_CHUNK)}
-
-
-def _write_json(path: Path, data: dict, sync: bool) -> None:
-    tmp = path.with_name(temp_name(_TMP_PREFIX, path.name))
-    try:
-        with open(tmp, "x") as f:
-            json.dump(data, f, indent=2)
-            f.flush()
-            if sync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _same_inode(path: Path, st: os.stat_result) -> bool:
-    """path is still the directory entry that st described (not replaced or removed since)."""
-    try:
-        now = os.lstat(path)
-    except OSError:
-        return False
-    return (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)
-
-
-def _is_real_dir(path: Path) -> bool:
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except OSError:
-        return False
 
 
 def _as_os_error(error: Exception) -> OSError:

@@ -294,7 +294,7 @@ def test_failed_rename_leaves_no_entry_and_no_temp_files(root, monkeypatch, caps
     store = ContextCache()
     store.save(key_for("kept"), kv_tensors(), meta_for())
 
-    def refuse(src, dst):
+    def refuse(src, dst, **dir_fds):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(ctxcache.os, "replace", refuse)
@@ -309,7 +309,7 @@ def test_read_only_cache_still_serves_hits(root, monkeypatch, capsys, clock):
     store = ContextCache(clock=clock)
     key, tensors = key_for("repo"), kv_tensors()
     store.save(key, tensors, meta_for())
-    def refuse(src, dst):
+    def refuse(src, dst, **dir_fds):
         raise PermissionError(13, "no")
 
     monkeypatch.setattr(ctxcache.os, "replace", refuse)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from safetensors import SafetensorError
 
-from agent import ctxcache
+from agent import cachefs, ctxcache
 from agent.ctxcache import ContextCache
 from tests.agent.test_ctxcache import assert_same, key_for, kv_tensors, meta_for, stderr_lines
 
@@ -277,3 +277,25 @@ def test_a_save_whose_old_entry_another_writer_just_moved_still_stores(root, mon
     assert moved
     assert "not writable" not in capsys.readouterr().err
     assert_same(ContextCache().load(key)[0], new)
+
+
+def test_a_hit_replaced_while_its_last_used_is_written_leaves_the_new_entry_intact(root, monkeypatch, capsys):
+    """A load's last_used update and a concurrent save of the same key: the update goes to the entry the
+    load read, never into the new one (whose manifest it would overwrite with the old checksums)."""
+    store, key = ContextCache(), key_for("repo")
+    store.save(key, kv_tensors(seed=0), meta_for())
+    new, real_temp_name, fired = kv_tensors(seed=1), cachefs.temp_name, []
+
+    def temp_name_then_replace(prefix, tag):
+        if tag == "manifest.json" and not fired:
+            fired.append(tag)
+            assert ContextCache().save(key, new, meta_for()) == root / key
+        return real_temp_name(prefix, tag)
+
+    with monkeypatch.context() as m:
+        m.setattr(cachefs, "temp_name", temp_name_then_replace)
+        store.load(key)
+    assert fired
+    loaded = ContextCache().load(key)
+    assert "corrupt" not in capsys.readouterr().err
+    assert_same(loaded[0], new)
