@@ -8,6 +8,7 @@ Knows nothing of what the caches hold.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ _READ = 8 << 20
 _EDGE = 64 << 10
 _OWNER = re.compile(r"\.[a-z]+-p(\d+)-")
 TMP_PREFIX = ".tmp-"
+_REMOVE_TRIES = 3
 
 
 def temp_name(prefix: str, tag: str) -> str:
@@ -62,17 +64,20 @@ def remove_tree(path: Path) -> int:
             return 0
         return st.st_size if stat.S_ISREG(st.st_mode) else 0
     freed = 0
-    try:
-        with os.scandir(path) as it:
-            children = [Path(e.path) for e in it]
-    except OSError:
-        children = []
-    for child in children:
-        freed += remove_tree(child)
-    try:
-        os.rmdir(path)
-    except OSError:
-        pass
+    for _ in range(_REMOVE_TRIES):  # a file written into the directory meanwhile (a reader's update) is swept again
+        try:
+            with os.scandir(path) as it:
+                children = [Path(e.path) for e in it]
+        except OSError:
+            children = []
+        for child in children:
+            freed += remove_tree(child)
+        try:
+            os.rmdir(path)
+        except OSError as e:
+            if e.errno == errno.ENOTEMPTY:
+                continue
+        break
     return freed
 
 
