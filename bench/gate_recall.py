@@ -262,6 +262,13 @@ def table(s: dict) -> str:
     return "\n".join(lines)
 
 
+def compact(report: dict) -> str:
+    """The report as JSON, row values to 5 digits, one row a line."""
+    rows = [{k: [round(x, 5) for x in v] if isinstance(v, list) else v for k, v in r.items()} for r in report["rows"]]
+    body = ",\n".join(json.dumps(r, separators=(",", ":")) for r in rows)
+    return f'{{"summary": {json.dumps(report["summary"], indent=1)},\n"rows": [\n{body}\n]}}\n'
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("repos", nargs="*")
@@ -285,7 +292,7 @@ def main() -> None:
     print(table(s))
     print(per_layer(rows))
     if a.output:
-        a.output.write_text(json.dumps({"summary": s, "rows": rows}, indent=1))
+        a.output.write_text(compact({"summary": s, "rows": rows}))
 
 
 if __name__ == "__main__":
