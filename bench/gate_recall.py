@@ -5,13 +5,16 @@ then each task's question turn against the cached context) records every layer's
 RoPE (forward hooks on q_proj/k_proj; RoPE is applied here, exactly as the model does). Then, per layer,
 query head and recorded query (the question turn's tokens, and context positions sampled at random):
 - recall: the share of the query's exact softmax attention that falls in the blocks a gate selects (own
-  block + sinks + routed), at the same attended-key budget for every variant;
-- gold: for question tokens, whether a selected block overlaps the gold lines.
+  block + sinks + routed), at the same attended-key budget for every variant (block 512: the nearest above);
+- gold: for question tokens, whether a selected block overlaps the gold lines, and the share of the
+  attention on the gold blocks that the selection keeps.
 Gate variants: the block mean of rotated keys (the op's gate), the best of 2 / 4 sub-block means, the mean
 of keys pooled before RoPE and rotated to the block's centre ("pre"), the same scored without position
 ("pre_nopos"), the previous block always kept ("local1"), block 128 / 512 at the same budget, and two
 ceilings that no gate can read cheaply: each block's best single key ("maxkey") and the exact block mass
-("oracle"). Intervals: bootstrap over tasks. The model runs once (--save); --load re-scores without it.
+("oracle"); for scale, own + sink blocks alone ("fixed") and the op's gate at twice the keys ("top12").
+Intervals: bootstrap over tasks. The model runs once (--save); --load re-scores without it. The weights
+load in the CPU default form (int8, bf16 activations); the scores are computed in fp32.
 
 Run:
   python -m bench.gate_recall /tmp/r/flask-3.0.3/src/flask /tmp/r/mpmath-1.3.0/mpmath --tasks 8 \\
