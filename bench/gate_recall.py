@@ -42,6 +42,8 @@ VARIANTS = ("mean", "sub2", "sub4", "pre", "pre_nopos", "local1", "block128", "b
 def capture(repos: list[str], model_name: str, context_tokens: int, n_tasks: int, seed: int, samples: int,
             out: Path) -> None:
     """One forward per repository (context once, each question turn on top); writes <repo>.pt files."""
+    from transformers import DynamicCache
+
     from agent.config import AskConfig
     from agent.evaluate.tasks import build_workspace
     from agent.load import load_model
@@ -64,8 +66,6 @@ def capture(repos: list[str], model_name: str, context_tokens: int, n_tasks: int
         ws = build_workspace(root, tok, context_tokens=context_tokens, n_tasks=n_tasks, seed=seed)
         session = Session(runtime, ws.pack, AskConfig(model=model_name, attention="dense"))
         ids = list(session.prefix_ids) + [int(i) for i in ws.pack.ids]
-        from transformers import DynamicCache
-
         cache = DynamicCache()
         with torch.inference_mode():
             model(torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -111,7 +111,7 @@ def gates(q: torch.Tensor, q_pre: torch.Tensor, k: torch.Tensor, k_pre: torch.Te
     """Gate scores [Hq, S, n_full] of every variant at one block size; q [Hq, S, D] rotated, k [Hq, T, D]."""
     n_full = k.shape[1] // block
     kb = k[:, : n_full * block].reshape(k.shape[0], n_full, block, -1)
-    out = {"mean": q @ kb.mean(2).transpose(1, 2)}
+    out = {"mean": mean_gate(q, k, block)}
     for s in (2, 4):
         sub = kb.reshape(k.shape[0], n_full, s, block // s, -1).mean(3)  # [H, n, s, D]
         out[f"sub{s}"] = torch.einsum("hqd,hnsd->hqns", q, sub).amax(-1)
@@ -124,8 +124,16 @@ def gates(q: torch.Tensor, q_pre: torch.Tensor, k: torch.Tensor, k_pre: torch.Te
     return out
 
 
-def recall(gate: torch.Tensor, mass: torch.Tensor, own: torch.Tensor, n_route: int, local: int = 0) -> torch.Tensor:
-    """Share of attention in own + sink + routed blocks; gate [H, S, n_full], mass [H, S, n_blocks]."""
+def mean_gate(q: torch.Tensor, k: torch.Tensor, block: int) -> torch.Tensor:
+    """The op's gate: q against the mean rotated key of every complete block, [Hq, S, n_full]."""
+    n_full = k.shape[1] // block
+    return q @ k[:, : n_full * block].reshape(k.shape[0], n_full, block, -1).mean(2).transpose(1, 2)
+
+
+def recall(gate: torch.Tensor, mass: torch.Tensor, own: torch.Tensor, n_route: int,
+           local: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(share of attention in own + sink + routed blocks [H, S], the blocks chosen [H, S, n_blocks]);
+    gate [H, S, n_full], mass [H, S, n_blocks]."""
     n_full = gate.shape[-1]
     ids = torch.arange(n_full)
     past = ids[None, :] < own[:, None]  # [S, n_full]
@@ -143,8 +151,8 @@ def recall(gate: torch.Tensor, mass: torch.Tensor, own: torch.Tensor, n_route: i
 
 
 def score_layer(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, meta: dict,
-                gold: tuple[int, int] | None) -> dict[str, tuple[float, float]]:
-    """(mean recall, gold-block hit rate or nan) of every variant for queries q [S, Hq*D] at positions pos."""
+                gold: tuple[int, int] | None) -> dict[str, list[float]]:
+    """`_scores` of every variant for pre-RoPE queries q [S, Hq*D] at positions pos over keys k [T, Hkv*D]."""
     H, Hkv = meta["heads"], meta["kv_heads"]
     inv_freq = torch.tensor(meta["inv_freq"])
     D = q.shape[-1] // H
@@ -163,14 +171,15 @@ def score_layer(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, meta: dict,
         mass = torch.nn.functional.pad(prob, (0, pad)).reshape(H, -1, n_blocks, block).sum(-1)
         own = pos // block
         n_route = math.ceil(BUDGET / block) - SINKS - 1  # 512: 2048 keys, the nearest budget above
+        if block != BLOCK:
+            res[f"block{block}"] = _scores(*recall(mean_gate(qr, kr, block), mass, own, n_route), mass, gold, block)
+            continue
         g = gates(qr, q_pre, kr, k_pre, inv_freq, logits, block)
         g["oracle"] = mass[..., : g["mean"].shape[-1]]
-        names = g if block == BLOCK else {f"block{block}": g["mean"]}
-        for name, gate in names.items():
+        for name, gate in g.items():
             res[name] = _scores(*recall(gate, mass, own, n_route), mass, gold, block)
-        if block == BLOCK:
-            for name, n, local in (("local1", n_route, 1), ("fixed", 0, 0), ("top12", 2 * n_route + 1, 0)):
-                res[name] = _scores(*recall(g["mean"], mass, own, n, local=local), mass, gold, block)
+        for name, n, local in (("local1", n_route, 1), ("fixed", 0, 0), ("top12", 2 * n_route + 1, 0)):
+            res[name] = _scores(*recall(g["mean"], mass, own, n, local=local), mass, gold, block)
     return res
 
 
@@ -285,7 +294,6 @@ def main() -> None:
     ap.add_argument("-o", "--output", type=Path)
     a = ap.parse_args()
     if a.save:
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         capture(a.repos, a.model, a.context_tokens, a.tasks, a.seed, a.samples, a.save)
     src = a.load or a.save
     if src is None:
