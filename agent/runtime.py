@@ -113,7 +113,7 @@ def _kernel_notes(info, device: str) -> list[str]:
         return ["Triton cannot be imported: MoBA runs on the portable PyTorch path (slower)"]
     if serves(info.dtype, info.head_dim):
         if gluon_withheld(device, info.head_dim):
-            return ["MoBA attention uses the Triton tile kernel, not the ~10% faster Gluon one, which runs only on "
+            return ["MoBA attention uses the Triton tile kernel, not the Gluon one (~3% faster at 1M), which runs only on "
                     "a GPU in EXCLUSIVE_PROCESS compute mode (it has hung when processes share a GPU; "
                     "`nvidia-smi -c EXCLUSIVE_PROCESS` to take it; bench/RESULTS.md)"]
         return []

@@ -7,7 +7,7 @@ writes partials, and the merge kernel writes the output rows. Nothing waits on t
 kernel is the warp-specialized Gluon one (moba/triton/hopper.py) on Hopper where it applies and the GPU is
 in EXCLUSIVE_PROCESS compute mode (`tile_kernel`): the Gluon kernel has hung when processes time-slice a
 GPU (moba/triton/compute_mode.py), so a GPU in the default shared mode gets the Triton tile kernel, about
-10% slower at 1M. Why these sizes and configurations: bench/RESULTS.md.
+3% slower at 1M. Why these sizes and configurations: bench/RESULTS.md.
 Inputs outside the kernels' range (fp32, head dims other than 64/128/256, CPU tensors without the
 Triton interpreter) go to the portable path. It knows nothing of files or models.
 """
