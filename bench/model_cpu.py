@@ -1,8 +1,11 @@
 """CPU prefill and decode speed of real models through the moba-ask engine: MoBA vs dense SDPA.
 
 Token ids are random (speed does not depend on the text). Prefill runs in the engine's CPU chunks
-(1024) into a MobaCache; decode is greedy for --decode tokens after the prefill.
+(1024) into a MobaCache; decode is greedy for --decode tokens after the prefill. `--dtype default` loads
+the CPU default form (4-bit/int8 weights, bf16 activations where the CPU has bf16); `--dense-layers`
+keeps those layers dense in the MoBA rows (last3: the CPU default).
 Run: python -m bench.model_cpu --model smollm2-135m --tokens 4096 8192 --dtype float32 bfloat16
+     python -m bench.model_cpu --model qwen2.5-coder-1.5b --tokens 16384 32768 --dtype default --dense-layers last3
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import time
 
 import torch
 
-from agent.config import AskConfig
+from agent.config import AskConfig, parse_layers
 from agent.engine import Sampling
 from agent.runtime import load_runtime, params_for
 from moba.hf import configure
@@ -40,19 +43,22 @@ def main() -> None:
     p.add_argument("--attention", nargs="+", default=["moba", "dense"])
     p.add_argument("--decode", type=int, default=32)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--dense-layers", default="none", help="layers kept dense in the MoBA rows (last3, first2, ...)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print("| model | dtype | tokens | attention | prefill tok/s | decode tok/s |\n|---|---|---|---|---|---|")
     for dtype in a.dtype:
-        cfg = AskConfig(model=a.model, dtype=dtype, device="cpu")
+        cfg = AskConfig(model=a.model, dtype=None if dtype == "default" else dtype, device="cpu",
+                        dense_layers=parse_layers(a.dense_layers))
         rt = load_runtime(cfg)
         model_cfg = rt.make_engine(8).config
         for n in a.tokens:
             for att in a.attention:
                 pre, dec = run(rt, model_cfg, att, n, a.decode, cfg)
-                label = att if att == "dense" else f"moba {cfg.block_size}/{cfg.top_k}/sink{cfg.sink_blocks}"
+                label = att if att == "dense" else (f"moba {cfg.block_size}/{cfg.top_k}/sink{cfg.sink_blocks}"
+                                                    f", dense layers {a.dense_layers}")
                 print(f"| {a.model} | {dtype} | {n} | {label} | {pre:,.0f} | {dec:.1f} |", flush=True)
 
 
