@@ -71,7 +71,7 @@ def open_session(paths, config: AskConfig, options: ingest.PackOptions, mode: st
     session.notes = check_fit(session, question)
     for line in [*(f"note: {n}" for n in session.notes), *pack_lines(pk, budget)]:
         ui.say(line)
-    ui.say(f"attention: {describe(settled.attention, session.params)}{_why(config, settled, pk.total_tokens, rt.device)}")
+    ui.say(f"attention: {describe(settled.attention, session.params)}{_why(config, settled, pk.total_tokens)}")
     prefill(session, ui)
     return session
 
@@ -168,15 +168,15 @@ def kv_line(engine) -> str:
             f"{engine.kv_heads} KV heads x {head_dim} x {n:,} tokens x {engine.dtype.itemsize} B")
 
 
-def _why(given: AskConfig, settled: AskConfig, tokens: int, device: str) -> str:
+def _why(given: AskConfig, settled: AskConfig, tokens: int) -> str:
     if given.attention != "auto":
         return ""
     side = "<" if settled.attention == "dense" else ">="
-    threshold = auto_threshold(given, device)
+    base = AUTO_DENSE_FACTOR * given.top_k * given.block_size
     rule = f"{AUTO_DENSE_FACTOR} x top-k {given.top_k} x block {given.block_size}"
-    if threshold != auto_threshold(given):
-        rule = "the GPU floor, under which exact attention is as fast and answered at least as well"
-    return f" (auto: {tokens:,} tokens {side} {threshold:,} = {rule}; --attention moba|dense to choose)"
+    if auto_threshold(given) != base:
+        rule = "the floor under which exact attention answered better and costs little"
+    return f" (auto: {tokens:,} tokens {side} {auto_threshold(given):,} = {rule}; --attention moba|dense to choose)"
 
 
 def _context_cache() -> ContextCache:

@@ -17,7 +17,7 @@ from moba.hf import MobaParams
 ATTENTION = ("auto", "moba", "dense")
 AUTO_DENSE_FACTOR = 8  # "auto" is dense below AUTO_DENSE_FACTOR x top_k x block_size context tokens
 MAX_ROPE_YARN = 64  # YaRN factors past this stretch a window beyond any context this tool can hold
-CUDA_AUTO_DENSE_TOKENS = 32_768  # and on a GPU below this many at least (`auto_threshold`)
+AUTO_DENSE_TOKENS = 32_768  # and below this many at least, on every device (`auto_threshold`)
 DENSE_LAYERS_CPU = (-3, -2, -1)  # the CPU default (bench/RESULTS.md, evaluation); none on CUDA
 RESERVE = 512  # tokens the default context budget keeps beside the pack for the prompt frame and the question
 ANSWER_ROOM = 1024  # tokens the default context budget keeps for the answer, whatever --max-new-tokens says
@@ -134,28 +134,28 @@ def answer_tokens(config: AskConfig, mode: str, question: str) -> int:
     return ANSWER_TOKENS["explain" if explain else "short"]
 
 
-def auto_threshold(config: AskConfig, device: str = "cpu") -> int:
-    """Context tokens from which "auto" uses MoBA on `device`.
+def auto_threshold(config: AskConfig) -> int:
+    """Context tokens from which "auto" uses MoBA: the larger of two rules.
 
     AUTO_DENSE_FACTOR x top_k x block_size: below it a query would attend more than an eighth of the
-    context anyway; there exact attention answered at least as well in the evaluation and is as fast in fp32,
-    the CPU default (bench/RESULTS.md: qwen2.5-coder-1.5b at 8K, 31 tok/s either way; in bf16 MoBA is 1.2x
-    faster there). On a GPU at least CUDA_AUTO_DENSE_TOKENS: on the H200 exact attention is as fast up to 32K
-    (a 26K-token context prefills in 0.3-0.5 s either way) and answered at least as well: MoBA's correct
-    answers were 0.92 [0.83, 1.02] of dense's at 30K on 449 tasks, 0.96 at 16K (bench/RESULTS.md, tenth session).
+    context anyway. AUTO_DENSE_TOKENS (32,768): below it exact attention answered better and costs little
+    or nothing (bench/RESULTS.md, twelfth session). On the H200 MoBA kept 0.82 [0.71, 0.94] of dense's
+    correct answers at 16K (245 tasks) and 0.92 [0.83, 1.02] at 30K (449 tasks), and a 26K-token context
+    prefills in 0.3-0.5 s either way. On a 2-core CPU the CPU default (MoBA, last 3 layers dense) kept 0.84
+    of dense's answers at 16K (60 tasks) and prefilled slower than dense: 15K tokens in 189 against 138 s,
+    30K in 435 against 390 s.
     """
-    base = AUTO_DENSE_FACTOR * config.top_k * config.block_size
-    return max(base, CUDA_AUTO_DENSE_TOKENS) if device.startswith("cuda") else base
+    return max(AUTO_DENSE_FACTOR * config.top_k * config.block_size, AUTO_DENSE_TOKENS)
 
 
 def settle(config: AskConfig, context_tokens: int, device: str = "cpu") -> AskConfig:
     """config with its defaults made concrete for a context of that many tokens on `device`:
-    attention "auto" becomes "dense" or "moba" (`auto_threshold` on `device`), dense_layers None the device's."""
+    attention "auto" becomes "dense" or "moba" (`auto_threshold`), dense_layers None the device's."""
     if config.dense_layers is None:
         config = replace(config, dense_layers=() if device.startswith("cuda") else DENSE_LAYERS_CPU)
     if config.attention != "auto":
         return config
-    return replace(config, attention="moba" if context_tokens >= auto_threshold(config, device) else "dense")
+    return replace(config, attention="moba" if context_tokens >= auto_threshold(config) else "dense")
 
 
 def parse_layers(text: str | None) -> tuple[int, ...] | None:

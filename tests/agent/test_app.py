@@ -64,12 +64,14 @@ def test_bad_input_is_a_setting_error_before_prefill(rt, repo, cfg, question, me
     assert all(e.prefills == [] for e in rt.engines)
 
 
-def test_the_auto_reason_names_the_rule_of_the_device():
+def test_the_auto_reason_names_the_rule_that_decided():
     from agent.config import settle
 
     cfg = AskConfig(block_size=256, top_k=6)
-    gpu = app._why(cfg, settle(cfg, 30_000, "cuda"), 30_000, "cuda")
-    assert "(auto: 30,000 tokens < 32,768 = the GPU floor, under which exact attention is as fast" in gpu
-    cpu = app._why(cfg, settle(cfg, 30_000, "cpu"), 30_000, "cpu")
-    assert "(auto: 30,000 tokens >= 12,288 = 8 x top-k 6 x block 256;" in cpu
-    assert app._why(AskConfig(attention="moba"), AskConfig(attention="moba"), 30_000, "cuda") == ""
+    below = app._why(cfg, settle(cfg, 30_000), 30_000)
+    assert "(auto: 30,000 tokens < 32,768 = the floor under which exact attention answered better" in below
+    above = app._why(cfg, settle(cfg, 40_000, "cuda"), 40_000)
+    assert "(auto: 40,000 tokens >= 32,768 = the floor" in above
+    big = AskConfig(block_size=4096, top_k=12)
+    assert "(auto: 40,000 tokens < 393,216 = 8 x top-k 12 x block 4096;" in app._why(big, settle(big, 40_000), 40_000)
+    assert app._why(AskConfig(attention="moba"), AskConfig(attention="moba"), 30_000) == ""

@@ -223,11 +223,13 @@ def test_auto_attention_is_dense_for_a_small_context_and_says_so(repo, fake):
     small = run("ask", repo, "What is MAGIC_NUMBER?", "--json", "--no-cache")
     assert json.loads(small.stdout)["stats"]["attention"] == "dense"
     shown = run("ask", repo, "What is MAGIC_NUMBER?", "--no-cache")
-    assert "attention: dense (auto:" in shown.stderr and "< 12,288 = 8 x top-k 6 x block 256" in shown.stderr
-    sparse = run("ask", repo, "What is MAGIC_NUMBER?", "--no-cache", "--block-size", "4", "--top-k", "2")
-    assert "attention: moba, block 4, top-k 2, 1 sink block(s), dense layers -3,-2,-1 (auto:" in sparse.stderr
+    assert "attention: dense (auto:" in shown.stderr and "< 32,768 = the floor under which exact" in shown.stderr
+    small_blocks = run("ask", repo, "What is MAGIC_NUMBER?", "--no-cache", "--block-size", "4", "--top-k", "2")
+    assert "attention: dense (auto:" in small_blocks.stderr  # small blocks do not lower the floor
     forced = run("ask", repo, "What is MAGIC_NUMBER?", "--json", "--no-cache", "--attention", "moba")
     assert json.loads(forced.stdout)["stats"]["attention"] == "moba"
+    named = run("ask", repo, "What is MAGIC_NUMBER?", "--no-cache", "--attention", "moba", "--block-size", "4")
+    assert "attention: moba, block 4, top-k 6, 1 sink block(s), dense layers -3,-2,-1\n" in named.stderr
 
 
 def test_answer_length_does_not_change_the_pack_so_the_context_cache_hits(tmp_path, fake):

@@ -47,7 +47,7 @@ def test_ask_on_a_real_tiny_model(device, model_dir, tmp_path, monkeypatch):
     repo = planted_repo(tmp_path / "repo", modules=2, funcs=4)
     new = ANSWER_ROUTING_TOKENS + 40
     args = [str(repo), "Where is MAGIC_NUMBER defined?", "--json", "-m", str(model_dir), "--device", device,
-            "--block-size", "32", "--top-k", "3", "--max-new-tokens", str(new), "--repeat-stop", "0"]
+            "--attention", "moba", "--block-size", "32", "--top-k", "3", "--max-new-tokens", str(new), "--repeat-stop", "0"]
     first = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert first.exit_code == 0, first.stderr
     out = json.loads(first.stdout)

@@ -14,21 +14,20 @@ from agent.config import (
 from moba.hf import MobaParams
 
 
-def test_auto_attention_is_dense_below_the_threshold_and_moba_from_it():
+def test_auto_attention_is_dense_below_32k_tokens_on_every_device():
     cfg = AskConfig(block_size=256, top_k=6)
-    assert cfg.attention == "auto" and auto_threshold(cfg) == 8 * 6 * 256
-    assert settle(cfg, 12287).attention == "dense"
-    assert settle(cfg, 12288).attention == "moba"
-    assert auto_threshold(AskConfig(block_size=512, top_k=3)) == 8 * 3 * 512
+    assert cfg.attention == "auto" and auto_threshold(cfg) == 32_768
+    for device in ("cpu", "cuda", "cuda:1"):
+        assert settle(cfg, 32_767, device).attention == "dense"
+        assert settle(cfg, 32_768, device).attention == "moba"
+    assert auto_threshold(AskConfig(block_size=4, top_k=2)) == 32_768  # small blocks do not lower the floor
 
 
-def test_auto_attention_on_a_gpu_is_dense_below_32k_tokens():
-    cfg = AskConfig(block_size=256, top_k=6)
-    assert auto_threshold(cfg, "cuda") == auto_threshold(cfg, "cuda:1") == 32_768
-    assert settle(cfg, 30_000, "cuda").attention == "dense"
-    assert settle(cfg, 30_000, "cpu").attention == "moba"
-    assert settle(cfg, 32_768, "cuda").attention == "moba"
-    assert auto_threshold(AskConfig(block_size=4096, top_k=12), "cuda") == 8 * 12 * 4096  # the larger rule wins
+def test_auto_attention_stays_dense_where_moba_would_attend_an_eighth_of_the_context():
+    big = AskConfig(block_size=4096, top_k=12)
+    assert auto_threshold(big) == 8 * 12 * 4096
+    assert settle(big, 8 * 12 * 4096 - 1).attention == "dense"
+    assert settle(big, 8 * 12 * 4096).attention == "moba"
 
 
 def test_explicit_attention_is_kept_whatever_the_context():
