@@ -20,6 +20,7 @@ from agent import parallel, runtime
 from agent.catalog import ModelError
 from agent.config import (
     AUTO_DENSE_FACTOR,
+    AUTO_DENSE_TOKENS,
     MIN_ANSWER_ROOM,
     RESERVE,
     AskConfig,
@@ -172,11 +173,11 @@ def _why(given: AskConfig, settled: AskConfig, tokens: int) -> str:
     if given.attention != "auto":
         return ""
     side = "<" if settled.attention == "dense" else ">="
-    base = AUTO_DENSE_FACTOR * given.top_k * given.block_size
+    threshold = auto_threshold(given)
     rule = f"{AUTO_DENSE_FACTOR} x top-k {given.top_k} x block {given.block_size}"
-    if auto_threshold(given) != base:
+    if threshold == AUTO_DENSE_TOKENS:
         rule = "the floor under which exact attention answered better and costs little"
-    return f" (auto: {tokens:,} tokens {side} {auto_threshold(given):,} = {rule}; --attention moba|dense to choose)"
+    return f" (auto: {tokens:,} tokens {side} {threshold:,} = {rule}; --attention moba|dense to choose)"
 
 
 def _context_cache() -> ContextCache:

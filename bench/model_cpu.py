@@ -5,7 +5,7 @@ Token ids are random (speed does not depend on the text). Prefill runs in the en
 the CPU default form (4-bit/int8 weights, bf16 activations where the CPU has bf16); `--dense-layers`
 keeps those layers dense in the MoBA rows (last3: the CPU default).
 Run: python -m bench.model_cpu --model smollm2-135m --tokens 4096 8192 --dtype float32 bfloat16
-     python -m bench.model_cpu --model qwen2.5-coder-1.5b --tokens 16384 32768 --dtype default --dense-layers last3
+     python -m bench.model_cpu --model qwen2.5-coder-1.5b --tokens 30000 --dtype default --dense-layers last3
 """
 
 from __future__ import annotations
