@@ -273,9 +273,11 @@ def merge(cits: list[Citation], gap: int = 1) -> list[Citation]:
 
 
 def combine(routing: list[Citation], text: list[Citation]) -> list[Citation]:
-    """Text citations first (the model's own), then routing; overlaps merge into "both"."""
+    """Routing and text citations by routing strength, the model's references that routing did not reach
+    last; overlaps merge into "both". Strength first because it ranks files better than the answer's own
+    references: gold-file hit@1 0.74 -> 0.82 at 16K, 0.75 -> 0.77 at 30K (bench/RESULTS.md)."""
     merged = merge(routing + text, gap=0)
-    return sorted(merged, key=lambda c: (c.source == ROUTING, -c.score))
+    return sorted(merged, key=lambda c: (c.source == TEXT, -c.score))
 
 
 def file_strengths(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: int,

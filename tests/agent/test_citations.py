@@ -102,7 +102,14 @@ def test_merge_and_combine_mark_both_sources():
     assert merge(r) == [Citation("a.py", 10, 14, pytest.approx(0.8), ROUTING)]
     both = combine(r, t)
     assert [(c.path, c.start_line, c.end_line, c.source) for c in both] == [
-        ("a.py", 10, 12, BOTH), ("b.py", 1, 1, TEXT), ("a.py", 13, 14, ROUTING)]
+        ("a.py", 10, 12, BOTH), ("a.py", 13, 14, ROUTING), ("b.py", 1, 1, TEXT)]
+
+
+def test_combine_ranks_by_routing_strength_and_text_only_last():
+    r = [Citation("a.py", 1, 2, 0.1, ROUTING), Citation("c.py", 5, 6, 0.7, ROUTING)]
+    t = [Citation("b.py", 3, 3, 0.0, TEXT), Citation("a.py", 2, 2, 0.0, TEXT)]
+    got = [(c.path, c.source) for c in combine(r, t)]
+    assert got == [("c.py", ROUTING), ("a.py", BOTH), ("b.py", TEXT)]
 
 
 def evidence_recorder(smap, heads_to, noise_to, sink=0):
