@@ -118,13 +118,19 @@ def score_answer(task: Task, text: str, citations, ws: Workspace, needles: list[
 
 def citation_scores(citations, path: str, start: int, end: int, source_map) -> dict:
     """The citation part of `score_answer` for gold lines start..end of `path`."""
-    routed = [c for c in citations if c.source != cit.TEXT]
-    overlaps = [scoring.overlaps(c, path, start, end) for c in routed[:3]]
     precision, recall = scoring.line_scores(citations, path, start, end)
-    return dict(rank=scoring.gold_rank(citations, path), routing_rank=scoring.gold_rank(routed, path),
-                top1_cite=overlaps[:1] == [True], top3_cite=any(overlaps),
+    return dict(**order_scores(citations, path, start, end),
                 line_precision=round(precision, 4), line_recall=round(recall, 4),
                 bogus=scoring.bogus_count(citations, source_map))
+
+
+def order_scores(citations, path: str, start: int, end: int) -> dict:
+    """The scores that depend on the citations' order: the gold file's rank among all of them and among
+    the routing ones, and whether the first / one of the first three routing citations hits the gold lines."""
+    routed = [c for c in citations if c.source != cit.TEXT]
+    overlaps = [scoring.overlaps(c, path, start, end) for c in routed[:3]]
+    return dict(rank=scoring.gold_rank(citations, path), routing_rank=scoring.gold_rank(routed, path),
+                top1_cite=overlaps[:1] == [True], top3_cite=any(overlaps))
 
 
 def _task_entry(unit: Unit, t: Task, baseline: dict, results: dict[str, dict]) -> dict:

@@ -31,3 +31,40 @@ def test_a_run_split_by_config_merges_into_the_one_run(repo, oracle, tmp_path): 
         eval_merge.merge([docs["a"], {**docs["b"], "tasks": docs["b"]["tasks"][:3]}])
     with pytest.raises(ValueError, match="documents differ in seed"):
         eval_merge.merge([docs["a"], {**docs["b"], "meta": {**docs["b"]["meta"], "seed": 9}}])
+
+
+def _old_order_task(doc):
+    """The first task of `doc`, its dense answer given citations in the pre-2026-11-30 order: a text
+    reference to another file first, then routing citations on the gold lines and elsewhere."""
+    t = doc["tasks"][0]
+    other = next(p for p in ("zz_other.py", "other.py") if p != t["path"])
+    cites = [{"path": other, "start_line": 1, "end_line": 1, "score": 0.0, "source": "text"},
+             {"path": t["path"], "start_line": 900, "end_line": 901, "score": 0.2, "source": "routing"},
+             {"path": t["path"], "start_line": t["start_line"], "end_line": t["end_line"], "score": 0.5,
+              "source": "routing"}]
+    t["results"]["dense"].update(citations=cites, rank=2, routing_rank=1, top1_cite=False, top3_cite=True)
+    return t
+
+
+def test_rerank_orders_stored_citations_as_answers_do_now_and_rescores_the_order(repo, oracle, tmp_path):  # noqa: F811
+    out = tmp_path / "a.json"
+    assert run("eval", repo, *ONE, "--attention", "dense,moba", "-o", out).exit_code == 0
+    doc = json.loads(out.read_text())
+    t = _old_order_task(doc)
+    kept = eval_merge.merge([doc])["tasks"][0]["results"]["dense"]
+    assert (kept["rank"], kept["top1_cite"]) == (2, False)
+    r = eval_merge.merge([doc], rerank=True)["tasks"][0]["results"]["dense"]
+    assert [c["score"] for c in r["citations"]] == [0.5, 0.2, 0.0]
+    assert (r["rank"], r["routing_rank"], r["top1_cite"], r["top3_cite"]) == (1, 1, True, True)
+    assert r["line_precision"] == t["results"]["dense"]["line_precision"]
+
+
+def test_configs_keeps_one_config_to_pool_runs_that_ran_others(repo, oracle, tmp_path):  # noqa: F811
+    out = tmp_path / "a.json"
+    assert run("eval", repo, *ONE, "--attention", "dense,moba", "-o", out).exit_code == 0
+    doc = json.loads(out.read_text())
+    pooled = eval_merge.merge([doc], keep=["dense"])
+    assert [r["config"] for r in pooled["summary"]] == ["dense"]
+    assert all(list(t["results"]) == ["dense"] for t in pooled["tasks"])
+    with pytest.raises(ValueError, match="no config of"):
+        eval_merge.merge([doc], keep=["moba:block=64"])
