@@ -1,7 +1,8 @@
 """Per-model citation head weights: which (layer, query head) pairs of a model retrieve, as JSON data
-shipped under agent/heads/<catalog name>.json and written by `moba-ask calibrate`.
+shipped under agent/heads/ and written by `moba-ask calibrate`.
 
-A weights file holds the model's identity (name and config dims), the MoBA block size and the
+Weights hold for the block size they were calibrated at: `<name>.json` for the model's usual size,
+`<name>@<block size>.json` beside it for another. A weights file holds the model's identity (name and config dims), the MoBA block size and the
 evidence signal ("mass" or "gate") it was calibrated on, and a sparse list [[layer, head, w], ...].
 `for_model` looks a loaded model's file up and checks it against the model; a missing, unreadable
 or mismatched file gives no weights and a one-line note saying why, never an exception. Knows
@@ -100,9 +101,11 @@ def check(hw: HeadWeights, *, layers: int, heads: int, block_size: int, source: 
                            f"use --block-size {hw.block_size} or calibrate at {block_size}")
 
 
-def path_for(model: str) -> Path:
-    """Where the shipped weights of a catalog model live (the file may not exist)."""
-    return HEADS_DIR / f"{model}.json"
+def path_for(model: str, block_size: int | None = None) -> Path:
+    """Where the shipped weights of a catalog model live (the file may not exist): the file for
+    `block_size` when one ships, else the model's usual file."""
+    sized = HEADS_DIR / f"{model}@{block_size}.json"
+    return sized if block_size is not None and sized.is_file() else HEADS_DIR / f"{model}.json"
 
 
 def for_model(model: str, *, layers: int, heads: int, block_size: int) -> tuple[HeadWeights | None, str]:
@@ -110,11 +113,12 @@ def for_model(model: str, *, layers: int, heads: int, block_size: int) -> tuple[
     from agent.catalog import CATALOG
 
     fallback = "citations weigh every attention head equally"
-    if model not in CATALOG or not path_for(model).is_file():
+    path = path_for(model, block_size)
+    if model not in CATALOG or not path.is_file():
         return None, f"no calibrated citation weights for {model}; {fallback}"
     try:
-        hw = read(path_for(model))
-        check(hw, layers=layers, heads=heads, block_size=block_size, source=str(path_for(model)))
+        hw = read(path)
+        check(hw, layers=layers, heads=heads, block_size=block_size, source=str(path))
     except WeightsError as e:
         return None, f"{e}; {fallback}"
     return hw, ""

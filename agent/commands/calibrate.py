@@ -49,7 +49,8 @@ def calibrate(repos, n_tasks, context_tokens, seed, top_heads, dense_layers, out
 
     Builds needle tasks in each REPO (as `moba-ask eval` does), asks them with per-head capture,
     scores every (layer, head) by how well its evidence ranks the gold block, and writes the best
-    heads' weights to OUTPUT. Citations of the model use agent/heads/<model>.json when it exists.
+    heads' weights to OUTPUT. Citations of the model use agent/heads/<model>.json when it exists
+    (agent/heads/<model>@<block size>.json at another --block-size).
 
     \b
     Examples:

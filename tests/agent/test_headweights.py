@@ -137,3 +137,25 @@ def test_session_with_a_named_file_that_does_not_fit_is_a_setting_error(heads_di
     session.open = _open_with_heads(session, 4)
     with pytest.raises(SettingError, match="--head-weights: .*has 2 x 4"):
         session.open()
+
+
+def test_weights_for_another_block_size_ship_beside_the_usual_file(heads_dir):
+    (heads_dir / f"{MODEL}.json").write_text(json.dumps(GOOD))
+    (heads_dir / f"{MODEL}@128.json").write_text(json.dumps({**GOOD, "block_size": 128, "weights": [[5, 2, 1.0]]}))
+    at128, note = look(block_size=128)
+    assert note == "" and at128.block_size == 128 and at128.weights == ((5, 2, 1.0),)
+    assert look()[0].block_size == 256
+    hw, note = look(block_size=512)
+    assert hw is None and "calibrated at block size 256, this run uses 512" in note
+
+
+def test_every_shipped_file_parses_and_its_name_gives_its_model_and_block_size():
+    from agent.catalog import CATALOG
+
+    shipped = sorted(hwm.HEADS_DIR.glob("*.json"))
+    assert len(shipped) >= 2
+    for path in shipped:
+        hw = hwm.read(path)
+        name, _, size = path.stem.partition("@")
+        assert hw.model == name and name in CATALOG
+        assert hwm.path_for(name, hw.block_size) == path and (not size or int(size) == hw.block_size)
