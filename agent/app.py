@@ -20,12 +20,12 @@ from agent import parallel, runtime
 from agent.catalog import ModelError
 from agent.config import (
     AUTO_DENSE_FACTOR,
-    AUTO_DENSE_TOKENS,
     MIN_ANSWER_ROOM,
     RESERVE,
     AskConfig,
     SettingError,
     answer_room,
+    auto_floor,
     auto_threshold,
     settle,
 )
@@ -72,7 +72,7 @@ def open_session(paths, config: AskConfig, options: ingest.PackOptions, mode: st
     session.notes = check_fit(session, question)
     for line in [*(f"note: {n}" for n in session.notes), *pack_lines(pk, budget)]:
         ui.say(line)
-    ui.say(f"attention: {describe(settled.attention, session.params)}{_why(config, settled, pk.total_tokens)}")
+    ui.say(f"attention: {describe(settled.attention, session.params)}{_why(config, settled, pk.total_tokens, rt.device)}")
     prefill(session, ui)
     return session
 
@@ -169,14 +169,14 @@ def kv_line(engine) -> str:
             f"{engine.kv_heads} KV heads x {head_dim} x {n:,} tokens x {engine.dtype.itemsize} B")
 
 
-def _why(given: AskConfig, settled: AskConfig, tokens: int) -> str:
+def _why(given: AskConfig, settled: AskConfig, tokens: int, device: str = "cpu") -> str:
     if given.attention != "auto":
         return ""
     side = "<" if settled.attention == "dense" else ">="
-    threshold = auto_threshold(given)
+    threshold = auto_threshold(given, device)
     rule = f"{AUTO_DENSE_FACTOR} x top-k {given.top_k} x block {given.block_size}"
-    if threshold == AUTO_DENSE_TOKENS:
-        rule = "the floor under which exact attention answered better and costs little"
+    if threshold == auto_floor(device):
+        rule = f"the {'GPU' if device.startswith('cuda') else 'CPU'} floor under which exact attention answered better and costs little"
     return f" (auto: {tokens:,} tokens {side} {threshold:,} = {rule}; --attention moba|dense to choose)"
 
 

@@ -17,7 +17,7 @@ from moba.hf import MobaParams
 ATTENTION = ("auto", "moba", "dense")
 AUTO_DENSE_FACTOR = 8  # "auto" is dense below AUTO_DENSE_FACTOR x top_k x block_size context tokens
 MAX_ROPE_YARN = 64  # YaRN factors past this stretch a window beyond any context this tool can hold
-AUTO_DENSE_TOKENS = 32_768  # and below this many at least, on every device (`auto_threshold`)
+AUTO_DENSE_TOKENS = {"cpu": 32_768, "cuda": 65_536}  # and below this many at least, per device (`auto_threshold`)
 DENSE_LAYERS_CPU = (-3, -2, -1)  # the CPU default (bench/RESULTS.md, evaluation); none on CUDA
 RESERVE = 512  # tokens the default context budget keeps beside the pack for the prompt frame and the question
 ANSWER_ROOM = 1024  # tokens the default context budget keeps for the answer, whatever --max-new-tokens says
@@ -134,18 +134,25 @@ def answer_tokens(config: AskConfig, mode: str, question: str) -> int:
     return ANSWER_TOKENS["explain" if explain else "short"]
 
 
-def auto_threshold(config: AskConfig) -> int:
-    """Context tokens from which "auto" uses MoBA: the larger of two rules.
+def auto_threshold(config: AskConfig, device: str = "cpu") -> int:
+    """Context tokens from which "auto" uses MoBA on `device`: the larger of two rules.
 
     AUTO_DENSE_FACTOR x top_k x block_size: below it a query would attend more than an eighth of the
-    context anyway. AUTO_DENSE_TOKENS (32,768): below it exact attention answered better and costs little
-    or nothing (bench/RESULTS.md, twelfth session). On the H200 MoBA kept 0.82 [0.71, 0.94] of dense's
-    correct answers at 16K (245 tasks) and 0.92 [0.83, 1.02] at 30K (449 tasks), and a 26K-token context
-    prefills in 0.3-0.5 s either way. On a 2-core CPU the CPU default (MoBA, last 3 layers dense) kept 0.84
-    of dense's answers at 16K (60 tasks) and prefilled slower than dense: 15K tokens in 189 against 138 s,
-    30K in 435 against 390 s.
+    context anyway. The device's floor (`auto_floor`), under which exact attention answered better and
+    costs little or nothing (bench/RESULTS.md, twelfth and thirteenth sessions):
+    - CPU, 32,768: on a 2-core CPU the CPU default (MoBA, last 3 layers dense) kept 0.84 of dense's correct
+      answers at 16K (60 tasks) and prefilled slower than dense: 15K tokens in 189 against 138 s, 30K in
+      435 against 390 s.
+    - CUDA, 65,536: on the H200 MoBA kept 0.82 [0.71, 0.94] of dense's answers at 16K (245 tasks), 0.92
+      [0.83, 1.02] at 30K (449) and 0.72 [0.57, 0.90] at 64K (YaRN x4, 167 tasks), and prefilled no
+      faster up to 64K (64K: 15.1 against 14.9 s for 11 repositories); at 128K it prefilled 3x faster.
     """
-    return max(AUTO_DENSE_FACTOR * config.top_k * config.block_size, AUTO_DENSE_TOKENS)
+    return max(AUTO_DENSE_FACTOR * config.top_k * config.block_size, auto_floor(device))
+
+
+def auto_floor(device: str) -> int:
+    """The device's AUTO_DENSE_TOKENS: "cuda" for any CUDA device, else "cpu"."""
+    return AUTO_DENSE_TOKENS["cuda" if device.startswith("cuda") else "cpu"]
 
 
 def settle(config: AskConfig, context_tokens: int, device: str = "cpu") -> AskConfig:
@@ -155,7 +162,7 @@ def settle(config: AskConfig, context_tokens: int, device: str = "cpu") -> AskCo
         config = replace(config, dense_layers=() if device.startswith("cuda") else DENSE_LAYERS_CPU)
     if config.attention != "auto":
         return config
-    return replace(config, attention="moba" if context_tokens >= auto_threshold(config) else "dense")
+    return replace(config, attention="moba" if context_tokens >= auto_threshold(config, device) else "dense")
 
 
 def parse_layers(text: str | None) -> tuple[int, ...] | None:

@@ -45,8 +45,8 @@ def common_options(fn: Callable) -> Callable:
                           "qwen2.5-7b-1m on CUDA, qwen2.5-coder-1.5b on CPU]"),
         click.option("--attention", type=click.Choice(ATTENTION), default=AskConfig.attention, show_default=True,
                      help="moba: sparse block attention; dense: exact attention (routing still scored); auto: "
-                          "dense for contexts under 32,768 tokens (or 8 x top-k x block size, if larger), where it "
-                          "answered better and costs little, else moba."),
+                          "dense for contexts under 32,768 tokens on CPU and 65,536 on a GPU (or 8 x top-k x block "
+                          "size, if larger), where it answered better and costs little, else moba."),
         click.option("--block-size", type=click.IntRange(min=1), default=AskConfig.block_size, show_default=True,
                      help="MoBA key block size."),
         click.option("--top-k", type=click.IntRange(min=1), default=AskConfig.top_k, show_default=True,

@@ -223,7 +223,7 @@ def test_auto_attention_is_dense_for_a_small_context_and_says_so(repo, fake):
     small = run("ask", repo, "What is MAGIC_NUMBER?", "--json", "--no-cache")
     assert json.loads(small.stdout)["stats"]["attention"] == "dense"
     shown = run("ask", repo, "What is MAGIC_NUMBER?", "--no-cache")
-    assert "attention: dense (auto:" in shown.stderr and "< 32,768 = the floor under which exact" in shown.stderr
+    assert "attention: dense (auto:" in shown.stderr and "< 32,768 = the CPU floor under which exact" in shown.stderr
     small_blocks = run("ask", repo, "What is MAGIC_NUMBER?", "--no-cache", "--block-size", "4", "--top-k", "2")
     assert "attention: dense (auto:" in small_blocks.stderr  # small blocks do not lower the floor
     forced = run("ask", repo, "What is MAGIC_NUMBER?", "--json", "--no-cache", "--attention", "moba")

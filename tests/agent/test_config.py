@@ -14,13 +14,16 @@ from agent.config import (
 from moba.hf import MobaParams
 
 
-def test_auto_attention_is_dense_below_32k_tokens_on_every_device():
+def test_auto_attention_is_dense_below_32k_tokens_on_cpu_and_64k_on_a_gpu():
     cfg = AskConfig(block_size=256, top_k=6)
-    assert cfg.attention == "auto" and auto_threshold(cfg) == 32_768
-    for device in ("cpu", "cuda", "cuda:1"):
-        assert settle(cfg, 32_767, device).attention == "dense"
-        assert settle(cfg, 32_768, device).attention == "moba"
-    assert auto_threshold(AskConfig(block_size=4, top_k=2)) == 32_768  # small blocks do not lower the floor
+    assert cfg.attention == "auto" and auto_threshold(cfg) == auto_threshold(cfg, "cpu") == 32_768
+    assert settle(cfg, 32_767, "cpu").attention == "dense" and settle(cfg, 32_768, "cpu").attention == "moba"
+    for device in ("cuda", "cuda:1"):
+        assert auto_threshold(cfg, device) == 65_536
+        assert settle(cfg, 65_535, device).attention == "dense"
+        assert settle(cfg, 65_536, device).attention == "moba"
+    small = AskConfig(block_size=4, top_k=2)  # small blocks do not lower the floor
+    assert auto_threshold(small) == 32_768 and auto_threshold(small, "cuda") == 65_536
 
 
 def test_auto_attention_stays_dense_where_moba_would_attend_an_eighth_of_the_context():
