@@ -3,7 +3,9 @@
 Works on token ids only; knows nothing of files, prompts or citations. The model is any
 transformers causal LM; with `attn_implementation="moba"` its attention reads the MoBA settings
 from the model config, which the engine writes from the MobaParams it is given (`Engine.params`),
-and block means from the cache. Only the last position's logits are computed.
+and block means from the cache. Only the last position's logits are computed; a prefill whose logits
+nobody reads (`prefill(..., logits=False)`, a context that only fills the cache) also skips the last
+layer's attention and MLP, whose outputs there feed nothing: the cache is the same, bit for bit.
 
 Decode paths (`Engine.decode`): "dynamic" runs the model on the cache's filled part, token by token
 (launch- and Python-bound on a GPU); "static" runs agent/decoder.py's static-shape step eagerly;
@@ -16,6 +18,7 @@ All paths give the same tokens.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from collections import Counter, deque
@@ -27,7 +30,7 @@ import torch
 from agent.decoder import StaticDecoder
 from agent.kvcache import MobaCache, kv_bytes
 from moba.capture import active_recorder
-from moba.hf import MobaParams, configure, forced_dense, moba_params
+from moba.hf import MobaParams, configure, forced_dense, moba_params, unread_outputs
 
 DECODE_PATHS = ("auto", "dynamic", "static", "graph")
 PENALTY_WINDOW = 64  # the repetition penalty weighs the answer's last this many tokens (llama.cpp's default)
@@ -146,16 +149,21 @@ class Engine:
         return kv_bytes(c.num_hidden_layers, self.kv_heads, head_dim, n, next(self.model.parameters()).dtype)
 
     @torch.no_grad()
-    def prefill(self, ids: Sequence[int], progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """Append `ids` to the cache in chunks; return the fp32 logits [V] after the last one.
+    def prefill(self, ids: Sequence[int], progress: Callable[[int, int], None] | None = None,
+                logits: bool = True) -> torch.Tensor | None:
+        """Append `ids` to the cache in chunks; return the fp32 logits [V] after the last one, or None
+        when `logits` is False (then the last layer only writes its keys and values: `_cache_only`).
 
         progress(done, total) is called after every chunk.
         """
         ids = torch.as_tensor(list(ids), dtype=torch.long)
-        for start in range(0, len(ids), self.chunk_size):
-            self.last_logits = self._forward(ids[start : start + self.chunk_size])
-            if progress:
-                progress(min(start + self.chunk_size, len(ids)), len(ids))
+        with contextlib.nullcontext() if logits else _cache_only(self.model):
+            for start in range(0, len(ids), self.chunk_size):
+                self.last_logits = self._forward(ids[start : start + self.chunk_size])
+                if progress:
+                    progress(min(start + self.chunk_size, len(ids)), len(ids))
+        if not logits:
+            self.last_logits = None
         return self.last_logits
 
     def truncate(self, n: int) -> None:
@@ -223,6 +231,37 @@ class Engine:
         kwargs = {self._cache_kw: self.cache, "use_cache": True, "logits_to_keep": 1}
         out = self.model(input_ids=ids.to(self.device)[None], position_ids=pos, **kwargs)
         return out.logits[0, -1].float()
+
+
+class _Zeros(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+@contextlib.contextmanager
+def _cache_only(model):
+    """Inside the block the last decoder layer computes only what the cache needs (its keys and values):
+    no attention (`moba.hf.unread_outputs`) and, where the layer has an `mlp`, no MLP. Its output is then
+    wrong, which is right only where nothing reads it: the logits of a prefill that returns none."""
+    last = _decoder_layers(model)[-1:]
+    mlp = getattr(last[0], "mlp", None) if last else None
+    if mlp is not None:
+        last[0].mlp = _Zeros()
+    try:
+        with unread_outputs([-1]):
+            yield
+    finally:
+        if mlp is not None:
+            last[0].mlp = mlp
+
+
+def _decoder_layers(model) -> list:
+    """The model's decoder layers (Llama, Qwen2, Mistral, Gemma3: the decoder's `layers`), else []."""
+    try:
+        layers = model.get_decoder().layers
+    except (AttributeError, TypeError):
+        return []
+    return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
 
 
 def cache_bytes(engine) -> int:

@@ -141,7 +141,7 @@ class Session:
         hit = self._load_cached(key)
         if not hit:
             ids = list(self.prefix_ids) + [int(i) for i in self.pack.ids]
-            self.engine.prefill(ids, progress)
+            self.engine.prefill(ids, progress, logits=False)
             self._pending_save = key
         self.stats.update(cache_hit=hit, prefill_s=round(time.perf_counter() - t0, 3))
 

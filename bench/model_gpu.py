@@ -5,7 +5,11 @@ Rows: MoBA prefill at each --tokens length (time, tok/s, peak GPU memory), dense
 --dense-tokens length, and MoBA decode after the longest prefill, twice from the same context: eager
 (`decode="dynamic"`, one Python forward per token) and CUDA graph (`decode="graph"`, one replay per token,
 timed after its warm-up and capture); the greedy tokens of the two are compared.
+Prefill runs as a session's (`--prefill context`): all but the last token as a context whose logits nobody
+reads (the last layer writes only its keys and values), then the last token with its logits; `--prefill
+logits` runs every chunk whole, as the engine did before 2026-11-30; several values alternate in the MoBA rows.
 Run (on the GPU machine): python -m bench.model_gpu --tokens 131072 262144 524288 1048576 --dense-tokens 131072 262144
+                          python -m bench.model_gpu --tokens 1048576 --dense-tokens --decode 0 --prefill logits context
 """
 
 from __future__ import annotations
@@ -34,14 +38,18 @@ def build(seed: int = 0):
     return model.eval()
 
 
-def prefill(model, n: int, chunk: int, decode: int = 0, qa_dense: bool = False) -> dict:
+def prefill(model, n: int, chunk: int, decode: int = 0, qa_dense: bool = False, mode: str = "context") -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     engine = Engine(model, capacity=n + decode + 8, chunk_size=chunk, decode="dynamic")
     ids = torch.randint(0, 150000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    logits = engine.prefill(ids)
+    if mode == "context":
+        engine.prefill(ids[:-1], logits=False)
+        logits = engine.prefill(ids[-1:])
+    else:
+        logits = engine.prefill(ids)
     torch.cuda.synchronize()
     row = dict(tokens=n, seconds=time.perf_counter() - t0, kv_gib=engine.kv_bytes() / 2**30)
     row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -94,6 +102,8 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=32)
     p.add_argument("--qa-dense", action="store_true",
                    help="also decode after the longest prefill with the question/answer policy dense")
+    p.add_argument("--prefill", nargs="+", choices=["context", "logits"], default=["context"],
+                   help="context: as a session prefills (default); logits: every chunk whole; several alternate")
     a = p.parse_args()
     model = build()
     layers = model.config.num_hidden_layers
@@ -110,7 +120,9 @@ def main() -> None:
     _row(f"{label} (warm-up)", warm)
     for n in a.tokens:
         last = n == max(a.tokens)
-        _row(label, prefill(model, n, a.chunk, a.decode if last else 0, qa_dense=a.qa_dense and last))
+        for mode in a.prefill:
+            row = prefill(model, n, a.chunk, a.decode if last else 0, qa_dense=a.qa_dense and last, mode=mode)
+            _row(label if a.prefill == ["context"] else f"{label}, prefill {mode}", row)
     configure(model.config, MobaParams(a.block_size, a.top_k, a.sink_blocks, tuple(range(layers))))
     for n in a.dense_tokens:
         _row("dense SDPA", prefill(model, n, a.chunk))

@@ -14,6 +14,10 @@ What runs where:
 - all other layers run `moba.moba_attention`, with cached block means when the cache attaches
   them to the key tensor (moba/cachekeys.py).
 Batches with padding get a real mask from transformers and fall back to dense SDPA.
+Inside `unread_outputs(layers)` those layers compute no attention (their output is zeros): the caller
+reads nothing they output at these positions and keeps only the keys and values the attention module
+wrote to the cache before calling here (a context that only fills the cache: the last layer's output
+there feeds nothing). A layer the active recorder wants is computed anyway.
 Sharded heads (tensor parallel): the function sees only the heads of its process; an attention module
 whose `moba_head_offset` attribute is set reads the citation head weights of its own heads from there.
 Static decode (CUDA graphs): when the key tensor carries a static length (`cachekeys.static_of`) the
@@ -39,6 +43,7 @@ from moba.static import static_dense_decode, static_moba_decode, static_sliding_
 NAME = "moba"
 HEAD_OFFSET = "moba_head_offset"  # attention-module attribute: its first query head's global index when sharded
 _FORCE_DENSE: ContextVar[bool] = ContextVar("moba_force_dense", default=False)
+_UNREAD: ContextVar[frozenset[int]] = ContextVar("moba_unread_layers", default=frozenset())
 QA_POLICIES = ("moba", "dense")
 
 
@@ -116,8 +121,33 @@ def dense_queries(enabled: bool = True):
         _FORCE_DENSE.reset(token)
 
 
+@contextlib.contextmanager
+def unread_outputs(layers):
+    """Inside the block, the attention of `layers` (indices; negative counts from the end) is not
+    computed and returns zeros: for outputs the caller never reads (see the module docstring)."""
+    token = _UNREAD.set(frozenset(layers))
+    try:
+        yield
+    finally:
+        _UNREAD.reset(token)
+
+
+def _unread(module, query, key) -> bool:
+    layers = _UNREAD.get()
+    if not layers:
+        return False
+    layer = getattr(module, "layer_idx", 0)
+    n_layers = getattr(module.config, "num_hidden_layers", layer + 1)
+    rec = active_recorder()
+    wanted = rec is not None and rec.wants(layer, key.shape[2] - query.shape[2], key.shape[2])
+    return layer in {i % n_layers for i in layers} and not wanted
+
+
 def moba_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The function transformers calls: [B, H, T, D] in, ([B, Tq, Hq, D], None) out."""
+    if _unread(module, query, key):
+        B, Hq, Tq, _ = query.shape
+        return value.new_zeros(B, Tq, Hq, value.shape[-1]), None
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     static = static_of(key)
     if static is not None:

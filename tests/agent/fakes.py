@@ -36,18 +36,20 @@ class FakeEngine:
         self.block_size = runtime.block_size
         self._target_at: int | None = None  # the target's token index, kept while the ids before it stay
         self.prefills: list[int] = []
+        self.logits_asked: list[bool] = []  # per prefill: did the caller want its logits
 
     @property
     def length(self) -> int:
         return len(self.ids)
 
-    def prefill(self, ids, progress=None):
+    def prefill(self, ids, progress=None, logits=True):
         self.prefills.append(len(ids))
+        self.logits_asked.append(logits)
         self.ids += [int(i) for i in ids]
         if progress:
             progress(len(ids), len(ids))
         self._record(len(self.ids) - len(ids), len(self.ids))
-        return torch.zeros(4)
+        return torch.zeros(4) if logits else None
 
     def generate(self, logits, sampling, stop_ids=frozenset(), on_token=None):
         text = self.rt.answers.pop(0) if self.rt.answers else "no more canned answers"

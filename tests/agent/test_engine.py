@@ -290,3 +290,25 @@ def test_the_engine_runs_the_params_it_is_given():
     assert moba_params(m.config).top_k == 4
     with pytest.raises(ValueError, match="blocks of 32 tokens"):
         e.params = MobaParams(block_size=64)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_prefill_without_logits_skips_the_last_layers_work_and_fills_the_same_cache(arch):
+    m = tiny_model(arch, block_size=16, top_k=3, sink_blocks=1)
+    last = m.get_decoder().layers[-1]
+    mlp_calls, attention_out = [], []
+    last.mlp.register_forward_hook(lambda *a: mlp_calls.append(1))
+    last.self_attn.o_proj.register_forward_pre_hook(lambda mod, a: attention_out.append(bool(a[0].any())))
+    ctx, question = ids_of(230), ids_of(25, 7)
+    full, cached = Engine(m, capacity=300, chunk_size=37), Engine(m, capacity=300, chunk_size=37)
+    assert full.prefill(ctx) is not None and mlp_calls and all(attention_out)
+    mlp_calls.clear(), attention_out.clear()
+    assert cached.prefill(ctx, logits=False) is None and cached.last_logits is None
+    assert not mlp_calls and len(attention_out) == 7 and not any(attention_out)  # 7 chunks, no attention computed
+    for a, b in zip(full.cache.layers, cached.cache.layers, strict=True):
+        assert a.filled == b.filled == 230
+        assert torch.equal(a.keys[:, :, :230], b.keys[:, :, :230]) and torch.equal(a.values[:, :, :230], b.values[:, :, :230])
+    assert m.get_decoder().layers[-1].mlp is last.mlp  # put back
+    assert torch.equal(full.prefill(question), cached.prefill(question)) and all(attention_out[7:])
+    greedy = Sampling(max_new_tokens=6)
+    assert full.generate(full.last_logits, greedy) == cached.generate(cached.last_logits, greedy)

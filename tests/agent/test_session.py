@@ -37,6 +37,12 @@ def _session(tmp_path, mode="ask", answer="The value is 7391046, see settings.py
     return session
 
 
+def test_the_context_prefill_asks_for_no_logits_and_each_question_for_its_own(tmp_path):
+    session = _session(tmp_path)
+    session.ask("What is the magic number?")
+    assert session.engine.logits_asked == [False, True]
+
+
 def test_the_engine_runs_the_sessions_params(tmp_path):
     session = _session(tmp_path, attention="dense", top_k=3, local_blocks=1, gate_subblocks=2)
     want = MobaParams(block_size=64, top_k=3, sink_blocks=1, dense_layers=(0, 1), local_blocks=1, gate_subblocks=2)

@@ -177,3 +177,36 @@ def test_dense_decode_step_on_cuda_equals_sdpa(monkeypatch):
             outs.append(m(ids[:, -1:], past_key_values=cache).logits.float())
     assert len(calls) == 3 and len(launches) == 3  # every layer's step ran the dense decode kernel
     assert (outs[0] - outs[1]).abs().max() < 0.05 * outs[1].abs().max()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_unread_layers_compute_no_attention_and_leave_the_others_exact(arch):
+    ids = torch.randint(0, 97, (1, 90))
+    m = tiny_model(arch, "moba", block_size=16, top_k=3, sink_blocks=1)
+    seen = []
+    hooks = [layer.self_attn.register_forward_hook(lambda mod, a, out: seen.append((mod.layer_idx, out[0])))
+             for layer in m.get_decoder().layers]
+    try:
+        logits(m, ids)
+        full = dict(seen)
+        seen.clear()
+        with moba.hf.unread_outputs([-1]):
+            logits(m, ids)
+        skipped = dict(seen)
+    finally:
+        for h in hooks:
+            h.remove()
+    last = len(full) - 1
+    assert all(torch.equal(skipped[i], full[i]) for i in range(last))
+    attn = m.get_decoder().layers[last].self_attn
+    assert torch.equal(skipped[last], attn.o_proj(torch.zeros_like(full[last])))  # o_proj of zero attention
+    assert not torch.equal(skipped[last], full[last])
+
+
+def test_an_unread_layer_the_recorder_wants_is_computed():
+    ids = torch.randint(0, 97, (1, 100))
+    m = tiny_model("llama", "moba", block_size=8, top_k=3, sink_blocks=1)
+    rec = moba.RoutingRecorder(start=90, layers={2})
+    with moba.capture_routing(rec), moba.hf.unread_outputs([2]):
+        logits(m, ids)
+    assert set(rec.records) == {2} and rec.records[2][0].blocks.shape[1] == 10
