@@ -27,10 +27,10 @@ class OracleEngine(FakeEngine):
         super().__init__(runtime, capacity, params)
         self.found: dict[str, int] = {}
 
-    def prefill(self, ids, progress=None):
+    def prefill(self, ids, progress=None, logits=True):
         if self.ids:
             self.rt.question_turn(self.rt.tokenizer.decode(list(ids)))
-        return super().prefill(ids, progress)
+        return super().prefill(ids, progress, logits)
 
     def _target(self):
         target = self.rt.target
