@@ -169,14 +169,15 @@ def kv_line(engine) -> str:
             f"{engine.kv_heads} KV heads x {head_dim} x {n:,} tokens x {engine.dtype.itemsize} B")
 
 
-def _why(given: AskConfig, settled: AskConfig, tokens: int, device: str = "cpu") -> str:
+def _why(given: AskConfig, settled: AskConfig, tokens: int, device: str) -> str:
     if given.attention != "auto":
         return ""
     side = "<" if settled.attention == "dense" else ">="
     threshold = auto_threshold(given, device)
     rule = f"{AUTO_DENSE_FACTOR} x top-k {given.top_k} x block {given.block_size}"
     if threshold == auto_floor(device):
-        rule = f"the {'GPU' if device.startswith('cuda') else 'CPU'} floor under which exact attention answered better and costs little"
+        where = "GPU" if device.startswith("cuda") else "CPU"
+        rule = f"the {where} floor under which exact attention answered better and costs little"
     return f" (auto: {tokens:,} tokens {side} {threshold:,} = {rule}; --attention moba|dense to choose)"
 
 

@@ -134,7 +134,7 @@ def answer_tokens(config: AskConfig, mode: str, question: str) -> int:
     return ANSWER_TOKENS["explain" if explain else "short"]
 
 
-def auto_threshold(config: AskConfig, device: str = "cpu") -> int:
+def auto_threshold(config: AskConfig, device: str) -> int:
     """Context tokens from which "auto" uses MoBA on `device`: the larger of two rules.
 
     AUTO_DENSE_FACTOR x top_k x block_size: below it a query would attend more than an eighth of the
@@ -144,8 +144,9 @@ def auto_threshold(config: AskConfig, device: str = "cpu") -> int:
       answers at 16K (60 tasks) and prefilled slower than dense: 15K tokens in 189 against 138 s, 30K in
       435 against 390 s.
     - CUDA, 65,536: on the H200 MoBA kept 0.82 [0.71, 0.94] of dense's answers at 16K (245 tasks), 0.92
-      [0.83, 1.02] at 30K (449) and 0.72 [0.57, 0.90] at 64K (YaRN x4, 167 tasks), and prefilled no
-      faster up to 64K (64K: 15.1 against 14.9 s for 11 repositories); at 128K it prefilled 3x faster.
+      [0.83, 1.02] at 30K (449) and 0.72 [0.57, 0.90] at 64K (YaRN x4, 167 tasks); exact attention cost
+      a 26K context nothing and a 64K one ~0.6 s more (median 1.16 against 0.56 s over 11 packs). At 128K
+      MoBA prefilled 3x faster (4.5 against 13.8 s).
     """
     return max(AUTO_DENSE_FACTOR * config.top_k * config.block_size, auto_floor(device))
 
@@ -155,7 +156,7 @@ def auto_floor(device: str) -> int:
     return AUTO_DENSE_TOKENS["cuda" if device.startswith("cuda") else "cpu"]
 
 
-def settle(config: AskConfig, context_tokens: int, device: str = "cpu") -> AskConfig:
+def settle(config: AskConfig, context_tokens: int, device: str) -> AskConfig:
     """config with its defaults made concrete for a context of that many tokens on `device`:
     attention "auto" becomes "dense" or "moba" (`auto_threshold`), dense_layers None the device's."""
     if config.dense_layers is None:

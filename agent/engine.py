@@ -233,17 +233,22 @@ class Engine:
         return out.logits[0, -1].float()
 
 
+SKIP_MLP_MODELS = ("llama", "qwen2", "gemma3_text")  # decoder layers that call `mlp(x)` for one tensor (tested)
+
+
 class _Zeros(torch.nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    """Stands in for a decoder layer's MLP whose output nothing reads: zeros shaped like its input."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return torch.zeros_like(x)
 
 
 @contextlib.contextmanager
 def _cache_only(model):
     """Inside the block the last decoder layer computes only what the cache needs (its keys and values):
-    no attention (`moba.hf.unread_outputs`) and, where the layer has an `mlp`, no MLP. Its output is then
-    wrong, which is right only where nothing reads it: the logits of a prefill that returns none."""
-    last = _decoder_layers(model)[-1:]
+    no attention (`moba.hf.unread_outputs`) and, for the model types of SKIP_MLP_MODELS, no MLP. Its output
+    is then wrong, which is right only where nothing reads it: the logits of a prefill that returns none."""
+    last = _decoder_layers(model)[-1:] if getattr(model.config, "model_type", "") in SKIP_MLP_MODELS else []
     mlp = getattr(last[0], "mlp", None) if last else None
     if mlp is not None:
         last[0].mlp = _Zeros()

@@ -5,6 +5,8 @@ Each measurement is its own child process (so its peak RSS is its own): load the
 token ids, decode --decode tokens greedily. moba-ask runs what `moba-ask ask` runs on a CPU: the default
 quantized weights (4-bit where the GGUF is 4-bit, else int8; converted once, before any timing), the
 engine's chunked prefill into its MobaCache and `attention auto` settled for N (agent.config.settle).
+The prefill computes the last token's logits through every layer, as llama.cpp's does (a session's
+context prefill skips the last layer's unread work, a few percent faster: bench/RESULTS.md).
 llama.cpp runs through llama-cpp-python (a benchmark dependency only, built from source by pip) with its
 defaults and the same thread count.
 Runs are interleaved (for each repeat, for each context: moba-ask, then llama.cpp) and `uptime`'s load

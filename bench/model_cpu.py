@@ -28,12 +28,12 @@ from moba.hf import configure
 
 
 def run(rt, model_cfg, attention: str, tokens: int, decode: int, cfg: AskConfig,
-        prefill: str = "context") -> tuple[float, float]:
+        mode: str = "context") -> tuple[float, float]:
     configure(model_cfg, params_for(AskConfig(**{**cfg.__dict__, "attention": attention}), model_cfg.num_hidden_layers))
     engine = rt.make_engine(tokens + decode + 8)
     ids = torch.randint(100, 20000, (tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     t0 = time.perf_counter()
-    if prefill == "context":
+    if mode == "context":
         engine.prefill(ids[:-1], logits=False)
         logits = engine.prefill(ids[-1:])
     else:

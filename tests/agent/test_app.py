@@ -68,13 +68,13 @@ def test_the_auto_reason_names_the_rule_that_decided():
     from agent.config import settle
 
     cfg = AskConfig(block_size=256, top_k=6)
-    below = app._why(cfg, settle(cfg, 30_000), 30_000)
+    below = app._why(cfg, settle(cfg, 30_000, "cpu"), 30_000, "cpu")
     assert "(auto: 30,000 tokens < 32,768 = the CPU floor under which exact attention answered better" in below
-    above = app._why(cfg, settle(cfg, 40_000), 40_000)
+    above = app._why(cfg, settle(cfg, 40_000, "cpu"), 40_000, "cpu")
     assert "(auto: 40,000 tokens >= 32,768 = the CPU floor" in above
     gpu = app._why(cfg, settle(cfg, 40_000, "cuda"), 40_000, "cuda")
     assert "(auto: 40,000 tokens < 65,536 = the GPU floor" in gpu
     assert "(auto: 70,000 tokens >= 65,536 = the GPU floor" in app._why(cfg, settle(cfg, 70_000, "cuda"), 70_000, "cuda")
     big = AskConfig(block_size=4096, top_k=12)
-    assert "(auto: 40,000 tokens < 393,216 = 8 x top-k 12 x block 4096;" in app._why(big, settle(big, 40_000), 40_000)
-    assert app._why(AskConfig(attention="moba"), AskConfig(attention="moba"), 30_000) == ""
+    assert "(auto: 40,000 tokens < 393,216 = 8 x top-k 12 x block 4096;" in app._why(big, settle(big, 40_000, "cpu"), 40_000, "cpu")
+    assert app._why(AskConfig(attention="moba"), AskConfig(attention="moba"), 30_000, "cpu") == ""

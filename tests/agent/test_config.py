@@ -16,26 +16,26 @@ from moba.hf import MobaParams
 
 def test_auto_attention_is_dense_below_32k_tokens_on_cpu_and_64k_on_a_gpu():
     cfg = AskConfig(block_size=256, top_k=6)
-    assert cfg.attention == "auto" and auto_threshold(cfg) == auto_threshold(cfg, "cpu") == 32_768
+    assert cfg.attention == "auto" and auto_threshold(cfg, "cpu") == 32_768
     assert settle(cfg, 32_767, "cpu").attention == "dense" and settle(cfg, 32_768, "cpu").attention == "moba"
     for device in ("cuda", "cuda:1"):
         assert auto_threshold(cfg, device) == 65_536
         assert settle(cfg, 65_535, device).attention == "dense"
         assert settle(cfg, 65_536, device).attention == "moba"
     small = AskConfig(block_size=4, top_k=2)  # small blocks do not lower the floor
-    assert auto_threshold(small) == 32_768 and auto_threshold(small, "cuda") == 65_536
+    assert auto_threshold(small, "cpu") == 32_768 and auto_threshold(small, "cuda") == 65_536
 
 
 def test_auto_attention_stays_dense_where_moba_would_attend_an_eighth_of_the_context():
     big = AskConfig(block_size=4096, top_k=12)
-    assert auto_threshold(big) == 8 * 12 * 4096
-    assert settle(big, 8 * 12 * 4096 - 1).attention == "dense"
-    assert settle(big, 8 * 12 * 4096).attention == "moba"
+    assert auto_threshold(big, "cpu") == auto_threshold(big, "cuda") == 8 * 12 * 4096
+    assert settle(big, 8 * 12 * 4096 - 1, "cuda").attention == "dense"
+    assert settle(big, 8 * 12 * 4096, "cuda").attention == "moba"
 
 
 def test_explicit_attention_is_kept_whatever_the_context():
-    assert settle(AskConfig(attention="moba"), 10).attention == "moba"
-    assert settle(AskConfig(attention="dense"), 10**6).attention == "dense"
+    assert settle(AskConfig(attention="moba"), 10, "cpu").attention == "moba"
+    assert settle(AskConfig(attention="dense"), 10**6, "cuda").attention == "dense"
 
 
 @pytest.mark.parametrize("kw, message", [

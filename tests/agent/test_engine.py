@@ -296,8 +296,8 @@ def test_the_engine_runs_the_params_it_is_given():
 def test_a_prefill_without_logits_skips_the_last_layers_work_and_fills_the_same_cache(arch):
     m = tiny_model(arch, block_size=16, top_k=3, sink_blocks=1)
     last = m.get_decoder().layers[-1]
-    mlp_calls, attention_out = [], []
-    last.mlp.register_forward_hook(lambda *a: mlp_calls.append(1))
+    original, mlp_calls, attention_out = last.mlp, [], []
+    original.register_forward_hook(lambda *a: mlp_calls.append(1))
     last.self_attn.o_proj.register_forward_pre_hook(lambda mod, a: attention_out.append(bool(a[0].any())))
     ctx, question = ids_of(230), ids_of(25, 7)
     full, cached = Engine(m, capacity=300, chunk_size=37), Engine(m, capacity=300, chunk_size=37)
@@ -308,7 +308,33 @@ def test_a_prefill_without_logits_skips_the_last_layers_work_and_fills_the_same_
     for a, b in zip(full.cache.layers, cached.cache.layers, strict=True):
         assert a.filled == b.filled == 230
         assert torch.equal(a.keys[:, :, :230], b.keys[:, :, :230]) and torch.equal(a.values[:, :, :230], b.values[:, :, :230])
-    assert m.get_decoder().layers[-1].mlp is last.mlp  # put back
+    assert last.mlp is original  # put back
     assert torch.equal(full.prefill(question), cached.prefill(question)) and all(attention_out[7:])
     greedy = Sampling(max_new_tokens=6)
     assert full.generate(full.last_logits, greedy) == cached.generate(cached.last_logits, greedy)
+
+
+def test_other_model_types_skip_only_the_attention_and_the_swap_is_undone_on_errors(monkeypatch):
+    import agent.engine
+
+    m = tiny_model("llama", block_size=16, top_k=3, sink_blocks=1)
+    last = m.get_decoder().layers[-1]
+    original, mlp_calls, attention_out = last.mlp, [], []
+    original.register_forward_hook(lambda *a: mlp_calls.append(1))
+    last.self_attn.o_proj.register_forward_pre_hook(lambda mod, a: attention_out.append(bool(a[0].any())))
+    monkeypatch.setattr(agent.engine, "SKIP_MLP_MODELS", ())
+    e = Engine(m, capacity=300, chunk_size=37)
+    e.prefill(ids_of(100), logits=False)
+    assert mlp_calls and attention_out and not any(attention_out)
+    monkeypatch.undo()
+
+    def stop(done, total):
+        assert last.mlp is not original  # swapped while the prefill runs
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Engine(m, capacity=300, chunk_size=37).prefill(ids_of(100), stop, logits=False)
+    assert last.mlp is original
+    attention_out.clear()
+    Engine(m, capacity=300, chunk_size=37).prefill(ids_of(100))
+    assert attention_out and all(attention_out)  # the attention runs again after the interrupted block

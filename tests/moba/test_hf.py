@@ -199,7 +199,9 @@ def test_unread_layers_compute_no_attention_and_leave_the_others_exact(arch):
     last = len(full) - 1
     assert all(torch.equal(skipped[i], full[i]) for i in range(last))
     attn = m.get_decoder().layers[last].self_attn
-    assert torch.equal(skipped[last], attn.o_proj(torch.zeros_like(full[last])))  # o_proj of zero attention
+    heads, head_dim = attn.config.num_attention_heads, attn.head_dim
+    zero_attention = torch.zeros(*full[last].shape[:2], heads * head_dim)
+    assert torch.equal(skipped[last], attn.o_proj(zero_attention))
     assert not torch.equal(skipped[last], full[last])
 
 
