@@ -248,25 +248,16 @@ def _cache_only(model):
     """Inside the block the last decoder layer computes only what the cache needs (its keys and values):
     no attention (`moba.hf.unread_outputs`) and, for the model types of SKIP_MLP_MODELS, no MLP. Its output
     is then wrong, which is right only where nothing reads it: the logits of a prefill that returns none."""
-    last = _decoder_layers(model)[-1:] if getattr(model.config, "model_type", "") in SKIP_MLP_MODELS else []
-    mlp = getattr(last[0], "mlp", None) if last else None
-    if mlp is not None:
-        last[0].mlp = _Zeros()
+    last = model.get_decoder().layers[-1] if getattr(model.config, "model_type", "") in SKIP_MLP_MODELS else None
+    mlp = last.mlp if last is not None else None
+    if last is not None:
+        last.mlp = _Zeros()
     try:
         with unread_outputs([-1]):
             yield
     finally:
-        if mlp is not None:
-            last[0].mlp = mlp
-
-
-def _decoder_layers(model) -> list:
-    """The model's decoder layers (Llama, Qwen2, Mistral, Gemma3: the decoder's `layers`), else []."""
-    try:
-        layers = model.get_decoder().layers
-    except (AttributeError, TypeError):
-        return []
-    return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
+        if last is not None:
+            last.mlp = mlp
 
 
 def cache_bytes(engine) -> int:

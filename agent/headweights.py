@@ -3,7 +3,8 @@ shipped under agent/heads/ and written by `moba-ask calibrate`.
 
 Weights hold for the block size they were calibrated at: `<name>.json` for the model's usual size,
 `<name>@<block size>.json` beside it for another. A weights file holds the model's identity (name and
-config dims), the MoBA block size and the evidence signal ("mass" or "gate") it was calibrated on, and a sparse list [[layer, head, w], ...].
+config dims), the MoBA block size and the evidence signal ("mass" or "gate") it was calibrated on, and a
+sparse list [[layer, head, w], ...].
 `for_model` looks a loaded model's file up and checks it against the model; a missing, unreadable
 or mismatched file gives no weights and a one-line note saying why, never an exception. Knows
 nothing of attention or files beyond these numbers.

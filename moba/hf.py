@@ -134,13 +134,10 @@ def unread_outputs(layers):
 
 def _unread(module, query, key) -> bool:
     layers = _UNREAD.get()
-    if not layers:
+    if not layers or not _layer_in(module, layers):
         return False
-    layer = getattr(module, "layer_idx", 0)
-    n_layers = getattr(module.config, "num_hidden_layers", layer + 1)
     rec = active_recorder()
-    wanted = rec is not None and rec.wants(layer, key.shape[2] - query.shape[2], key.shape[2])
-    return layer in {i % n_layers for i in layers} and not wanted
+    return rec is None or not rec.wants(getattr(module, "layer_idx", 0), key.shape[2] - query.shape[2], key.shape[2])
 
 
 def moba_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -167,9 +164,14 @@ def forced_dense(params: MobaParams) -> bool:
 
 
 def _is_dense(module, p: MobaParams) -> bool:
+    return _layer_in(module, p.dense_layers) or forced_dense(p)
+
+
+def _layer_in(module, layers) -> bool:
+    """True when the module's layer is one of `layers` (indices; negative counts from the end)."""
     layer = getattr(module, "layer_idx", 0)
     n_layers = getattr(module.config, "num_hidden_layers", layer + 1)
-    return layer in {i % n_layers for i in p.dense_layers} or forced_dense(p)
+    return layer in {i % n_layers for i in layers}
 
 
 def _static(module, query, key, value, attention_mask, static, window, scaling):
