@@ -75,6 +75,9 @@ class RoutingRecorder:
     tail_start: when set, the mass of the recorded queries at positions >= tail_start is also kept apart in
     `tail_mass` (fp32 [Tk], weighted as key_mass): a caller's later part of the span, e.g. an answer after
     its question.
+    head_keys: also keep, per layer, every query head's own key mass of the queries before tail_start (all of
+    them without a tail) in `head_keys_mass` (layer -> fp32 [Hq, Tk], on the device that computed it): what
+    calibrating line weights reads (`head_key_mass`). Memory: layers x heads x Tk x 4 bytes.
     """
 
     start: int = 0
@@ -84,11 +87,13 @@ class RoutingRecorder:
     per_head: bool = False
     head_weights: torch.Tensor | None = None
     tail_start: int | None = None
+    head_keys: bool = False
     records: dict[int, list[LayerRecord]] = field(default_factory=dict)
     key_mass: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     tail_mass: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     head_mass: dict[int, torch.Tensor] = field(default_factory=dict)
     gate_mass: dict[int, torch.Tensor] = field(default_factory=dict)
+    head_keys_mass: dict[int, torch.Tensor] = field(default_factory=dict)
     _pending: dict[int, _Pending] = field(default_factory=dict, repr=False)
 
     def wants(self, layer: int, q_start: int, q_end: int) -> bool:
@@ -165,6 +170,9 @@ class RoutingRecorder:
         if tail is not None:
             self.tail_mass = _grow_add(self.tail_mass, weighted(tail).float().cpu())
         self.add_key_mass(weighted(mass))
+        if self.head_keys:
+            part = mass if tail is None else (mass - tail).clamp_min(0)
+            self.head_keys_mass[layer] = _grow_add(self.head_keys_mass.get(layer), part)
         if self.per_head:
             n_full = p.key.shape[1] // p.block_size
             means = block_means(p.key[None], p.block_size)[0] if p.means is None else p.means[0, :, :n_full]
@@ -208,6 +216,18 @@ class RoutingRecorder:
         out = torch.zeros(max(store) + 1, heads, max(x.shape[1] for x in store.values()))
         for layer, x in store.items():
             out[layer, :, : x.shape[1]] = x
+        return out
+
+    def head_key_mass(self, n_layers: int) -> torch.Tensor:
+        """fp32 [n_layers, Hq, Tk] per-head key mass of the queries before tail_start (`head_keys`); layers
+        never recorded are zero. Empty [0, 0, 0] when none was kept."""
+        if not self.head_keys_mass:
+            return torch.zeros(0, 0, 0)
+        some = next(iter(self.head_keys_mass.values()))
+        tk = max(x.shape[-1] for x in self.head_keys_mass.values())
+        out = torch.zeros(n_layers, some.shape[0], tk, device=some.device)
+        for layer, x in self.head_keys_mass.items():
+            out[layer, :, : x.shape[-1]] = x
         return out
 
     def block_hits(self) -> dict[int, float]:

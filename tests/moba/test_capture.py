@@ -197,3 +197,26 @@ def test_tail_mass_is_the_same_token_by_token(monkeypatch, pending_bytes):
     assert whole.tail_mass.sum() > 0
     torch.testing.assert_close(rec.tail_mass, whole.tail_mass, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(rec.key_mass, whole.key_mass, rtol=1e-4, atol=1e-5)
+
+
+def test_head_keys_are_each_heads_question_mass():
+    """head_keys keeps every (layer, head)'s own key mass of the queries before tail_start: summed over
+    heads it is the question's part of key_mass, one head's block sums are its per-head evidence when no
+    tail is kept, and a recorder without it keeps none."""
+    ids = torch.randint(0, 97, (1, 100))
+    m = tiny_model("llama", "moba", block_size=8, top_k=2, sink_blocks=1, dense_layers=[2])
+    split = moba.RoutingRecorder(start=84, tail_start=93, per_head=True, head_keys=True)
+    head_only = moba.RoutingRecorder(start=84, end=93, per_head=True, head_keys=True)
+    plain = moba.RoutingRecorder(start=84, tail_start=93, per_head=True)
+    for rec in (split, head_only, plain):
+        with torch.inference_mode(), moba.capture_routing(rec):
+            m(ids)
+    per_head = split.head_key_mass(3)
+    assert per_head.shape == (3, 4, 100)
+    question = split.key_mass - torch.nn.functional.pad(split.tail_mass, (0, 100 - split.tail_mass.numel()))
+    torch.testing.assert_close(per_head.sum((0, 1)), question, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(head_only.head_key_mass(3), per_head, rtol=1e-4, atol=1e-5)
+    ev = head_only.evidence("mass")
+    torch.testing.assert_close(block_sum(head_only.head_key_mass(3).flatten(0, 1), 8).view(3, 4, -1)[..., : ev.shape[-1]],
+                               ev, rtol=1e-4, atol=1e-5)
+    assert plain.head_keys_mass == {} and plain.head_key_mass(3).numel() == 0
