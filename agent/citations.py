@@ -117,7 +117,7 @@ def cite_blocks(scores: np.ndarray, mass: np.ndarray, smap, *, block_size: int, 
     """The `top_n` blocks by `scores`, each narrowed to its lines whose key mass (`mass` [Tk]) stands out
     from the block's median line, at most `max_lines` lines a block, merged into ranges; ranges scoring
     under `keep_share` times the best one are dropped. A range scores its block's share times its part of
-    the block's stand-out mass; scores sum to 1 over the cited blocks (before the drop)."""
+    all the block's stand-out mass; scores sum to at most 1 over the cited blocks (1 when no line is cut)."""
     order = [int(b) for b in np.argsort(-scores, kind="stable")[:top_n] if scores[b] > 0]
     total = float(sum(scores[b] for b in order)) or 1.0
     out: list[Citation] = []
@@ -150,13 +150,15 @@ def block_scores(ev: torch.Tensor, weights: torch.Tensor | None, cand: np.ndarra
 
 
 def _block_ranges(smap, mass: np.ndarray, lo: int, hi: int, share: float, max_lines: int) -> list[Citation]:
-    """One block's stand-out lines as ranges, scored by their part of `share` (whole block lines when
-    no key mass was recorded or none stands out)."""
+    """One block's `max_lines` strongest stand-out lines as ranges, each scored by `share` times its part of
+    ALL the block's stand-out mass, so that a block whose mass peaks on a few lines outranks one that spreads
+    it (with one line a block: file hit@1 0.77 -> 0.85 at 16K, bench/RESULTS.md). Whole block lines when no
+    key mass was recorded or none stands out."""
     lines = [x for x in _line_excess(smap, mass, lo, hi) if x[2] > 0] if mass.size else []
-    lines = sorted(lines, key=lambda x: -x[2])[:max_lines]
     if not lines:
         return [Citation(p, a, b, share, ROUTING) for p, a, b in smap.span_lines(lo, hi)[:1]]
     total = sum(x[2] for x in lines)
+    lines = sorted(lines, key=lambda x: -x[2])[:max_lines]
     return merge([Citation(smap.paths[f], ln, ln, share * e / total, ROUTING) for f, ln, e in lines], gap=2)
 
 

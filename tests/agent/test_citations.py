@@ -235,3 +235,23 @@ def test_lines_come_from_the_question_tokens_mass_not_the_answers(pk):
     cited = {ln for c in from_routing(rec, smap, block_size=BS, sink_blocks=1, weights=_w()) if c.path == top.path
              for ln in range(c.start_line, c.end_line + 1)}
     assert smap.locate(elsewhere)[1] not in cited
+
+
+def test_a_block_whose_mass_peaks_outranks_one_that_spreads_it(pk):
+    """With one line a block, a line scores its block's share times its part of ALL the block's stand-out
+    mass: a block of equal share that spreads its mass over many lines ranks below one that peaks."""
+    smap = pk.source_map
+    peak, spread = smap.line_tokens("pkg/util.py", 20)[0], smap.line_tokens("pkg/core.py", 40)[0]
+    scores = np.zeros(smap.total // BS + 1)
+    scores[peak // BS] = scores[spread // BS] = 1.0
+    mass = np.full(smap.total, 0.01)
+    mass[slice(*smap.line_tokens("pkg/util.py", 20))] += 4.0
+    lines = {smap.locate(t)[1] for t in range(spread // BS * BS, (spread // BS + 1) * BS)} - {0}
+    for ln in lines:
+        mass[slice(*smap.line_tokens("pkg/core.py", ln))] += 4.0 + 0.1 * ln
+    cites = cite_blocks(scores, mass, smap, block_size=BS, max_lines=1, keep_share=0.0)
+    assert [(c.path, c.start_line, c.end_line) for c in cites][0] == ("pkg/util.py", 20, 20)
+    assert len(cites) == 2 and cites[1].path == "pkg/core.py" and cites[1].start_line == cites[1].end_line
+    assert cites[1].score < 0.9 * cites[0].score  # scored by its whole block's share, the two would tie
+    whole = cite_blocks(scores, mass, smap, block_size=BS, keep_share=0.0)
+    assert sum(c.score for c in whole) == pytest.approx(1.0)
