@@ -4,7 +4,9 @@ shipped under agent/heads/ and written by `moba-ask calibrate`.
 Weights hold for the block size they were calibrated at: `<name>.json` for the model's usual size,
 `<name>@<block size>.json` beside it for another. A weights file holds the model's identity (name and
 config dims), the MoBA block size and the evidence signal ("mass" or "gate") it was calibrated on, and a
-sparse list [[layer, head, w], ...].
+sparse list [[layer, head, w], ...] of the heads that pick the cited blocks. An optional "lines" section
+holds the heads whose question mass picks a block's lines and the line selection calibrated with them
+(`LineWeights`); without it lines are picked by the block weights under the default selection.
 `for_model` looks a loaded model's file up and checks it against the model; a missing, unreadable
 or mismatched file gives no weights and a one-line note saying why, never an exception. Knows
 nothing of attention or files beyond these numbers.
@@ -31,6 +33,24 @@ class WeightsError(ValueError):
 
 
 @dataclass(frozen=True)
+class LineWeights:
+    """The heads whose question mass narrows a cited block to its lines ((layer, head, w), ..., w > 0,
+    summing to 1), and the line selection (`agent.citations.cite_blocks`) calibrated with them."""
+
+    weights: tuple[tuple[int, int, float], ...]
+    top_n: int
+    max_lines: int
+    keep_share: float
+    meta: dict = field(default_factory=dict)
+
+    def selection(self) -> dict:
+        return dict(top_n=self.top_n, max_lines=self.max_lines, keep_share=self.keep_share)
+
+    def to_json(self) -> dict:
+        return {"weights": [[lay, h, round(w, 6)] for lay, h, w in self.weights], **self.selection(), **self.meta}
+
+
+@dataclass(frozen=True)
 class HeadWeights:
     """Calibrated weights of one model.
 
@@ -47,18 +67,32 @@ class HeadWeights:
     weights: tuple[tuple[int, int, float], ...]
     qa_policy: str = "moba"
     meta: dict = field(default_factory=dict)
+    lines: LineWeights | None = None
 
     def matrix(self) -> torch.Tensor:
-        """fp32 [layers, heads] weights, zero for heads not listed."""
+        """fp32 [layers, heads] block weights, zero for heads not listed."""
+        return self._dense(self.weights)
+
+    def line_matrix(self) -> torch.Tensor:
+        """fp32 [layers, heads] weights of the key mass that picks a block's lines: the line heads when
+        calibrated, else the block weights."""
+        return self._dense(self.lines.weights if self.lines else self.weights)
+
+    def selection(self) -> dict:
+        """The line selection citations use (`agent.citations.cite_blocks` keywords; {} for its defaults)."""
+        return self.lines.selection() if self.lines else {}
+
+    def _dense(self, rows) -> torch.Tensor:
         w = torch.zeros(self.layers, self.heads)
-        for layer, head, x in self.weights:
+        for layer, head, x in rows:
             w[layer, head] = x
         return w
 
     def to_json(self) -> dict:
+        lines = {"lines": self.lines.to_json()} if self.lines else {}
         return {"format": FORMAT, "model": self.model, "block_size": self.block_size, "signal": self.signal,
                 "qa_policy": self.qa_policy, "layers": self.layers, "heads": self.heads,
-                "weights": [[lay, h, round(w, 6)] for lay, h, w in self.weights], **self.meta}
+                "weights": [[lay, h, round(w, 6)] for lay, h, w in self.weights], **lines, **self.meta}
 
 
 def parse(doc, source: str = "weights") -> HeadWeights:
@@ -73,13 +107,35 @@ def parse(doc, source: str = "weights") -> HeadWeights:
         raise WeightsError(f"{source}: missing or malformed field ({e}); re-run moba-ask calibrate") from None
     if signal not in SIGNALS:
         raise WeightsError(f"{source}: unknown signal {signal!r} (use {' or '.join(SIGNALS)})")
-    bad = [r for r in rows if not (0 <= r[0] < layers and 0 <= r[1] < heads and r[2] > 0)]
-    if not rows or bad or min(layers, heads, bs) < 1:
-        raise WeightsError(f"{source}: weights must be [layer, head, w > 0] inside {layers} layers x {heads} heads"
-                           f"{f', got {list(bad[0])}' if bad else ''}; re-run moba-ask calibrate")
+    if min(layers, heads, bs) < 1:
+        raise WeightsError(f"{source}: layers, heads and block_size must be >= 1; re-run moba-ask calibrate")
+    _check_rows(rows, layers, heads, source, "weights")
+    lines = _parse_lines(doc["lines"], layers, heads, source) if "lines" in doc else None
     meta = {k: v for k, v in doc.items() if k not in
-            {"format", "model", "block_size", "signal", "qa_policy", "layers", "heads", "weights"}}
-    return HeadWeights(model, bs, signal, layers, heads, rows, str(doc.get("qa_policy", "moba")), meta)
+            {"format", "model", "block_size", "signal", "qa_policy", "layers", "heads", "weights", "lines"}}
+    return HeadWeights(model, bs, signal, layers, heads, rows, str(doc.get("qa_policy", "moba")), meta, lines)
+
+
+def _check_rows(rows, layers: int, heads: int, source: str, name: str) -> None:
+    bad = [r for r in rows if not (0 <= r[0] < layers and 0 <= r[1] < heads and r[2] > 0)]
+    if not rows or bad:
+        raise WeightsError(f"{source}: {name} must be [layer, head, w > 0] inside {layers} layers x {heads} heads"
+                           f"{f', got {list(bad[0])}' if bad else ''}; re-run moba-ask calibrate")
+
+
+def _parse_lines(doc, layers: int, heads: int, source: str) -> LineWeights:
+    """The "lines" section: line heads and the selection calibrated with them."""
+    try:
+        rows = tuple((int(a), int(b), float(w)) for a, b, w in doc["weights"])
+        top_n, max_lines, keep = int(doc["top_n"]), int(doc["max_lines"]), float(doc["keep_share"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise WeightsError(f"{source}: missing or malformed lines field ({e}); re-run moba-ask calibrate") from None
+    _check_rows(rows, layers, heads, source, "lines.weights")
+    if min(top_n, max_lines) < 1 or not 0.0 <= keep <= 1.0:
+        raise WeightsError(f"{source}: lines needs top_n >= 1, max_lines >= 1 and 0 <= keep_share <= 1, got "
+                           f"{top_n}, {max_lines}, {keep}; re-run moba-ask calibrate")
+    meta = {k: v for k, v in doc.items() if k not in {"weights", "top_n", "max_lines", "keep_share"}}
+    return LineWeights(rows, top_n, max_lines, keep, meta)
 
 
 def read(path: Path) -> HeadWeights:

@@ -13,6 +13,7 @@ report progress and stream tokens; the CLI renders.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -104,6 +105,7 @@ class Session:
         self.params = params_for(self.config, self.runtime.num_layers)
         self.engine = None
         self.head_weights: headweights.HeadWeights | None = None
+        self.head_keys = False  # answers' recorders also keep per-head key mass (`moba-ask calibrate`)
         self._pending_save: str | None = None
         self.turn_ids: list[int] = []
         self.notes: list[str] = []
@@ -215,11 +217,19 @@ class Session:
         return common
 
     def _recorder(self, start: int, end: int, answer_start: int) -> RoutingRecorder:
-        """A per-head recorder for [start, end), its key mass weighted by the calibrated heads; the answer
-        tokens' own part of it (from answer_start) kept apart as its tail mass."""
+        """A per-head recorder for [start, end), its key mass weighted by the calibrated line heads (the block
+        heads where none are calibrated); the answer tokens' own part of it (from answer_start) kept apart as
+        its tail mass."""
         hw = self.head_weights
-        return RoutingRecorder(start=start, end=end, per_head=True, head_weights=hw and hw.matrix(),
-                               tail_start=answer_start)
+        return RoutingRecorder(start=start, end=end, per_head=True, head_weights=hw and hw.line_matrix(),
+                               tail_start=answer_start, head_keys=self.head_keys)
+
+    def cite_selection(self) -> dict:
+        """The line selection this session's citations use (`agent.citations.cite_blocks` keywords): the one
+        calibrated with the line heads, else the defaults."""
+        params = inspect.signature(cit.cite_blocks).parameters
+        chosen = self.head_weights.selection() if self.head_weights else {}
+        return {k: chosen.get(k, params[k].default) for k in ("top_n", "max_lines", "keep_share")}
 
     def _load_weights(self) -> headweights.HeadWeights | None:
         """The citation weights `config.head_weights` names (the model's shipped ones by default, a note
@@ -242,7 +252,8 @@ class Session:
         hw, p = self.head_weights, self.params
         blocks = dict(block_size=p.block_size, sink_blocks=p.sink_blocks)
         kw = dict(blocks, weights=hw and hw.matrix(), signal=hw.signal if hw else "mass")
-        return dict(citations=cit.combine(cit.from_routing(rec, self.smap, **kw), cit.from_text(text, self.smap)),
+        routed = cit.from_routing(rec, self.smap, **kw, **self.cite_selection())
+        return dict(citations=cit.combine(routed, cit.from_text(text, self.smap)),
                     strengths=cit.file_strengths(rec, self.smap, **kw),
                     routing=cit.routing_counts(rec, self.smap, **blocks))
 

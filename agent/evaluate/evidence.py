@@ -65,7 +65,8 @@ class EvidenceLog:
         p = session.params
         u = self.units[-1] if self.units else None
         if u is None or (u.repo, u.context_tokens, u.config) != (repo, context_tokens, config):
-            u = UnitEvidence(repo, context_tokens, config, p.block_size, p.sink_blocks, session.smap)
+            u = UnitEvidence(repo, context_tokens, config, p.block_size, p.sink_blocks, session.smap,
+                             session.cite_selection())
             self.units.append(u)
         hw = session.head_weights
         u.scores[task_id] = cit.evidence_scores(answer.recorder, session.smap, block_size=p.block_size,

@@ -18,7 +18,7 @@ from tests.agent.test_eval_cli import ONE, oracle, repo, run  # noqa: F401  (fix
 def _session(smap, attention="moba"):
     hw = SimpleNamespace(matrix=_w, signal=cit.MASS)
     return SimpleNamespace(config=AskConfig(attention=attention), params=MobaParams(block_size=BS, sink_blocks=1),
-                           smap=smap, head_weights=hw)
+                           smap=smap, head_weights=hw, cite_selection=evidence.cite_settings)
 
 
 def test_saved_evidence_gives_back_the_sessions_citations(pk, tmp_path):  # noqa: F811

@@ -18,6 +18,9 @@ GOOD = {"model": MODEL, "block_size": 256, "signal": "mass", "qa_policy": "moba"
         "weights": [[3, 1, 0.75], [20, 8, 0.25]], "identity": {"name": MODEL}}
 
 
+LINES = {"weights": [[14, 4, 0.5], [17, 2, 0.5]], "top_n": 8, "max_lines": 1, "keep_share": 0.5}
+
+
 @pytest.fixture
 def heads_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(hwm, "HEADS_DIR", tmp_path)
@@ -38,6 +41,18 @@ def test_a_good_file_gives_its_weights(heads_dir):
     assert hwm.parse(hw.to_json()) == hw
 
 
+def test_a_lines_section_gives_line_heads_and_their_selection(heads_dir):
+    (heads_dir / f"{MODEL}.json").write_text(json.dumps({**GOOD, "lines": {**LINES, "metrics": {"tasks": 9}}}))
+    hw, note = look()
+    assert note == "" and hw.lines.meta == {"metrics": {"tasks": 9}} and "lines" not in hw.meta
+    lines = hw.line_matrix()
+    assert lines[14, 4] == lines[17, 2] == 0.5 and lines.sum() == 1.0 and not torch.equal(lines, hw.matrix())
+    assert hw.selection() == {"top_n": 8, "max_lines": 1, "keep_share": 0.5}
+    assert hwm.parse(hw.to_json()) == hw
+    plain = hwm.parse(GOOD)
+    assert plain.lines is None and plain.selection() == {} and torch.equal(plain.line_matrix(), plain.matrix())
+
+
 @pytest.mark.parametrize("content,needle", [
     (None, "no calibrated citation weights for smollm2-135m"),
     ("{not json", "not readable JSON"),
@@ -47,7 +62,12 @@ def test_a_good_file_gives_its_weights(heads_dir):
     (json.dumps({**GOOD, "signal": "vibes"}), "unknown signal 'vibes'"),
     (json.dumps({**GOOD, "layers": 24}), "calibrated for 24 layers x 9 heads, the model has 30 x 9"),
     (json.dumps({**GOOD, "block_size": 128}), "calibrated at block size 128, this run uses 256"),
-], ids=["missing", "bad-json", "not-object", "bad-weights", "out-of-range", "bad-signal", "dims", "block-size"])
+    (json.dumps({**GOOD, "lines": {"weights": [[0, 1, 1.0]]}}), "malformed lines field"),
+    (json.dumps({**GOOD, "lines": {**LINES, "weights": [[0, 9, 1.0]]}}), "lines.weights must be [layer, head, w > 0]"),
+    (json.dumps({**GOOD, "lines": {**LINES, "max_lines": 0}}), "lines needs top_n >= 1, max_lines >= 1"),
+    (json.dumps({**GOOD, "lines": {**LINES, "keep_share": 2}}), "0 <= keep_share <= 1"),
+], ids=["missing", "bad-json", "not-object", "bad-weights", "out-of-range", "bad-signal", "dims", "block-size",
+        "lines-malformed", "lines-out-of-range", "lines-no-lines", "lines-keep"])
 def test_unusable_files_fall_back_with_one_line(heads_dir, content, needle):
     if content is not None:
         (heads_dir / f"{MODEL}.json").write_text(content)
@@ -92,6 +112,35 @@ def test_session_uses_calibrated_weights(heads_dir, tmp_path, capsys):
     want = torch.zeros(2, 4)
     want[1, 2] = 1.0
     assert torch.equal(answer.recorder.head_weights, want) and answer.recorder.per_head
+
+
+def test_session_narrows_lines_by_the_line_heads_and_their_selection(heads_dir, tmp_path, monkeypatch):
+    """With a lines section the recorder's key mass is weighted by the line heads and the citations use the
+    calibrated selection; without it, the block weights and the defaults."""
+    from agent import citations
+
+    asked = []
+    real = citations.from_routing
+    monkeypatch.setattr(citations, "from_routing", lambda *a, **k: asked.append(k) or real(*a, **k))
+    lines = {"weights": [[0, 3, 1.0]], "top_n": 2, "max_lines": 1, "keep_share": 0.0}
+    root = write_tree(tmp_path / "repo", {f"m{i}.py": "".join(f"V{i}_{j} = {j}\n" for j in range(40)) for i in range(4)})
+    for with_lines in (True, False):
+        doc = {**GOOD, "layers": 2, "heads": 4, "block_size": 32, "weights": [[1, 2, 1.0]]}
+        (heads_dir / f"{MODEL}.json").write_text(json.dumps({**doc, "lines": lines} if with_lines else doc))
+        rt = FakeRuntime(answers=["fine"], block_size=32)
+        rt.name = MODEL
+        pack = ingest.pack([root], rt.tokenizer, ingest.PackOptions())
+        session = Session(rt, pack, AskConfig(no_cache=True, max_new_tokens=5, block_size=32))
+        session.open = _open_with_heads(session, 4)
+        session.open()
+        answer = session.ask("Where is V2_7 set?")
+        want = torch.zeros(2, 4)
+        want[(0, 3) if with_lines else (1, 2)] = 1.0
+        assert torch.equal(answer.recorder.head_weights, want)
+        sel = {"top_n": 2, "max_lines": 1, "keep_share": 0.0} if with_lines else \
+            {"top_n": 8, "max_lines": 24, "keep_share": 0.3}
+        assert session.cite_selection() == sel and sel in [{k: a.get(k) for k in sel} for a in asked]
+        asked.clear()
 
 
 def _open_with_heads(session, heads):
