@@ -5,7 +5,6 @@ model and one prefill per repository, size and config."""
 from __future__ import annotations
 
 import json
-import math
 import os
 from functools import partial
 
@@ -204,36 +203,17 @@ def _check_fit(rt, cfg: AskConfig, context_tokens: int) -> None:
 def _units(paths, sizes, rt, ui, n_tasks, seed, include, exclude) -> list[runner.Unit]:
     """A workspace per repository per size, all built before the model answers anything, so that a
     repository without tasks stops the run at once."""
-    labels = _labels(paths)
+    labels = runner.labels(paths)
     make = partial(_workspace, rt=rt, ui=ui, seed=seed, include=include, exclude=exclude)
     return [u for size in sizes for u in _units_at(size, paths, labels, n_tasks, make, ui)]
 
 
 def _units_at(size, paths, labels, n_tasks, make, ui) -> list[runner.Unit]:
-    """Each repository is asked for ceil(n_tasks / repositories) tasks; what some lack is asked again
-    of those that had enough, until n_tasks are there or no repository has more."""
-    quota = [math.ceil(n_tasks / len(paths))] * len(paths)
-    built: list = [None] * len(paths)
-    todo = list(range(len(paths)))
-    while True:
-        for i in todo:
-            built[i] = make(paths[i], labels[i], size, n_tasks=quota[i])
-        short = n_tasks - sum(len(ws.tasks) for ws in built)
-        todo = [i for i, ws in enumerate(built) if len(ws.tasks) == quota[i]]
-        if short <= 0 or not todo:
-            break
-        for i in todo:
-            quota[i] += math.ceil(short / len(todo))
+    units, short = runner.units_at(size, paths, labels, n_tasks, make)
     if short > 0:
         ui.console.print(f"note: {n_tasks - short} of --tasks {n_tasks} at {size:,} tokens: the repositories have "
                          "no more candidates", highlight=False)
-    return [runner.Unit(label, size, ws) for label, ws in zip(labels, built)]
-
-
-def _labels(paths) -> list[str]:
-    """Each repository's name in the reports: its directory name, made unique with #2, #3..."""
-    names = [os.path.basename(os.path.abspath(p)) or p for p in paths]
-    return [n if names.count(n) == 1 else f"{n}#{names[:i + 1].count(n)}" for i, n in enumerate(names)]
+    return units
 
 
 def _workspace(path, label, size, *, rt, ui, n_tasks, seed, include, exclude):

@@ -7,7 +7,9 @@ reciprocal rank of its best gold block when it ranks the candidate blocks alone 
 against it). The weights are the top-N heads, weighted by that score and normalised, with N and
 the signal ("mass" or "gate") chosen for the best block hit@1 (then MRR) of the weighted ranking
 `agent.citations.block_scores`, the very function citations use. A two-fold split by task
-(choose on one half, measure on the other) shows how well the choice carries over. Knows no terminal.
+(choose on one half, measure on the other) shows how well the choice carries over. With the block
+weights chosen, the line weights and their line selection are chosen on the same answers
+(`agent.evaluate.linecal`) and kept when they beat the block weights' lines. Knows no terminal.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import torch
 
 from agent import citations as cit
 from agent.config import AskConfig
+from agent.evaluate import linecal
 from agent.evaluate.tasks import Workspace
-from agent.headweights import HeadWeights
+from agent.headweights import HeadWeights, LineWeights
 from agent.session import Session
 from moba.capture import SIGNALS
 
@@ -32,35 +35,43 @@ TOP_HEADS = (1, 2, 4, 8, 16, 32, 64)
 @dataclass(frozen=True)
 class Sample:
     """One task's evidence. ev: signal -> fp32 [L, H, n_blocks]; cand, gold, gold_file: bool [n_blocks]
-    (citable; holds a gold line; holds a line of the gold file)."""
+    (citable; holds a gold line; holds a line of the gold file); line: every citable line's per-head question
+    mass, the answer and the gold (`linecal.LineCase`, not yet ranked), None when not collected."""
 
     task: str
     ev: dict[str, torch.Tensor]
     cand: np.ndarray
     gold: np.ndarray
     gold_file: np.ndarray
+    line: linecal.LineCase | None = None
 
 
 def collect(runtime, ws: Workspace, cfg: AskConfig, *, open_session: Callable[[Session], None] | None = None,
-            on_task: Callable[[int, int], None] | None = None) -> list[Sample]:
-    """Ask every task of `ws` once (prefill once, reset between tasks); their evidence samples.
-    Tasks whose gold lines lie in no candidate block (a sink, the question's block) are left out."""
+            on_task: Callable[[int, int], None] | None = None, lines: bool = True) -> list[Sample]:
+    """Ask every task of `ws` once (prefill once, reset between tasks); their evidence samples (with their
+    lines' per-head question mass unless `lines` is off). Tasks whose gold lines lie in no candidate block
+    (a sink, the question's block) are left out."""
     session = Session(runtime, ws.pack, cfg, "ask", None)
+    session.head_keys = lines
     (open_session or (lambda s: s.open()))(session)
     out = []
     for i, task in enumerate(ws.tasks):
         if on_task:
             on_task(i, len(ws.tasks))
         session.reset()
-        rec = session.ask(task.question).recorder
+        answer = session.ask(task.question)
+        rec = answer.recorder
         ev = {s: rec.evidence(s) for s in SIGNALS}
         n = ev["mass"].shape[-1]
         p = session.params
         cand = cit.candidate_blocks(session.smap, n, p.block_size, p.sink_blocks)
         gold = _blocks_of(session.smap, task.path, task.start_line, task.end_line, n, p.block_size)
         whole = _blocks_of(session.smap, task.path, 1, _last_line(session.smap, task.path), n, p.block_size)
+        line = linecal.case_from(rec, session.smap, blocks=np.flatnonzero(cand), block_size=p.block_size,
+                                 n_layers=runtime.num_layers, answer=answer.text, path=task.path,
+                                 start_line=task.start_line, end_line=task.end_line) if lines else None
         if (gold & cand).any():
-            out.append(Sample(f"{ws.source_root}:{task.id}", ev, cand, gold, whole))
+            out.append(Sample(f"{ws.source_root}:{task.id}", ev, cand, gold, whole, line))
     if on_task:
         on_task(len(ws.tasks), len(ws.tasks))
     return out
@@ -157,9 +168,20 @@ def calibrate(samples: list[Sample], *, model: str, identity: dict, cfg: AskConf
     L, H = identity["num_layers"], identity["num_heads"]
     w = torch.nn.functional.pad(w, (0, 0, 0, L - w.shape[0]))  # layers that recorded nothing (sliding windows)
     rows = tuple((int(i // H), int(i % H), float(w.flatten()[i])) for i in w.flatten().nonzero().flatten())
+    lines = line_weights(samples, signal, w, H)
     meta = dict(identity=identity, top_heads=n, attention=cfg.attention, top_k=cfg.top_k,
                 sink_blocks=cfg.sink_blocks, dense_layers=list(cfg.dense_layers or ()), rope_yarn=cfg.rope_yarn,
                 calibration=dict(repos=repos, tasks=len(samples)), date=datetime.date.today().isoformat(),
                 metrics=dict(chosen=table[signal][f"top{n}"], uniform=table[signal]["uniform"],
                              cross_fold=cross_check(samples, top_heads), table=table))
-    return HeadWeights(model, cfg.block_size, signal, L, H, rows, cfg.qa_policy, meta)
+    return HeadWeights(model, cfg.block_size, signal, L, H, rows, cfg.qa_policy, meta, lines)
+
+
+def line_weights(samples: list[Sample], signal: str, w: torch.Tensor, heads: int) -> LineWeights | None:
+    """The line heads and selection `linecal.choose` finds on the samples ranked by the block weights w [L, H];
+    None when no sample kept its lines or none beats the block weights' own lines."""
+    cases = [s.line.narrowed(cit.block_scores(_ev(s, signal), w, s.cand)) for s in samples if s.line is not None]
+    if not cases:
+        return None
+    lw, sel, metrics = linecal.choose(cases, w.flatten().double().numpy())
+    return linecal.line_weights(lw, sel, metrics, heads)

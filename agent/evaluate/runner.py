@@ -10,6 +10,8 @@ Aggregation and rendering live in `report`. Knows no terminal: progress goes thr
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +32,33 @@ class Unit:
     repo: str
     context_tokens: int
     ws: Workspace
+
+
+def units_at(size: int, paths: list[str], labels: list[str], n_tasks: int, make) -> tuple[list[Unit], int]:
+    """The units of `paths` at one context size, and how many of n_tasks no repository could give.
+
+    Each repository is asked for ceil(n_tasks / repositories) tasks (make(path, label, size, n_tasks=k) -> a
+    Workspace); what some lack is asked again of those that had enough, until n_tasks are there or no
+    repository has more."""
+    quota = [math.ceil(n_tasks / len(paths))] * len(paths)
+    built: list = [None] * len(paths)
+    todo = list(range(len(paths)))
+    while True:
+        for i in todo:
+            built[i] = make(paths[i], labels[i], size, n_tasks=quota[i])
+        short = n_tasks - sum(len(ws.tasks) for ws in built)
+        todo = [i for i, ws in enumerate(built) if len(ws.tasks) == quota[i]]
+        if short <= 0 or not todo:
+            break
+        for i in todo:
+            quota[i] += math.ceil(short / len(todo))
+    return [Unit(label, size, ws) for label, ws in zip(labels, built)], short
+
+
+def labels(paths: list[str]) -> list[str]:
+    """Each repository's name in the reports: its directory name, made unique with #2, #3..."""
+    names = [os.path.basename(os.path.abspath(p)) or p for p in paths]
+    return [n if names.count(n) == 1 else f"{n}#{names[:i + 1].count(n)}" for i, n in enumerate(names)]
 
 
 def run(runtime, units: list[Unit], base: AskConfig, specs: list[ConfigSpec], *, seed: int,

@@ -12,6 +12,7 @@ from agent import headweights
 from agent.cli import cli
 from agent.config import AskConfig
 from agent.evaluate import calibrate as cal
+from tests.agent.test_cli_errors import model_dir  # noqa: F401  (a fixture)
 
 L, H, NB = 3, 4, 10
 RETRIEVER = (2, 1)
@@ -85,3 +86,28 @@ def test_bad_input_is_one_line_before_any_model_loads(tmp_path, monkeypatch, arg
     res = CliRunner().invoke(cli, ["calibrate", *[a.replace("{tmp}", str(tmp_path)) for a in args]])
     assert res.exit_code == 2 or res.exit_code == 1
     assert needle in res.output and "Traceback" not in res.output
+
+
+def test_calibrate_on_a_real_tiny_model_keeps_every_heads_line_mass(model_dir, tmp_path, monkeypatch):  # noqa: F811
+    """Through the command on a 2-layer Llama (random weights): every sample carries its citable lines with
+    each of the 2 x 4 heads' question mass, and the written file parses (a lines section, when one won, is
+    valid for the model and names its selection)."""
+    from tests.agent.test_eval_tasks import make_repo
+
+    monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(tmp_path / "cache"))
+    repo = make_repo(tmp_path / "repo", modules=4)
+    seen = []
+    real = cal.collect
+    monkeypatch.setattr(cal, "collect", lambda *a, **k: seen.extend(real(*a, **k)) or seen)
+    out = tmp_path / "w.json"
+    res = CliRunner().invoke(cli, ["calibrate", str(repo), "-m", str(model_dir), "--context-tokens", "3200",
+                                   "--tasks", "4", "--block-size", "64", "--top-k", "2", "--device", "cpu",
+                                   "--dtype", "float32", "-o", str(out), "-q"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert seen and all(s.line is not None and s.line.mass.shape[1] == 2 * 4 for s in seen)
+    for s in seen:
+        cand_blocks = set(np.flatnonzero(s.cand).tolist())
+        assert set(s.line.block.tolist()) <= cand_blocks and s.line.mass.astype(np.float32).sum() > 0
+    hw = headweights.read(out)
+    if hw.lines is not None:
+        assert set(hw.selection()) == {"top_n", "max_lines", "keep_share"} and hw.line_matrix().shape == (2, 4)
