@@ -2,8 +2,8 @@
 its lines by another key mass (the run's, or the question's or answer's mass over a calibrated set of line
 heads), under the line-selection settings of `agent.citations.cite_blocks`. No model runs.
 
-First a check: the run's own line mass under today's settings must give back the citations the answers
-carried. Then one row per (mass, setting): file hit@1, top-1 / top-3 citation on the gold lines, line
+First a check: the run's own line mass under the settings it ran with (`DEFAULT`) must give back the citations
+the answers carried. Then one row per (mass, setting): file hit@1, top-1 / top-3 citation on the gold lines, line
 precision, with bootstrap 95% intervals. With --select, the (mass, setting) is chosen on half of the
 repositories (best line precision whose top-1 and top-3 stay within --slack of the run's there) and reported
 on the other half, both ways.
@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 
 import numpy as np
 
 from agent import citations as cit
+from agent.evaluate import stats
 from agent.evaluate.runner import citation_scores
 from bench.cite_rescore import HEADER, line, summary
 from ingest.sourcemap import SourceMap
@@ -116,6 +118,7 @@ def main() -> None:
     ap.add_argument("--grid", default=GRID)
     ap.add_argument("--weights", help="grid.json whose line weights apply to files with per-head mass (calibration)")
     ap.add_argument("--select", action="store_true")
+    ap.add_argument("--paired", action="store_true", help="paired differences of the printed rows against as run")
     ap.add_argument("--slack", type=float, default=0.02)
     ap.add_argument("--top", type=int, default=25, help="rows printed, by line precision")
     a = ap.parse_args()
@@ -134,8 +137,37 @@ def main() -> None:
     good = [n for n in rows if sums[n]["top1"].value >= 0.45 and sums[n]["top3"].value >= 0.65]
     for n in sorted(good, key=lambda n: -sums[n]["precision"].value)[: a.top]:
         print(line(n, sums[n]))
+    if a.paired:
+        bm25 = _bm25(a.files)
+        for n in sorted(good, key=lambda n: -sums[n]["precision"].value)[: a.top]:
+            if n != base:
+                print(f"{n}, paired against as run: " + paired(rows[n], rows[base]))
+            over = stats.paired([r["rank"] == 1 for r in rows[n]], [bm25[(r["repo"], r["id"])] for r in rows[n]], 0)
+            print(f"{n}: file hit@1 - BM25 hit@1 {over.cell(signed=True)}")
     if a.select:
         select(rows, base, a.slack)
+
+
+def _bm25(files: list[str]) -> dict:
+    """(repo, task id) -> BM25's file hit@1, from the eval.json saved beside each lines file (`NAME-eval.json`
+    for `NAME.npz`, or eval.json in its directory)."""
+    out = {}
+    for f in files:
+        doc = f[: -len(".npz")] + "-eval.json"
+        doc = doc if os.path.exists(doc) else os.path.join(os.path.dirname(f), "eval.json")
+        for t in json.load(open(doc))["tasks"]:
+            out[(t["repo"], t["id"])] = t["bm25_rank"] == 1
+    return out
+
+
+def paired(rows: list[dict], base: list[dict]) -> str:
+    """Paired differences (bootstrap 95% intervals) of file hit@1, top-1, top-3 and line precision."""
+    cells = []
+    for label, key in (("hit@1", lambda r: r["rank"] == 1), ("top-1", lambda r: r["top1_cite"]),
+                       ("top-3", lambda r: r["top3_cite"]), ("line P", lambda r: r["line_precision"])):
+        est = stats.paired([key(r) for r in rows], [key(r) for r in base], seed=0)
+        cells.append(f"{label} {est.cell(signed=True)}")
+    return "; ".join(cells)
 
 
 if __name__ == "__main__":
