@@ -6,7 +6,9 @@ answer's alone; by default what the run used). No model runs.
 
 First a check: the settings the evaluation ran with (saved with the evidence) must give back the
 citations it stored (the share of answers whose routing citations come out identical is printed;
-float16 key mass may flip near-ties). Then one row per setting (DEFAULT: today's settings first): file hit@1, top-1 / top-3 citation on the gold lines, line
+float16 key mass may flip near-ties). Then one row per setting (DEFAULT: `cite_blocks`' defaults first; sessions
+whose weights file has a lines section use its selection, saved with the evidence as the run's settings): file
+hit@1, top-1 / top-3 citation on the gold lines, line
 precision (all tasks and function/caller tasks only), line recall, with bootstrap 95% intervals.
 With --select, settings are chosen on half of the repositories and reported on the other half and
 vice versa (two folds), so the choice is not fitted to the tasks it is scored on.

@@ -97,17 +97,21 @@ def test_session_notes_the_fallback_once_and_says_so_in_stats(heads_dir, tmp_pat
     assert first.citations and session.head_weights is None
 
 
-def test_session_uses_calibrated_weights(heads_dir, tmp_path, capsys):
-    (heads_dir / f"{MODEL}.json").write_text(json.dumps({**GOOD, "layers": 2, "heads": 4, "block_size": 32,
-                                                          "weights": [[1, 2, 1.0]]}))
-    root = write_tree(tmp_path / "repo", {"settings.py": "MAGIC_NUMBER = 7391046\n"})
+def _asked(heads_dir, root, doc, question):
+    """(session, answer) of one question over `root` with `doc` as the model's weights file (2 layers x 4 heads)."""
+    (heads_dir / f"{MODEL}.json").write_text(json.dumps({**GOOD, "layers": 2, "heads": 4, "block_size": 32, **doc}))
     rt = FakeRuntime(answers=["fine"], block_size=32)
     rt.name = MODEL
     pack = ingest.pack([root], rt.tokenizer, ingest.PackOptions())
     session = Session(rt, pack, AskConfig(no_cache=True, max_new_tokens=5, block_size=32))
     session.open = _open_with_heads(session, 4)
     session.open()
-    answer = session.ask("What is the magic number?")
+    return session, session.ask(question)
+
+
+def test_session_uses_calibrated_weights(heads_dir, tmp_path, capsys):
+    root = write_tree(tmp_path / "repo", {"settings.py": "MAGIC_NUMBER = 7391046\n"})
+    _, answer = _asked(heads_dir, root, {"weights": [[1, 2, 1.0]]}, "What is the magic number?")
     assert answer.stats["citation_weights"] == "calibrated" and "note" not in capsys.readouterr().err
     want = torch.zeros(2, 4)
     want[1, 2] = 1.0
@@ -125,15 +129,8 @@ def test_session_narrows_lines_by_the_line_heads_and_their_selection(heads_dir, 
     lines = {"weights": [[0, 3, 1.0]], "top_n": 2, "max_lines": 1, "keep_share": 0.0}
     root = write_tree(tmp_path / "repo", {f"m{i}.py": "".join(f"V{i}_{j} = {j}\n" for j in range(40)) for i in range(4)})
     for with_lines in (True, False):
-        doc = {**GOOD, "layers": 2, "heads": 4, "block_size": 32, "weights": [[1, 2, 1.0]]}
-        (heads_dir / f"{MODEL}.json").write_text(json.dumps({**doc, "lines": lines} if with_lines else doc))
-        rt = FakeRuntime(answers=["fine"], block_size=32)
-        rt.name = MODEL
-        pack = ingest.pack([root], rt.tokenizer, ingest.PackOptions())
-        session = Session(rt, pack, AskConfig(no_cache=True, max_new_tokens=5, block_size=32))
-        session.open = _open_with_heads(session, 4)
-        session.open()
-        answer = session.ask("Where is V2_7 set?")
+        doc = {"weights": [[1, 2, 1.0]], **({"lines": lines} if with_lines else {})}
+        session, answer = _asked(heads_dir, root, doc, "Where is V2_7 set?")
         want = torch.zeros(2, 4)
         want[(0, 3) if with_lines else (1, 2)] = 1.0
         assert torch.equal(answer.recorder.head_weights, want)
