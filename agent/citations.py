@@ -29,7 +29,9 @@ _REF = re.compile(
 )
 
 
+TOP_N, MAX_LINES = 8, 24  # blocks cited, lines a block: the selection where no weights file names one
 KEEP_SHARE = 0.3  # ranges under 0.3 x the strongest are dropped: +0.06-0.08 line precision (bench/RESULTS.md)
+SELECTION = dict(top_n=TOP_N, max_lines=MAX_LINES, keep_share=KEEP_SHARE)  # `cite_blocks`' keywords, defaults
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class Citation:
 
 
 def from_routing(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: int,
-                 top_n: int = 8, max_lines: int = 24, weights: torch.Tensor | None = None,
+                 top_n: int = TOP_N, max_lines: int = MAX_LINES, weights: torch.Tensor | None = None,
                  signal: str = MASS, keep_share: float = KEEP_SHARE) -> list[Citation]:
     """Ranked citations from a recorder's routing over a source map in absolute token positions.
 
@@ -79,8 +81,8 @@ def from_routing(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: in
     return sorted(ranges, key=lambda c: -c.score)[:top_n]
 
 
-def from_evidence(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: int, top_n: int = 8,
-                  max_lines: int = 24, weights: torch.Tensor | None = None, signal: str = MASS,
+def from_evidence(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks: int, top_n: int = TOP_N,
+                  max_lines: int = MAX_LINES, weights: torch.Tensor | None = None, signal: str = MASS,
                   keep_share: float = KEEP_SHARE) -> list[Citation]:
     """Ranked citations from per-head evidence: `cite_blocks` over the recorder's `evidence_scores` and
     its (head-weighted) `line_mass`."""
@@ -112,8 +114,8 @@ def evidence_scores(rec: RoutingRecorder, smap, *, block_size: int, sink_blocks:
     return block_scores(ev, weights, candidate_blocks(smap, ev.shape[-1], block_size, sink_blocks))
 
 
-def cite_blocks(scores: np.ndarray, mass: np.ndarray, smap, *, block_size: int, top_n: int = 8,
-                max_lines: int = 24, keep_share: float = KEEP_SHARE) -> list[Citation]:
+def cite_blocks(scores: np.ndarray, mass: np.ndarray, smap, *, block_size: int, top_n: int = TOP_N,
+                max_lines: int = MAX_LINES, keep_share: float = KEEP_SHARE) -> list[Citation]:
     """The `top_n` blocks by `scores`, each narrowed to its lines whose key mass (`mass` [Tk]) stands out
     from the block's median line, at most `max_lines` lines a block, merged into ranges; ranges scoring
     under `keep_share` times the best one are dropped. A range scores its block's share times its part of
@@ -152,11 +154,15 @@ def block_scores(ev: torch.Tensor, weights: torch.Tensor | None, cand: np.ndarra
 def _block_ranges(smap, mass: np.ndarray, lo: int, hi: int, share: float, max_lines: int) -> list[Citation]:
     """One block's `max_lines` strongest stand-out lines as ranges, each scored by `share` times its part of
     ALL the block's stand-out mass, so that a block whose mass peaks on a few lines outranks one that spreads
-    it (with one line a block: file hit@1 0.77 -> 0.85 at 16K, bench/RESULTS.md). Whole block lines when no
-    key mass was recorded or none stands out."""
-    lines = [x for x in _line_excess(smap, mass, lo, hi) if x[2] > 0] if mass.size else []
+    it (with one line a block: file hit@1 0.77 -> 0.85 at 16K, bench/RESULTS.md). When no key mass was
+    recorded or none stands out, the block's lines are cited whole and scored as if its mass were even:
+    `share` times the part `max_lines` of its lines would hold."""
+    every = _line_excess(smap, mass, lo, hi) if mass.size else []
+    lines = [x for x in every if x[2] > 0]
     if not lines:
-        return [Citation(p, a, b, share, ROUTING) for p, a, b in smap.span_lines(lo, hi)[:1]]
+        spans = smap.span_lines(lo, hi)
+        part = min(1.0, max_lines / max(len(every) or sum(b - a + 1 for _, a, b in spans), 1))
+        return [Citation(p, a, b, share * part, ROUTING) for p, a, b in spans[:1]]
     total = sum(x[2] for x in lines)
     lines = sorted(lines, key=lambda x: -x[2])[:max_lines]
     return merge([Citation(smap.paths[f], ln, ln, share * e / total, ROUTING) for f, ln, e in lines], gap=2)

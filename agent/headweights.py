@@ -123,11 +123,17 @@ def _check_rows(rows, layers: int, heads: int, source: str, name: str) -> None:
                            f"{f', got {list(bad[0])}' if bad else ''}; re-run moba-ask calibrate")
 
 
+def _whole(x) -> int:
+    if isinstance(x, bool) or not float(x).is_integer():
+        raise ValueError(f"{x!r} is not a whole number")
+    return int(x)
+
+
 def _parse_lines(doc, layers: int, heads: int, source: str) -> LineWeights:
     """The "lines" section: line heads and the selection calibrated with them."""
     try:
         rows = tuple((int(a), int(b), float(w)) for a, b, w in doc["weights"])
-        top_n, max_lines, keep = int(doc["top_n"]), int(doc["max_lines"]), float(doc["keep_share"])
+        top_n, max_lines, keep = _whole(doc["top_n"]), _whole(doc["max_lines"]), float(doc["keep_share"])
     except (KeyError, TypeError, ValueError) as e:
         raise WeightsError(f"{source}: missing or malformed lines field ({e}); re-run moba-ask calibrate") from None
     _check_rows(rows, layers, heads, source, "lines.weights")

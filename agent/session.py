@@ -13,7 +13,6 @@ report progress and stream tokens; the CLI renders.
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -227,9 +226,7 @@ class Session:
     def cite_selection(self) -> dict:
         """The line selection this session's citations use (`agent.citations.cite_blocks` keywords): the one
         calibrated with the line heads, else the defaults."""
-        params = inspect.signature(cit.cite_blocks).parameters
-        chosen = self.head_weights.selection() if self.head_weights else {}
-        return {k: chosen.get(k, params[k].default) for k in ("top_n", "max_lines", "keep_share")}
+        return {**cit.SELECTION, **(self.head_weights.selection() if self.head_weights else {})}
 
     def _load_weights(self) -> headweights.HeadWeights | None:
         """The citation weights `config.head_weights` names (the model's shipped ones by default, a note

@@ -120,8 +120,14 @@ def ship(npz: str, heads: str) -> None:
     """Choose line weights and selection on a calibration run (`linecal.choose`, block scores as stored) and
     write them as the "lines" section of the weights file `heads`."""
     hw = headweights.read(Path(heads))
-    w, sel, metrics = linecal.choose(cases(npz), hw.matrix().flatten().double().numpy())
-    lines = linecal.line_weights(w, sel, dict(metrics, source=os.path.basename(npz)), hw.heads)
+    found, block_w = cases(npz), hw.matrix().flatten().double().numpy()
+    w, sel, metrics = linecal.choose(found, block_w)
+    from bench.line_rescore import Data
+
+    meta = dict(metrics, cross_fold=linecal.cross_check(found, block_w), source=os.path.basename(npz),
+                context_tokens=sorted({u["context_tokens"] for u in Data(npz).units.values()}),
+                attention="as the calibration run's (bench.line_heads: --attention, dense by default)")
+    lines = linecal.line_weights(w, sel, meta, hw.heads)
     Path(heads).write_text(json.dumps(replace(hw, lines=lines).to_json(), indent=1) + "\n")
     print(f"{heads}: lines {lines and lines.selection()}, {metrics}")
 

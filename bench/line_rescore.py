@@ -27,7 +27,7 @@ from bench.cite_rescore import HEADER, line, summary
 from ingest.sourcemap import SourceMap
 
 SMAP = ("starts", "file_idx", "line", "first_mark", "n_lines")
-DEFAULT = dict(top_n=8, max_lines=24, keep_share=cit.KEEP_SHARE)
+DEFAULT = cit.SELECTION
 GRID = "top_n=2,3,5,8 max_lines=1,2,3,4,6,24 keep_share=0.3,0.5"
 
 

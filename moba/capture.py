@@ -77,7 +77,8 @@ class RoutingRecorder:
     its question.
     head_keys: also keep, per layer, every query head's own key mass of the queries before tail_start (all of
     them without a tail) in `head_keys_mass` (layer -> fp32 [Hq, Tk], on the device that computed it): what
-    calibrating line weights reads (`head_key_mass`). Memory: layers x heads x Tk x 4 bytes.
+    calibrating line weights reads (`question_head_mass`). Rows are this process's query heads (a tensor-parallel
+    rank keeps its own; they are not gathered). Memory: layers x heads x Tk x 4 bytes.
     """
 
     start: int = 0
@@ -166,30 +167,31 @@ class RoutingRecorder:
         def weighted(m: torch.Tensor) -> torch.Tensor:
             return m.sum(0) if w is None else w @ m
 
-        mass, tail = self._masses(p, q, positions, blocks)
+        mass, tail, question = self._masses(p, q, positions, blocks)
         if tail is not None:
             self.tail_mass = _grow_add(self.tail_mass, weighted(tail).float().cpu())
         self.add_key_mass(weighted(mass))
-        if self.head_keys:
-            part = mass if tail is None else (mass - tail).clamp_min(0)
-            self.head_keys_mass[layer] = _grow_add(self.head_keys_mass.get(layer), part)
+        if self.head_keys and question is not None:
+            self.head_keys_mass[layer] = _grow_add(self.head_keys_mass.get(layer), question)
         if self.per_head:
             n_full = p.key.shape[1] // p.block_size
             means = block_means(p.key[None], p.block_size)[0] if p.means is None else p.means[0, :, :n_full]
             self.add_head_evidence(layer, block_sum(mass, p.block_size),
                                    gate_block_mass(q, positions, means, p.block_size, p.scale))
 
-    def _masses(self, p: _Pending, q, positions, blocks) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """fp32 [Hq, Tk] mass of all the queries, and of those at or after tail_start (None: none are)."""
+    def _masses(self, p: _Pending, q, positions, blocks):
+        """fp32 [Hq, Tk] mass of all the queries, of those at or after tail_start, and of those before it
+        (None where there are no such queries)."""
         tail = None if self.tail_start is None else positions >= self.tail_start
         if tail is None or not tail.any():
-            return _key_mass(p, q, positions, blocks), None
+            mass = _key_mass(p, q, positions, blocks)
+            return mass, None, mass
         if tail.all():
             mass = _key_mass(p, q, positions, blocks)
-            return mass, mass
+            return mass, mass, None
         head, rest = (_key_mass(p, q[:, part], positions[part], None if blocks is None else blocks[:, part])
                       for part in (~tail, tail))
-        return head + rest, rest
+        return head + rest, rest, head
 
     def add_key_mass(self, mass: torch.Tensor) -> None:
         """Add a [Tk] mass vector (any device) into key_mass, growing it as needed."""
@@ -218,7 +220,7 @@ class RoutingRecorder:
             out[layer, :, : x.shape[1]] = x
         return out
 
-    def head_key_mass(self, n_layers: int) -> torch.Tensor:
+    def question_head_mass(self, n_layers: int) -> torch.Tensor:
         """fp32 [n_layers, Hq, Tk] per-head key mass of the queries before tail_start (`head_keys`); layers
         never recorded are zero. Empty [0, 0, 0] when none was kept."""
         if not self.head_keys_mass:

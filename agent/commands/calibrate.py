@@ -50,7 +50,8 @@ def calibrate(repos, n_tasks, context_tokens, seed, top_heads, dense_layers, out
     Builds needle tasks in each REPO (as `moba-ask eval` does), asks them with per-head capture,
     scores every (layer, head) by how well its evidence ranks the gold block, and writes the best
     heads' weights to OUTPUT; then the heads whose question attention falls on the gold lines, with
-    the line selection that cites best with them (kept only when they beat the block heads' lines). Citations of the model use agent/heads/<model>.json when it exists
+    the line selection that cites best with them (kept only when they beat the block heads' lines).
+    Citations of the model use agent/heads/<model>.json when it exists
     (agent/heads/<model>@<block size>.json at another --block-size).
 
     \b
@@ -85,10 +86,13 @@ def calibrate(repos, n_tasks, context_tokens, seed, top_heads, dense_layers, out
                f"two-fold: {(m['cross_fold'] or {}).get('block_hit_at_1', 'n/a')})")
     if hw.lines:
         lm = hw.lines.meta["metrics"]
-        click.echo(f"  lines: {len(hw.lines.weights)} heads, {hw.lines.selection()}; line precision "
-                   f"{lm['chosen']['line_precision']}, top-1 {lm['chosen']['top1_cite']}, top-3 "
-                   f"{lm['chosen']['top3_cite']} (block heads' lines: {lm['default']['line_precision']}, "
-                   f"{lm['default']['top1_cite']}, {lm['default']['top3_cite']})")
+
+        def rates(r: dict | None) -> str:
+            return "n/a" if not r else f"{r['line_precision']} / {r['top1_cite']} / {r['top3_cite']}"
+
+        click.echo(f"  lines: {len(hw.lines.weights)} heads, {hw.lines.selection()}; line precision / top-1 / "
+                   f"top-3 {rates(lm['chosen'])} (block heads' lines: {rates(lm['default'])}, two-fold: "
+                   f"{rates(lm['cross_fold'])})")
     else:
         click.echo("  lines: no heads beat the block heads' own lines; the default line selection stays")
 

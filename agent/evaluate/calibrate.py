@@ -47,12 +47,12 @@ class Sample:
 
 
 def collect(runtime, ws: Workspace, cfg: AskConfig, *, open_session: Callable[[Session], None] | None = None,
-            on_task: Callable[[int, int], None] | None = None, lines: bool = True) -> list[Sample]:
-    """Ask every task of `ws` once (prefill once, reset between tasks); their evidence samples (with their
-    lines' per-head question mass unless `lines` is off). Tasks whose gold lines lie in no candidate block
-    (a sink, the question's block) are left out."""
+            on_task: Callable[[int, int], None] | None = None) -> list[Sample]:
+    """Ask every task of `ws` once (prefill once, reset between tasks); their evidence samples, each with every
+    citable line's per-head question mass (memory: citable lines x layers x heads x 2 bytes a task). Tasks
+    whose gold lines lie in no candidate block (a sink, the question's block) are left out."""
     session = Session(runtime, ws.pack, cfg, "ask", None)
-    session.head_keys = lines
+    session.head_keys = True
     (open_session or (lambda s: s.open()))(session)
     out = []
     for i, task in enumerate(ws.tasks):
@@ -67,10 +67,10 @@ def collect(runtime, ws: Workspace, cfg: AskConfig, *, open_session: Callable[[S
         cand = cit.candidate_blocks(session.smap, n, p.block_size, p.sink_blocks)
         gold = _blocks_of(session.smap, task.path, task.start_line, task.end_line, n, p.block_size)
         whole = _blocks_of(session.smap, task.path, 1, _last_line(session.smap, task.path), n, p.block_size)
-        line = linecal.case_from(rec, session.smap, blocks=np.flatnonzero(cand), block_size=p.block_size,
-                                 n_layers=runtime.num_layers, answer=answer.text, path=task.path,
-                                 start_line=task.start_line, end_line=task.end_line) if lines else None
         if (gold & cand).any():
+            line = linecal.case_from(rec, session.smap, blocks=np.flatnonzero(cand), block_size=p.block_size,
+                                     n_layers=runtime.num_layers, answer=answer.text, path=task.path,
+                                     start_line=task.start_line, end_line=task.end_line)
             out.append(Sample(f"{ws.source_root}:{task.id}", ev, cand, gold, whole, line))
     if on_task:
         on_task(len(ws.tasks), len(ws.tasks))
@@ -109,12 +109,8 @@ def _gold_rank(scores: torch.Tensor, s: Sample) -> torch.Tensor:
 
 
 def weights_for(mrr: torch.Tensor, n: int) -> torch.Tensor:
-    """fp32 [L, H]: the n best heads by MRR, weighted by it and normalised; zero elsewhere."""
-    flat = mrr.flatten()
-    top = flat.topk(min(n, flat.numel())).indices
-    w = torch.zeros_like(flat)
-    w[top] = flat[top].clamp_min(1e-9)
-    return (w / w.sum()).view_as(mrr)
+    """fp32 [L, H]: the n best heads by MRR, weighted by it and normalised; zero elsewhere (`linecal.top_weights`)."""
+    return torch.from_numpy(linecal.top_weights(mrr.flatten().double().numpy(), n)).float().view_as(mrr)
 
 
 def combined(samples: list[Sample], signal: str, weights: torch.Tensor | None) -> dict:
@@ -183,5 +179,6 @@ def line_weights(samples: list[Sample], signal: str, w: torch.Tensor, heads: int
     cases = [s.line.narrowed(cit.block_scores(_ev(s, signal), w, s.cand)) for s in samples if s.line is not None]
     if not cases:
         return None
-    lw, sel, metrics = linecal.choose(cases, w.flatten().double().numpy())
-    return linecal.line_weights(lw, sel, metrics, heads)
+    block_w = w.flatten().double().numpy()
+    lw, sel, metrics = linecal.choose(cases, block_w)
+    return linecal.line_weights(lw, sel, dict(metrics, cross_fold=linecal.cross_check(cases, block_w)), heads)

@@ -2,7 +2,8 @@
 offline (bench/cite_rescore.py) without the model: per answer, the citation score of every key block
 (`agent.citations.evidence_scores`), the head-weighted key mass per token and the answer tokens' own part of
 it (files from before 2026-12 lack it); per repository, size and config, the session's source map (its
-arrays), the block settings and the line-selection settings its citations used (`cite`).
+arrays), the block settings, the line-selection settings its citations used (`cite`) and whether the key mass
+is weighted by a weights file's line heads or by its block heads (`mass_heads`).
 
 Saved as one compressed .npz: key "u{i}/..." for unit i's source map and settings, "u{i}/{task id}/scores",
 ".../mass" and ".../answer_mass" per answer; "index" is a JSON list of the units (repo, context tokens,
@@ -13,7 +14,6 @@ keep nothing: their citations do not come from MoBA routing. Knows no model and 
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import tempfile
@@ -30,9 +30,8 @@ KEPT_BLOCKS = 16  # blocks whose key mass is kept per answer (by score): re-scor
 
 
 def cite_settings() -> dict:
-    """The line-selection settings a session's citations use now (`agent.citations.cite_blocks` defaults)."""
-    params = inspect.signature(cit.cite_blocks).parameters
-    return {k: params[k].default for k in BEFORE_KEEP_SHARE}
+    """The line-selection settings citations use where no weights file names its own (`citations.SELECTION`)."""
+    return dict(cit.SELECTION)
 
 
 @dataclass
@@ -47,6 +46,7 @@ class UnitEvidence:
     smap: SourceMap
     cite: dict = field(default_factory=cite_settings)
     line_mass: str = "question"  # whose key mass narrowed the run's citations (`citations.line_mass`)
+    mass_heads: str = "blocks"  # the heads that weigh the key mass: "lines" (a weights file's line heads) or "blocks"
     scores: dict[str, np.ndarray] = field(default_factory=dict)
     mass: dict[str, np.ndarray] = field(default_factory=dict)
     answer_mass: dict[str, np.ndarray] = field(default_factory=dict)
@@ -64,11 +64,11 @@ class EvidenceLog:
             return
         p = session.params
         u = self.units[-1] if self.units else None
+        hw = session.head_weights
         if u is None or (u.repo, u.context_tokens, u.config) != (repo, context_tokens, config):
             u = UnitEvidence(repo, context_tokens, config, p.block_size, p.sink_blocks, session.smap,
-                             session.cite_selection())
+                             session.cite_selection(), mass_heads="lines" if hw and hw.lines else "blocks")
             self.units.append(u)
-        hw = session.head_weights
         u.scores[task_id] = cit.evidence_scores(answer.recorder, session.smap, block_size=p.block_size,
                                                 sink_blocks=p.sink_blocks, weights=hw and hw.matrix(),
                                                 signal=hw.signal if hw else cit.MASS)
@@ -82,7 +82,7 @@ class EvidenceLog:
         for i, u in enumerate(self.units):
             index.append(dict(repo=u.repo, context_tokens=u.context_tokens, config=u.config, block_size=u.block_size,
                               sink_blocks=u.sink_blocks, paths=list(u.smap.paths), tasks=list(u.scores),
-                              cite=u.cite, line_mass=u.line_mass))
+                              cite=u.cite, line_mass=u.line_mass, mass_heads=u.mass_heads))
             for name in _SMAP_ARRAYS:
                 arrays[f"u{i}/{name}"] = getattr(u.smap, name)
             for tid in u.scores:
@@ -129,7 +129,8 @@ def load(path: str) -> list[UnitEvidence]:
                              *(z[f"u{i}/{n}"] for n in _SMAP_ARRAYS[3:]))
             u = UnitEvidence(meta["repo"], meta["context_tokens"], meta["config"], meta["block_size"],
                              meta["sink_blocks"], smap, _known(meta.get("cite", BEFORE_KEEP_SHARE)),
-                             meta.get("line_mass", "all"))  # files from before it was kept: all of it
+                             meta.get("line_mass", "all"),  # files from before it was kept: all of it
+                             meta.get("mass_heads", "blocks"))
             for tid in meta["tasks"]:
                 u.scores[tid] = z[f"u{i}/{tid}/scores"]
                 u.mass[tid] = z[f"u{i}/{tid}/mass"].astype(np.float32)

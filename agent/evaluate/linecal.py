@@ -25,7 +25,6 @@ KEEP = 8  # blocks a case keeps: a selection may cite up to this many
 TOPS = (1, 2, 4, 8, 16, 32, 64)
 SELECTIONS = tuple(dict(top_n=t, max_lines=m, keep_share=k)
                    for t, m, k in itertools.product((3, 5, 8), (1, 2, 3), (0.3, 0.5, 0.7)))
-DEFAULT = dict(top_n=8, max_lines=24, keep_share=cit.KEEP_SHARE)  # `cite_blocks`' defaults
 
 
 @dataclass(frozen=True)
@@ -61,8 +60,11 @@ class LineCase:
 
 def case_from(rec, smap, *, blocks, block_size: int, n_layers: int, answer: str, path: str, start_line: int,
               end_line: int, scores: np.ndarray | None = None) -> LineCase:
-    """A LineCase over the lines of `blocks` from a recorder that kept per-head key mass (`head_keys`)."""
-    per_head = rec.head_key_mass(n_layers).flatten(0, 1)  # [rows, Tk]
+    """A LineCase over the lines of `blocks` from a recorder that kept per-head key mass (`head_keys`).
+    Raises ValueError for a recorder that kept none."""
+    per_head = rec.question_head_mass(n_layers).flatten(0, 1)  # [rows, Tk]
+    if per_head.numel() == 0:
+        raise ValueError("the recorder kept no per-head key mass: record with RoutingRecorder(head_keys=True)")
     tk = per_head.shape[-1]
     toks = np.concatenate([np.arange(b * block_size, min((b + 1) * block_size, tk, smap.total)) for b in blocks]
                           or [np.zeros(0, np.int64)])
@@ -82,7 +84,7 @@ def case_from(rec, smap, *, blocks, block_size: int, n_layers: int, answer: str,
 def head_hits(cases: list[LineCase]) -> np.ndarray:
     """fp64 [rows]: per head, the share of (case, block holding gold and other lines) pairs whose strongest
     segment for that head is a gold line (a head with no mass in the block misses)."""
-    hits, n = 0.0, 0
+    hits, n = np.zeros(cases[0].mass.shape[1] if cases else 0), 0
     for c in cases:
         gold, m = c.gold(), c.mass.astype(np.float32)
         for b in np.unique(c.block[gold]):
@@ -92,7 +94,7 @@ def head_hits(cases: list[LineCase]) -> np.ndarray:
             mb = m[inb]
             hits = hits + gold[inb][mb.argmax(0)] * (mb.sum(0) > 0)
             n += 1
-    return np.asarray(hits, np.float64) / max(n, 1) if n else np.zeros(cases[0].mass.shape[1] if cases else 0)
+    return hits / max(n, 1)
 
 
 def top_weights(score: np.ndarray, n: int) -> np.ndarray:
@@ -117,6 +119,7 @@ def rates(cases: list[LineCase], weights: np.ndarray, selection: dict) -> dict:
 
 
 def objective(r: dict) -> float:
+    """What `choose` maximises: line precision + top-1 + top-3 citation on the gold lines, equally weighted."""
     return r["line_precision"] + r["top1_cite"] + r["top3_cite"]
 
 
@@ -124,7 +127,7 @@ def choose(cases: list[LineCase], block_weights: np.ndarray, tops=TOPS,
            selections=SELECTIONS) -> tuple[np.ndarray | None, dict | None, dict]:
     """(line weights [rows] or None, their selection or None, metrics): the best (N, selection) by
     `objective`, or None when it does not beat the block weights' lines under the default selection."""
-    base = rates(cases, block_weights, DEFAULT)
+    base = rates(cases, block_weights, cit.SELECTION)
     hits = head_hits(cases)
     best = (objective(base), None, None, base, None)
     for n in tops:
@@ -135,6 +138,19 @@ def choose(cases: list[LineCase], block_weights: np.ndarray, tops=TOPS,
                 best = (objective(r), w, sel, r, n)
     _, w, sel, r, n = best
     return w, sel, dict(default=base, chosen=r, top_heads=n, tasks=len(cases))
+
+
+def cross_check(cases: list[LineCase], block_weights: np.ndarray, tops=TOPS, selections=SELECTIONS) -> dict | None:
+    """Two folds (even / odd cases): choose on one, measure the choice on the other (the block weights' lines
+    where nothing is chosen); the mean of both folds' rates. None with fewer than two cases."""
+    folds = [cases[0::2], cases[1::2]]
+    if min(len(f) for f in folds) == 0:
+        return None
+    runs = []
+    for fit, test in (folds, folds[::-1]):
+        w, sel, _ = choose(fit, block_weights, tops, selections)
+        runs.append(rates(test, block_weights, cit.SELECTION) if w is None else rates(test, w, sel))
+    return {k: round((runs[0][k] + runs[1][k]) / 2, 4) for k in runs[0]}
 
 
 def line_weights(w: np.ndarray | None, selection: dict | None, metrics: dict, heads: int) -> LineWeights | None:

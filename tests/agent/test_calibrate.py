@@ -90,15 +90,25 @@ def test_bad_input_is_one_line_before_any_model_loads(tmp_path, monkeypatch, arg
 
 def test_calibrate_on_a_real_tiny_model_keeps_every_heads_line_mass(model_dir, tmp_path, monkeypatch):  # noqa: F811
     """Through the command on a 2-layer Llama (random weights): every sample carries its citable lines with
-    each of the 2 x 4 heads' question mass, and the written file parses (a lines section, when one won, is
-    valid for the model and names its selection)."""
+    each of the 2 x 4 heads' question mass, the line choice runs on every sample ranked by the chosen block
+    weights (and on two folds), and the written file parses (a lines section, when one won, is valid for the
+    model and names its selection)."""
     from tests.agent.test_eval_tasks import make_repo
 
     monkeypatch.setenv("MOBA_ASK_CACHE_DIR", str(tmp_path / "cache"))
     repo = make_repo(tmp_path / "repo", modules=4)
-    seen = []
-    real = cal.collect
-    monkeypatch.setattr(cal, "collect", lambda *a, **k: seen.extend(real(*a, **k)) or seen)
+    from agent.evaluate import linecal
+
+    seen, chosen = [], []
+    real_collect, real_choose = cal.collect, linecal.choose
+
+    def collect(*a, **k):
+        got = real_collect(*a, **k)
+        seen.extend(got)
+        return got
+
+    monkeypatch.setattr(cal, "collect", collect)
+    monkeypatch.setattr(linecal, "choose", lambda cases, *a, **k: chosen.append(cases) or real_choose(cases, *a, **k))
     out = tmp_path / "w.json"
     res = CliRunner().invoke(cli, ["calibrate", str(repo), "-m", str(model_dir), "--context-tokens", "3200",
                                    "--tasks", "4", "--block-size", "64", "--top-k", "2", "--device", "cpu",
@@ -108,6 +118,10 @@ def test_calibrate_on_a_real_tiny_model_keeps_every_heads_line_mass(model_dir, t
     for s in seen:
         cand_blocks = set(np.flatnonzero(s.cand).tolist())
         assert set(s.line.block.tolist()) <= cand_blocks and s.line.mass.astype(np.float32).sum() > 0
+    (cases, *folds) = chosen  # the whole set, then the two-fold check's halves
+    assert len(cases) == len(seen) and len(folds) == 2
+    assert all(len(set(c.block.tolist())) <= linecal.KEEP and c.scores.any() for c in cases)
     hw = headweights.read(out)
-    if hw.lines is not None:
+    if hw.lines is not None:  # random weights: a lines section is written only when its heads won
         assert set(hw.selection()) == {"top_n", "max_lines", "keep_share"} and hw.line_matrix().shape == (2, 4)
+        assert hw.lines.meta["metrics"]["tasks"] == len(seen)

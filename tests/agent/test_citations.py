@@ -246,7 +246,8 @@ def test_a_block_whose_mass_peaks_outranks_one_that_spreads_it(pk):
     scores[peak // BS] = scores[spread // BS] = 1.0
     mass = np.full(smap.total, 0.01)
     mass[slice(*smap.line_tokens("pkg/util.py", 20))] += 4.0
-    lines = {smap.locate(t)[1] for t in range(spread // BS * BS, (spread // BS + 1) * BS)} - {0}
+    core = smap.paths.index("pkg/core.py")
+    lines = {ln for f, ln in map(smap.locate, range(spread // BS * BS, (spread // BS + 1) * BS)) if f == core and ln}
     for ln in lines:
         mass[slice(*smap.line_tokens("pkg/core.py", ln))] += 4.0 + 0.1 * ln
     cites = cite_blocks(scores, mass, smap, block_size=BS, max_lines=1, keep_share=0.0)
@@ -255,3 +256,20 @@ def test_a_block_whose_mass_peaks_outranks_one_that_spreads_it(pk):
     assert cites[1].score < 0.9 * cites[0].score  # scored by its whole block's share, the two would tie
     whole = cite_blocks(scores, mass, smap, block_size=BS, keep_share=0.0)
     assert sum(c.score for c in whole) == pytest.approx(1.0)
+
+
+def test_a_block_with_no_stand_out_line_is_cited_whole_and_weighed_as_even(pk):
+    """A block where the key mass is flat (e.g. heads that put nothing there) is cited whole, scored as if its
+    mass were even over its lines: below a block of the same share whose mass peaks on one line."""
+    smap = pk.source_map
+    peak, flat = smap.line_tokens("pkg/util.py", 20)[0], smap.line_tokens("pkg/core.py", 40)[0]
+    scores = np.zeros(smap.total // BS + 1)
+    scores[peak // BS] = scores[flat // BS] = 1.0
+    mass = np.zeros(smap.total)
+    mass[slice(*smap.line_tokens("pkg/util.py", 20))] = 4.0
+    one = cite_blocks(scores, mass, smap, block_size=BS, max_lines=1, keep_share=0.0)
+    assert (one[0].path, one[0].start_line, one[0].end_line) == ("pkg/util.py", 20, 20)
+    whole = [c for c in one if c.path == "pkg/core.py"]
+    assert len(whole) == 1 and whole[0].end_line > whole[0].start_line and whole[0].score < one[0].score / 2
+    wide = cite_blocks(scores, mass, smap, block_size=BS, keep_share=0.0)
+    assert [c.score for c in wide if c.path == "pkg/core.py"] == [0.5]  # every line fits in 24: its whole share

@@ -15,8 +15,8 @@ from tests.agent.test_citations import BS, _w, evidence_recorder, pk  # noqa: F4
 from tests.agent.test_eval_cli import ONE, oracle, repo, run  # noqa: F401  (fixtures)
 
 
-def _session(smap, attention="moba"):
-    hw = SimpleNamespace(matrix=_w, signal=cit.MASS)
+def _session(smap, attention="moba", lines=None):
+    hw = SimpleNamespace(matrix=_w, signal=cit.MASS, lines=lines)
     return SimpleNamespace(config=AskConfig(attention=attention), params=MobaParams(block_size=BS, sink_blocks=1),
                            smap=smap, head_weights=hw, cite_selection=evidence.cite_settings)
 
@@ -34,6 +34,7 @@ def test_saved_evidence_gives_back_the_sessions_citations(pk, tmp_path):  # noqa
     log.save(str(path))
     (u,) = evidence.load(str(path))
     assert (u.repo, u.context_tokens, u.config, u.block_size, u.sink_blocks) == ("r", 4096, "moba", BS, 1)
+    assert u.mass_heads == "blocks"
     assert u.smap.paths == smap.paths and np.array_equal(u.smap.starts, smap.starts)
     assert list(u.scores) == ["01-fn"] and u.mass["01-fn"].dtype == np.float32
     n = len(u.mass["01-fn"])
@@ -66,3 +67,14 @@ def test_eval_writes_evidence_for_moba_configs_only(repo, oracle, tmp_path):  # 
 def test_evidence_must_be_an_npz_path(repo, oracle, tmp_path):  # noqa: F811
     r = run("eval", repo, *ONE, "--evidence", tmp_path / "ev.txt")
     assert r.exit_code == 2 and "--evidence must name a .npz file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_evidence_says_when_line_heads_weigh_the_mass(pk, tmp_path):  # noqa: F811
+    smap = pk.source_map
+    gold, noise = smap.line_tokens("pkg/util.py", 20)[0] // BS, smap.line_tokens("pkg/core.py", 40)[0] // BS
+    rec = evidence_recorder(smap, gold, noise, sink=smap.line_tokens("README.md", 3)[0] // BS)
+    log = evidence.EvidenceLog()
+    log.keep("r", 4096, "moba", "01-fn", _session(smap, lines=object()), SimpleNamespace(recorder=rec))
+    log.save(str(tmp_path / "ev.npz"))
+    (u,) = evidence.load(str(tmp_path / "ev.npz"))
+    assert u.mass_heads == "lines"

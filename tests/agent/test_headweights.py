@@ -66,8 +66,9 @@ def test_a_lines_section_gives_line_heads_and_their_selection(heads_dir):
     (json.dumps({**GOOD, "lines": {**LINES, "weights": [[0, 9, 1.0]]}}), "lines.weights must be [layer, head, w > 0]"),
     (json.dumps({**GOOD, "lines": {**LINES, "max_lines": 0}}), "lines needs top_n >= 1, max_lines >= 1"),
     (json.dumps({**GOOD, "lines": {**LINES, "keep_share": 2}}), "0 <= keep_share <= 1"),
+    (json.dumps({**GOOD, "lines": {**LINES, "top_n": 8.7}}), "8.7 is not a whole number"),
 ], ids=["missing", "bad-json", "not-object", "bad-weights", "out-of-range", "bad-signal", "dims", "block-size",
-        "lines-malformed", "lines-out-of-range", "lines-no-lines", "lines-keep"])
+        "lines-malformed", "lines-out-of-range", "lines-no-lines", "lines-keep", "lines-fraction"])
 def test_unusable_files_fall_back_with_one_line(heads_dir, content, needle):
     if content is not None:
         (heads_dir / f"{MODEL}.json").write_text(content)

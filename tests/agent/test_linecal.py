@@ -2,6 +2,7 @@
 with a narrow line selection when that beats the block weights' lines, and gives nothing when no head helps."""
 
 import numpy as np
+import pytest
 import torch
 
 from agent.evaluate import linecal
@@ -16,13 +17,13 @@ class HeadKeys:
     def __init__(self, mass):
         self.mass = mass
 
-    def head_key_mass(self, n_layers):
+    def question_head_mass(self, n_layers):
         return self.mass
 
 
-def _case(smap, path, gold_line, other_line, marks=(0, 1)):
+def _case(smap, path, gold_line, other_line, marks=(0, 1), floor=0.01):
     gold_block = smap.line_tokens(path, gold_line)[0] // BS
-    mass = torch.full((1, ROWS, smap.total), 0.01)
+    mass = torch.full((1, ROWS, smap.total), floor)
     mass[0, 2] = 0.0
     for head, line in zip(marks, (gold_line, other_line)):
         mass[0, head, slice(*smap.line_tokens(path, line))] += 5.0
@@ -72,3 +73,33 @@ def test_narrowed_keeps_the_best_blocks_lines(pk):  # noqa: F811
     scores[b] = 1.0
     only = case.narrowed(scores)
     assert set(only.block) == {b} and len(only.line) < len(case.line) and only.scores is scores
+
+
+def test_nothing_is_chosen_when_the_block_weights_already_cite_the_gold_line_alone(pk):  # noqa: F811
+    """With no floor of mass the gold line is the only one standing out: the default selection already cites it
+    alone, so no line heads are kept."""
+    cases = [_case(pk.source_map, "pkg/util.py", ln, ln + 1, floor=0.0) for ln in (10, 20, 30)]
+    w, sel, metrics = linecal.choose(cases, block_weights=np.array([1.0, 0.0, 0.0]))
+    assert w is None and sel is None and metrics["default"]["line_precision"] == 1.0
+
+
+def test_a_head_with_no_mass_in_a_block_does_not_score_on_its_first_line(pk):  # noqa: F811
+    """argmax of an all-zero column is the block's first line: when that line is gold the head must still miss."""
+    smap = pk.source_map
+    first = next(ln for ln in range(1, 44) if smap.line_tokens("pkg/util.py", ln)[0] // BS
+                 == smap.line_tokens("pkg/util.py", 20)[0] // BS)
+    hits = linecal.head_hits([_case(smap, "pkg/util.py", first, first + 1)])
+    assert hits.tolist() == [1.0, 0.0, 0.0]
+
+
+def test_two_folds_measure_the_choice_on_the_other_half(pk):  # noqa: F811
+    cases = _cases(pk.source_map) + [_case(pk.source_map, "pkg/util.py", ln, ln + 1) for ln in (5, 15, 25)]
+    both = linecal.cross_check(cases, block_weights=np.array([0.0, 1.0, 0.0]))
+    assert both == {"line_precision": 1.0, "top1_cite": 1.0, "top3_cite": 1.0}
+    assert linecal.cross_check(cases[:1], block_weights=np.array([0.0, 1.0, 0.0])) is None
+
+
+def test_a_recorder_without_per_head_keys_is_a_clear_error(pk):  # noqa: F811
+    with pytest.raises(ValueError, match="head_keys=True"):
+        linecal.case_from(HeadKeys(torch.zeros(0, 0, 0)), pk.source_map, blocks=[1], block_size=BS, n_layers=1,
+                          answer="", path="pkg/util.py", start_line=1, end_line=1)

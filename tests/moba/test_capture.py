@@ -211,12 +211,12 @@ def test_head_keys_are_each_heads_question_mass():
     for rec in (split, head_only, plain):
         with torch.inference_mode(), moba.capture_routing(rec):
             m(ids)
-    per_head = split.head_key_mass(3)
+    per_head = split.question_head_mass(3)
     assert per_head.shape == (3, 4, 100)
     question = split.key_mass - torch.nn.functional.pad(split.tail_mass, (0, 100 - split.tail_mass.numel()))
     torch.testing.assert_close(per_head.sum((0, 1)), question, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(head_only.head_key_mass(3), per_head, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(head_only.question_head_mass(3), per_head, rtol=1e-4, atol=1e-5)
     ev = head_only.evidence("mass")
-    torch.testing.assert_close(block_sum(head_only.head_key_mass(3).flatten(0, 1), 8).view(3, 4, -1)[..., : ev.shape[-1]],
+    torch.testing.assert_close(block_sum(head_only.question_head_mass(3).flatten(0, 1), 8).view(3, 4, -1)[..., : ev.shape[-1]],
                                ev, rtol=1e-4, atol=1e-5)
-    assert plain.head_keys_mass == {} and plain.head_key_mass(3).numel() == 0
+    assert plain.head_keys_mass == {} and plain.question_head_mass(3).numel() == 0
