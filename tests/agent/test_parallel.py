@@ -6,6 +6,9 @@ after the gather the routing evidence citations read (per-head block and gate ma
 citation head weights, routed blocks) must equal one process's; sampled tokens must agree across ranks.
 """
 
+import contextlib
+import io
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,10 +33,19 @@ def save_model(path: Path, heads: int = 4, kv_heads: int = 2) -> Path:
 
 
 def launch_on_cpu(argv: list[str]) -> int:
-    """Two gloo ranks with any accelerator hidden from them (CPU ranks refuse a visible one: parallel.setup)."""
+    """Two gloo ranks with any accelerator hidden from them (CPU ranks refuse a visible one: parallel.setup).
+    A run where a rank was killed by a signal (seen once in CI, 2026-12-01: rank 1 SIGABRT, not reproduced in
+    ten runs since) is launched once more; a rank that exits with an error fails at once."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CUDA_VISIBLE_DEVICES", "")
-        return parallel.launch(2, argv)
+        for _ in range(2):
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                code = parallel.launch(2, argv)
+            sys.stderr.write(err.getvalue())
+            if code == 0 or "stopped with exit code -" not in err.getvalue():
+                return code
+    return code
 
 
 @pytest.fixture(scope="module")
