@@ -145,13 +145,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--attention", default="dense")
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--rope-yarn", type=float, default=1.0, help="YaRN factor (as moba-ask eval --rope-yarn)")
     ap.add_argument("--device")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.ship:
         return ship(args.ship, args.heads)
     os.makedirs(args.out, exist_ok=True)
-    cfg = AskConfig(no_cache=True, model=args.model, max_new_tokens=args.max_new_tokens, device=args.device)
+    cfg = AskConfig(no_cache=True, model=args.model, max_new_tokens=args.max_new_tokens, device=args.device,
+                    rope_yarn=args.rope_yarn)
     rt = load_runtime(cfg)
     repos = args.cal or args.repos
 
