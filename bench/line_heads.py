@@ -37,8 +37,7 @@ from agent.evaluate import report as rep
 from agent.evaluate.configs import parse_specs
 from agent.evaluate.tasks import build_workspace
 from agent.runtime import load_runtime
-
-SMAP = ("starts", "file_idx", "line", "first_mark", "n_lines")
+from bench.line_rescore import SMAP, Data
 
 
 def _with_head_keys(prefill):
@@ -94,11 +93,8 @@ class Collector:
         np.savez_compressed(os.path.join(out_dir, f"{name}.npz"), **self.arrays)
 
 
-def cases(path: str) -> list[linecal.LineCase]:
+def cases(d: Data) -> list[linecal.LineCase]:
     """The LineCases of a calibration run's lines.npz (per-head question mass stored)."""
-    from bench.line_rescore import Data
-
-    d = Data(path)
     out = []
     for r in d.rows:
         k, z = f"{r['unit']}/{r['id']}", d.z
@@ -120,12 +116,11 @@ def ship(npz: str, heads: str) -> None:
     """Choose line weights and selection on a calibration run (`linecal.choose`, block scores as stored) and
     write them as the "lines" section of the weights file `heads`."""
     hw = headweights.read(Path(heads))
-    found, block_w = cases(npz), hw.matrix().flatten().double().numpy()
+    d = Data(npz)
+    found, block_w = cases(d), hw.matrix().flatten().double().numpy()
     w, sel, metrics = linecal.choose(found, block_w)
-    from bench.line_rescore import Data
-
     meta = dict(metrics, cross_fold=linecal.cross_check(found, block_w), source=os.path.basename(npz),
-                context_tokens=sorted({u["context_tokens"] for u in Data(npz).units.values()}),
+                context_tokens=sorted({u["context_tokens"] for u in d.units.values()}),
                 attention="as the calibration run's (bench.line_heads: --attention, dense by default)")
     lines = linecal.line_weights(w, sel, meta, hw.heads)
     Path(heads).write_text(json.dumps(replace(hw, lines=lines).to_json(), indent=1) + "\n")
@@ -179,7 +174,7 @@ def main() -> None:
     save(*runner.run(rt, units, cfg, specs, seed=args.seed, open_session=_with_head_keys(lambda session: session.open()), keep=col.keep,
                      on_task=progress, on_unit=save), complete=True)
     if args.cal:
-        Path(args.out, "grid.json").write_text(json.dumps(make_grid(cases(os.path.join(args.out, "lines.npz")))))
+        Path(args.out, "grid.json").write_text(json.dumps(make_grid(cases(Data(os.path.join(args.out, "lines.npz"))))))
     print(f"done {len(col.rows)} answers in {time.time() - t0:.0f}s", flush=True)
 
 

@@ -212,25 +212,12 @@ class RoutingRecorder:
         if signal not in SIGNALS:
             raise ValueError(f"unknown evidence signal {signal!r}; use one of {', '.join(SIGNALS)}")
         store = self.head_mass if signal == MASS else self.gate_mass
-        if not store:
-            return torch.zeros(0, 0, 0)
-        heads = next(iter(store.values())).shape[0]
-        out = torch.zeros(max(store) + 1, heads, max(x.shape[1] for x in store.values()))
-        for layer, x in store.items():
-            out[layer, :, : x.shape[1]] = x
-        return out
+        return _stacked(store, max(store, default=-1) + 1)
 
     def question_head_mass(self, n_layers: int) -> torch.Tensor:
         """fp32 [n_layers, Hq, Tk] per-head key mass of the queries before tail_start (`head_keys`); layers
         never recorded are zero. Empty [0, 0, 0] when none was kept."""
-        if not self.head_keys_mass:
-            return torch.zeros(0, 0, 0)
-        some = next(iter(self.head_keys_mass.values()))
-        tk = max(x.shape[-1] for x in self.head_keys_mass.values())
-        out = torch.zeros(n_layers, some.shape[0], tk, device=some.device)
-        for layer, x in self.head_keys_mass.items():
-            out[layer, :, : x.shape[-1]] = x
-        return out
+        return _stacked(self.head_keys_mass, n_layers)
 
     def block_hits(self) -> dict[int, float]:
         """Block id -> how often it was attended as a routed or sink block, over all records."""
@@ -265,6 +252,18 @@ def _key_mass(p: _Pending, q, positions, blocks) -> torch.Tensor:
     if blocks is None:
         return dense_key_mass(q, positions, p.key, p.scale)
     return head_key_mass(q, positions, p.key, blocks, p.block_size, p.scale)
+
+
+def _stacked(store: dict[int, torch.Tensor], n_layers: int) -> torch.Tensor:
+    """layer -> [H, n] as one [n_layers, H, max n] tensor on the store's device, zero where a layer or a
+    position is missing; empty [0, 0, 0] for an empty store."""
+    if not store:
+        return torch.zeros(0, 0, 0)
+    some = next(iter(store.values()))
+    out = torch.zeros(n_layers, some.shape[0], max(x.shape[-1] for x in store.values()), device=some.device)
+    for layer, x in store.items():
+        out[layer, :, : x.shape[-1]] = x
+    return out
 
 
 def _grow_add(acc: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
